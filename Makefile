@@ -1,0 +1,40 @@
+# Development commands. Each target sets up what it needs first, so on a fresh
+# clone `make test` and `make bench` are the only commands to know.
+#
+#   make setup   .venv with the pinned environment (constraints.txt) and pyllm
+#                installed editable, extensions built against that torch
+#   make build   rebuild the extensions after a C++/CUDA change (incremental)
+#   make test    build, then the test suite
+#   make bench   build, then `pyllm bench` (the main job)
+#   make info    build, then `pyllm info`
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+PIP_INSTALL := $(PIP) install --disable-pip-version-check -c constraints.txt
+
+.PHONY: setup build test bench info clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -q setuptools wheel ninja numpy torch
+	$(PIP_INSTALL) -q --no-build-isolation -e ".[gpu,test,bench]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(VENV)/bin/pyllm bench $(BENCH_ARGS)
+
+info: build
+	$(VENV)/bin/pyllm info
+
+clean:
+	rm -rf build pyllm/*.so pyllm/_build_info.py

@@ -1,0 +1,34 @@
+// Run-time choice of the CPU instruction set.
+//
+// Kernels with ISA-specific code are compiled once per instruction set, each
+// source file with its own flags (files named *_avx2.cpp, *_avx512.cpp,
+// *_avx512bf16.cpp; see setup.py), and the dispatching code picks one with
+// active_isa(). The portable fallback (*_generic.cpp) runs everywhere.
+#pragma once
+
+namespace pyllm::cpu {
+
+enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
+
+// The best set this CPU and its OS support (CPUID and XCR0).
+Isa detected_isa();
+
+// detected_isa(), lowered by the environment variable PYLLM_CPU_ISA
+// (generic | avx2 | avx512 | avx512_bf16) when it names a lower set. A set
+// above what the CPU supports is never chosen. Read once.
+Isa active_isa();
+
+const char* isa_name(Isa isa);
+
+// Picks the variant for the active ISA; a variant may be null when no code of
+// that ISA exists for a kernel, and then the next lower one runs.
+template <typename Fn>
+Fn pick_isa(Fn generic, Fn avx2, Fn avx512, Fn avx512_bf16 = nullptr) {
+  Fn table[] = {generic, avx2, avx512, avx512_bf16};
+  for (int i = static_cast<int>(active_isa()); i > 0; --i) {
+    if (table[i] != nullptr) return table[i];
+  }
+  return generic;
+}
+
+}  // namespace pyllm::cpu

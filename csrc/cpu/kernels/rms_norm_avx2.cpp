@@ -1,0 +1,3 @@
+// RMSNorm kernels built with the avx2 flags (see setup.py).
+#define PYLLM_ISA avx2
+#include "rms_norm_kernel.h"

@@ -1,0 +1,44 @@
+// The pyllm operator schemas, declared once for every backend.
+//
+// Each operator is declared under two names built from one signature:
+//   pyllm::<op>         served by the C++ kernels: the CPU key from pyllm._C
+//                       (csrc/cpu/), the CUDA key from pyllm._C_cuda (csrc/cuda/);
+//   pyllm::<op>_triton  served by the Triton kernels (kernels/), registered
+//                       from Python for the CUDA key (and the CPU key when the
+//                       Triton interpreter is on).
+// Triton and CUDA C++ both serve CUDA tensors and the dispatcher has one CUDA
+// slot per operator, so the backend is chosen by picking the name
+// (pyllm/backend.py); a traced graph still holds exactly one op per call.
+// Fake (meta) kernels and autograd are registered next to each op's Python
+// face in pyllm/ops/.
+
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#define PYLLM_DEF(m, name, signature) \
+  m.def(name signature);              \
+  m.def(name "_triton" signature)
+
+// Backward ops are not differentiable again: differentiating one raises
+// "derivative for pyllm::<op>_backward is not implemented".
+#define PYLLM_ONCE_DIFFERENTIABLE(m, name)                                \
+  m.impl(name, torch::autograd::autogradNotImplementedFallback());       \
+  m.impl(name "_triton", torch::autograd::autogradNotImplementedFallback())
+
+TORCH_LIBRARY(pyllm, m) {
+  // Before each op: the Python module that holds its fake kernels, which torch
+  // names when only this library was loaded.
+  m.set_python_module("pyllm.ops.rms_norm");
+  // RMSNorm over the last dimension: y = x / sqrt(mean(x^2) + eps) * weight.
+  // Returns (y, rstd); rstd is float32 with shape x.shape[:-1].
+  PYLLM_DEF(m, "rms_norm", "(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  // Gradients of rms_norm given the rstd it saved; output_mask selects
+  // (grad_x, grad_weight); an unselected gradient comes back as None.
+  PYLLM_DEF(m, "rms_norm_backward",
+            "(Tensor grad_y, Tensor x, Tensor rstd, Tensor? weight, bool[2] output_mask)"
+            " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {
+  PYLLM_ONCE_DIFFERENTIABLE(m, "rms_norm_backward");
+}

@@ -1,0 +1,50 @@
+"""pyllm: fused Transformer kernels registered as PyTorch operators.
+
+Attention, LayerNorm/RMSNorm and GEMM kernels in C++ for the CPU, CUDA C++ and
+Triton, exposed as ``torch.ops.pyllm.*`` and as the documented functions here,
+with a pure-PyTorch reference (:mod:`pyllm.reference`) for each.
+
+Example::
+
+    import torch, pyllm
+    x = torch.randn(8, 4096, dtype=torch.bfloat16)
+    w = torch.ones(4096, dtype=torch.bfloat16)
+    y = pyllm.rms_norm(x, w, eps=1e-6)            # fastest backend for x's device
+    y = pyllm.rms_norm(x, w, backend="reference")  # or name one
+    pyllm.backends()                                # what this install has
+
+Backend choice: :mod:`pyllm.backend`.
+"""
+
+from __future__ import annotations
+
+import importlib.util as _importlib_util
+
+from pyllm import _extension
+
+_extension.load()
+
+from pyllm import backend  # noqa: E402
+from pyllm.backend import BackendError, backends, current_backend, use_backend  # noqa: E402
+from pyllm.ops import rms_norm as _rms_norm_op  # noqa: E402,F401  (registers fake/autograd)
+from pyllm.ops.rms_norm import rms_norm  # noqa: E402
+
+__version__ = "0.1.0"
+
+# The Triton kernels register themselves wherever Triton is installed (so that
+# `pyllm info` shows them); they run with a CUDA device, or on CPU tensors in
+# the Triton interpreter (TRITON_INTERPRET=1 before import).
+if _importlib_util.find_spec("triton") is not None:
+    import pyllm.kernels  # noqa: E402,F401
+
+backend.refresh()
+
+__all__ = [
+    "BackendError",
+    "backend",
+    "backends",
+    "current_backend",
+    "rms_norm",
+    "use_backend",
+    "__version__",
+]

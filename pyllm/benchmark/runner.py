@@ -1,0 +1,230 @@
+"""``pyllm bench``: for each case, dtype and backend, check the result against
+the float64 reference (a failing kernel is reported as FAIL and not timed),
+then time it beside PyTorch's baselines (eager, ``torch.compile``) in the
+same run, and report time, GB/s or GFLOP/s, the fraction of the machine's
+measured ceilings and the speed-up over each baseline.
+
+Outputs are allocated by every call, by pyllm and by the baselines alike (as
+their functional APIs do); inputs rotate through copies larger than the cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+import pyllm
+from pyllm import backend as backend_module
+from pyllm.accuracy import judge
+from pyllm.benchmark.cases import BENCHES, Case, select
+from pyllm.benchmark.machine import Ceilings, measure_ceilings
+from pyllm.benchmark.timing import input_copies, measure
+
+__all__ = ["run", "format_table"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pyllm.__file__)))
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def pyllm_backends_for(op: str, device_type: str, requested: list[str] | None) -> list[str]:
+    """The backends to time: those requested, else every kernel backend that
+    serves this device here (the reference backend only when asked for)."""
+    served = backend_module.op_table()[op]
+    usable = [b for b, devices in served.items()
+              if device_type in devices.split(", ") or devices == backend_module.ANY]
+    if requested:
+        return requested
+    return [b for b in usable if b != "reference"]
+
+
+class _Progress:
+    def __init__(self, total: int, stream):
+        self.total, self.done, self.stream = total, 0, stream
+        self.live = stream.isatty()
+
+    def step(self, text: str):
+        self.done += 1
+        if self.live:
+            width = 24
+            filled = int(width * self.done / max(self.total, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] "
+                              f"{self.done}/{self.total} {text[:60]:<60}")
+            self.stream.flush()
+
+    def close(self):
+        if self.live:
+            self.stream.write("\r" + " " * 100 + "\r")
+
+
+def _row(case: Case, dtype: str, impl: str, common: dict, **fields) -> dict:
+    bench = BENCHES[case.op]
+    return {"op": case.op, "model": case.model, "case": case.label, "shape": case.shape_text(),
+            "dims": dict(zip(bench.dim_names, case.dims)), "dtype": dtype, "mode": bench.mode,
+            "implementation": impl, **common, **fields}
+
+
+def _timed_fields(t, case: Case, dtype, ceilings: Ceilings) -> dict:
+    bench = BENCHES[case.op]
+    nbytes, flops = bench.bytes_moved(case, DTYPES[dtype]), bench.flops(case)
+    fields = {"status": "ok", "median_ms": t.median * 1e3, "p20_ms": t.p20 * 1e3,
+              "p80_ms": t.p80 * 1e3, "samples": t.samples}
+    if nbytes:
+        fields["gbps"] = nbytes / t.median / 1e9
+        fields["fraction_of_bandwidth"] = fields["gbps"] / ceilings.memory_gbps
+    if flops:
+        fields["gflops"] = flops / t.median / 1e9
+        peak = ceilings.matmul_gflops.get(dtype)
+        if peak:
+            fields["fraction_of_peak"] = fields["gflops"] / peak
+    return fields
+
+
+def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, quick=False,
+        output_dir="bench-results", stream=sys.stdout) -> list[dict]:
+    """Runs the benchmark and returns one row per (case, dtype, implementation)."""
+    # torch.compile imports torch.utils.cpp_extension, which warns on machines
+    # without a GPU; the warning is not about pyllm and would clutter the table.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    device_type = torch.device(device).type
+    threads = torch.get_num_threads()
+    cases = select(ops, quick)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(f"pyllm bench on {device} ({device_name(device)}), {threads} threads, "
+          f"torch {torch.__version__}, pyllm {pyllm.__version__}", file=stream)
+    print("measuring the machine's ceilings (a large copy, a large matmul) ...", file=stream)
+    ceilings = measure_ceilings(device, quick)
+    print(f"  memory bandwidth {ceilings.memory_gbps:.1f} GB/s; matmul " + ", ".join(
+        f"{k} {v:.0f} GFLOP/s" for k, v in ceilings.matmul_gflops.items()), file=stream)
+    common = {"device": device, "device_name": device_name(device), "threads": threads,
+              "torch": torch.__version__, "pyllm": pyllm.__version__, "git_commit": git_commit(),
+              "timestamp": stamp, "outputs": "allocated per call",
+              "memory_gbps_ceiling": ceilings.memory_gbps}
+    min_time = 0.15 if quick else 0.4
+
+    plan = [(c, d) for c in cases for d in dtypes]
+    progress = _Progress(len(plan), sys.stderr)
+    rows = []
+    for case, dtype_name in plan:
+        progress.step(f"{case.name} {dtype_name}")
+        bench, dtype = BENCHES[case.op], DTYPES[dtype_name]
+        gen = torch.Generator().manual_seed(0)
+        first = bench.inputs(case, dtype, device, gen)
+        per_set = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+        sets = [first] + [bench.inputs(case, dtype, device, gen)
+                          for _ in range(input_copies(per_set) - 1)]
+        truth = bench.truth(first)
+        eager = bench.eager()
+        pytorch_answer = eager(*first)
+        case_rows = []
+        for name in pyllm_backends_for(case.op, device_type, backends):
+            impl = f"pyllm:{name}"
+            fn = bench.pyllm(name)
+            try:
+                verdict = judge(fn(*first), truth, pytorch_answer)
+            except (pyllm.BackendError, TypeError, ValueError) as e:
+                case_rows.append(_row(case, dtype_name, impl, common, status="error", note=str(e)))
+                continue
+            if not verdict.ok:
+                case_rows.append(_row(case, dtype_name, impl, common, status="FAIL",
+                                      note=verdict.reason))
+                continue
+            t = measure(fn, sets, device=device, min_time=min_time)
+            case_rows.append(_row(case, dtype_name, impl, common, error=verdict.error,
+                                  error_bound=verdict.bound,
+                                  **_timed_fields(t, case, dtype_name, ceilings)))
+        t = measure(eager, sets, device=device, min_time=min_time)
+        case_rows.append(_row(case, dtype_name, "torch:eager", common,
+                              **_timed_fields(t, case, dtype_name, ceilings)))
+        torch._dynamo.reset()
+        compiled = torch.compile(eager, dynamic=False, fullgraph=True)
+        compiled(*first)  # compile outside the timing
+        t = measure(compiled, sets, device=device, min_time=min_time)
+        case_rows.append(_row(case, dtype_name, "torch:compile", common,
+                              **_timed_fields(t, case, dtype_name, ceilings)))
+        baseline = {r["implementation"]: r["median_ms"] for r in case_rows if r["status"] == "ok"}
+        for r in case_rows:
+            if r["status"] == "ok" and r["implementation"].startswith("pyllm:"):
+                r["speedup_vs_eager"] = baseline["torch:eager"] / r["median_ms"]
+                r["speedup_vs_compile"] = baseline["torch:compile"] / r["median_ms"]
+        rows.extend(case_rows)
+    progress.close()
+    print(format_table(rows), file=stream)
+    if output_dir:
+        paths = write_results(rows, output_dir, stamp)
+        print("results: " + ", ".join(paths), file=stream)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The terminal table: one line per implementation, grouped by case."""
+    header = (f"{'op':<9} {'model':<10} {'case':<13} {'dtype':<9} {'implementation':<14} "
+              f"{'median':>10} {'p20-p80':>17} {'GB/s':>7} {'%BW':>5} {'vs eager':>9} "
+              f"{'vs compile':>10}")
+    lines = [header, "-" * len(header)]
+    last = None
+    for r in rows:
+        key = (r["op"], r["model"], r["case"], r["dtype"])
+        if last is not None and key != last:
+            lines.append("")
+        last = key
+        start = f"{r['op']:<9} {r['model']:<10} {r['case']:<13} {r['dtype']:<9} " \
+                f"{r['implementation']:<14} "
+        if r["status"] != "ok":
+            lines.append(start + f"{r['status']}: {r.get('note', '')}")
+            continue
+        spread = f"{_us(r['p20_ms'])}-{_us(r['p80_ms'])}"
+        gbps = f"{r['gbps']:7.1f}" if "gbps" in r else f"{'':>7}"
+        frac = f"{100 * r['fraction_of_bandwidth']:4.0f}%" if "gbps" in r else f"{'':>5}"
+        vs_e = f"{r['speedup_vs_eager']:8.2f}x" if "speedup_vs_eager" in r else f"{'':>9}"
+        vs_c = f"{r['speedup_vs_compile']:9.2f}x" if "speedup_vs_compile" in r else f"{'':>10}"
+        lines.append(start + f"{_us(r['median_ms']):>10} {spread:>17} {gbps} {frac} {vs_e} {vs_c}")
+    return "\n".join(lines)
+
+
+def _us(ms: float) -> str:
+    return f"{ms * 1e3:.1f}us" if ms < 1 else f"{ms:.3f}ms"
+
+
+def write_results(rows: list[dict], output_dir: str, stamp: str) -> list[str]:
+    """Writes the rows as JSON and CSV; returns the two paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    base = os.path.join(output_dir, "bench-" + stamp.replace(":", "").replace("+0000", "Z"))
+    with open(base + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    fields = sorted({k for r in rows for k in r})
+    with open(base + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
+    return [base + ".json", base + ".csv"]

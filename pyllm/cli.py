@@ -1,0 +1,69 @@
+"""The ``pyllm`` command (also ``python -m pyllm``).
+
+    pyllm info           versions, build record, CPU ISA, backends per op
+    pyllm info --json    the same as JSON
+    pyllm bench          check, then time every op against PyTorch (the main job)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main"]
+
+
+def _info(args) -> int:
+    from pyllm import info
+
+    if args.json:
+        print(json.dumps(info.collect(), indent=2, default=str))
+    else:
+        print(info.report())
+    return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    from pyllm.benchmark import runner
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = runner.run(ops=args.ops, dtypes=args.dtype, device=device, backends=args.backend,
+                      quick=args.quick, output_dir=args.output)
+    failed = [r for r in rows if r["status"] != "ok"]
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyllm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    info = commands.add_parser("info", help="what this install has: versions, ISA, backends")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=_info)
+
+    from pyllm.benchmark.cases import BENCHES
+    from pyllm.backend import BACKENDS
+
+    bench = commands.add_parser("bench", help="check, then time the kernels against PyTorch")
+    bench.add_argument("--ops", nargs="+", choices=sorted(BENCHES), help="ops to run (default all)")
+    bench.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                       choices=["float32", "bfloat16", "float16"], help="dtypes (default float32 bfloat16)")
+    bench.add_argument("--device", help="cpu or cuda (default: cuda if present, else cpu)")
+    bench.add_argument("--backend", nargs="+", choices=BACKENDS,
+                       help="pyllm backends to time (default: every kernel backend available)")
+    bench.add_argument("--quick", action="store_true", help="a few cases, short timing: a smoke run")
+    bench.add_argument("--output", default="bench-results", metavar="DIR",
+                       help="where the JSON/CSV results go (default bench-results/; '' for none)")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

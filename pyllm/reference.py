@@ -1,0 +1,253 @@
+"""Plain-PyTorch reference implementations of every pyllm op.
+
+These are the truth the kernels are held to (tests call them with float64
+inputs) and the ``reference`` backend (any device, any floating dtype). Each
+function takes the arguments of its op and returns what the op returns.
+Half-precision inputs are computed in float32 and rounded once at the end;
+float32 and float64 inputs are computed in their own precision.
+
+Layouts follow the ops: normalisation over the last dimension; attention in
+``(batch, seq, heads, head_dim)``, or ``(total_tokens, heads, head_dim)`` with
+``cu_seqlens`` for variable-length batches; linear weights ``(out, in)`` as in
+``torch.nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ACTIVATIONS",
+    "rms_norm",
+    "add_rms_norm",
+    "layer_norm",
+    "add_layer_norm",
+    "linear",
+    "swiglu",
+    "attention",
+    "attention_varlen",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
+    """RMSNorm over the last dimension.
+
+    Args:
+        x: ``(..., n)`` floating tensor.
+        weight: ``(n,)`` or None.
+        eps: added to the mean square.
+
+    Returns:
+        ``(y, rstd)``: ``y`` like ``x``; ``rstd = 1/sqrt(mean(x^2) + eps)`` with
+        shape ``x.shape[:-1]``, float32 (float64 for float64 input).
+    """
+    ct = _compute_dtype(x.dtype)
+    xf = x.to(ct)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = xf * rstd
+    if weight is not None:
+        y = y * weight.to(ct)
+    return y.to(x.dtype), rstd.squeeze(-1)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                 eps: float):
+    """RMSNorm of ``x + residual``, also returning the sum for the next residual.
+
+    Returns:
+        ``(y, sum, rstd)``; ``sum = x + residual`` rounded to ``x.dtype``, and
+        ``y`` is the RMSNorm of that rounded sum.
+    """
+    total = (x.to(_compute_dtype(x.dtype)) + residual.to(_compute_dtype(x.dtype))).to(x.dtype)
+    y, rstd = rms_norm(total, weight, eps)
+    return y, total, rstd
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float):
+    """LayerNorm over the last dimension.
+
+    Args:
+        x: ``(..., n)``; weight, bias: ``(n,)`` or None.
+
+    Returns:
+        ``(y, mean, rstd)``; mean and rstd have shape ``x.shape[:-1]``, float32
+        (float64 for float64 input).
+    """
+    ct = _compute_dtype(x.dtype)
+    xf = x.to(ct)
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    y = (xf - mean) * rstd
+    if weight is not None:
+        y = y * weight.to(ct)
+    if bias is not None:
+        y = y + bias.to(ct)
+    return y.to(x.dtype), mean.squeeze(-1), rstd.squeeze(-1)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float):
+    """LayerNorm of ``x + residual``; returns ``(y, sum, mean, rstd)``."""
+    total = (x.to(_compute_dtype(x.dtype)) + residual.to(_compute_dtype(x.dtype))).to(x.dtype)
+    y, mean, rstd = layer_norm(total, weight, bias, eps)
+    return y, total, mean, rstd
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {
+    "none": lambda x: x,
+    "gelu": F.gelu,
+    "gelu_tanh": _gelu_tanh,
+    "silu": F.silu,
+}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str = "none"):
+    """``act(x @ weight.T + bias)``.
+
+    Args:
+        x: ``(..., in)``; weight: ``(out, in)``; bias: ``(out,)`` or None.
+        activation: one of ``"none"``, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"silu"``.
+
+    Returns:
+        ``(..., out)`` in ``x.dtype``.
+    """
+    ct = _compute_dtype(x.dtype)
+    y = x.to(ct) @ weight.to(ct).T
+    if bias is not None:
+        y = y + bias.to(ct)
+    return ACTIVATIONS[activation](y).to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
+           bias_gate: torch.Tensor | None = None, bias_up: torch.Tensor | None = None):
+    """The SwiGLU gate: ``silu(x @ weight_gate.T + bias_gate) * (x @ weight_up.T + bias_up)``.
+
+    Args:
+        x: ``(..., in)``; weight_gate, weight_up: ``(out, in)``; biases ``(out,)`` or None.
+
+    Returns:
+        ``(..., out)`` in ``x.dtype``.
+    """
+    ct = _compute_dtype(x.dtype)
+    xf = x.to(ct)
+    gate = xf @ weight_gate.to(ct).T
+    up = xf @ weight_up.to(ct).T
+    if bias_gate is not None:
+        gate = gate + bias_gate.to(ct)
+    if bias_up is not None:
+        up = up + bias_up.to(ct)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def _attention_one(q, k, v, causal, scale, bias):
+    """q: (h, sq, d), k/v: (h, sk, d) already expanded to q's heads; bias (h, sq, sk) or None."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias
+    sq, sk = q.shape[-2], k.shape[-2]
+    if causal:
+        # Bottom-right aligned: query i sees keys j <= i + (sk - sq).
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (sk - sq), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    empty = torch.isneginf(lse)  # rows that see no key at all
+    p = torch.exp(s - lse.masked_fill(empty, 0.0)[..., None])
+    p = p.masked_fill(empty[..., None], 0.0)
+    out = p @ v
+    return out, lse.masked_fill(empty, float("inf"))
+
+
+def _expand_kv(k, heads):
+    """(..., heads_kv, d) -> (..., heads, d): each kv head serves heads/heads_kv q heads."""
+    return k.repeat_interleave(heads // k.shape[-2], dim=-2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None, bias: torch.Tensor | None = None):
+    """Scaled dot-product attention.
+
+    Args:
+        q: ``(batch, seq_q, heads, head_dim)``.
+        k, v: ``(batch, seq_k, heads_kv, head_dim)``; ``heads_kv`` divides ``heads``
+            (grouped-query / multi-query attention).
+        causal: mask aligned to the bottom-right: query ``i`` sees keys
+            ``j <= i + seq_k - seq_q`` (as flash-attn).
+        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        bias: additive, broadcastable to ``(batch, heads, seq_q, seq_k)``
+            (``-inf`` masks a position).
+
+    Returns:
+        ``(out, lse)``: ``out`` ``(batch, seq_q, heads, head_dim)`` in ``q.dtype``;
+        ``lse`` ``(batch, heads, seq_q)`` float32 (float64 for float64 input), the
+        log-sum-exp of the scaled scores. A row that sees no key gives zeros in
+        ``out`` and ``+inf`` in ``lse``.
+    """
+    ct = _compute_dtype(q.dtype)
+    b, sq, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qf = q.to(ct).transpose(1, 2)
+    kf = _expand_kv(k.to(ct), h).transpose(1, 2)
+    vf = _expand_kv(v.to(ct), h).transpose(1, 2)
+    bf = None
+    if bias is not None:
+        bf = bias.to(ct).expand(b, h, sq, k.shape[1])
+    out, lse = _attention_one(qf, kf, vf, causal, scale, bf)
+    return out.transpose(1, 2).to(q.dtype), lse
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *,
+                     causal: bool = False, scale: float | None = None,
+                     bias: torch.Tensor | None = None):
+    """Attention over a batch of sequences of different lengths, packed.
+
+    Args:
+        q: ``(total_q, heads, head_dim)``; k, v: ``(total_k, heads_kv, head_dim)``.
+        cu_seqlens_q, cu_seqlens_k: ``(batch + 1,)`` int32 cumulative lengths,
+            starting at 0; sequence ``i`` is rows ``cu[i]:cu[i+1]``.
+        bias: broadcastable to ``(batch, heads, max_seqlen_q, max_seqlen_k)``;
+            sequence ``i`` uses its top-left ``(len_q_i, len_k_i)`` corner.
+
+    Returns:
+        ``(out, lse)``: ``out`` ``(total_q, heads, head_dim)``; ``lse``
+        ``(heads, total_q)``. Same conventions as :func:`attention`.
+    """
+    ct = _compute_dtype(q.dtype)
+    h, d = q.shape[1], q.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    batch = len(cq) - 1
+    out = torch.zeros(q.shape, dtype=ct, device=q.device)
+    lse = torch.zeros((h, q.shape[0]), dtype=ct, device=q.device)
+    max_q = max((cq[i + 1] - cq[i] for i in range(batch)), default=0)
+    max_k = max((ck[i + 1] - ck[i] for i in range(batch)), default=0)
+    full_bias = None
+    if bias is not None:
+        full_bias = bias.to(ct).expand(batch, h, max_q, max_k)
+    for i in range(batch):
+        qs = q[cq[i]:cq[i + 1]].to(ct).transpose(0, 1)
+        ks = _expand_kv(k[ck[i]:ck[i + 1]].to(ct), h).transpose(0, 1)
+        vs = _expand_kv(v[ck[i]:ck[i + 1]].to(ct), h).transpose(0, 1)
+        bi = None
+        if full_bias is not None:
+            bi = full_bias[i, :, :qs.shape[1], :ks.shape[1]]
+        o, l = _attention_one(qs, ks, vs, causal, scale, bi)
+        out[cq[i]:cq[i + 1]] = o.transpose(0, 1)
+        lse[:, cq[i]:cq[i + 1]] = l
+    return out.to(q.dtype), lse

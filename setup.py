@@ -1,0 +1,227 @@
+"""Builds pyllm's compiled extensions; the package metadata is in pyproject.toml.
+
+Extensions
+  pyllm._C       C++ CPU kernels (C++17, torch-free) and the operator schemas
+                 and glue (the standard torch requires), OpenMP on. Files
+                 named *_avx2.cpp, *_avx512.cpp and *_avx512bf16.cpp are
+                 compiled with that instruction set's flags, one file at a time,
+                 and chosen at run time from CPUID (csrc/cpu/isa.h); everything
+                 else is compiled for the baseline x86-64 (no -march=native).
+  pyllm._C_cuda  CUDA C++ kernels; built when the torch being built against has
+                 CUDA and nvcc is found.
+
+Knobs (environment variables)
+  TORCH_CUDA_ARCH_LIST   GPU architectures, e.g. "8.0;9.0" (the default here),
+                         honoured exactly; add "+PTX" to an entry to embed PTX.
+  MAX_JOBS               parallel compile jobs; default: one per 4.5 GB of
+                         available memory, at least 1, at most the CPU count.
+  PYLLM_FORCE_CUDA=1     build pyllm._C_cuda even where detection says no.
+  PYLLM_SKIP_CUDA=1      never build pyllm._C_cuda.
+  PYLLM_VERBOSE_BUILD=1  print every compiler command.
+
+The extensions must be built against the torch they run with, so install with
+`pip install --no-build-isolation .` into an environment that has torch.
+"""
+
+import glob
+import os
+import platform
+import sys
+
+import shutil
+
+from setuptools import setup
+
+
+def locate_cuda_home():
+    """CUDA_HOME/CUDA_PATH, else /usr/local/cuda, else the toolkit around nvcc on PATH."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = ["/usr/local/cuda"]
+    if shutil.which("nvcc"):
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc")))))
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and os.path.exists(
+                os.path.join(root, "include", "cuda_runtime_api.h")):
+            return root
+    return None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+if locate_cuda_home() is not None:
+    os.environ["CUDA_HOME"] = locate_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME, BuildExtension, CppExtension, CUDAExtension)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+# Flags per ISA-specific file suffix. Each file of a group is compiled with its
+# group's flags only; the code that calls into it checks CPUID first.
+ISA_FLAGS = {
+    "_generic.cpp": [],
+    "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                    "-mprefer-vector-width=512"],
+    "_avx512bf16.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                        "-mavx512bf16", "-mprefer-vector-width=512"],
+}
+# The kernel files include no torch header, so they stay C++17.
+ISA_KERNEL_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd"]
+
+
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def relative(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def isa_suffix(path):
+    return next((s for s in ISA_FLAGS if path.endswith(s)), None)
+
+
+def default_max_jobs():
+    """One compile job per 4.5 GB of available memory, at least 1."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available_gb = int(info["MemAvailable"].split()[0]) / 1024**2
+        by_memory = int(available_gb // 4.5)
+    except (OSError, KeyError, ValueError):
+        by_memory = 1
+    return max(1, min(by_memory, os.cpu_count() or 1))
+
+
+def want_cuda():
+    if env_flag("PYLLM_SKIP_CUDA"):
+        return False, "PYLLM_SKIP_CUDA is set"
+    if env_flag("PYLLM_FORCE_CUDA"):
+        return True, "PYLLM_FORCE_CUDA is set"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    if CUDA_HOME is None:
+        return False, "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    return True, f"torch {torch.__version__} has CUDA {torch.version.cuda}, nvcc at {CUDA_HOME}"
+
+
+# Files that include torch headers get the C++ standard torch requires (C++20
+# for torch 2.14), added by BuildExtension.
+CXX_FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden", "-DNDEBUG",
+             "-Wall", "-Wno-unknown-pragmas"]
+NVCC_FLAGS = ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr"]
+
+
+def headers():
+    """Every header: setuptools relinks an extension only when one of its
+    sources or `depends` is newer than it (ninja then recompiles what changed)."""
+    return relative(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True))
+
+
+def cpu_extension():
+    sources = glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(
+        os.path.join(ROOT, "csrc", "cpu", "**", "*.cpp"), recursive=True)
+    isa_sources = {}
+    common = []
+    for path in relative(sources):
+        suffix = isa_suffix(path)
+        if suffix is None:
+            common.append(path)
+        else:
+            isa_sources.setdefault(suffix, []).append(path)
+    ext = CppExtension(
+        name="pyllm._C",
+        sources=common,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
+        depends=headers() + [p for group in isa_sources.values() for p in group],
+    )
+    ext.isa_sources = isa_sources
+    return ext
+
+
+def cuda_extension():
+    sources = relative(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")) +
+                       glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    return CUDAExtension(
+        name="pyllm._C_cuda",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+        depends=headers(),
+    )
+
+
+class BuildPyllm(BuildExtension):
+    """torch's BuildExtension (ninja), plus per-file ISA flags and a build record."""
+
+    def build_extension(self, ext):
+        for suffix, sources in sorted(getattr(ext, "isa_sources", {}).items()):
+            flags = ISA_FLAGS[suffix] if IS_X86 else []
+            cxx = list(ext.extra_compile_args["cxx"]) + ISA_KERNEL_FLAGS + flags
+            ext.extra_objects += self.compiler.compile(
+                sources, output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": cxx}, depends=ext.depends)
+        super().build_extension(ext)
+
+    def run(self):
+        super().run()
+        package_dir = os.path.dirname(self.get_ext_fullpath("pyllm._C"))
+        write_build_info(os.path.join(package_dir, "_build_info.py"),
+                         with_cuda=any(e.name == "pyllm._C_cuda" for e in self.extensions))
+
+
+def write_build_info(path, with_cuda):
+    """Records what the extensions were built against, read at import time."""
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if with_cuda else []
+    nvcc_version = None
+    if with_cuda and CUDA_HOME is not None:
+        import subprocess
+        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True).stdout
+        nvcc_version = next((line.split("release")[-1].split(",")[0].strip()
+                             for line in out.splitlines() if "release" in line), None)
+    record = {
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+        "cxx11_abi": bool(torch.compiled_with_cxx11_abi()),
+        "python_version": platform.python_version(),
+        "machine": platform.machine(),
+        "with_cuda": with_cuda,
+        "cuda_archs": [a for a in archs if a],
+        "nvcc_version": nvcc_version,
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write('"""What pyllm\'s extensions were built against (written by setup.py)."""\n\n')
+        f.write(f"BUILD = {record!r}\n")
+
+
+def extensions():
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    exts = [cpu_extension()]
+    build_cuda, why = want_cuda()
+    if build_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        print(f"pyllm: building pyllm._C_cuda for TORCH_CUDA_ARCH_LIST="
+              f"{os.environ['TORCH_CUDA_ARCH_LIST']} ({why})", file=sys.stderr)
+        exts.append(cuda_extension())
+    else:
+        print(f"pyllm: building CPU-only, without pyllm._C_cuda ({why})", file=sys.stderr)
+    return exts
+
+
+if env_flag("PYLLM_VERBOSE_BUILD"):
+    os.environ.setdefault("VERBOSE", "1")
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildPyllm.with_options(
+        use_ninja=True, no_python_abi_suffix=False)},
+)

@@ -1,0 +1,32 @@
+"""pytest configuration shared by all tests (markers are declared in pyproject.toml).
+
+- Tests marked ``cuda`` run wherever ``torch.cuda.is_available()``; elsewhere
+  they are reported as skipped with that reason.
+- ``tests/interpreter/`` holds tests of the Triton kernels on CPU tensors; they
+  are collected only in a process started with ``TRITON_INTERPRET=1``
+  (tests/test_triton_interpreter.py starts one).
+"""
+
+import os
+
+import pytest
+import torch
+
+import pyllm  # noqa: F401  (loads the extensions before any test module)
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.name == "interpreter" and not INTERPRETING:
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

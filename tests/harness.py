@@ -1,0 +1,101 @@
+"""The shared harness of every kernel test.
+
+The rule (pyllm.accuracy, after flash-attn's tests): compute the truth in
+float64 from the same inputs, and PyTorch's own answer in the precision under
+test; a kernel passes if ``max|ours - truth| <= factor * max|pytorch - truth| +
+floor``, factor 2 for outputs and 3 for gradients. A NaN never passes.
+
+Outputs are poisoned: inside :func:`poisoned_outputs` every fresh torch
+allocation (``torch.empty``, ``at::empty``) is filled with NaN, so an element
+a kernel forgot to write fails the NaN check. Inputs are fresh seeded random
+values, never zeros.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import zlib
+
+import torch
+import torch.utils.deterministic
+
+from pyllm.accuracy import judge
+
+ODD_SIZES = (1, 7, 127, 1000)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+
+
+def generator(*key) -> torch.Generator:
+    """A generator seeded from ``key`` (e.g. the test's parameters), so every
+    case draws its own inputs and a failure reproduces."""
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32("/".join(str(k) for k in key).encode()))
+    return g
+
+
+def randn(shape, dtype=torch.float32, *, gen: torch.Generator, device="cpu", scale=1.0,
+          offset=0.0) -> torch.Tensor:
+    """Normal random values in ``dtype`` (drawn in float64, then rounded)."""
+    t = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset
+    return t.to(dtype=dtype, device=device)
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous view (every other element of a
+    buffer twice as long in the last dimension)."""
+    buffer = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype,
+                        device=t.device)
+    view = buffer[..., ::2]
+    view.copy_(t)
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same values stored with the last two dimensions swapped in memory."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every fresh allocation inside the block is filled with NaN."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def check_rule(ours: torch.Tensor, truth: torch.Tensor, pytorch: torch.Tensor, *,
+               factor: float = 2.0, what: str = "output") -> None:
+    """Asserts the rule (pyllm.accuracy) for one tensor: factor 2 for outputs,
+    3 for gradients."""
+    verdict = judge(ours, truth, pytorch, factor=factor, what=what)
+    assert verdict.ok, verdict.reason
+
+
+def run_python(code: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter (for settings read at import time:
+    TRITON_INTERPRET, PYLLM_BACKEND, PYLLM_CPU_ISA)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def run_pytest_in_interpreter(path: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Runs the tests under ``path`` in a fresh process with the Triton
+    interpreter on (TRITON_INTERPRET=1 must be set before triton is imported),
+    where Triton kernels run on CPU tensors."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
+                          env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
