@@ -26,7 +26,7 @@ _extension.load()
 
 from pyllm import backend  # noqa: E402
 from pyllm.backend import BackendError, backends, current_backend, use_backend  # noqa: E402
-from pyllm.ops import rms_norm as _rms_norm_op  # noqa: E402,F401  (registers fake/autograd)
+import pyllm.ops  # noqa: E402,F401  (registers the fake kernels and autograd)
 from pyllm.ops.rms_norm import rms_norm  # noqa: E402
 
 __version__ = "0.1.0"

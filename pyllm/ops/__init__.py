@@ -1,0 +1,8 @@
+"""The Python faces of pyllm's ops, one module per op.
+
+Each module holds the op's argument validation (shared by every backend), its
+documented public function, and the fake kernels and autograd formula that it
+registers for ``pyllm::<op>`` and ``pyllm::<op>_triton`` when imported.
+"""
+
+from pyllm.ops import rms_norm  # noqa: F401
