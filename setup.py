@@ -71,7 +71,12 @@ ISA_FLAGS = {
                         "-mavx512bf16", "-mprefer-vector-width=512"],
 }
 # The kernel files include no torch header, so they stay C++17.
-ISA_KERNEL_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd"]
+# -ffp-contract=off: the kernels fuse multiply-adds where they say fma(), and
+# nowhere else (GCC would otherwise contract its vector intrinsics, and
+# g - c1 with g = dy * w becomes the rounding error of dy * w instead of 0).
+# -Wno-maybe-uninitialized: GCC 12 warns falsely inside its own AVX-512 headers.
+ISA_KERNEL_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd", "-ffp-contract=off",
+                    "-Wno-maybe-uninitialized"]
 
 
 def env_flag(name):

@@ -26,19 +26,39 @@
   m.impl(name "_triton", torch::autograd::autogradNotImplementedFallback())
 
 TORCH_LIBRARY(pyllm, m) {
-  // Before each op: the Python module that holds its fake kernels, which torch
-  // names when only this library was loaded.
+  // Before each op family: the Python module that holds its fake kernels,
+  // which torch names when only this library was loaded.
   m.set_python_module("pyllm.ops.rms_norm");
   // RMSNorm over the last dimension: y = x / sqrt(mean(x^2) + eps) * weight.
   // Returns (y, rstd); rstd is float32 with shape x.shape[:-1].
   PYLLM_DEF(m, "rms_norm", "(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
-  // Gradients of rms_norm given the rstd it saved; output_mask selects
-  // (grad_x, grad_weight); an unselected gradient comes back as None.
+  // RMSNorm of s = x + residual (rounded to x's dtype); returns (y, s, rstd).
+  PYLLM_DEF(m, "add_rms_norm",
+            "(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
+  // Gradients of (add_)rms_norm from the input it normalised (x, or the sum)
+  // and the rstd it saved; grad_sum, the gradient reaching the sum output, is
+  // added to grad_x. output_mask selects (grad_x, grad_weight); an unselected
+  // gradient comes back as None.
   PYLLM_DEF(m, "rms_norm_backward",
-            "(Tensor grad_y, Tensor x, Tensor rstd, Tensor? weight, bool[2] output_mask)"
-            " -> (Tensor, Tensor)");
+            "(Tensor grad_y, Tensor x, Tensor rstd, Tensor? weight, Tensor? grad_sum,"
+            " bool[2] output_mask) -> (Tensor, Tensor)");
+
+  m.set_python_module("pyllm.ops.layer_norm");
+  // LayerNorm over the last dimension; returns (y, mean, rstd), float32 stats.
+  PYLLM_DEF(m, "layer_norm",
+            "(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // LayerNorm of s = x + residual; returns (y, s, mean, rstd).
+  PYLLM_DEF(m, "add_layer_norm",
+            "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps)"
+            " -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of (add_)layer_norm; output_mask selects (grad_x, grad_weight,
+  // grad_bias).
+  PYLLM_DEF(m, "layer_norm_backward",
+            "(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? grad_sum,"
+            " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {
   PYLLM_ONCE_DIFFERENTIABLE(m, "rms_norm_backward");
+  PYLLM_ONCE_DIFFERENTIABLE(m, "layer_norm_backward");
 }

@@ -27,7 +27,8 @@ _extension.load()
 from pyllm import backend  # noqa: E402
 from pyllm.backend import BackendError, backends, current_backend, use_backend  # noqa: E402
 import pyllm.ops  # noqa: E402,F401  (registers the fake kernels and autograd)
-from pyllm.ops.rms_norm import rms_norm  # noqa: E402
+from pyllm.ops.layer_norm import add_layer_norm, layer_norm  # noqa: E402
+from pyllm.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,9 @@ backend.refresh()
 
 __all__ = [
     "BackendError",
+    "add_layer_norm",
+    "add_rms_norm",
+    "layer_norm",
     "backend",
     "backends",
     "current_backend",

@@ -62,10 +62,13 @@ ANY = "any device"
 _KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 _REFERENCE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
-#: The routed ops: the dtypes their kernels take, and the backward op paired
-#: with each (its ``_triton`` twin pairs with the triton forward).
+#: The routed ops and the dtypes their kernels take. (Each op's autograd
+#: formula, in pyllm/ops/, pairs it with its backward op.)
 OPS = {
-    "rms_norm": {"dtypes": _KERNEL_DTYPES, "backward": "rms_norm_backward"},
+    "rms_norm": {"dtypes": _KERNEL_DTYPES},
+    "add_rms_norm": {"dtypes": _KERNEL_DTYPES},
+    "layer_norm": {"dtypes": _KERNEL_DTYPES},
+    "add_layer_norm": {"dtypes": _KERNEL_DTYPES},
 }
 
 

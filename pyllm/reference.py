@@ -3,8 +3,10 @@
 These are the truth the kernels are held to (tests call them with float64
 inputs) and the ``reference`` backend (any device, any floating dtype). Each
 function takes the arguments of its op and returns what the op returns.
-Half-precision inputs are computed in float32 and rounded once at the end;
-float32 and float64 inputs are computed in their own precision.
+Half-precision inputs are computed in float32 and float32 inputs in float64,
+each rounded once at the end (so that the reference backend stays accurate
+where a composite of float32 ops would cancel, e.g. the gradient of a
+one-element LayerNorm); float64 inputs are computed in float64.
 
 Layouts follow the ops: normalisation over the last dimension; attention in
 ``(batch, seq, heads, head_dim)``, or ``(total_tokens, heads, head_dim)`` with
@@ -33,7 +35,12 @@ __all__ = [
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.float64 if dtype in (torch.float64, torch.float32) else torch.float32
+
+
+def _stat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Statistics (mean, rstd, lse) are float32, float64 for float64 inputs."""
+    return t if dtype == torch.float64 else t.float()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
@@ -54,7 +61,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
     y = xf * rstd
     if weight is not None:
         y = y * weight.to(ct)
-    return y.to(x.dtype), rstd.squeeze(-1)
+    return y.to(x.dtype), _stat(rstd.squeeze(-1), x.dtype)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
@@ -91,7 +98,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         y = y * weight.to(ct)
     if bias is not None:
         y = y + bias.to(ct)
-    return y.to(x.dtype), mean.squeeze(-1), rstd.squeeze(-1)
+    return y.to(x.dtype), _stat(mean.squeeze(-1), x.dtype), _stat(rstd.squeeze(-1), x.dtype)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
@@ -207,7 +214,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if bias is not None:
         bf = bias.to(ct).expand(b, h, sq, k.shape[1])
     out, lse = _attention_one(qf, kf, vf, causal, scale, bf)
-    return out.transpose(1, 2).to(q.dtype), lse
+    return out.transpose(1, 2).to(q.dtype), _stat(lse, q.dtype)
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -250,4 +257,4 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         o, l = _attention_one(qs, ks, vs, causal, scale, bi)
         out[cq[i]:cq[i + 1]] = o.transpose(0, 1)
         lse[:, cq[i]:cq[i + 1]] = l
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), _stat(lse, q.dtype)

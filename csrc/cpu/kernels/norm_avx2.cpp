@@ -1,0 +1,3 @@
+// LayerNorm / RMSNorm kernels built with the avx2 flags (see setup.py).
+#define PYLLM_ISA avx2
+#include "norm_kernel.h"

@@ -1,0 +1,221 @@
+// A small SIMD layer for the CPU kernels, one implementation per ISA.
+//
+// Included by a kernel header that is compiled once per ISA (the including
+// file defines PYLLM_ISA and is built with that ISA's flags, see setup.py), it
+// defines pyllm::cpu::PYLLM_ISA::simd with:
+//   V            a vector of kLanes floats (16 on AVX-512, 8 on AVX2 and the
+//                portable fallback, which the compiler maps to SSE2);
+//   load/store   from/to float, bf16 and f16 memory, converting to/from float
+//                (bf16 stores round to nearest even; NaN stays NaN), with
+//                `count` variants for the tail of a row (count < kLanes);
+//   arithmetic   add, sub, mul, fma (a*b+c), fnma (c-a*b), max, set1, zero;
+//   reductions   reduce_add, reduce_max.
+// Everything has internal linkage, so the ISA variants never clash.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "scalar.h"
+
+#ifndef PYLLM_ISA
+#error "define PYLLM_ISA before including simd.h"
+#endif
+
+namespace pyllm::cpu::PYLLM_ISA::simd {
+
+#if defined(__AVX512F__)
+
+constexpr int kLanes = 16;
+using V = __m512;
+
+static inline V zero() { return _mm512_setzero_ps(); }
+static inline V set1(float a) { return _mm512_set1_ps(a); }
+static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static inline V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
+static inline float reduce_add(V a) { return _mm512_reduce_add_ps(a); }
+static inline float reduce_max(V a) { return _mm512_reduce_max_ps(a); }
+
+static inline __mmask16 tail_mask(int count) {
+  return static_cast<__mmask16>((1u << count) - 1u);
+}
+
+static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+static inline V load(const float* p, int count) { return _mm512_maskz_loadu_ps(tail_mask(count), p); }
+static inline V widen_bf16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline V load(const bf16* p) {
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+static inline V load(const bf16* p, int count) {
+  return widen_bf16(_mm256_maskz_loadu_epi16(tail_mask(count), p));
+}
+static inline V load(const f16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+static inline V load(const f16* p, int count) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail_mask(count), p));
+}
+
+static inline __m256i narrow_bf16(V v) {
+#if defined(__AVX512BF16__)
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+#endif
+}
+static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+static inline void store(float* p, V v, int count) { _mm512_mask_storeu_ps(p, tail_mask(count), v); }
+static inline void store(bf16* p, V v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_bf16(v));
+}
+static inline void store(bf16* p, V v, int count) {
+  _mm256_mask_storeu_epi16(p, tail_mask(count), narrow_bf16(v));
+}
+static inline void store(f16* p, V v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+static inline void store(f16* p, V v, int count) {
+  _mm256_mask_storeu_epi16(p, tail_mask(count), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+#elif defined(__AVX2__)
+
+constexpr int kLanes = 8;
+using V = __m256;
+
+static inline V zero() { return _mm256_setzero_ps(); }
+static inline V set1(float a) { return _mm256_set1_ps(a); }
+static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+static inline V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
+static inline float reduce_add(V a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline float reduce_max(V a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+static inline V load(const float* p) { return _mm256_loadu_ps(p); }
+static inline V load(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline V load(const f16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+static inline void store(bf16* p, V v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i bits = _mm256_blendv_epi8(rounded, quiet, nan);
+  // 32 -> 16 bits per lane (values fit, so unsigned saturation is exact).
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xd8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+static inline void store(f16* p, V v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+#else  // portable: 8 floats the compiler keeps in SSE2 registers
+
+constexpr int kLanes = 8;
+struct V {
+  float v[8];
+};
+
+static inline V zero() { return V{}; }
+static inline V set1(float a) {
+  V r;
+  for (int i = 0; i < 8; ++i) r.v[i] = a;
+  return r;
+}
+#define PYLLM_SIMD_BINARY(name, expr)        \
+  static inline V name(V a, V b) {           \
+    V r;                                     \
+    for (int i = 0; i < 8; ++i) r.v[i] = expr; \
+    return r;                                \
+  }
+PYLLM_SIMD_BINARY(add, a.v[i] + b.v[i])
+PYLLM_SIMD_BINARY(sub, a.v[i] - b.v[i])
+PYLLM_SIMD_BINARY(mul, a.v[i] * b.v[i])
+PYLLM_SIMD_BINARY(max, a.v[i] > b.v[i] ? a.v[i] : b.v[i])
+#undef PYLLM_SIMD_BINARY
+static inline V fma(V a, V b, V c) {
+  V r;
+  for (int i = 0; i < 8; ++i) r.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
+  return r;
+}
+static inline V fnma(V a, V b, V c) {
+  V r;
+  for (int i = 0; i < 8; ++i) r.v[i] = std::fma(-a.v[i], b.v[i], c.v[i]);
+  return r;
+}
+static inline float reduce_add(V a) {
+  return ((a.v[0] + a.v[4]) + (a.v[1] + a.v[5])) + ((a.v[2] + a.v[6]) + (a.v[3] + a.v[7]));
+}
+static inline float reduce_max(V a) {
+  float m = a.v[0];
+  for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m;
+  return m;
+}
+template <typename T>
+static inline V load(const T* p) {
+  V r;
+  for (int i = 0; i < 8; ++i) r.v[i] = to_f32(p[i]);
+  return r;
+}
+template <typename T>
+static inline void store(T* p, V v) {
+  for (int i = 0; i < 8; ++i) p[i] = from_f32<T>(v.v[i]);
+}
+
+#endif
+
+#if !defined(__AVX512F__)
+// Tails through a stack buffer (AVX2 and portable).
+template <typename T>
+static inline V load(const T* p, int count) {
+  T buffer[kLanes];
+  std::memset(static_cast<void*>(buffer), 0, sizeof buffer);
+  std::memcpy(static_cast<void*>(buffer), p, sizeof(T) * count);
+  return load(static_cast<const T*>(buffer));
+}
+template <typename T>
+static inline void store(T* p, V v, int count) {
+  T buffer[kLanes];
+  store(buffer, v);
+  std::memcpy(static_cast<void*>(p), buffer, sizeof(T) * count);
+}
+#endif
+
+}  // namespace pyllm::cpu::PYLLM_ISA::simd

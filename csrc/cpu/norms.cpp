@@ -1,0 +1,265 @@
+// pyllm::{rms_norm, add_rms_norm, layer_norm, add_layer_norm} and their
+// backward ops for CPU tensors.
+//
+// The user-facing argument checks live in pyllm/ops/{rms_norm,layer_norm}.py
+// and run for every backend; the checks here only guard the memory the
+// kernels touch, so that a direct torch.ops.pyllm call can never read or write
+// out of bounds.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "isa.h"
+#include "kernels/norm.h"
+#include "output.h"
+#include "tensor_types.h"
+
+namespace pyllm::cpu {
+namespace {
+
+// Rows per parallel task: at least ~16K elements, so that a decode-sized call
+// runs inline on the calling thread.
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+std::vector<int64_t> row_shape(const at::Tensor& x) {
+  return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+void check_input(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, "pyllm::", op,
+                    ": x must have a non-empty last dimension, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "pyllm::", op, " (CPU kernel): x must be on the CPU");
+  kernel_dtype(x, "x");
+}
+
+void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() &&
+                        t.device() == x.device(),
+                    "pyllm::", op, ": ", name, " must match x (", x.sizes(), ", ",
+                    x.scalar_type(), "), got ", t.sizes(), ", ", t.scalar_type());
+}
+
+// Weight and bias: shape [n], the input's dtype or float32, one dtype for both.
+DType check_params(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                   const c10::optional<at::Tensor>& bias) {
+  c10::optional<at::ScalarType> type;
+  for (const auto* p : {&weight, &bias}) {
+    if (!p->has_value()) continue;
+    const at::Tensor& t = **p;
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(-1) && t.device() == x.device(),
+                      "pyllm::", op, ": weight and bias must have shape [", x.size(-1),
+                      "] on the device of x, got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat,
+                     "pyllm::", op, ": weight and bias must be ", x.scalar_type(),
+                     " or float32, got ", t.scalar_type());
+    TORCH_CHECK_TYPE(!type.has_value() || *type == t.scalar_type(), "pyllm::", op,
+                     ": weight and bias must have one dtype");
+    type = t.scalar_type();
+  }
+  return type.has_value() && *type == at::kFloat ? DType::f32 : kernel_dtype(x, "x");
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+NormForwardFn forward_kernel() {
+  return pick_isa<NormForwardFn>(generic::norm_forward, avx2::norm_forward, avx512::norm_forward);
+}
+
+NormBackwardFn backward_kernel() {
+  return pick_isa<NormBackwardFn>(generic::norm_backward, avx2::norm_backward,
+                                  avx512::norm_backward);
+}
+
+// The forward of all four ops. Returns y, sum (undefined without residual),
+// mean (undefined for RMSNorm), rstd.
+std::array<at::Tensor, 4> norm_forward(const char* op, bool rms, const at::Tensor& x_in,
+                                       const c10::optional<at::Tensor>& residual_in,
+                                       const c10::optional<at::Tensor>& weight_in,
+                                       const c10::optional<at::Tensor>& bias_in, double eps) {
+  check_input(op, x_in);
+  if (residual_in.has_value()) check_like_x(op, "residual", *residual_in, x_in);
+  const DType param_type = check_params(op, x_in, weight_in, bias_in);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor residual = contiguous_or_undefined(residual_in);
+  const at::Tensor weight = contiguous_or_undefined(weight_in);
+  const at::Tensor bias = contiguous_or_undefined(bias_in);
+  const int64_t n = x.size(-1);
+  const int64_t rows = x.numel() / n;
+  const auto stats = x.options().dtype(at::kFloat);
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  at::Tensor sum = residual.defined() ? empty_output(x.sizes(), x.options()) : at::Tensor();
+  at::Tensor mean = rms ? at::Tensor() : at::empty(row_shape(x), stats);
+  at::Tensor rstd = at::empty(row_shape(x), stats);
+  const NormForward args{x.data_ptr(),
+                         data_or_null(residual),
+                         data_or_null(weight),
+                         data_or_null(bias),
+                         y.data_ptr(),
+                         sum.defined() ? sum.data_ptr() : nullptr,
+                         mean.defined() ? mean.data_ptr<float>() : nullptr,
+                         rstd.data_ptr<float>(),
+                         n,
+                         static_cast<float>(eps),
+                         kernel_dtype(x, "x"),
+                         param_type,
+                         rms};
+  const NormForwardFn kernel = forward_kernel();
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) { kernel(args, b, e); });
+  return {y, sum, mean, rstd};
+}
+
+// The backward of all four ops: grad_x, grad_weight, grad_bias (each undefined
+// unless asked for).
+std::array<at::Tensor, 3> norm_backward(const char* op, bool rms, const at::Tensor& grad_y_in,
+                                        const at::Tensor& x_in, const at::Tensor& mean_in,
+                                        const at::Tensor& rstd_in,
+                                        const c10::optional<at::Tensor>& weight_in,
+                                        const c10::optional<at::Tensor>& grad_sum_in,
+                                        std::array<bool, 3> mask) {
+  check_input(op, x_in);
+  check_like_x(op, "grad_y", grad_y_in, x_in);
+  if (grad_sum_in.has_value()) check_like_x(op, "grad_sum", *grad_sum_in, x_in);
+  const DType param_type = check_params(op, x_in, weight_in, c10::nullopt);
+  const int64_t n = x_in.size(-1);
+  for (const at::Tensor* stat : {&rstd_in, &mean_in}) {
+    if (rms && stat == &mean_in) continue;
+    TORCH_CHECK_VALUE(stat->scalar_type() == at::kFloat && stat->numel() * n == x_in.numel() &&
+                          stat->device() == x_in.device(),
+                      "pyllm::", op, ": mean and rstd must be float32 with one value per row of x");
+  }
+  TORCH_CHECK_VALUE(!mask[1] || weight_in.has_value(), "pyllm::", op,
+                    ": grad_weight requested without a weight");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  const at::Tensor rstd = rstd_in.contiguous();
+  const at::Tensor mean = rms ? at::Tensor() : mean_in.contiguous();
+  const at::Tensor weight = contiguous_or_undefined(weight_in);
+  const at::Tensor grad_sum = contiguous_or_undefined(grad_sum_in);
+  const int64_t rows = x.numel() / n;
+
+  at::Tensor grad_x = mask[0] ? empty_output(x.sizes(), x.options()) : at::Tensor();
+  const NormBackward args{grad_y.data_ptr(),
+                          x.data_ptr(),
+                          mean.defined() ? mean.data_ptr<float>() : nullptr,
+                          rstd.data_ptr<float>(),
+                          data_or_null(weight),
+                          data_or_null(grad_sum),
+                          grad_x.defined() ? grad_x.data_ptr() : nullptr,
+                          n,
+                          kernel_dtype(x, "x"),
+                          param_type,
+                          rms};
+  const NormBackwardFn kernel = backward_kernel();
+  if (!mask[1] && !mask[2]) {
+    at::parallel_for(0, rows, grain_rows(n),
+                     [&](int64_t b, int64_t e) { kernel(args, b, e, nullptr, nullptr); });
+    return {grad_x, at::Tensor(), at::Tensor()};
+  }
+  // Parameter gradients: each of a fixed number of row chunks sums into its
+  // own fp32 row, and the chunks are added in order, so the result does not
+  // depend on the number of threads.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 64));
+  const int64_t chunk_rows = (rows + chunks - 1) / chunks;
+  constexpr int64_t kinds = 2;  // weight, bias
+  at::Tensor partial = at::zeros({kinds, chunks, n}, x.options().dtype(at::kFloat));
+  float* partial_ptr = partial.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * chunk_rows;
+      const int64_t end = std::min(rows, begin + chunk_rows);
+      if (begin < end) {
+        kernel(args, begin, end, mask[1] ? partial_ptr + c * n : nullptr,
+               mask[2] ? partial_ptr + (chunks + c) * n : nullptr);
+      }
+    }
+  });
+  // One tensor per gradient (slices of one buffer would alias each other).
+  std::array<at::Tensor, kinds> totals;
+  std::array<float*, kinds> total_ptr;
+  for (int64_t k = 0; k < kinds; ++k) {
+    totals[k] = at::empty({n}, x.options().dtype(at::kFloat));
+    total_ptr[k] = totals[k].data_ptr<float>();
+  }
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t k = 0; k < kinds; ++k) {
+      float* out = total_ptr[k];
+      for (int64_t i = i0; i < i1; ++i) out[i] = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* p = partial_ptr + (k * chunks + c) * n;
+        for (int64_t i = i0; i < i1; ++i) out[i] += p[i];
+      }
+    }
+  });
+  const at::ScalarType param = param_type == DType::f32 ? at::kFloat : x.scalar_type();
+  return {grad_x, mask[1] ? totals[0].to(param) : at::Tensor(),
+          mask[2] ? totals[1].to(param) : at::Tensor()};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x,
+                                            const c10::optional<at::Tensor>& weight, double eps) {
+  auto out = norm_forward("rms_norm", true, x, c10::nullopt, weight, c10::nullopt, eps);
+  return {out[0], out[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm(
+    const at::Tensor& x, const at::Tensor& residual, const c10::optional<at::Tensor>& weight,
+    double eps) {
+  auto out = norm_forward("add_rms_norm", true, x, residual, weight, c10::nullopt, eps);
+  return {out[0], out[1], out[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& rstd,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& grad_sum,
+    std::array<bool, 2> mask) {
+  auto out = norm_backward("rms_norm_backward", true, grad_y, x, at::Tensor(), rstd, weight,
+                           grad_sum, {mask[0], mask[1], false});
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps) {
+  auto out = norm_forward("layer_norm", false, x, c10::nullopt, weight, bias, eps);
+  return {out[0], out[2], out[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
+    const at::Tensor& x, const at::Tensor& residual, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps) {
+  auto out = norm_forward("add_layer_norm", false, x, residual, weight, bias, eps);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& grad_sum,
+    std::array<bool, 3> mask) {
+  auto out = norm_backward("layer_norm_backward", false, grad_y, x, mean, rstd, weight, grad_sum,
+                           mask);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rms_norm_backward", &rms_norm_backward);
+  m.impl("layer_norm", &layer_norm);
+  m.impl("add_layer_norm", &add_layer_norm);
+  m.impl("layer_norm_backward", &layer_norm_backward);
+}
+
+}  // namespace pyllm::cpu

@@ -1,0 +1,150 @@
+"""LayerNorm: :func:`layer_norm`, :func:`add_layer_norm` and the Python
+registrations of ``pyllm::layer_norm``, ``pyllm::add_layer_norm`` and
+``pyllm::layer_norm_backward``.
+
+The op's stations: schema ``csrc/ops.cpp``; validation
+(``pyllm/ops/norm_args.py``), fake kernels and autograd here; route
+``pyllm/backend.py``; kernels ``csrc/cpu/norms.cpp``; truth
+``pyllm.reference.layer_norm``; tests ``tests/test_norms.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyllm import backend as _backend
+from pyllm.ops.norm_args import check_norm_args
+
+__all__ = ["layer_norm", "add_layer_norm"]
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *,
+               backend: str | None = None) -> torch.Tensor:
+    """Layer normalisation over the last dimension.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased
+    variance, statistics in float32 (float64 for float64 input), ``y`` rounded
+    once. Same result as ``torch.nn.functional.layer_norm(x, (x.shape[-1],),
+    weight, bias, eps)``.
+
+    Args:
+        x: ``(..., n)``, float16, bfloat16 or float32 (float64 on the reference
+            backend). Any strides (non-contiguous input is copied).
+        weight, bias: ``(n,)`` of ``x.dtype`` or float32 (one dtype for both), or None.
+        eps: added to the variance (default 1e-5, as ``torch.nn.LayerNorm``).
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``; default:
+            see :mod:`pyllm.backend`.
+
+    Returns:
+        ``y``: ``(..., n)``, ``x.dtype``, contiguous. Differentiable in ``x``,
+        ``weight`` and ``bias``.
+    """
+    eps = check_norm_args("pyllm.layer_norm", x, weight=weight, bias=bias, eps=eps)
+    y, _, _ = _backend.route("layer_norm", x, backend)(x, weight, bias, eps)
+    return y
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5, *,
+                   backend: str | None = None):
+    """LayerNorm of ``x + residual``, fused: one pass over the inputs.
+
+    Args:
+        x, residual: ``(..., n)``, one dtype and shape.
+        weight, bias, eps, backend: as :func:`layer_norm`.
+
+    Returns:
+        ``(y, s)``: ``s = x + residual`` rounded to ``x.dtype`` and ``y =
+        layer_norm(s, weight, bias, eps)``. Differentiable in ``x``,
+        ``residual``, ``weight`` and ``bias``, through both outputs.
+    """
+    eps = check_norm_args("pyllm.add_layer_norm", x, residual=residual, weight=weight, bias=bias,
+                          eps=eps, has_residual=True)
+    y, total, _, _ = _backend.route("add_layer_norm", x, backend)(x, residual, weight, bias, eps)
+    return y, total
+
+
+# -- fake kernels -------------------------------------------------------------
+
+def _like(t):
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _stats(x):
+    return torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+
+
+def _layer_norm_fake(x, weight, bias, eps):
+    check_norm_args("pyllm::layer_norm", x, weight=weight, bias=bias, eps=eps)
+    return _like(x), _stats(x), _stats(x)
+
+
+def _add_layer_norm_fake(x, residual, weight, bias, eps):
+    check_norm_args("pyllm::add_layer_norm", x, residual=residual, weight=weight, bias=bias,
+                    eps=eps, has_residual=True)
+    return _like(x), _like(x), _stats(x), _stats(x)
+
+
+def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, grad_sum, output_mask):
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    param = torch.empty(x.shape[-1:], dtype=param_dtype, device=x.device)
+    return (_like(x) if output_mask[0] else None,
+            _like(param) if output_mask[1] else None,
+            _like(param) if output_mask[2] else None)
+
+
+# -- autograd -----------------------------------------------------------------
+
+def _setup_layer_norm(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _setup_add_layer_norm(ctx, inputs, output):
+    _, _, weight, bias, _ = inputs
+    _, total, mean, rstd = output
+    ctx.save_for_backward(total, weight, mean, rstd)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _make_backward(suffix: str, fused: bool):
+    name = f"layer_norm_backward{suffix}"
+
+    def grads(ctx, grad_y, grad_sum):
+        normalised, weight, mean, rstd = ctx.saved_tensors
+        _backend.require_kernel(f"pyllm::{name}", normalised)
+        needs = ctx.needs_input_grad
+        first = 2 if fused else 1  # index of weight among the inputs
+        mask = [needs[0] or (fused and needs[1]), weight is not None and needs[first],
+                ctx.bias_dtype is not None and needs[first + 1]]
+        grad_x, grad_w, grad_b = getattr(torch.ops.pyllm, name).default(
+            grad_y, normalised, mean, rstd, weight, grad_sum, mask)
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b
+
+    if fused:
+        def backward(ctx, grad_y, grad_sum, _grad_mean, _grad_rstd):
+            grad_x, grad_w, grad_b = grads(ctx, grad_y, grad_sum)
+            return grad_x, grad_x, grad_w, grad_b, None
+    else:
+        def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+            grad_x, grad_w, grad_b = grads(ctx, grad_y, None)
+            return grad_x, grad_w, grad_b, None
+    return backward
+
+
+for _suffix in ("", "_triton"):
+    torch.library.register_fake(f"pyllm::layer_norm{_suffix}", _layer_norm_fake)
+    torch.library.register_fake(f"pyllm::add_layer_norm{_suffix}", _add_layer_norm_fake)
+    torch.library.register_fake(f"pyllm::layer_norm_backward{_suffix}", _layer_norm_backward_fake)
+    torch.library.register_autograd(f"pyllm::layer_norm{_suffix}", _make_backward(_suffix, False),
+                                    setup_context=_setup_layer_norm)
+    torch.library.register_autograd(f"pyllm::add_layer_norm{_suffix}",
+                                    _make_backward(_suffix, True),
+                                    setup_context=_setup_add_layer_norm)
