@@ -1,8 +1,9 @@
 """Builds pyllm's compiled extensions; the package metadata is in pyproject.toml.
 
 Extensions
-  pyllm._C       C++ CPU kernels (C++17, torch-free) and the operator schemas
-                 and glue (the standard torch requires), OpenMP on. Files
+  pyllm._C       C++ CPU kernels (C++17, torch-free), the operator schemas, the
+                 autograd formulas and glue (the standard torch requires),
+                 OpenMP on. Files
                  named *_avx2.cpp, *_avx512.cpp and *_avx512bf16.cpp are
                  compiled with that instruction set's flags, one file at a time,
                  and chosen at run time from CPUID (csrc/cpu/isa.h); everything
@@ -129,8 +130,9 @@ def headers():
 
 
 def cpu_extension():
-    sources = glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(
-        os.path.join(ROOT, "csrc", "cpu", "**", "*.cpp"), recursive=True)
+    sources = (glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) +
+               glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")) +
+               glob.glob(os.path.join(ROOT, "csrc", "cpu", "**", "*.cpp"), recursive=True))
     isa_sources = {}
     common = []
     for path in relative(sources):

@@ -26,6 +26,7 @@ _extension.load()
 
 from pyllm import backend  # noqa: E402
 from pyllm.backend import BackendError, backends, current_backend, use_backend  # noqa: E402
+from pyllm.memory import cached_bytes, empty_cache  # noqa: E402
 import pyllm.ops  # noqa: E402,F401  (registers the fake kernels and autograd)
 from pyllm.ops.layer_norm import add_layer_norm, layer_norm  # noqa: E402
 from pyllm.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
@@ -47,7 +48,9 @@ __all__ = [
     "layer_norm",
     "backend",
     "backends",
+    "cached_bytes",
     "current_backend",
+    "empty_cache",
     "rms_norm",
     "use_backend",
     "__version__",

@@ -108,6 +108,8 @@ _STATUS: dict[str, BackendStatus] = {}
 # (op, backend) -> device types it has kernels for, usable here or not.
 _KERNELS: dict[tuple[str, str], tuple[str, ...]] = {}
 _IMPLS: dict[tuple[str, str], tuple[tuple[str, ...], object]] = {}
+# route()'s memo: (op, device type, dtype, named backend or None) -> fn.
+_ROUTES: dict[tuple, object] = {}
 
 
 def _triton_version() -> str | None:
@@ -182,6 +184,7 @@ def refresh() -> None:
     _KERNELS.update(kernels)
     _IMPLS.clear()
     _IMPLS.update(impls)
+    _ROUTES.clear()
 
 
 def _kernel_devices(qualname: str, device_types: tuple[str, ...]) -> tuple[str, ...]:
@@ -260,14 +263,20 @@ def route(op: str, tensor: torch.Tensor, backend: str | None = None):
     """The implementation of ``op`` that serves a call whose main input is ``tensor``.
 
     Returns a callable with the op's signature (an OpOverload, or a
-    :mod:`pyllm.reference` function).
+    :mod:`pyllm.reference` function). Successful choices are memoised per
+    (op, device type, dtype, named backend).
     """
+    name = backend if backend is not None else (_STACK[-1] if _STACK else _ENV_BACKEND)
+    key = (op, tensor.device.type, tensor.dtype, name)
+    fn = _ROUTES.get(key)
+    if fn is None:
+        where = "backend=" if backend is not None else ("use_backend" if _STACK else "PYLLM_BACKEND")
+        fn = _ROUTES[key] = _resolve(op, tensor, name, where)
+    return fn
+
+
+def _resolve(op: str, tensor: torch.Tensor, backend: str | None, where: str):
     device_type, dtype = tensor.device.type, tensor.dtype
-    if backend is None:
-        backend = current_backend()
-        where = "PYLLM_BACKEND" if not _STACK else "use_backend"
-    else:
-        where = "backend="
     if backend is None:
         for name in DEFAULT_ORDER.get(device_type, ("reference",)):
             impl = _IMPLS.get((op, name))
@@ -294,18 +303,3 @@ def route(op: str, tensor: torch.Tensor, backend: str | None = None):
             f"got {dtype}. Available for {device_type} {dtype} inputs: "
             f"{', '.join(_available_for(op, device_type, dtype)) or 'none'}")
     return impl[1]
-
-
-def require_kernel(qualname: str, tensor: torch.Tensor) -> None:
-    """Raises BackendError if ``qualname`` has no kernel for ``tensor``'s device.
-
-    Used by the autograd formulas: a backend may ship a forward kernel before
-    its backward one.
-    """
-    if tensor.device.type == "meta":
-        return
-    key = "CPU" if tensor.device.type == "cpu" else "CUDA"
-    if not _has_kernel(qualname, key):
-        raise BackendError(
-            f"{qualname} has no {key} kernel in this install, so this backend can't compute the "
-            f"gradient here; choose another backend for training (pyllm.backends() lists them)")

@@ -3,12 +3,20 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstddef>
+
 namespace pyllm::cpu {
 
-// at::empty, and for large outputs a request for transparent huge pages
-// before the first touch: a fresh multi-megabyte output otherwise costs one
-// page fault per 4 KiB when the kernel first writes it, which on this class
-// of machine is several times the cost of the kernel itself.
+// An uninitialised CPU tensor for a kernel's output. Outputs of 1 MiB or more
+// come from a cache of freed outputs (see output.cpp), so that a repeated op
+// reuses mapped memory instead of faulting in fresh pages: on this class of
+// machine, first-touch page faults cost several times the kernel itself.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Returns the cached memory to the system; returns the number of bytes freed.
+size_t empty_output_cache();
+
+// Bytes held by the cache (freed outputs kept for reuse).
+size_t output_cache_bytes();
 
 }  // namespace pyllm::cpu

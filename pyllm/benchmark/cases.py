@@ -77,42 +77,80 @@ def _size(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-class RmsNormBench(OpBench):
-    op = "rms_norm"
+class NormBench(OpBench):
+    """rms_norm, layer_norm and their fused-residual forms (``add_``)."""
+
     dim_names = ("rows", "hidden")
     eps = 1e-6
+
+    def __init__(self, op: str):
+        self.op = op
+        self.rms = "rms" in op
+        self.fused = op.startswith("add_")
 
     def inputs(self, case, dtype, device, gen):
         rows, hidden = case.dims
         x = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype)
+        r = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype)
         w = (torch.rand(hidden, generator=gen) + 0.5).to(device=device, dtype=dtype)
-        return x, w
+        b = torch.randn(hidden, generator=gen).to(device=device, dtype=dtype)
+        return (x, r, w, b) if self.fused else (x, w, b)
+
+    def _split(self, inputs):
+        if self.fused:
+            return inputs
+        x, w, b = inputs
+        return x, None, w, b
 
     def pyllm(self, backend):
-        return lambda x, w: pyllm.rms_norm(x, w, self.eps, backend=backend)
+        fn = getattr(pyllm, self.op)
+        eps = self.eps
+
+        def run(*inputs):
+            x, r, w, b = self._split(inputs)
+            params = (w,) if self.rms else (w, b)
+            out = fn(*((x, r) if self.fused else (x,)), *params, eps, backend=backend)
+            return out[0] if self.fused else out
+        return run
 
     def eager(self):
-        return lambda x, w: F.rms_norm(x, x.shape[-1:], w, self.eps)
+        eps = self.eps
+
+        def run(*inputs):
+            x, r, w, b = self._split(inputs)
+            total = x + r if self.fused else x
+            n = x.shape[-1:]
+            return F.rms_norm(total, n, w, eps) if self.rms else F.layer_norm(total, n, w, b, eps)
+        return run
 
     def truth(self, inputs):
-        x, w = inputs
-        return reference.rms_norm(x.double(), w.double(), self.eps)[0]
+        x, r, w, b = (t.double() if t is not None else None for t in self._split(inputs))
+        total = x + r if self.fused else x
+        if self.rms:
+            return reference.rms_norm(total, w, self.eps)[0]
+        return reference.layer_norm(total, w, b, self.eps)[0]
 
     def bytes_moved(self, case, dtype):
         rows, hidden = case.dims
-        return (2 * rows * hidden + hidden) * _size(dtype)
+        # x read, y written (+ residual read and sum written), parameters read.
+        per_row = (4 if self.fused else 2) * hidden
+        return (rows * per_row + (1 if self.rms else 2) * hidden) * _size(dtype)
 
 
-BENCHES = {b.op: b for b in (RmsNormBench(),)}
+NORM_OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
+BENCHES = {op: NormBench(op) for op in NORM_OPS}
 
-CASES = [
-    Case("rms_norm", "bert-base", "8x128 tokens", (1024, 768), quick=True),
-    Case("rms_norm", "gpt2", "prefill 512", (512, 768)),
-    Case("rms_norm", "llama-1b", "prefill 2048", (2048, 2048)),
-    Case("rms_norm", "llama-1b", "decode 1", (1, 2048), quick=True),
-    Case("rms_norm", "large", "4096 rows", (4096, 4096)),
-    Case("rms_norm", "large", "decode 1", (1, 4096)),
+_NORM_SHAPES = [
+    ("bert-base", "8x128 tokens", (1024, 768), True),
+    ("gpt2", "prefill 512", (512, 768), False),
+    ("llama-1b", "prefill 2048", (2048, 2048), False),
+    ("llama-1b", "decode 1", (1, 2048), True),
+    ("large", "4096 rows", (4096, 4096), False),
+    ("large", "decode 1", (1, 4096), False),
 ]
+
+CASES = [Case(op, model, label, dims, quick=quick and op == "rms_norm")
+         for op in NORM_OPS for model, label, dims, quick in _NORM_SHAPES]
 
 
 def select(ops=None, quick=False) -> list[Case]:

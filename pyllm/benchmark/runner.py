@@ -26,7 +26,7 @@ from pyllm import backend as backend_module
 from pyllm.accuracy import judge
 from pyllm.benchmark.cases import BENCHES, Case, select
 from pyllm.benchmark.machine import Ceilings, measure_ceilings
-from pyllm.benchmark.timing import input_copies, measure
+from pyllm.benchmark.timing import input_copies, measure_interleaved
 
 __all__ = ["run", "format_table"]
 
@@ -145,7 +145,7 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
         truth = bench.truth(first)
         eager = bench.eager()
         pytorch_answer = eager(*first)
-        case_rows = []
+        case_rows, timed = [], {}
         for name in pyllm_backends_for(case.op, device_type, backends):
             impl = f"pyllm:{name}"
             fn = bench.pyllm(name)
@@ -158,19 +158,17 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
                 case_rows.append(_row(case, dtype_name, impl, common, status="FAIL",
                                       note=verdict.reason))
                 continue
-            t = measure(fn, sets, device=device, min_time=min_time)
-            case_rows.append(_row(case, dtype_name, impl, common, error=verdict.error,
-                                  error_bound=verdict.bound,
-                                  **_timed_fields(t, case, dtype_name, ceilings)))
-        t = measure(eager, sets, device=device, min_time=min_time)
-        case_rows.append(_row(case, dtype_name, "torch:eager", common,
-                              **_timed_fields(t, case, dtype_name, ceilings)))
+            timed[impl] = (fn, {"error": verdict.error, "error_bound": verdict.bound})
+        timed["torch:eager"] = (eager, {})
         torch._dynamo.reset()
         compiled = torch.compile(eager, dynamic=False, fullgraph=True)
         compiled(*first)  # compile outside the timing
-        t = measure(compiled, sets, device=device, min_time=min_time)
-        case_rows.append(_row(case, dtype_name, "torch:compile", common,
-                              **_timed_fields(t, case, dtype_name, ceilings)))
+        timed["torch:compile"] = (compiled, {})
+        timings = measure_interleaved({k: fn for k, (fn, _) in timed.items()}, sets,
+                                      device=device, min_time=min_time)
+        for impl, (_, extra) in timed.items():
+            case_rows.append(_row(case, dtype_name, impl, common, **extra,
+                                  **_timed_fields(timings[impl], case, dtype_name, ceilings)))
         baseline = {r["implementation"]: r["median_ms"] for r in case_rows if r["status"] == "ok"}
         for r in case_rows:
             if r["status"] == "ok" and r["implementation"].startswith("pyllm:"):

@@ -3,7 +3,7 @@ registrations of ``pyllm::layer_norm``, ``pyllm::add_layer_norm`` and
 ``pyllm::layer_norm_backward``.
 
 The op's stations: schema ``csrc/ops.cpp``; validation
-(``pyllm/ops/norm_args.py``), fake kernels and autograd here; route
+(``pyllm/ops/norm_args.py``), fake kernels here, autograd ``csrc/autograd/norms.cpp``; route
 ``pyllm/backend.py``; kernels ``csrc/cpu/norms.cpp``; truth
 ``pyllm.reference.layer_norm``; tests ``tests/test_norms.py``.
 """
@@ -94,57 +94,7 @@ def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, grad_sum, output_ma
             _like(param) if output_mask[2] else None)
 
 
-# -- autograd -----------------------------------------------------------------
-
-def _setup_layer_norm(ctx, inputs, output):
-    x, weight, bias, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _setup_add_layer_norm(ctx, inputs, output):
-    _, _, weight, bias, _ = inputs
-    _, total, mean, rstd = output
-    ctx.save_for_backward(total, weight, mean, rstd)
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _make_backward(suffix: str, fused: bool):
-    name = f"layer_norm_backward{suffix}"
-
-    def grads(ctx, grad_y, grad_sum):
-        normalised, weight, mean, rstd = ctx.saved_tensors
-        _backend.require_kernel(f"pyllm::{name}", normalised)
-        needs = ctx.needs_input_grad
-        first = 2 if fused else 1  # index of weight among the inputs
-        mask = [needs[0] or (fused and needs[1]), weight is not None and needs[first],
-                ctx.bias_dtype is not None and needs[first + 1]]
-        grad_x, grad_w, grad_b = getattr(torch.ops.pyllm, name).default(
-            grad_y, normalised, mean, rstd, weight, grad_sum, mask)
-        if grad_b is not None:
-            grad_b = grad_b.to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b
-
-    if fused:
-        def backward(ctx, grad_y, grad_sum, _grad_mean, _grad_rstd):
-            grad_x, grad_w, grad_b = grads(ctx, grad_y, grad_sum)
-            return grad_x, grad_x, grad_w, grad_b, None
-    else:
-        def backward(ctx, grad_y, _grad_mean, _grad_rstd):
-            grad_x, grad_w, grad_b = grads(ctx, grad_y, None)
-            return grad_x, grad_w, grad_b, None
-    return backward
-
-
 for _suffix in ("", "_triton"):
     torch.library.register_fake(f"pyllm::layer_norm{_suffix}", _layer_norm_fake)
     torch.library.register_fake(f"pyllm::add_layer_norm{_suffix}", _add_layer_norm_fake)
     torch.library.register_fake(f"pyllm::layer_norm_backward{_suffix}", _layer_norm_backward_fake)
-    torch.library.register_autograd(f"pyllm::layer_norm{_suffix}", _make_backward(_suffix, False),
-                                    setup_context=_setup_layer_norm)
-    torch.library.register_autograd(f"pyllm::add_layer_norm{_suffix}",
-                                    _make_backward(_suffix, True),
-                                    setup_context=_setup_add_layer_norm)

@@ -2,7 +2,7 @@
 of ``pyllm::rms_norm``, ``pyllm::add_rms_norm`` and ``pyllm::rms_norm_backward``.
 
 The op's stations: schema ``csrc/ops.cpp``; validation
-(``pyllm/ops/norm_args.py``), fake kernels and autograd here; route
+(``pyllm/ops/norm_args.py``), fake kernels here, autograd ``csrc/autograd/norms.cpp``; route
 ``pyllm/backend.py``; kernels ``csrc/cpu/norms.cpp``, ``csrc/cuda/rms_norm.cpp``,
 ``kernels/rms_norm.py``; truth ``pyllm.reference.rms_norm``; tests
 ``tests/test_norms.py``.
@@ -94,51 +94,7 @@ def _rms_norm_backward_fake(grad_y, x, rstd, weight, grad_sum, output_mask):
             _like(weight) if output_mask[1] else None)
 
 
-# -- autograd -----------------------------------------------------------------
-
-def _save(ctx, normalised, weight, rstd):
-    ctx.save_for_backward(normalised, weight, rstd)
-    ctx.mark_non_differentiable(rstd)
-
-
-def _setup_rms_norm(ctx, inputs, output):
-    x, weight, _ = inputs
-    _save(ctx, x, weight, output[1])
-
-
-def _setup_add_rms_norm(ctx, inputs, output):
-    _, _, weight, _ = inputs
-    _save(ctx, output[1], weight, output[2])
-
-
-def _make_backward(suffix: str, fused: bool):
-    name = f"rms_norm_backward{suffix}"
-
-    def grads(ctx, grad_y, grad_sum):
-        normalised, weight, rstd = ctx.saved_tensors
-        _backend.require_kernel(f"pyllm::{name}", normalised)
-        needs = ctx.needs_input_grad
-        want_x = needs[0] or (fused and needs[1])
-        want_w = weight is not None and needs[2 if fused else 1]
-        return getattr(torch.ops.pyllm, name).default(grad_y, normalised, rstd, weight, grad_sum,
-                                                     [want_x, want_w])
-
-    if fused:
-        def backward(ctx, grad_y, grad_sum, _grad_rstd):
-            grad_x, grad_w = grads(ctx, grad_y, grad_sum)
-            return grad_x, grad_x, grad_w, None
-    else:
-        def backward(ctx, grad_y, _grad_rstd):
-            grad_x, grad_w = grads(ctx, grad_y, None)
-            return grad_x, grad_w, None
-    return backward
-
-
 for _suffix in ("", "_triton"):
     torch.library.register_fake(f"pyllm::rms_norm{_suffix}", _rms_norm_fake)
     torch.library.register_fake(f"pyllm::add_rms_norm{_suffix}", _add_rms_norm_fake)
     torch.library.register_fake(f"pyllm::rms_norm_backward{_suffix}", _rms_norm_backward_fake)
-    torch.library.register_autograd(f"pyllm::rms_norm{_suffix}", _make_backward(_suffix, False),
-                                    setup_context=_setup_rms_norm)
-    torch.library.register_autograd(f"pyllm::add_rms_norm{_suffix}", _make_backward(_suffix, True),
-                                    setup_context=_setup_add_rms_norm)
