@@ -56,9 +56,30 @@ TORCH_LIBRARY(pyllm, m) {
   PYLLM_DEF(m, "layer_norm_backward",
             "(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? grad_sum,"
             " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  m.set_python_module("pyllm.ops.attention");
+  // Scaled dot-product attention, FlashAttention-style. Dense: q (batch,
+  // seq_q, heads, head_dim), k/v (batch, seq_k, heads_kv, head_dim); varlen
+  // (cu_seqlens given): q (total_q, heads, head_dim), k/v (total_k, heads_kv,
+  // head_dim) with int32 cumulative lengths and the longest lengths. bias:
+  // additive, broadcastable to (batch, heads, seq_q, seq_k). causal: aligned
+  // to the bottom-right. Returns (out like q, lse float32: dense (batch,
+  // heads, seq_q), varlen (heads, total_q)); a query that sees no key gives
+  // zeros and lse = +inf.
+  PYLLM_DEF(m, "attention",
+            "(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
+            " int max_seqlen_q, int max_seqlen_k, Tensor? bias, float scale, bool causal)"
+            " -> (Tensor, Tensor)");
+  // Gradients (dq, dk, dv) of attention from its out and lse. The bias gets
+  // no gradient.
+  PYLLM_DEF(m, "attention_backward",
+            "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+            " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,"
+            " Tensor? bias, float scale, bool causal) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {
   PYLLM_ONCE_DIFFERENTIABLE(m, "rms_norm_backward");
   PYLLM_ONCE_DIFFERENTIABLE(m, "layer_norm_backward");
+  PYLLM_ONCE_DIFFERENTIABLE(m, "attention_backward");
 }

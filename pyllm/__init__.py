@@ -28,6 +28,7 @@ from pyllm import backend  # noqa: E402
 from pyllm.backend import BackendError, backends, current_backend, use_backend  # noqa: E402
 from pyllm.memory import cached_bytes, empty_cache  # noqa: E402
 import pyllm.ops  # noqa: E402,F401  (registers the fake kernels and autograd)
+from pyllm.ops.attention import attention, attention_varlen  # noqa: E402
 from pyllm.ops.layer_norm import add_layer_norm, layer_norm  # noqa: E402
 from pyllm.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 
@@ -45,6 +46,8 @@ __all__ = [
     "BackendError",
     "add_layer_norm",
     "add_rms_norm",
+    "attention",
+    "attention_varlen",
     "layer_norm",
     "backend",
     "backends",

@@ -62,13 +62,14 @@ ANY = "any device"
 _KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 _REFERENCE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
-#: The routed ops and the dtypes their kernels take. (Each op's autograd
-#: formula, in pyllm/ops/, pairs it with its backward op.)
+#: The routed ops: the dtypes their kernels take, and the function of
+#: pyllm.reference with the op's signature (default: the op's name).
 OPS = {
     "rms_norm": {"dtypes": _KERNEL_DTYPES},
     "add_rms_norm": {"dtypes": _KERNEL_DTYPES},
     "layer_norm": {"dtypes": _KERNEL_DTYPES},
     "add_layer_norm": {"dtypes": _KERNEL_DTYPES},
+    "attention": {"dtypes": _KERNEL_DTYPES, "reference": "attention_op"},
 }
 
 
@@ -171,7 +172,7 @@ def refresh() -> None:
             "cpu": (_kernel_devices(f"pyllm::{op}", ("cpu",)), native),
             "cuda": (_kernel_devices(f"pyllm::{op}", ("cuda",)), native),
             "triton": (_kernel_devices(f"pyllm::{op}_triton", ("cuda", "cpu")), triton_op),
-            "reference": ((ANY,), getattr(reference, op)),
+            "reference": ((ANY,), getattr(reference, OPS[op].get("reference", op))),
         }
         for name, (devices, fn) in candidates.items():
             kernels[(op, name)] = devices

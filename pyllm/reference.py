@@ -31,6 +31,7 @@ __all__ = [
     "swiglu",
     "attention",
     "attention_varlen",
+    "attention_op",
 ]
 
 
@@ -258,3 +259,13 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out[cq[i]:cq[i + 1]] = o.transpose(0, 1)
         lse[:, cq[i]:cq[i + 1]] = l
     return out.to(q.dtype), _stat(lse, q.dtype)
+
+
+def attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
+                 causal):
+    """:func:`attention` or :func:`attention_varlen` with the arguments of the
+    ``pyllm::attention`` op (the reference backend's implementation of it)."""
+    if cu_seqlens_q is None:
+        return attention(q, k, v, causal=causal, scale=scale, bias=bias)
+    return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                            bias=bias)

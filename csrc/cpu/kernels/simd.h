@@ -8,7 +8,8 @@
 //   load/store   from/to float, bf16 and f16 memory, converting to/from float
 //                (bf16 stores round to nearest even; NaN stays NaN), with
 //                `count` variants for the tail of a row (count < kLanes);
-//   arithmetic   add, sub, mul, fma (a*b+c), fnma (c-a*b), max, set1, zero;
+//   arithmetic   add, sub, mul, fma (a*b+c), fnma (c-a*b), max, set1, zero,
+//                exp2 (2^x; exactly 0 for very negative x and -inf);
 //   reductions   reduce_add, reduce_max.
 // Everything has internal linkage, so the ISA variants never clash.
 #pragma once
@@ -29,6 +30,15 @@
 
 namespace pyllm::cpu::PYLLM_ISA::simd {
 
+// Taylor coefficients of 2^f = e^(f ln 2): (ln 2)^k / k!.
+constexpr float exp2_c1 = 0.6931471805599453f;
+constexpr float exp2_c2 = 0.2402265069591007f;
+constexpr float exp2_c3 = 0.05550410866482158f;
+constexpr float exp2_c4 = 0.009618129107628477f;
+constexpr float exp2_c5 = 0.0013333558146428443f;
+constexpr float exp2_c6 = 0.00015403530393381606f;
+constexpr float exp2_c7 = 1.525273380405984e-05f;
+
 #if defined(__AVX512F__)
 
 constexpr int kLanes = 16;
@@ -44,6 +54,24 @@ static inline V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
 static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
 static inline float reduce_add(V a) { return _mm512_reduce_add_ps(a); }
 static inline float reduce_max(V a) { return _mm512_reduce_max_ps(a); }
+
+// 2^x: x = n + f with n = round(x), |f| <= 1/2, 2^f by its degree-7 Taylor
+// polynomial (truncation error 5e-9), 2^n by scalef. Inputs below -200
+// (and -inf) give exactly 0.
+static inline V exp2(V x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V f = _mm512_sub_ps(x, n);
+  V p = _mm512_set1_ps(exp2_c7);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c5));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
 
 static inline __mmask16 tail_mask(int count) {
   return static_cast<__mmask16>((1u << count) - 1u);
@@ -121,6 +149,24 @@ static inline float reduce_max(V a) {
   return _mm_cvtss_f32(s);
 }
 
+// 2^x as on AVX-512, with 2^n built in the exponent bits; x is clamped to
+// [-127, 127], and n = -127 makes exactly 0.
+static inline V exp2(V x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+  const V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V f = _mm256_sub_ps(x, n);
+  V p = _mm256_set1_ps(exp2_c7);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c6));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c5));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
 static inline V load(const float* p) { return _mm256_loadu_ps(p); }
 static inline V load(const bf16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -178,6 +224,11 @@ static inline V fma(V a, V b, V c) {
 static inline V fnma(V a, V b, V c) {
   V r;
   for (int i = 0; i < 8; ++i) r.v[i] = std::fma(-a.v[i], b.v[i], c.v[i]);
+  return r;
+}
+static inline V exp2(V x) {
+  V r;
+  for (int i = 0; i < 8; ++i) r.v[i] = std::exp2(x.v[i]);
   return r;
 }
 static inline float reduce_add(V a) {

@@ -1,0 +1,91 @@
+// Autograd of pyllm::attention and pyllm::attention_triton: the forward saves
+// q, k, v, out and lse; the backward calls pyllm::attention_backward[_triton].
+// The bias is a constant: asking for its gradient is an error (raised by the
+// Python face before the forward; the formula here returns none).
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "op_handle.h"
+
+namespace pyllm::autograd {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using AttentionSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                const optional<Tensor>&, const optional<Tensor>&,
+                                                int64_t, int64_t, const optional<Tensor>&, double,
+                                                bool);
+using AttentionBackwardSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const optional<Tensor>&, const optional<Tensor>&, int64_t, int64_t, const optional<Tensor>&,
+    double, bool);
+
+template <bool kTriton>
+std::string name(const char* op) {
+  return std::string("pyllm::") + op + (kTriton ? "_triton" : "");
+}
+
+optional<Tensor> absent_if_undefined(const Tensor& t) {
+  return t.defined() ? optional<Tensor>(t) : c10::nullopt;
+}
+
+template <bool kTriton>
+struct Attention : torch::autograd::Function<Attention<kTriton>> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k,
+                               const Tensor& v, const optional<Tensor>& cu_q,
+                               const optional<Tensor>& cu_k, int64_t max_q, int64_t max_k,
+                               const optional<Tensor>& bias, double scale, bool causal) {
+    static const auto op = typed_op<AttentionSig>(name<kTriton>("attention"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal);
+    ctx->save_for_backward({q, k, v, out, lse, cu_q.value_or(Tensor()), cu_k.value_or(Tensor()),
+                            bias.value_or(Tensor())});
+    ctx->saved_data["max_q"] = max_q;
+    ctx->saved_data["max_k"] = max_k;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["causal"] = causal;
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = typed_op<AttentionBackwardSig>(name<kTriton>("attention_backward"));
+    const variable_list s = ctx->get_saved_variables();
+    require_kernel(op, s[0]);
+    auto [dq, dk, dv] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], absent_if_undefined(s[5]),
+                                absent_if_undefined(s[6]), ctx->saved_data["max_q"].toInt(),
+                                ctx->saved_data["max_k"].toInt(), absent_if_undefined(s[7]),
+                                ctx->saved_data["scale"].toDouble(),
+                                ctx->saved_data["causal"].toBool());
+    return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+template <bool kTriton>
+std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
+                                     int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
+                                     double scale, bool causal) {
+  if (!at::GradMode::is_enabled() ||
+      !(q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+    static const auto op = typed_op<AttentionSig>(name<kTriton>("attention"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal);
+  }
+  auto out = Attention<kTriton>::apply(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {
+  m.impl("attention", &attention<false>);
+  m.impl("attention_triton", &attention<true>);
+}
+
+}  // namespace pyllm::autograd

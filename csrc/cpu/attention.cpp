@@ -1,0 +1,340 @@
+// pyllm::attention and pyllm::attention_backward for CPU tensors.
+//
+// Dense inputs are (batch, seq, heads, head_dim); variable-length inputs are
+// (total_tokens, heads, head_dim) with int32 cumulative sequence lengths. The
+// work is cut into independent tasks (query blocks for the forward and dQ,
+// key blocks for dK/dV, key slices for decode) run with at::parallel_for; the
+// kernels are in kernels/attention_kernel.h.
+//
+// The user-facing argument checks live in pyllm/ops/attention.py and run for
+// every backend; the checks here only guard the memory the kernels touch.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "isa.h"
+#include "kernels/attention.h"
+#include "output.h"
+#include "tensor_types.h"
+
+namespace pyllm::cpu {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr int64_t kMaxHeadDim = 256;
+// Queries per sequence up to which the decode path (split keys) is taken.
+constexpr int64_t kDecodeMaxQueries = 8;
+// Keys per decode slice, at least.
+constexpr int64_t kDecodeMinSlice = 256;
+
+Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+TokenLayout layout(const Tensor& t, bool varlen) {
+  return {t.data_ptr(), varlen ? 0 : t.stride(0), t.stride(varlen ? 0 : 1),
+          t.stride(varlen ? 1 : 2)};
+}
+
+struct Prepared {
+  AttentionGeometry g;
+  Tensor q, k, v, bias, cu_q, cu_k;
+  bool varlen;
+};
+
+Prepared prepare(const char* op, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                 const optional<Tensor>& cu_q_in, const optional<Tensor>& cu_k_in,
+                 int64_t max_q, int64_t max_k, const optional<Tensor>& bias_in, double scale,
+                 bool causal) {
+  const bool varlen = cu_q_in.has_value();
+  TORCH_CHECK_VALUE(varlen == cu_k_in.has_value(), "pyllm::", op,
+                    ": give both cu_seqlens_q and cu_seqlens_k, or neither");
+  const int64_t dims = varlen ? 3 : 4;
+  for (const Tensor* t : {&q_in, &k_in, &v_in}) {
+    TORCH_CHECK_VALUE(t->dim() == dims && t->device().is_cpu(), "pyllm::", op,
+                      " (CPU kernel): q, k, v must be ", dims, "-D CPU tensors");
+    TORCH_CHECK_TYPE(t->scalar_type() == q_in.scalar_type(), "pyllm::", op,
+                     ": q, k, v must have one dtype");
+  }
+  kernel_dtype(q_in, "q");
+  Prepared p;
+  p.varlen = varlen;
+  p.q = last_dim_contiguous(q_in);
+  p.k = last_dim_contiguous(k_in);
+  p.v = last_dim_contiguous(v_in);
+  AttentionGeometry& g = p.g;
+  g.head_dim = q_in.size(-1);
+  g.heads = q_in.size(-2);
+  g.heads_kv = k_in.size(-2);
+  TORCH_CHECK_VALUE(g.head_dim >= 1 && g.head_dim <= kMaxHeadDim && k_in.size(-1) == g.head_dim &&
+                        v_in.size(-1) == g.head_dim,
+                    "pyllm::", op, ": q, k, v must share a head_dim of at most ", kMaxHeadDim);
+  TORCH_CHECK_VALUE(g.heads_kv >= 1 && v_in.size(-2) == g.heads_kv && g.heads % g.heads_kv == 0,
+                    "pyllm::", op, ": k and v heads must divide q heads");
+  TORCH_CHECK_VALUE(k_in.sizes() == v_in.sizes(), "pyllm::", op, ": k and v must have one shape");
+  g.scale = static_cast<float>(scale);
+  g.causal = causal;
+  g.cu_q = g.cu_k = nullptr;
+  if (varlen) {
+    p.cu_q = cu_q_in->contiguous();
+    p.cu_k = cu_k_in->contiguous();
+    for (const Tensor* cu : {&p.cu_q, &p.cu_k}) {
+      TORCH_CHECK_VALUE(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->numel() >= 1 &&
+                            cu->device().is_cpu() && cu->numel() == p.cu_q.numel(),
+                        "pyllm::", op, ": cu_seqlens must be 1-D int32 CPU tensors of batch + 1");
+    }
+    g.batch = p.cu_q.numel() - 1;
+    g.cu_q = p.cu_q.data_ptr<int32_t>();
+    g.cu_k = p.cu_k.data_ptr<int32_t>();
+    int64_t longest_q = 0, longest_k = 0;
+    for (int64_t s = 0; s < g.batch; ++s) {
+      TORCH_CHECK_VALUE(g.cu_q[s + 1] >= g.cu_q[s] && g.cu_k[s + 1] >= g.cu_k[s], "pyllm::", op,
+                        ": cu_seqlens must not decrease");
+      longest_q = std::max<int64_t>(longest_q, g.cu_q[s + 1] - g.cu_q[s]);
+      longest_k = std::max<int64_t>(longest_k, g.cu_k[s + 1] - g.cu_k[s]);
+    }
+    TORCH_CHECK_VALUE(g.cu_q[0] == 0 && g.cu_k[0] == 0 && g.cu_q[g.batch] == q_in.size(0) &&
+                          g.cu_k[g.batch] == k_in.size(0),
+                      "pyllm::", op, ": cu_seqlens must run from 0 to the number of tokens");
+    TORCH_CHECK_VALUE(max_q >= longest_q && max_k >= longest_k, "pyllm::", op,
+                      ": max_seqlen_q/k must be at least the longest sequence");
+    g.seq_q = max_q;
+    g.seq_k = max_k;
+  } else {
+    g.batch = q_in.size(0);
+    g.seq_q = q_in.size(1);
+    g.seq_k = k_in.size(1);
+    TORCH_CHECK_VALUE(k_in.size(0) == g.batch, "pyllm::", op, ": q and k batch sizes differ");
+  }
+  if (bias_in.has_value()) {
+    TORCH_CHECK_TYPE(bias_in->scalar_type() == q_in.scalar_type() ||
+                         bias_in->scalar_type() == at::kFloat,
+                     "pyllm::", op, ": bias must be ", q_in.scalar_type(), " or float32");
+    TORCH_CHECK_VALUE(bias_in->dim() <= 4 && bias_in->device().is_cpu(), "pyllm::", op,
+                      ": bias must broadcast to (batch, heads, seq_q, seq_k)");
+    p.bias = bias_in->expand({g.batch, g.heads, g.seq_q, g.seq_k});
+  }
+  return p;
+}
+
+BiasLayout bias_layout(const Tensor& bias) {
+  if (!bias.defined()) return {nullptr, 0, 0, 0, 0, DType::f32};
+  return {bias.data_ptr(), bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3),
+          kernel_dtype(bias, "bias")};
+}
+
+LseLayout lse_layout(const Tensor& lse, const AttentionGeometry& g, bool varlen) {
+  return {lse.data_ptr<float>(), varlen ? 0 : g.heads * g.seq_q, lse.size(-1)};
+}
+
+Tensor new_lse(const Prepared& p, const Tensor& q) {
+  const auto options = q.options().dtype(at::kFloat);
+  if (p.varlen) return at::empty({p.g.heads, q.size(0)}, options);
+  return at::empty({p.g.batch, p.g.heads, p.g.seq_q}, options);
+}
+
+// Tasks: for each sequence, `per_seq` units (heads) times the blocks of
+// `block` that its length (from `length`) needs. Runs fn(s, unit, begin, end)
+// for each, in parallel.
+template <typename Length, typename Fn>
+void for_each_block(const AttentionGeometry& g, int64_t per_seq, int64_t block, Length length,
+                    Fn fn) {
+  std::vector<int64_t> first(g.batch + 1, 0);  // first task of each sequence
+  for (int64_t s = 0; s < g.batch; ++s) {
+    const int64_t blocks = (length(s) + block - 1) / block;
+    first[s + 1] = first[s] + per_seq * blocks;
+  }
+  at::parallel_for(0, first[g.batch], 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+      const int64_t blocks = (length(s) + block - 1) / block;
+      const int64_t local = t - first[s];
+      const int64_t unit = local / blocks, b = local % blocks;
+      fn(s, unit, b * block, std::min(length(s), (b + 1) * block));
+    }
+  });
+}
+
+AttentionForwardFn forward_kernel() {
+  return pick_isa<AttentionForwardFn>(generic::attention_forward, avx2::attention_forward,
+                                      avx512::attention_forward, avx512_bf16::attention_forward);
+}
+
+AttentionDecodeFn decode_kernel() {
+  return pick_isa<AttentionDecodeFn>(generic::attention_decode, avx2::attention_decode,
+                                     avx512::attention_decode, avx512_bf16::attention_decode);
+}
+
+template <typename T>
+void store_typed(const float* src, int64_t n, void* dst) {
+  T* out = static_cast<T*>(dst);
+  for (int64_t i = 0; i < n; ++i) out[i] = from_f32<T>(src[i]);
+}
+
+void store_row(DType type, const float* src, int64_t n, void* dst) {
+  switch (type) {
+    case DType::f32: return store_typed<float>(src, n, dst);
+    case DType::bf16: return store_typed<bf16>(src, n, dst);
+    case DType::f16: return store_typed<f16>(src, n, dst);
+  }
+}
+
+// The decode path: each (sequence, kv head) is split into key slices run in
+// parallel, whose unnormalised (o, m, l) are combined per row afterwards.
+void decode(const AttentionForward& a, const Tensor& q) {
+  (void)q;
+  const AttentionGeometry& g = a.g;
+  const int64_t group = g.heads / g.heads_kv, D = g.head_dim;
+  const int64_t rows = group * g.seq_q;  // rows of a (sequence, kv head), at most
+  const int64_t units = g.batch * g.heads_kv;
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = std::max<int64_t>(1, (4 * threads + units - 1) / units);
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, g.seq_k / kDecodeMinSlice));
+  std::vector<float> partial(static_cast<size_t>(units * splits * rows * (D + 2)));
+  const AttentionDecodeFn kernel = decode_kernel();
+  at::parallel_for(0, units * splits, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t unit = t / splits, split = t % splits;
+      const int64_t s = unit / g.heads_kv, hk = unit % g.heads_kv;
+      const int64_t lk = g.len_k(s);
+      const int64_t per = (lk + splits - 1) / splits;
+      const int64_t k_begin = std::min(lk, split * per), k_end = std::min(lk, k_begin + per);
+      kernel(a, s, hk, k_begin, k_end, partial.data() + t * rows * (D + 2));
+    }
+  });
+  // Combine the slices of each row: m = max m_i, l = sum l_i 2^(m_i - m),
+  // o = sum o_i 2^(m_i - m) / l.
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const size_t element = q.element_size();
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> acc(D);
+    for (int64_t unit = u0; unit < u1; ++unit) {
+      const int64_t s = unit / g.heads_kv, hk = unit % g.heads_kv, lq = g.len_q(s);
+      for (int64_t r = 0; r < group * lq; ++r) {
+        const int64_t h = hk * group + r / lq, i = r % lq;
+        float m = -kInf;
+        for (int64_t split = 0; split < splits; ++split) {
+          const float* p = partial.data() + ((unit * splits + split) * rows + r) * (D + 2);
+          if (p[D + 1] > 0.f) m = std::max(m, p[D]);
+        }
+        float l = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t split = 0; split < splits && m != -kInf; ++split) {
+          const float* p = partial.data() + ((unit * splits + split) * rows + r) * (D + 2);
+          if (!(p[D + 1] > 0.f)) continue;
+          const float w = std::exp2(p[D] - m);
+          l += p[D + 1] * w;
+          for (int64_t d = 0; d < D; ++d) acc[d] += p[d] * w;
+        }
+        const int64_t token = g.first_q(s) + i;
+        char* out = static_cast<char*>(a.out.data) +
+                    (s * a.out.batch_stride + token * a.out.token_stride + h * a.out.head_stride) *
+                        element;
+        float* lse = a.lse.data + s * a.lse.batch_stride + h * a.lse.head_stride + token;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+        store_row(a.type, acc.data(), D, out);
+        *lse = l > 0.f ? (m + std::log2(l)) * 0.6931471805599453f : kInf;
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                     const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
+                                     int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
+                                     double scale, bool causal) {
+  Prepared p = prepare("attention", q_in, k_in, v_in, cu_q, cu_k, max_q, max_k, bias, scale,
+                       causal);
+  const AttentionGeometry& g = p.g;
+  Tensor out = empty_output(p.q.sizes(), p.q.options());
+  Tensor lse = new_lse(p, p.q);
+  AttentionForward a{g,
+                     layout(p.q, p.varlen),
+                     layout(p.k, p.varlen),
+                     layout(p.v, p.varlen),
+                     layout(out, p.varlen),
+                     bias_layout(p.bias),
+                     lse_layout(lse, g, p.varlen),
+                     kernel_dtype(p.q, "q")};
+  if (g.batch == 0 || g.heads == 0) return {out, lse};
+  if (g.seq_q <= kDecodeMaxQueries) {
+    decode(a, p.q);
+    return {out, lse};
+  }
+  const AttentionForwardFn kernel = forward_kernel();
+  for_each_block(g, g.heads, kAttentionBlockQ, [&](int64_t s) { return g.len_q(s); },
+                 [&](int64_t s, int64_t h, int64_t b, int64_t e) { kernel(a, s, h, b, e); });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward(
+    const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+    const Tensor& out_in, const Tensor& lse_in, const optional<Tensor>& cu_q,
+    const optional<Tensor>& cu_k, int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
+    double scale, bool causal) {
+  Prepared p = prepare("attention_backward", q_in, k_in, v_in, cu_q, cu_k, max_q, max_k, bias,
+                       scale, causal);
+  const AttentionGeometry& g = p.g;
+  for (const Tensor* t : {&grad_out_in, &out_in}) {
+    TORCH_CHECK_VALUE(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() &&
+                          t->device().is_cpu(),
+                      "pyllm::attention_backward: grad_out and out must match q");
+  }
+  const Tensor expected_lse = new_lse(p, p.q);
+  TORCH_CHECK_VALUE(lse_in.sizes() == expected_lse.sizes() && lse_in.scalar_type() == at::kFloat,
+                    "pyllm::attention_backward: lse must be float32 of shape ",
+                    expected_lse.sizes());
+  const Tensor grad_out = last_dim_contiguous(grad_out_in);
+  const Tensor out = last_dim_contiguous(out_in);
+  const Tensor lse = lse_in.contiguous();
+  // delta = rowsum(grad_out * out), laid out like lse.
+  Tensor delta = at::sum(at::mul(grad_out.to(at::kFloat), out.to(at::kFloat)), {-1});
+  delta = (p.varlen ? delta.t() : delta.permute({0, 2, 1})).contiguous();
+  Tensor grad_q = empty_output(p.q.sizes(), p.q.options());
+  Tensor grad_k = empty_output(p.k.sizes(), p.k.options());
+  Tensor grad_v = empty_output(p.v.sizes(), p.v.options());
+  if (g.batch == 0 || g.heads == 0) return {grad_q, grad_k, grad_v};
+  AttentionBackward a{g,
+                      layout(p.q, p.varlen),
+                      layout(p.k, p.varlen),
+                      layout(p.v, p.varlen),
+                      layout(out, p.varlen),
+                      layout(grad_out, p.varlen),
+                      layout(grad_q, p.varlen),
+                      layout(grad_k, p.varlen),
+                      layout(grad_v, p.varlen),
+                      bias_layout(p.bias),
+                      lse_layout(lse, g, p.varlen),
+                      delta.data_ptr<float>(),
+                      kernel_dtype(p.q, "q")};
+  const auto kv_kernel = pick_isa<AttentionBackwardKvFn>(
+      generic::attention_backward_kv, avx2::attention_backward_kv, avx512::attention_backward_kv,
+      avx512_bf16::attention_backward_kv);
+  const auto q_kernel = pick_isa<AttentionBackwardQFn>(
+      generic::attention_backward_q, avx2::attention_backward_q, avx512::attention_backward_q,
+      avx512_bf16::attention_backward_q);
+  for_each_block(g, g.heads_kv, kAttentionBlockK, [&](int64_t s) { return g.len_k(s); },
+                 [&](int64_t s, int64_t hk, int64_t b, int64_t e) { kv_kernel(a, s, hk, b, e); });
+  for_each_block(g, g.heads, kAttentionBlockQ, [&](int64_t s) { return g.len_q(s); },
+                 [&](int64_t s, int64_t h, int64_t b, int64_t e) { q_kernel(a, s, h, b, e); });
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
+  m.impl("attention", &attention);
+  m.impl("attention_backward", &attention_backward);
+}
+
+}  // namespace pyllm::cpu

@@ -1,0 +1,3 @@
+// Attention kernels built with the avx512 + avx512bf16 flags (see setup.py).
+#define PYLLM_ISA avx512_bf16
+#include "attention_kernel.h"

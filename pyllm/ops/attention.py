@@ -1,0 +1,210 @@
+"""Attention: :func:`attention`, :func:`attention_varlen` and the Python
+registrations (fake kernels) of ``pyllm::attention`` and
+``pyllm::attention_backward``.
+
+The op's stations: schema ``csrc/ops.cpp``; validation and fake kernels here;
+autograd ``csrc/autograd/attention.cpp``; route ``pyllm/backend.py``; kernels
+``csrc/cpu/attention.cpp``; truth ``pyllm.reference.attention``; tests
+``tests/test_attention.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pyllm import backend as _backend
+from pyllm.checks import INT32_MAX, check_float, check_tensor
+
+__all__ = ["attention", "attention_varlen", "MAX_HEAD_DIM"]
+
+#: The largest head dimension the kernels take.
+MAX_HEAD_DIM = 256
+
+
+def _check_qkv(op, q, k, v, dim):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t, dim=dim)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
+    d = q.shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"{op}: q, k and v must share head_dim {d}, got k {k.shape[-1]} and "
+                         f"v {v.shape[-1]}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have one shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    heads, heads_kv = q.shape[-2], k.shape[-2]
+    if heads_kv == 0 or heads % heads_kv != 0:
+        raise ValueError(f"{op}: the heads of k and v ({heads_kv}) must divide the heads of q "
+                         f"({heads}) (grouped-query attention)")
+
+
+def _check_scale(op, scale, head_dim) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    return check_float(op, "scale", scale)
+
+
+def _check_bias(op, bias, q, full_shape):
+    """An additive float bias, or a bool mask (True = attend), broadcastable to
+    (batch, heads, seq_q, seq_k); returns the additive bias."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a tensor, got {type(bias).__name__}")
+    if bias.device != q.device:
+        raise ValueError(f"{op}: bias must be on q's device {q.device}, got {bias.device}")
+    if bias.dtype == torch.bool:
+        bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device).masked_fill_(
+            ~bias, float("-inf"))
+    elif bias.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"{op}: bias must be {q.dtype}, float32 or bool, got {bias.dtype}")
+    if bias.dim() > 4:
+        raise ValueError(f"{op}: bias must broadcast to (batch, heads, seq_q, seq_k) = "
+                         f"{full_shape}, got shape {tuple(bias.shape)}")
+    try:
+        broadcast = torch.broadcast_shapes(bias.shape, full_shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != torch.Size(full_shape):
+        raise ValueError(f"{op}: bias must broadcast to (batch, heads, seq_q, seq_k) = "
+                         f"{full_shape}, got shape {tuple(bias.shape)}")
+    if bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: bias gets no gradient from the attention kernels; pass "
+                         f"bias.detach()")
+    return bias
+
+
+def _check_index_range(op, what, tokens, heads, head_dim):
+    if tokens * heads * head_dim > INT32_MAX:
+        raise ValueError(f"{op}: {what} has {tokens} x {heads} x {head_dim} elements per "
+                         f"sequence, more than the 2**31 - 1 that the kernels' 32-bit indexing "
+                         f"allows")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None, bias: torch.Tensor | None = None,
+              return_lse: bool = False, backend: str | None = None):
+    """Scaled dot-product attention, FlashAttention-style (no seq_q x seq_k matrix).
+
+    ``softmax(q k^T * scale + bias) v`` per head, over every key, or over
+    keys ``j <= i + seq_k - seq_q`` for query ``i`` when causal (aligned to the
+    bottom-right, as flash-attn: with a KV cache the last query sees every key).
+
+    Args:
+        q: ``(batch, seq_q, heads, head_dim)``, float16, bfloat16 or float32
+            (float64 on the reference backend); head_dim at most 256.
+        k, v: ``(batch, seq_k, heads_kv, head_dim)``, q's dtype; ``heads_kv``
+            divides ``heads`` (grouped-query / multi-query attention, k and v
+            not repeated in memory). Any strides with a contiguous head_dim
+            (e.g. a slice of a larger KV cache).
+        causal: mask the future (bottom-right aligned).
+        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        bias: additive float (q's dtype or float32, ``-inf`` masks) or bool
+            (True = attend) mask, broadcastable to ``(batch, heads, seq_q,
+            seq_k)``; it gets no gradient.
+        return_lse: also return the log-sum-exp of the scaled scores.
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``out``: ``(batch, seq_q, heads, head_dim)``, q's dtype; with
+        ``return_lse``, ``(out, lse)`` with ``lse`` ``(batch, heads, seq_q)``
+        float32. A query that sees no key (all masked) gives zeros and
+        ``lse = +inf``. Differentiable in q, k and v.
+    """
+    op = "pyllm.attention"
+    _check_qkv(op, q, k, v, 4)
+    batch, seq_q, heads, head_dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"{op}: q and k must have one batch size, got {batch} and {k.shape[0]}")
+    seq_k = k.shape[1]
+    _check_index_range(op, "q", seq_q, heads, head_dim)
+    _check_index_range(op, "k", seq_k, k.shape[2], head_dim)
+    scale = _check_scale(op, scale, head_dim)
+    bias = _check_bias(op, bias, q, (batch, heads, seq_q, seq_k))
+    fn = _backend.route("attention", q, backend)
+    out, lse = fn(q, k, v, None, None, seq_q, seq_k, bias, scale, bool(causal))
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *,
+                     causal: bool = False, scale: float | None = None,
+                     bias: torch.Tensor | None = None, return_lse: bool = False,
+                     backend: str | None = None):
+    """Attention over a batch of sequences of different lengths, packed without padding
+    (as ``flash_attn_varlen_func``).
+
+    Args:
+        q: ``(total_q, heads, head_dim)``; k, v: ``(total_k, heads_kv, head_dim)``.
+        cu_seqlens_q, cu_seqlens_k: ``(batch + 1,)`` int32 on q's device,
+            cumulative lengths from 0: sequence ``i`` is rows ``cu[i]:cu[i+1]``.
+            A sequence may be empty.
+        max_seqlen_q, max_seqlen_k: the longest lengths (computed when None).
+        causal, scale, return_lse, backend: as :func:`attention`, per sequence.
+        bias: broadcastable to ``(batch, heads, max_seqlen_q, max_seqlen_k)``;
+            sequence ``i`` uses its top-left ``(len_q_i, len_k_i)`` corner.
+
+    Returns:
+        ``out`` ``(total_q, heads, head_dim)``; with ``return_lse``, ``(out,
+        lse)`` with ``lse`` ``(heads, total_q)`` float32.
+    """
+    op = "pyllm.attention_varlen"
+    _check_qkv(op, q, k, v, 3)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(op, name, cu, dtypes=(torch.int32,), dim=1)
+        if cu.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {cu.device}")
+        if cu.shape[0] < 1:
+            raise ValueError(f"{op}: {name} must hold batch + 1 >= 1 values")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), "
+                         f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    lengths_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    if max_seqlen_q is None:
+        max_seqlen_q = int(lengths_q.max()) if lengths_q.numel() else 0
+    if max_seqlen_k is None:
+        max_seqlen_k = int(lengths_k.max()) if lengths_k.numel() else 0
+    batch, heads, head_dim = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2]
+    _check_index_range(op, "q", max_seqlen_q, heads, head_dim)
+    _check_index_range(op, "k", max_seqlen_k, k.shape[1], head_dim)
+    scale = _check_scale(op, scale, head_dim)
+    bias = _check_bias(op, bias, q, (batch, heads, max_seqlen_q, max_seqlen_k))
+    fn = _backend.route("attention", q, backend)
+    out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bias,
+                  scale, bool(causal))
+    return (out, lse) if return_lse else out
+
+
+# -- fake kernels -------------------------------------------------------------
+
+def _lse_shape(q, cu_seqlens_q):
+    if cu_seqlens_q is not None:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
+                    causal):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, bias, scale, causal):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+for _suffix in ("", "_triton"):
+    torch.library.register_fake(f"pyllm::attention{_suffix}", _attention_fake)
+    torch.library.register_fake(f"pyllm::attention_backward{_suffix}", _attention_backward_fake)
