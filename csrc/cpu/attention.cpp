@@ -243,7 +243,10 @@ void decode(const AttentionForward& a, const Tensor& q) {
         const float inv = l > 0.f ? 1.f / l : 0.f;
         for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
         store_row(a.type, acc.data(), D, out);
-        *lse = l > 0.f ? (m + std::log2(l)) * 0.6931471805599453f : kInf;
+        // Rounded once (see natural_lse in the kernels).
+        *lse = l > 0.f ? static_cast<float>((static_cast<double>(m) + std::log2(static_cast<double>(l))) *
+                                            0.6931471805599453)
+                       : kInf;
       }
     }
   });

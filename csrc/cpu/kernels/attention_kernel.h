@@ -71,14 +71,16 @@ int64_t* row_index(Workspace& w, int64_t rows) {
 
 // -- fp32 matrix products --------------------------------------------------------
 
-// C[R][kTileCols] (+)= A[R][K] . B[K][kTileCols]  (A rows lda apart, B rows ldb apart)
+// C[R][kTileCols] (+)= A[R][K] . B[K][kTileCols]  (A rows lda apart, B rows ldb apart).
+// When accumulating, the product is summed from zero and added to C at the
+// end: a block's sum plus the running total rounds less than adding every
+// term to the running total (gradients sum hundreds of blocks).
 template <int R, bool kAccumulate>
 inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, float* c,
                  int64_t ldc) {
   V acc[R][kTileVecs];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kTileVecs; ++j)
-      acc[r][j] = kAccumulate ? load(c + r * ldc + j * kLanes) : zero();
+    for (int j = 0; j < kTileVecs; ++j) acc[r][j] = zero();
   for (int64_t k = 0; k < K; ++k) {
     V bv[kTileVecs];
     for (int j = 0; j < kTileVecs; ++j) bv[j] = load(b + k * ldb + j * kLanes);
@@ -88,7 +90,10 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kTileVecs; ++j) store(c + r * ldc + j * kLanes, acc[r][j]);
+    for (int j = 0; j < kTileVecs; ++j) {
+      float* out = c + r * ldc + j * kLanes;
+      store(out, kAccumulate ? add(load(out), acc[r][j]) : acc[r][j]);
+    }
 }
 
 // C[M][N] (+)= A[M][K] . B[K][N]; N is a multiple of kTileCols.
@@ -169,12 +174,13 @@ void pack_rows(const TokenLayout& t, int64_t first, int64_t s, int64_t h, int64_
 
 // -- the additive bias ------------------------------------------------------------
 
+// row[0, n) += bias * factor (factor log2(e) for scores in log2 units).
 template <typename B>
 inline void add_bias_row(const BiasLayout& bias, int64_t s, int64_t h, int64_t i, int64_t j0,
-                         int64_t n, float* row) {
+                         int64_t n, float* row, float factor) {
   const B* p = static_cast<const B*>(bias.data) + s * bias.batch_stride + h * bias.head_stride +
                i * bias.q_stride + j0 * bias.k_stride;
-  const V l2e = set1(kLog2e);
+  const V l2e = set1(factor);
   if (bias.k_stride == 1) {
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes) store(row + j, fma(load(p + j), l2e, load(row + j)));
@@ -183,18 +189,26 @@ inline void add_bias_row(const BiasLayout& bias, int64_t s, int64_t h, int64_t i
       store(row + j, fma(load(p + j, c), l2e, load(row + j, c)), c);
     }
   } else {
-    for (int64_t j = 0; j < n; ++j) row[j] += to_f32(p[j * bias.k_stride]) * kLog2e;
+    for (int64_t j = 0; j < n; ++j) row[j] += to_f32(p[j * bias.k_stride]) * factor;
   }
 }
 
 inline void add_bias(const BiasLayout& bias, int64_t s, int64_t h, int64_t i, int64_t j0, int64_t n,
-                     float* row) {
+                     float* row, float factor = kLog2e) {
   if (bias.data == nullptr || n <= 0) return;
   switch (bias.type) {
-    case DType::f32: return add_bias_row<float>(bias, s, h, i, j0, n, row);
-    case DType::bf16: return add_bias_row<bf16>(bias, s, h, i, j0, n, row);
-    case DType::f16: return add_bias_row<f16>(bias, s, h, i, j0, n, row);
+    case DType::f32: return add_bias_row<float>(bias, s, h, i, j0, n, row, factor);
+    case DType::bf16: return add_bias_row<bf16>(bias, s, h, i, j0, n, row, factor);
+    case DType::f16: return add_bias_row<f16>(bias, s, h, i, j0, n, row, factor);
   }
+}
+
+// The log-sum-exp in natural units from the row max m (log2 units) and sum l,
+// rounded once: the backward recomputes P = exp(s - lse), so every rounding
+// of lse is a relative error in every P of the row.
+inline float natural_lse(float m, float l) {
+  return static_cast<float>((static_cast<double>(m) + std::log2(static_cast<double>(l))) *
+                            0.6931471805599453);
 }
 
 // -- forward ------------------------------------------------------------------------
@@ -314,7 +328,7 @@ void forward_task(const AttentionForward& a, int64_t s, int64_t h, int64_t q_beg
       *lse = kInf;
     } else {
       store_scaled(o + r * Dp, D, 1.f / l[r], out);
-      *lse = (m[r] + std::log2(l[r])) * kLn2;
+      *lse = natural_lse(m[r], l[r]);
     }
   }
 }
@@ -378,7 +392,6 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
     load_f32(token<T>(a.k, fk, s, k_begin + j, hk), D, kb + j * D, D);
     load_f32(token<T>(a.v, fk, s, k_begin + j, hk), D, vb + j * D, D);
   }
-  const float c = g.scale * kLog2e;
   // Queries that see any of these keys: causal, t + offset >= k_begin.
   const int64_t t_first = g.causal ? imax(0, k_begin - offset) : 0;
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -403,9 +416,11 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
             dprow[i] = 0.f;
             continue;
           }
-          float sv = prow[i] * c;
-          if (a.bias.data != nullptr) add_bias(a.bias, s, h, t, k_begin + j, 1, &sv);
-          const float p = std::isinf(lse[t]) ? 0.f : std::exp2(sv - lse[t] * kLog2e);
+          // Natural units until after the subtraction of lse: both are large,
+          // their difference small, and scaling first would round both.
+          float sv = prow[i] * g.scale;
+          if (a.bias.data != nullptr) add_bias(a.bias, s, h, t, k_begin + j, 1, &sv, 1.f);
+          const float p = std::isinf(lse[t]) ? 0.f : std::exp2((sv - lse[t]) * kLog2e);
           prow[i] = p;
           dprow[i] = p * (dprow[i] - delta[t]) * g.scale;  // dS, natural units
         }
@@ -444,7 +459,6 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
   }
   const float* lse = stat_row(a.lse, g, s, h);
   const float* delta = a.delta + s * a.lse.batch_stride + h * a.lse.head_stride + fq;
-  const float c = g.scale * kLog2e;
   const int64_t k_stop = g.causal ? imax(0, imin(lk, q_end - 1 + offset + 1)) : lk;
   for (int64_t j0 = 0; j0 < k_stop; j0 += BK) {
     const int64_t bk = imin(BK, k_stop - j0);
@@ -458,11 +472,12 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
       const int64_t valid = visible(g, offset, t, j0, bk);
       float* srow = sc + i * BK;
       float* dprow = dp + i * BK;
-      const float lse2 = lse[t] * kLog2e;
-      for (int64_t j = 0; j < BK; ++j) srow[j] = j < valid ? srow[j] * c : 0.f;
-      add_bias(a.bias, s, h, t, j0, valid, srow);
+      // Natural units until after the subtraction of lse (see backward_kv_task).
+      for (int64_t j = 0; j < BK; ++j) srow[j] = j < valid ? srow[j] * g.scale : 0.f;
+      add_bias(a.bias, s, h, t, j0, valid, srow, 1.f);
       for (int64_t j = 0; j < BK; ++j) {
-        const float p = (j < valid && !std::isinf(lse[t])) ? std::exp2(srow[j] - lse2) : 0.f;
+        const float p =
+            (j < valid && !std::isinf(lse[t])) ? std::exp2((srow[j] - lse[t]) * kLog2e) : 0.f;
         dprow[j] = p * (dprow[j] - delta[t]) * g.scale;  // dS, natural units
       }
     }
