@@ -188,52 +188,50 @@ void store_row(DType type, const float* src, int64_t n, void* dst) {
   }
 }
 
-// The decode path: each (sequence, kv head) is split into key slices run in
-// parallel, whose unnormalised (o, m, l) are combined per row afterwards.
-void decode(const AttentionForward& a, const Tensor& q) {
-  (void)q;
+// The decode path: each sequence's keys are cut into slices run in parallel
+// (each slice covering every head), whose unnormalised (o, m, l) per row are
+// combined afterwards: m = max m_i, l = sum l_i 2^(m_i - m),
+// o = sum o_i 2^(m_i - m) / l.
+void decode(const AttentionForward& a) {
   const AttentionGeometry& g = a.g;
-  const int64_t group = g.heads / g.heads_kv, D = g.head_dim;
-  const int64_t rows = group * g.seq_q;  // rows of a (sequence, kv head), at most
-  const int64_t units = g.batch * g.heads_kv;
+  const int64_t D = g.head_dim;
+  const int64_t rows = g.heads * g.seq_q;  // rows of a sequence, at most
   const int64_t threads = at::get_num_threads();
-  const int64_t wanted = std::max<int64_t>(1, (4 * threads + units - 1) / units);
+  const int64_t wanted = std::max<int64_t>(1, (2 * threads + g.batch - 1) / g.batch);
   const int64_t splits = std::max<int64_t>(1, std::min(wanted, g.seq_k / kDecodeMinSlice));
-  std::vector<float> partial(static_cast<size_t>(units * splits * rows * (D + 2)));
+  std::vector<float> partial(static_cast<size_t>(g.batch * splits * rows * (D + 2)));
   const AttentionDecodeFn kernel = decode_kernel();
-  at::parallel_for(0, units * splits, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, g.batch * splits, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t unit = t / splits, split = t % splits;
-      const int64_t s = unit / g.heads_kv, hk = unit % g.heads_kv;
+      const int64_t s = t / splits, split = t % splits;
       const int64_t lk = g.len_k(s);
       const int64_t per = (lk + splits - 1) / splits;
       const int64_t k_begin = std::min(lk, split * per), k_end = std::min(lk, k_begin + per);
-      kernel(a, s, hk, k_begin, k_end, partial.data() + t * rows * (D + 2));
+      kernel(a, s, k_begin, k_end, partial.data() + t * rows * (D + 2));
     }
   });
-  // Combine the slices of each row: m = max m_i, l = sum l_i 2^(m_i - m),
-  // o = sum o_i 2^(m_i - m) / l.
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const size_t element = q.element_size();
-  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+  const int64_t element = static_cast<int64_t>(a.type == DType::f32 ? 4 : 2);
+  at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> acc(D);
     for (int64_t unit = u0; unit < u1; ++unit) {
-      const int64_t s = unit / g.heads_kv, hk = unit % g.heads_kv, lq = g.len_q(s);
-      for (int64_t r = 0; r < group * lq; ++r) {
-        const int64_t h = hk * group + r / lq, i = r % lq;
+      const int64_t s = unit / g.heads, h = unit % g.heads, lq = g.len_q(s);
+      for (int64_t i = 0; i < lq; ++i) {
+        const int64_t r = h * lq + i;
+        const auto slice = [&](int64_t split) {
+          return partial.data() + ((s * splits + split) * rows + r) * (D + 2);
+        };
         float m = -kInf;
-        for (int64_t split = 0; split < splits; ++split) {
-          const float* p = partial.data() + ((unit * splits + split) * rows + r) * (D + 2);
-          if (p[D + 1] > 0.f) m = std::max(m, p[D]);
-        }
+        for (int64_t split = 0; split < splits; ++split)
+          if (slice(split)[D + 1] > 0.f) m = std::max(m, slice(split)[D]);
         float l = 0.f;
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t split = 0; split < splits && m != -kInf; ++split) {
-          const float* p = partial.data() + ((unit * splits + split) * rows + r) * (D + 2);
+          const float* p = slice(split);
           if (!(p[D + 1] > 0.f)) continue;
-          const float w = std::exp2(p[D] - m);
-          l += p[D + 1] * w;
-          for (int64_t d = 0; d < D; ++d) acc[d] += p[d] * w;
+          const float weight = std::exp2(p[D] - m);
+          l += p[D + 1] * weight;
+          for (int64_t d = 0; d < D; ++d) acc[d] += p[d] * weight;
         }
         const int64_t token = g.first_q(s) + i;
         char* out = static_cast<char*>(a.out.data) +
@@ -244,7 +242,8 @@ void decode(const AttentionForward& a, const Tensor& q) {
         for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
         store_row(a.type, acc.data(), D, out);
         // Rounded once (see natural_lse in the kernels).
-        *lse = l > 0.f ? static_cast<float>((static_cast<double>(m) + std::log2(static_cast<double>(l))) *
+        *lse = l > 0.f ? static_cast<float>((static_cast<double>(m) +
+                                             std::log2(static_cast<double>(l))) *
                                             0.6931471805599453)
                        : kInf;
       }
@@ -271,7 +270,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
                      kernel_dtype(p.q, "q")};
   if (g.batch == 0 || g.heads == 0) return {out, lse};
   if (g.seq_q <= kDecodeMaxQueries) {
-    decode(a, p.q);
+    decode(a);
     return {out, lse};
   }
   const AttentionForwardFn kernel = forward_kernel();

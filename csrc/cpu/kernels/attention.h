@@ -79,12 +79,13 @@ struct AttentionBackward {
 using AttentionForwardFn = void (*)(const AttentionForward&, int64_t s, int64_t h, int64_t q_begin,
                                     int64_t q_end);
 
-// One task of the decode path (few queries, long keys): every query of
-// sequence s for the query heads of kv head hk, against keys
-// [k_begin, k_end). Writes the unnormalised partial result of each
-// (query head in the group, query) row: its running max m, sum l and
-// accumulator o[head_dim], at partial + row * (head_dim + 2) as o..., m, l.
-using AttentionDecodeFn = void (*)(const AttentionForward&, int64_t s, int64_t hk, int64_t k_begin,
+// One task of the decode path (few queries, long keys): every query row of
+// sequence s (each kv head's group of query heads x the queries) against keys
+// [k_begin, k_end) of every kv head, so that the task reads its keys' K and V
+// rows in memory order. Writes the unnormalised partial result of each row,
+// its accumulator o[head_dim], running max m and sum l, at
+// partial + ((hk * group + head_in_group) * len_q + query) * (head_dim + 2).
+using AttentionDecodeFn = void (*)(const AttentionForward&, int64_t s, int64_t k_begin,
                                    int64_t k_end, float* partial);
 
 // The backward in two passes so that no two tasks write one gradient:
@@ -103,8 +104,7 @@ constexpr int64_t kAttentionBlockK = 64;
 #define PYLLM_DECLARE_ATTENTION(isa)                                                       \
   namespace isa {                                                                          \
   void attention_forward(const AttentionForward&, int64_t, int64_t, int64_t, int64_t);     \
-  void attention_decode(const AttentionForward&, int64_t, int64_t, int64_t, int64_t,       \
-                        float*);                                                           \
+  void attention_decode(const AttentionForward&, int64_t, int64_t, int64_t, float*);       \
   void attention_backward_kv(const AttentionBackward&, int64_t, int64_t, int64_t, int64_t); \
   void attention_backward_q(const AttentionBackward&, int64_t, int64_t, int64_t, int64_t);  \
   }

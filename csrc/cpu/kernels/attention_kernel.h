@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "attention.h"
 #include "simd.h"
@@ -333,31 +334,123 @@ void forward_task(const AttentionForward& a, int64_t s, int64_t h, int64_t q_beg
   }
 }
 
+// The decode path: few query rows (each kv head's group of query heads x the
+// queries), many keys. Keys go by chunks of kLanes: the chunk's K and V rows
+// (every kv head) are converted to fp32 once, each query row's kLanes scores
+// come from
+// kLanes dot products reduced at once (reduce_add_lanes), and P V is a
+// broadcast-FMA per key into the row's accumulator.
 template <typename T>
-void decode_task(const AttentionForward& a, int64_t s, int64_t hk, int64_t k_begin, int64_t k_end,
+void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t k_end,
                  float* partial) {
   const AttentionGeometry& g = a.g;
-  const int64_t group = g.heads / g.heads_kv, lq = g.len_q(s);
-  const int64_t rows = group * lq, D = g.head_dim, Dp = round_up(D, kTileCols);
+  const int64_t group = g.heads / g.heads_kv, lq = g.len_q(s), lk = g.len_k(s);
+  const int64_t rows = g.heads * lq;  // row r: head r / lq, query r % lq
+  const int64_t D = g.head_dim, Dv = round_up(D, kLanes);
+  const int64_t offset = lk - lq, fq = g.first_q(s), fk = g.first_k(s);
   Workspace& w = workspace();
-  float* o = w.e.get(rows * Dp);
+  float* q = w.a.get(rows * Dv);
+  float* kc = w.b.get(g.heads_kv * kLanes * Dv);  // a chunk's K rows as fp32: [head][key][Dv]
+  float* vc = w.c.get(g.heads_kv * kLanes * Dv);
+  float* o = w.e.get(rows * Dv);
   float* m = w.f.get(rows);
   float* l = w.g.get(rows);
-  int64_t* heads = row_index(w, rows);
-  int64_t* queries = heads + rows;
+  float* limit = w.h.get(rows + 2 * kLanes);  // per row: keys < limit are visible
+  float* buf = limit + rows;                   // kLanes scores, then kLanes probabilities
+  const float c = g.scale * kLog2e;
+  int64_t k_stop = k_begin;
   for (int64_t r = 0; r < rows; ++r) {
-    heads[r] = hk * group + r / lq;
-    queries[r] = r % lq;
+    const int64_t h = r / lq, i = r % lq;
+    load_f32(token<T>(a.q, fq, s, i, h), D, q + r * Dv, Dv);
+    const int64_t stop = g.causal ? imin(k_end, i + offset + 1) : k_end;
+    limit[r] = static_cast<float>(stop);
+    k_stop = imax(k_stop, stop);
     m[r] = -kInf;
     l[r] = 0.f;
   }
-  std::memset(o, 0, sizeof(float) * rows * Dp);
-  attend<T>(a, s, hk, rows, heads, queries, k_begin, k_end, o, m, l);
+  std::memset(o, 0, sizeof(float) * rows * Dv);
+  // A chunk's K and V rows are converted key by key, every head of a key in
+  // turn: memory order for the usual (token, head, dim) layout, which the
+  // hardware prefetchers follow (head by head, rows token_stride apart, they
+  // don't); the keys kPrefetchKeys ahead are also requested explicitly.
+  constexpr int64_t kPrefetchKeys = 2 * kLanes;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  const auto prefetch = [&](int64_t key) {
+    if (key >= k_stop) return;
+    for (int64_t hk = 0; hk < g.heads_kv; ++hk) {
+      const char* kr = reinterpret_cast<const char*>(token<T>(a.k, fk, s, key, hk));
+      const char* vr = reinterpret_cast<const char*>(token<T>(a.v, fk, s, key, hk));
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(kr + b, 0, 3);
+        __builtin_prefetch(vr + b, 0, 3);
+      }
+    }
+  };
+  for (int64_t key = k_begin; key < imin(k_stop, k_begin + kPrefetchKeys); ++key) prefetch(key);
+  const float* kh[kLanes];
+  const float* vh[kLanes];
+  for (int64_t j0 = k_begin; j0 < k_stop; j0 += kLanes) {
+    const int64_t n = imin(kLanes, k_stop - j0);
+    for (int64_t j = 0; j < kLanes; ++j) {
+      prefetch(j0 + j + kPrefetchKeys);
+      for (int64_t hk = 0; hk < g.heads_kv; ++hk) {
+        float* kd = kc + (hk * kLanes + j) * Dv;
+        float* vd = vc + (hk * kLanes + j) * Dv;
+        if (j < n) {
+          load_f32(token<T>(a.k, fk, s, j0 + j, hk), D, kd, Dv);
+          load_f32(token<T>(a.v, fk, s, j0 + j, hk), D, vd, Dv);
+        } else {
+          std::memset(kd, 0, sizeof(float) * Dv);
+          std::memset(vd, 0, sizeof(float) * Dv);
+        }
+      }
+    }
+    for (int64_t hk = 0; hk < g.heads_kv; ++hk) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        kh[j] = kc + (hk * kLanes + j) * Dv;
+        vh[j] = vc + (hk * kLanes + j) * Dv;
+      }
+      for (int64_t r = hk * group * lq; r < (hk + 1) * group * lq; ++r) {
+        const int64_t valid = imax(0, imin(n, static_cast<int64_t>(limit[r]) - j0));
+        if (valid == 0) continue;
+        const float* qr = q + r * Dv;
+        V parts[kLanes];
+        for (int j = 0; j < kLanes; ++j) parts[j] = zero();
+        for (int64_t d = 0; d < Dv; d += kLanes) {
+          const V qv = load(qr + d);
+          for (int j = 0; j < kLanes; ++j) parts[j] = fma(qv, load(kh[j] + d), parts[j]);
+        }
+        // Scaled after the dot product, as the prefill and backward kernels
+        // do, so that the lse the backward reads matches its recomputed scores.
+        store(buf, mul(reduce_add_lanes(parts), set1(c)));
+        add_bias(a.bias, s, r / lq, r % lq, j0, valid, buf);
+        for (int64_t j = valid; j < kLanes; ++j) buf[j] = -kInf;
+        const V sc = load(buf);
+        const float mx = reduce_max(sc);
+        const float m_new = mx > m[r] ? mx : m[r];
+        if (m_new == -kInf) continue;
+        const V pv = exp2(sub(sc, set1(m_new)));
+        const float alpha = std::exp2(m[r] - m_new);
+        l[r] = l[r] * alpha + reduce_add(pv);
+        m[r] = m_new;
+        float* orow = o + r * Dv;
+        if (alpha != 1.f)
+          for (int64_t d = 0; d < Dv; d += kLanes) store(orow + d, mul(load(orow + d), set1(alpha)));
+        float* p = buf + kLanes;
+        store(p, pv);
+        for (int64_t d = 0; d < Dv; d += kLanes) {
+          V acc = load(orow + d);
+          for (int64_t j = 0; j < valid; ++j) acc = fma(set1(p[j]), load(vh[j] + d), acc);
+          store(orow + d, acc);
+        }
+      }
+    }
+  }
   for (int64_t r = 0; r < rows; ++r) {
-    float* p = partial + r * (D + 2);
-    std::memcpy(p, o + r * Dp, sizeof(float) * D);
-    p[D] = m[r];
-    p[D + 1] = l[r];
+    float* out = partial + r * (D + 2);
+    std::memcpy(out, o + r * Dv, sizeof(float) * D);
+    out[D] = m[r];
+    out[D + 1] = l[r];
   }
 }
 
@@ -498,12 +591,12 @@ void attention_forward(const AttentionForward& a, int64_t s, int64_t h, int64_t 
   }
 }
 
-void attention_decode(const AttentionForward& a, int64_t s, int64_t hk, int64_t k_begin,
-                      int64_t k_end, float* partial) {
+void attention_decode(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t k_end,
+                      float* partial) {
   switch (a.type) {
-    case DType::f32: return decode_task<float>(a, s, hk, k_begin, k_end, partial);
-    case DType::bf16: return decode_task<bf16>(a, s, hk, k_begin, k_end, partial);
-    case DType::f16: return decode_task<f16>(a, s, hk, k_begin, k_end, partial);
+    case DType::f32: return decode_task<float>(a, s, k_begin, k_end, partial);
+    case DType::bf16: return decode_task<bf16>(a, s, k_begin, k_end, partial);
+    case DType::f16: return decode_task<f16>(a, s, k_begin, k_end, partial);
   }
 }
 

@@ -10,7 +10,7 @@
 //                `count` variants for the tail of a row (count < kLanes);
 //   arithmetic   add, sub, mul, fma (a*b+c), fnma (c-a*b), max, set1, zero,
 //                exp2 (2^x; exactly 0 for very negative x and -inf);
-//   reductions   reduce_add, reduce_max.
+//   reductions   reduce_add, reduce_max, and reduce_add_lanes (kLanes sums at once).
 // Everything has internal linkage, so the ISA variants never clash.
 #pragma once
 
@@ -71,6 +71,24 @@ static inline V exp2(V x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c1));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
+}
+
+// r[j] = reduce_add(x[j]) for the kLanes vectors x: sixteen horizontal sums
+// at once through a transpose-and-add tree (about 3 instructions per sum).
+static inline V reduce_add_lanes(const V* x) {
+  V c[4];
+  for (int g = 0; g < 4; ++g) {
+    const V* y = x + 4 * g;
+    const V a = _mm512_add_ps(_mm512_unpacklo_ps(y[0], y[1]), _mm512_unpackhi_ps(y[0], y[1]));
+    const V b = _mm512_add_ps(_mm512_unpacklo_ps(y[2], y[3]), _mm512_unpackhi_ps(y[2], y[3]));
+    const __m512d ad = _mm512_castps_pd(a), bd = _mm512_castps_pd(b);
+    // Each 128-bit lane L: (sum of lane L of y[0], ..., of y[3]).
+    c[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ad, bd)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(ad, bd)));
+  }
+  const V e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  const V e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
 }
 
 static inline __mmask16 tail_mask(int count) {
@@ -167,6 +185,14 @@ static inline V exp2(V x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
+// r[j] = reduce_add(x[j]) for the 8 vectors x, through horizontal adds.
+static inline V reduce_add_lanes(const V* x) {
+  const V a = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
+  const V b = _mm256_hadd_ps(_mm256_hadd_ps(x[4], x[5]), _mm256_hadd_ps(x[6], x[7]));
+  // a = (x0..x3 low-half sums | x0..x3 high-half sums), b likewise for x4..x7.
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
 static inline V load(const float* p) { return _mm256_loadu_ps(p); }
 static inline V load(const bf16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -229,6 +255,12 @@ static inline V fnma(V a, V b, V c) {
 static inline V exp2(V x) {
   V r;
   for (int i = 0; i < 8; ++i) r.v[i] = std::exp2(x.v[i]);
+  return r;
+}
+static inline float reduce_add(V a);
+static inline V reduce_add_lanes(const V* x) {
+  V r;
+  for (int i = 0; i < 8; ++i) r.v[i] = reduce_add(x[i]);
   return r;
 }
 static inline float reduce_add(V a) {
