@@ -56,7 +56,7 @@ struct Scratch {
 };
 
 struct Workspace {
-  Scratch a, b, c, d, e, f, g, h, rows;
+  Scratch a, b, c, d, e, f, g, h;
 };
 
 Workspace& workspace() {
@@ -64,21 +64,18 @@ Workspace& workspace() {
   return w;
 }
 
-// Room for 2 * rows int64 (each row's head and query), in float storage.
-int64_t* row_index(Workspace& w, int64_t rows) {
-  static_assert(sizeof(int64_t) == 2 * sizeof(float), "index storage");
-  return reinterpret_cast<int64_t*>(w.rows.get(4 * rows));
-}
+
 
 // -- fp32 matrix products --------------------------------------------------------
 
-// C[R][kTileCols] (+)= A[R][K] . B[K][kTileCols]  (A rows lda apart, B rows ldb apart).
-// When accumulating, the product is summed from zero and added to C at the
-// end: a block's sum plus the running total rounds less than adding every
-// term to the running total (gradients sum hundreds of blocks).
+// C[R][kTileCols] (+)= A[R][K] . B[K][kTileCols]: A's element (r, k) at
+// a[r * ars + k * aks], B's rows ldb apart, C's rows ldc apart. When
+// accumulating, the product is summed from zero and added to C at the end: a
+// block's sum plus the running total rounds less than adding every term to
+// the running total (gradients sum hundreds of blocks).
 template <int R, bool kAccumulate>
-inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, float* c,
-                 int64_t ldc) {
+inline void tile(const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int64_t K,
+                 float* c, int64_t ldc) {
   V acc[R][kTileVecs];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < kTileVecs; ++j) acc[r][j] = zero();
@@ -86,7 +83,7 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64
     V bv[kTileVecs];
     for (int j = 0; j < kTileVecs; ++j) bv[j] = load(b + k * ldb + j * kLanes);
     for (int r = 0; r < R; ++r) {
-      const V ar = set1(a[r * lda + k]);
+      const V ar = set1(a[r * ars + k * aks]);
       for (int j = 0; j < kTileVecs; ++j) acc[r][j] = fma(ar, bv[j], acc[r][j]);
     }
   }
@@ -97,20 +94,20 @@ inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64
     }
 }
 
-// C[M][N] (+)= A[M][K] . B[K][N]; N is a multiple of kTileCols.
+// C[M][N] (+)= A[M][K] . B[K][N] (strides as tile); N is a multiple of kTileCols.
 template <bool kAccumulate>
-void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float* c, int64_t ldc) {
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t aks,
+          const float* b, int64_t ldb, float* c, int64_t ldc) {
   for (int64_t n0 = 0; n0 < N; n0 += kTileCols) {
     int64_t m0 = 0;
     for (; m0 + kTileRows <= M; m0 += kTileRows)
-      tile<kTileRows, kAccumulate>(a + m0 * lda, lda, b + n0, ldb, K, c + m0 * ldc + n0, ldc);
-    const float* ar = a + m0 * lda;
+      tile<kTileRows, kAccumulate>(a + m0 * ars, ars, aks, b + n0, ldb, K, c + m0 * ldc + n0, ldc);
+    const float* ar = a + m0 * ars;
     float* cr = c + m0 * ldc + n0;
     switch (M - m0) {
-      case 3: tile<3, kAccumulate>(ar, lda, b + n0, ldb, K, cr, ldc); break;
-      case 2: tile<2, kAccumulate>(ar, lda, b + n0, ldb, K, cr, ldc); break;
-      case 1: tile<1, kAccumulate>(ar, lda, b + n0, ldb, K, cr, ldc); break;
+      case 3: tile<3, kAccumulate>(ar, ars, aks, b + n0, ldb, K, cr, ldc); break;
+      case 2: tile<2, kAccumulate>(ar, ars, aks, b + n0, ldb, K, cr, ldc); break;
+      case 1: tile<1, kAccumulate>(ar, ars, aks, b + n0, ldb, K, cr, ldc); break;
       default: break;
     }
   }
@@ -221,118 +218,347 @@ inline int64_t visible(const AttentionGeometry& g, int64_t offset, int64_t i, in
   return imax(0, imin(bk, i + offset + 1 - j0));
 }
 
-// Online softmax of one row of scores (in place: scores become P). The row
-// has `valid` visible keys, then padding up to `width`. Rescales the row's
-// accumulator o[0, Dp) when its max moves.
-inline void softmax_row(float* row, int64_t valid, int64_t width, float& m, float& l, float* o,
-                        int64_t Dp) {
-  float mx = -kInf;
-  {
-    V vmax = set1(-kInf);
-    int64_t j = 0;
-    for (; j + kLanes <= valid; j += kLanes) vmax = max(vmax, load(row + j));
-    mx = reduce_max(vmax);
-    for (; j < valid; ++j) mx = row[j] > mx ? row[j] : mx;
-  }
-  const float m_new = mx > m ? mx : m;
-  if (m_new == -kInf) {  // nothing visible yet (or all masked by the bias)
-    std::memset(row, 0, sizeof(float) * width);
-    return;
-  }
-  const float alpha = std::exp2(m - m_new);
-  const V mv = set1(m_new);
-  V vsum = zero();
-  int64_t j = 0;
-  for (; j + kLanes <= valid; j += kLanes) {
-    const V p = exp2(sub(load(row + j), mv));
-    store(row + j, p);
-    vsum = add(vsum, p);
-  }
-  float sum = reduce_add(vsum);
-  for (; j < valid; ++j) {
-    row[j] = std::exp2(row[j] - m_new);
-    sum += row[j];
-  }
-  for (j = valid; j < width; ++j) row[j] = 0.f;
-  l = l * alpha + sum;
-  if (alpha != 1.f) {
-    const V av = set1(alpha);
-    for (int64_t d = 0; d < Dp; d += kLanes) store(o + d, mul(load(o + d), av));
-  }
-  m = m_new;
-}
-
-// Rows (head heads[r], query queries[r]) of sequence s, all of kv head hk,
-// against keys [k_begin, k_end): updates o (rows x Dp), m and l (log2 units).
+// Rows of a block of tokens of one head as fp32, for a matrix product: where
+// the tokens are fp32 with a head_dim of whole tiles they are used in place
+// (rows token_stride apart), else converted into `buffer` (rows ld apart,
+// zero-padded to ld columns and padded_rows rows).
 template <typename T>
-void attend(const AttentionForward& a, int64_t s, int64_t hk, int64_t rows, const int64_t* heads,
-            const int64_t* queries, int64_t k_begin, int64_t k_end, float* o, float* m, float* l) {
-  const AttentionGeometry& g = a.g;
-  const int64_t D = g.head_dim, Dp = round_up(D, kTileCols), BK = kAttentionBlockK;
-  const int64_t offset = g.len_k(s) - g.len_q(s);
-  const int64_t fq = g.first_q(s), fk = g.first_k(s);
-  Workspace& w = workspace();
-  float* q = w.a.get(rows * D);
-  float* kt = w.b.get(D * BK);
-  float* vb = w.c.get(BK * Dp);
-  float* sc = w.d.get(rows * BK);
-  for (int64_t r = 0; r < rows; ++r) load_f32(token<T>(a.q, fq, s, queries[r], heads[r]), D, q + r * D, D);
-  int64_t k_stop = k_begin;
-  for (int64_t r = 0; r < rows; ++r)
-    k_stop = imax(k_stop, g.causal ? imin(k_end, queries[r] + offset + 1) : k_end);
-  const float c = g.scale * kLog2e;
-  for (int64_t j0 = k_begin; j0 < k_stop; j0 += BK) {
-    const int64_t bk = imin(BK, k_stop - j0);
-    pack_transposed<T>(a.k, fk + j0, s, hk, bk, D, kt, BK);
-    gemm<false>(rows, BK, D, q, D, kt, BK, sc, BK);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = sc + r * BK;
-      const int64_t valid = imin(visible(g, offset, queries[r], j0, bk), k_end - j0);
-      const V cv = set1(c);
-      for (int64_t j = 0; j < valid; j += kLanes) {
-        const int n = static_cast<int>(imin(kLanes, valid - j));
-        store(row + j, mul(load(row + j, n), cv), n);
-      }
-      add_bias(a.bias, s, heads[r], queries[r], j0, valid, row);
-      softmax_row(row, valid, BK, m[r], l[r], o + r * Dp, Dp);
-    }
-    pack_rows<T>(a.v, fk + j0, s, hk, bk, D, vb, Dp, BK);
-    gemm<true>(rows, Dp, BK, sc, BK, vb, Dp, o, Dp);
+const float* rows_f32(const TokenLayout& t, int64_t first, int64_t s, int64_t h, int64_t count,
+                      int64_t D, float* buffer, int64_t ld, int64_t padded_rows, int64_t& stride) {
+  if (std::is_same_v<T, float> && D == ld) {
+    stride = t.token_stride;
+    return reinterpret_cast<const float*>(token<T>(t, first, s, 0, h));
   }
+  pack_rows<T>(t, first, s, h, count, D, buffer, ld, padded_rows);
+  stride = ld;
+  return buffer;
 }
 
+// One task of the prefill forward: queries [q_begin, q_end) of sequence s,
+// head h. Per key block the scores are computed transposed, S^T = K Q^T (K
+// rows as they are, Q^T packed once per task), so that the online softmax of
+// each key row runs across the block's kAttentionBlockQ queries in vectors;
+// then O += P V.
 template <typename T>
 void forward_task(const AttentionForward& a, int64_t s, int64_t h, int64_t q_begin, int64_t q_end) {
   const AttentionGeometry& g = a.g;
-  const int64_t rows = q_end - q_begin, D = g.head_dim, Dp = round_up(D, kTileCols);
-  const int64_t hk = h / (g.heads / g.heads_kv);
+  const int64_t D = g.head_dim, Dp = round_up(D, kTileCols);
+  const int64_t BQ = kAttentionBlockQ, BK = kAttentionBlockK, bq = q_end - q_begin;
+  const int64_t hk = h / (g.heads / g.heads_kv), lq = g.len_q(s), lk = g.len_k(s);
+  const int64_t offset = lk - lq, fq = g.first_q(s), fk = g.first_k(s);
+  static_assert(kAttentionBlockQ % kTileCols == 0, "query blocks are whole tiles");
   Workspace& w = workspace();
-  float* o = w.e.get(rows * Dp);
-  float* m = w.f.get(rows);
-  float* l = w.g.get(rows);
-  int64_t* heads = row_index(w, rows);
-  int64_t* queries = heads + rows;
-  for (int64_t r = 0; r < rows; ++r) {
-    heads[r] = h;
-    queries[r] = q_begin + r;
-    m[r] = -kInf;
-    l[r] = 0.f;
+  float* qt = w.a.get(D * BQ);       // Q^T, [D][BQ], zero columns past bq
+  float* kb = w.b.get(BK * D);       // K rows as fp32 (when converted)
+  float* vb = w.c.get(BK * Dp);      // V rows as fp32 (when converted)
+  float* st = w.d.get(BK * BQ);      // S^T, then P^T: [key][query]
+  float* o = w.e.get(BQ * Dp);       // [query][Dp]
+  float* m = w.f.get(3 * BQ);        // running max (log2 units), sum, and a scratch row
+  float* l = m + BQ;
+  float* alpha = l + BQ;
+  pack_transposed<T>(a.q, fq + q_begin, s, h, bq, D, qt, BQ);
+  std::memset(o, 0, sizeof(float) * BQ * Dp);
+  for (int64_t i = 0; i < BQ; ++i) {
+    m[i] = -kInf;
+    l[i] = 0.f;
   }
-  std::memset(o, 0, sizeof(float) * rows * Dp);
-  attend<T>(a, s, hk, rows, heads, queries, 0, g.len_k(s), o, m, l);
-  const int64_t fq = g.first_q(s);
-  for (int64_t r = 0; r < rows; ++r) {
-    T* out = token_out<T>(a.out, fq, s, q_begin + r, h);
-    float* lse = a.lse.data + s * a.lse.batch_stride + h * a.lse.head_stride + fq + q_begin + r;
-    if (l[r] == 0.f) {  // the query sees no key: zeros, as flash-attn
+  const float c = g.scale * kLog2e;
+  const V cv = set1(c);
+  const int64_t k_stop = g.causal ? imax(0, imin(lk, q_end - 1 + offset + 1)) : lk;
+  for (int64_t j0 = 0; j0 < k_stop; j0 += BK) {
+    const int64_t bk = imin(BK, k_stop - j0);
+    int64_t k_stride, v_stride;
+    const float* krows = rows_f32<T>(a.k, fk + j0, s, hk, bk, D, kb, D, bk, k_stride);
+    gemm<false>(bk, BQ, D, krows, k_stride, 1, qt, BQ, st, BQ);  // S^T
+    // Scale to log2 units, add the bias, mask: key j0 + j is visible to the
+    // queries from (j0 + j - offset) on (causal).
+    V mx[kAttentionBlockQ / kLanes];
+    for (auto& v : mx) v = set1(-kInf);
+    for (int64_t j = 0; j < bk; ++j) {
+      float* row = st + j * BQ;
+      for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, mul(load(row + i), cv));
+      if (a.bias.data != nullptr) {
+        if (a.bias.q_stride == 0) {
+          float b = 0.f;
+          add_bias(a.bias, s, h, 0, j0 + j, 1, &b);
+          const V bv = set1(b);
+          for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, add(load(row + i), bv));
+        } else {
+          for (int64_t i = 0; i < bq; ++i) add_bias(a.bias, s, h, q_begin + i, j0 + j, 1, row + i);
+        }
+      }
+      if (g.causal) {
+        const int64_t first = imin(BQ, imax(0, j0 + j - offset - q_begin));
+        for (int64_t i = 0; i < first; ++i) row[i] = -kInf;
+      }
+      for (int64_t v = 0; v < BQ / kLanes; ++v) mx[v] = max(mx[v], load(row + v * kLanes));
+    }
+    // Online softmax across the key rows, per query column.
+    V msafe[kAttentionBlockQ / kLanes];
+    for (int64_t v = 0; v < BQ / kLanes; ++v) {
+      const V old = load(m + v * kLanes);
+      const V mnew = max(old, mx[v]);
+      store(m + v * kLanes, mnew);
+      // A query that has seen nothing yet keeps m = -inf; exponents are taken
+      // against 0 then, so P = 0 and its (zero) accumulator scales by 0.
+      store(alpha + v * kLanes, mnew);
+      for (int64_t i = v * kLanes; i < (v + 1) * kLanes; ++i)
+        if (alpha[i] == -kInf) alpha[i] = 0.f;
+      msafe[v] = load(alpha + v * kLanes);
+      store(alpha + v * kLanes, exp2(sub(old, msafe[v])));
+    }
+    V sum[kAttentionBlockQ / kLanes];
+    for (auto& v : sum) v = zero();
+    for (int64_t j = 0; j < bk; ++j) {
+      float* row = st + j * BQ;
+      for (int64_t v = 0; v < BQ / kLanes; ++v) {
+        const V p = exp2(sub(load(row + v * kLanes), msafe[v]));
+        store(row + v * kLanes, p);
+        sum[v] = add(sum[v], p);
+      }
+    }
+    for (int64_t v = 0; v < BQ / kLanes; ++v)
+      store(l + v * kLanes, fma(load(l + v * kLanes), load(alpha + v * kLanes), sum[v]));
+    for (int64_t i = 0; i < bq; ++i) {
+      if (alpha[i] == 1.f) continue;
+      const V av = set1(alpha[i]);
+      for (int64_t d = 0; d < Dp; d += kLanes) store(o + i * Dp + d, mul(load(o + i * Dp + d), av));
+    }
+    const float* vrows = rows_f32<T>(a.v, fk + j0, s, hk, bk, D, vb, Dp, bk, v_stride);
+    gemm<true>(bq, Dp, bk, st, 1, BQ, vrows, v_stride, o, Dp);  // O += P V
+  }
+  for (int64_t i = 0; i < bq; ++i) {
+    T* out = token_out<T>(a.out, fq, s, q_begin + i, h);
+    float* lse = a.lse.data + s * a.lse.batch_stride + h * a.lse.head_stride + fq + q_begin + i;
+    if (l[i] == 0.f) {  // the query sees no key: zeros, as flash-attn
       zero_row(out, D);
       *lse = kInf;
     } else {
-      store_scaled(o + r * Dp, D, 1.f / l[r], out);
-      *lse = natural_lse(m[r], l[r]);
+      store_scaled(o + i * Dp, D, 1.f / l[i], out);
+      *lse = natural_lse(m[i], l[i]);
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// -- bf16 products on AVX512-BF16 (vdpbf16ps) -------------------------------------
+//
+// vdpbf16ps multiplies pairs of bf16 and adds both products to one fp32 lane:
+// the reduction dimension is consumed two at a time. A's pairs are broadcast
+// (one 32-bit word), B's pair-rows hold 16 column pairs per vector.
+
+// C[R][kTileCols] (+)= A[R][2 KP] . B[2 KP][kTileCols]; A's pair (r, p) at
+// a[r * ars + p * aks], B's pair-row p at b + p * ldb (32-bit words).
+template <int R, bool kAccumulate>
+inline void tile_bf16(const uint32_t* a, int64_t ars, int64_t aks, const uint32_t* b, int64_t ldb,
+                      int64_t KP, float* c, int64_t ldc) {
+  __m512 acc[R][kTileVecs];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTileVecs; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < KP; ++p) {
+    __m512bh bv[kTileVecs];
+    for (int j = 0; j < kTileVecs; ++j)
+      bv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * ldb + j * 16));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh ar =
+          reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r * ars + p * aks])));
+      for (int j = 0; j < kTileVecs; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], ar, bv[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kTileVecs; ++j) {
+      float* out = c + r * ldc + j * kLanes;
+      _mm512_storeu_ps(out, kAccumulate ? _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]) : acc[r][j]);
+    }
+}
+
+template <bool kAccumulate>
+void gemm_bf16(int64_t M, int64_t N, int64_t KP, const uint32_t* a, int64_t ars, int64_t aks,
+               const uint32_t* b, int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += kTileCols) {
+    int64_t m0 = 0;
+    for (; m0 + kTileRows <= M; m0 += kTileRows)
+      tile_bf16<kTileRows, kAccumulate>(a + m0 * ars, ars, aks, b + n0, ldb, KP, c + m0 * ldc + n0, ldc);
+    const uint32_t* ar = a + m0 * ars;
+    float* cr = c + m0 * ldc + n0;
+    switch (M - m0) {
+      case 3: tile_bf16<3, kAccumulate>(ar, ars, aks, b + n0, ldb, KP, cr, ldc); break;
+      case 2: tile_bf16<2, kAccumulate>(ar, ars, aks, b + n0, ldb, KP, cr, ldc); break;
+      case 1: tile_bf16<1, kAccumulate>(ar, ars, aks, b + n0, ldb, KP, cr, ldc); break;
+      default: break;
+    }
+  }
+}
+
+// dst[p][i] = (row i [2p], row i [2p + 1]) of `count` bf16 rows, for p <
+// pairs; columns [count, ld) zero. (A transpose of 32-bit words.)
+inline void pack_pairs_transposed(const TokenLayout& t, int64_t first, int64_t s, int64_t h,
+                                  int64_t count, int64_t D, uint32_t* dst, int64_t ld) {
+  const int64_t pairs = (D + 1) / 2;
+  for (int64_t p = 0; p < pairs; ++p) std::memset(dst + p * ld + count, 0, 4 * (ld - count));
+  for (int64_t i = 0; i < count; ++i) {
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(token<bf16>(t, first, s, i, h));
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint32_t lo = row[2 * p], hi = 2 * p + 1 < D ? row[2 * p + 1] : 0u;
+      dst[p * ld + i] = lo | (hi << 16);
+    }
+  }
+}
+
+// dst[p][d] = (row 2p [d], row 2p + 1 [d]) for the `count` bf16 rows (a
+// missing odd row is zero), d < ld (zero past D).
+inline void pack_row_pairs(const TokenLayout& t, int64_t first, int64_t s, int64_t h,
+                           int64_t count, int64_t D, uint32_t* dst, int64_t ld) {
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                          32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  for (int64_t p = 0; p < (count + 1) / 2; ++p) {
+    const bf16* r0 = token<bf16>(t, first, s, 2 * p, h);
+    const bf16* r1 = 2 * p + 1 < count ? token<bf16>(t, first, s, 2 * p + 1, h) : nullptr;
+    uint32_t* out = dst + p * ld;
+    for (int64_t d = 0; d < ld; d += 32) {
+      const int64_t left = imax(0, imin(32, D - d));
+      const __mmask32 mask = left == 32 ? ~__mmask32{0} : ((__mmask32{1} << left) - 1);
+      const __m512i a = _mm512_maskz_loadu_epi16(mask, r0 + d);
+      const __m512i b = r1 != nullptr ? _mm512_maskz_loadu_epi16(mask, r1 + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + d, _mm512_permutex2var_epi16(a, lo_idx, b));
+      _mm512_storeu_si512(out + d + 16, _mm512_permutex2var_epi16(a, hi_idx, b));
+    }
+  }
+}
+
+// P^T (fp32 rows [key][query], `keys` rows) as bf16 pairs of consecutive keys:
+// dst[p][i] = (P^T[2p][i], P^T[2p + 1][i]); a missing odd key is zero.
+inline void pack_probability_pairs(const float* pt, int64_t keys, int64_t width, uint32_t* dst) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                       8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t p = 0; p < (keys + 1) / 2; ++p) {
+    const float* r0 = pt + 2 * p * width;
+    const float* r1 = r0 + width;
+    const bool odd = 2 * p + 1 >= keys;
+    for (int64_t i = 0; i < width; i += 16) {
+      const __m512 a = _mm512_loadu_ps(r0 + i);
+      const __m512 b = odd ? _mm512_setzero_ps() : _mm512_loadu_ps(r1 + i);
+      // (b, a) -> 32 bf16: a's 16 in the low half, b's in the high half.
+      const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+      _mm512_storeu_si512(dst + p * width + i, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+
+// The prefill forward for bf16 on AVX512-BF16: forward_task's algorithm with
+// both products on vdpbf16ps (K in place as pairs, Q^T and V packed as pairs,
+// P rounded to bf16 for P V as flash-attention kernels do).
+void forward_task_bf16(const AttentionForward& a, int64_t s, int64_t h, int64_t q_begin,
+                       int64_t q_end) {
+  const AttentionGeometry& g = a.g;
+  const int64_t D = g.head_dim, Dp = round_up(D, kTileCols), DP = (D + 1) / 2;
+  const int64_t BQ = kAttentionBlockQ, BK = kAttentionBlockK, bq = q_end - q_begin;
+  const int64_t hk = h / (g.heads / g.heads_kv), lq = g.len_q(s), lk = g.len_k(s);
+  const int64_t offset = lk - lq, fq = g.first_q(s), fk = g.first_k(s);
+  Workspace& w = workspace();
+  uint32_t* qt = reinterpret_cast<uint32_t*>(w.a.get(DP * BQ));     // Q^T pairs [DP][BQ]
+  uint32_t* kp = reinterpret_cast<uint32_t*>(w.b.get(BK * DP));     // K pairs when D is odd
+  uint32_t* vp = reinterpret_cast<uint32_t*>(w.c.get(BK / 2 * Dp)); // V pairs [BK/2][Dp]
+  float* st = w.d.get(BK * BQ);                                     // S^T, then P^T
+  float* o = w.e.get(BQ * Dp);
+  float* m = w.f.get(3 * BQ);
+  float* l = m + BQ;
+  float* alpha = l + BQ;
+  uint32_t* pp = reinterpret_cast<uint32_t*>(w.g.get(BK / 2 * BQ)); // P pairs [BK/2][BQ]
+  pack_pairs_transposed(a.q, fq + q_begin, s, h, bq, D, qt, BQ);
+  std::memset(o, 0, sizeof(float) * BQ * Dp);
+  for (int64_t i = 0; i < BQ; ++i) {
+    m[i] = -kInf;
+    l[i] = 0.f;
+  }
+  const float c = g.scale * kLog2e;
+  const V cv = set1(c);
+  const int64_t k_stop = g.causal ? imax(0, imin(lk, q_end - 1 + offset + 1)) : lk;
+  for (int64_t j0 = 0; j0 < k_stop; j0 += BK) {
+    const int64_t bk = imin(BK, k_stop - j0);
+    const uint32_t* krows;
+    int64_t k_stride;
+    if (D % 2 == 0) {  // K rows are pairs already
+      krows = reinterpret_cast<const uint32_t*>(token<bf16>(a.k, fk + j0, s, 0, hk));
+      k_stride = a.k.token_stride / 2;
+    } else {
+      for (int64_t j = 0; j < bk; ++j) {
+        const uint16_t* row = reinterpret_cast<const uint16_t*>(token<bf16>(a.k, fk + j0, s, j, hk));
+        for (int64_t p = 0; p < DP; ++p)
+          kp[j * DP + p] = row[2 * p] | (2 * p + 1 < D ? uint32_t{row[2 * p + 1]} << 16 : 0u);
+      }
+      krows = kp;
+      k_stride = DP;
+    }
+    gemm_bf16<false>(bk, BQ, DP, krows, k_stride, 1, qt, BQ, st, BQ);  // S^T
+    V mx[kAttentionBlockQ / kLanes];
+    for (auto& v : mx) v = set1(-kInf);
+    for (int64_t j = 0; j < bk; ++j) {
+      float* row = st + j * BQ;
+      for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, mul(load(row + i), cv));
+      if (a.bias.data != nullptr) {
+        if (a.bias.q_stride == 0) {
+          float b = 0.f;
+          add_bias(a.bias, s, h, 0, j0 + j, 1, &b);
+          const V bv = set1(b);
+          for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, add(load(row + i), bv));
+        } else {
+          for (int64_t i = 0; i < bq; ++i) add_bias(a.bias, s, h, q_begin + i, j0 + j, 1, row + i);
+        }
+      }
+      if (g.causal) {
+        const int64_t first = imin(BQ, imax(0, j0 + j - offset - q_begin));
+        for (int64_t i = 0; i < first; ++i) row[i] = -kInf;
+      }
+      for (int64_t v = 0; v < BQ / kLanes; ++v) mx[v] = max(mx[v], load(row + v * kLanes));
+    }
+    V msafe[kAttentionBlockQ / kLanes];
+    for (int64_t v = 0; v < BQ / kLanes; ++v) {
+      const V old = load(m + v * kLanes);
+      const V mnew = max(old, mx[v]);
+      store(m + v * kLanes, mnew);
+      store(alpha + v * kLanes, mnew);
+      for (int64_t i = v * kLanes; i < (v + 1) * kLanes; ++i)
+        if (alpha[i] == -kInf) alpha[i] = 0.f;
+      msafe[v] = load(alpha + v * kLanes);
+      store(alpha + v * kLanes, exp2(sub(old, msafe[v])));
+    }
+    V sum[kAttentionBlockQ / kLanes];
+    for (auto& v : sum) v = zero();
+    for (int64_t j = 0; j < bk; ++j) {
+      float* row = st + j * BQ;
+      for (int64_t v = 0; v < BQ / kLanes; ++v) {
+        const V p = exp2(sub(load(row + v * kLanes), msafe[v]));
+        store(row + v * kLanes, p);
+        sum[v] = add(sum[v], p);
+      }
+    }
+    for (int64_t v = 0; v < BQ / kLanes; ++v)
+      store(l + v * kLanes, fma(load(l + v * kLanes), load(alpha + v * kLanes), sum[v]));
+    for (int64_t i = 0; i < bq; ++i) {
+      if (alpha[i] == 1.f) continue;
+      const V av = set1(alpha[i]);
+      for (int64_t d = 0; d < Dp; d += kLanes) store(o + i * Dp + d, mul(load(o + i * Dp + d), av));
+    }
+    pack_probability_pairs(st, bk, BQ, pp);
+    pack_row_pairs(a.v, fk + j0, s, hk, bk, D, vp, Dp);
+    gemm_bf16<true>(bq, Dp, (bk + 1) / 2, pp, 1, BQ, vp, Dp, o, Dp);  // O += P V
+  }
+  for (int64_t i = 0; i < bq; ++i) {
+    bf16* out = token_out<bf16>(a.out, fq, s, q_begin + i, h);
+    float* lse = a.lse.data + s * a.lse.batch_stride + h * a.lse.head_stride + fq + q_begin + i;
+    if (l[i] == 0.f) {
+      zero_row(out, D);
+      *lse = kInf;
+    } else {
+      store_scaled(o + i * Dp, D, 1.f / l[i], out);
+      *lse = natural_lse(m[i], l[i]);
+    }
+  }
+}
+#endif  // __AVX512BF16__
 
 // The decode path: few query rows (each kv head's group of query heads x the
 // queries), many keys. Keys go by chunks of kLanes: the chunk's K and V rows
@@ -496,8 +722,8 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
       pack_transposed<T>(a.grad_out, fq + t0, s, h, bq, D, dot, BQ);
       pack_rows<T>(a.q, fq + t0, s, h, bq, D, qr, Dp, bq);
       pack_rows<T>(a.grad_out, fq + t0, s, h, bq, D, dor, Dp, bq);
-      gemm<false>(bk, BQ, D, kb, D, qt, BQ, pt, BQ);    // S^T
-      gemm<false>(bk, BQ, D, vb, D, dot, BQ, dpt, BQ);  // dP^T
+      gemm<false>(bk, BQ, D, kb, D, 1, qt, BQ, pt, BQ);    // S^T
+      gemm<false>(bk, BQ, D, vb, D, 1, dot, BQ, dpt, BQ);  // dP^T
       for (int64_t j = 0; j < bk; ++j) {
         float* prow = pt + j * BQ;
         float* dprow = dpt + j * BQ;
@@ -518,8 +744,8 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
           dprow[i] = p * (dprow[i] - delta[t]) * g.scale;  // dS, natural units
         }
       }
-      gemm<true>(bk, Dp, bq, pt, BQ, dor, Dp, dv, Dp);   // dV += P^T dO
-      gemm<true>(bk, Dp, bq, dpt, BQ, qr, Dp, dk, Dp);   // dK += dS^T Q
+      gemm<true>(bk, Dp, bq, pt, BQ, 1, dor, Dp, dv, Dp);   // dV += P^T dO
+      gemm<true>(bk, Dp, bq, dpt, BQ, 1, qr, Dp, dk, Dp);   // dK += dS^T Q
     }
   }
   for (int64_t j = 0; j < bk; ++j) {
@@ -558,8 +784,8 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
     pack_transposed<T>(a.k, fk + j0, s, hk, bk, D, kt, BK);
     pack_transposed<T>(a.v, fk + j0, s, hk, bk, D, vt, BK);
     pack_rows<T>(a.k, fk + j0, s, hk, bk, D, kr, Dp, BK);
-    gemm<false>(bq, BK, D, q, D, kt, BK, sc, BK);      // S
-    gemm<false>(bq, BK, D, dout, D, vt, BK, dp, BK);   // dP
+    gemm<false>(bq, BK, D, q, D, 1, kt, BK, sc, BK);      // S
+    gemm<false>(bq, BK, D, dout, D, 1, vt, BK, dp, BK);   // dP
     for (int64_t i = 0; i < bq; ++i) {
       const int64_t t = q_begin + i;
       const int64_t valid = visible(g, offset, t, j0, bk);
@@ -574,7 +800,7 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
         dprow[j] = p * (dprow[j] - delta[t]) * g.scale;  // dS, natural units
       }
     }
-    gemm<true>(bq, Dp, BK, dp, BK, kr, Dp, dq, Dp);  // dQ += dS K
+    gemm<true>(bq, Dp, BK, dp, BK, 1, kr, Dp, dq, Dp);  // dQ += dS K
   }
   for (int64_t i = 0; i < bq; ++i)
     store_scaled(dq + i * Dp, D, 1.f, token_out<T>(a.grad_q, fq, s, q_begin + i, h));
@@ -586,7 +812,12 @@ void attention_forward(const AttentionForward& a, int64_t s, int64_t h, int64_t 
                        int64_t q_end) {
   switch (a.type) {
     case DType::f32: return forward_task<float>(a, s, h, q_begin, q_end);
-    case DType::bf16: return forward_task<bf16>(a, s, h, q_begin, q_end);
+    case DType::bf16:
+#if defined(__AVX512BF16__)
+      return forward_task_bf16(a, s, h, q_begin, q_end);
+#else
+      return forward_task<bf16>(a, s, h, q_begin, q_end);
+#endif
     case DType::f16: return forward_task<f16>(a, s, h, q_begin, q_end);
   }
 }
