@@ -76,10 +76,31 @@ TORCH_LIBRARY(pyllm, m) {
             "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
             " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,"
             " Tensor? bias, float scale, bool causal) -> (Tensor, Tensor, Tensor)");
+
+  m.set_python_module("pyllm.ops.linear");
+  // y = act(x @ weight^T + bias), the epilogue fused: x (..., in), weight
+  // (out, in), bias (out,) or None; activation none, gelu, gelu_tanh or silu.
+  PYLLM_DEF(m, "linear", "(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
+  // The SwiGLU gate in one pass over x:
+  // silu(x @ weight_gate^T + bias_gate) * (x @ weight_up^T + bias_up).
+  PYLLM_DEF(m, "swiglu",
+            "(Tensor x, Tensor weight_gate, Tensor weight_up, Tensor? bias_gate, Tensor? bias_up)"
+            " -> Tensor");
+  // Gradients of linear; output_mask selects (grad_x, grad_weight, grad_bias).
+  PYLLM_DEF(m, "linear_backward",
+            "(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, str activation,"
+            " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Gradients of swiglu: (grad_x, grad_weight_gate, grad_weight_up,
+  // grad_bias_gate, grad_bias_up), selected by output_mask.
+  PYLLM_DEF(m, "swiglu_backward",
+            "(Tensor grad_y, Tensor x, Tensor weight_gate, Tensor weight_up, Tensor? bias_gate,"
+            " Tensor? bias_up, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {
   PYLLM_ONCE_DIFFERENTIABLE(m, "rms_norm_backward");
   PYLLM_ONCE_DIFFERENTIABLE(m, "layer_norm_backward");
   PYLLM_ONCE_DIFFERENTIABLE(m, "attention_backward");
+  PYLLM_ONCE_DIFFERENTIABLE(m, "linear_backward");
+  PYLLM_ONCE_DIFFERENTIABLE(m, "swiglu_backward");
 }

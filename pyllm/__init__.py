@@ -30,6 +30,7 @@ from pyllm.memory import cached_bytes, empty_cache  # noqa: E402
 import pyllm.ops  # noqa: E402,F401  (registers the fake kernels and autograd)
 from pyllm.ops.attention import attention, attention_varlen  # noqa: E402
 from pyllm.ops.layer_norm import add_layer_norm, layer_norm  # noqa: E402
+from pyllm.ops.linear import linear, swiglu  # noqa: E402
 from pyllm.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 
 __version__ = "0.1.0"
@@ -49,12 +50,14 @@ __all__ = [
     "attention",
     "attention_varlen",
     "layer_norm",
+    "linear",
     "backend",
     "backends",
     "cached_bytes",
     "current_backend",
     "empty_cache",
     "rms_norm",
+    "swiglu",
     "use_backend",
     "__version__",
 ]

@@ -70,6 +70,8 @@ OPS = {
     "layer_norm": {"dtypes": _KERNEL_DTYPES},
     "add_layer_norm": {"dtypes": _KERNEL_DTYPES},
     "attention": {"dtypes": _KERNEL_DTYPES, "reference": "attention_op"},
+    "linear": {"dtypes": _KERNEL_DTYPES},
+    "swiglu": {"dtypes": _KERNEL_DTYPES},
 }
 
 

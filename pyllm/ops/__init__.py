@@ -5,4 +5,4 @@ documented public function, and the fake kernels and autograd formula that it
 registers for ``pyllm::<op>`` and ``pyllm::<op>_triton`` when imported.
 """
 
-from pyllm.ops import attention, layer_norm, rms_norm  # noqa: F401
+from pyllm.ops import attention, layer_norm, linear, rms_norm  # noqa: F401

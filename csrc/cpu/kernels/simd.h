@@ -8,7 +8,8 @@
 //   load/store   from/to float, bf16 and f16 memory, converting to/from float
 //                (bf16 stores round to nearest even; NaN stays NaN), with
 //                `count` variants for the tail of a row (count < kLanes);
-//   arithmetic   add, sub, mul, fma (a*b+c), fnma (c-a*b), max, set1, zero,
+//   arithmetic   add, sub, mul, div, fma (a*b+c), fnma (c-a*b), max, abs,
+//                select_negative, set1, zero,
 //                exp2 (2^x; exactly 0 for very negative x and -inf);
 //   reductions   reduce_add, reduce_max, and reduce_add_lanes (kLanes sums at once).
 // Everything has internal linkage, so the ISA variants never clash.
@@ -51,6 +52,12 @@ static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
 static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
 static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline V fnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline V div(V a, V b) { return _mm512_div_ps(a, b); }
+static inline V abs(V a) { return _mm512_abs_ps(a); }
+// a where z < 0, else b.
+static inline V select_negative(V z, V a, V b) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), b, a);
+}
 static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
 static inline float reduce_add(V a) { return _mm512_reduce_add_ps(a); }
 static inline float reduce_max(V a) { return _mm512_reduce_max_ps(a); }
@@ -153,6 +160,11 @@ static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
 static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
 static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 static inline V fnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline V div(V a, V b) { return _mm256_div_ps(a, b); }
+static inline V abs(V a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+static inline V select_negative(V z, V a, V b) {
+  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
 static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
 static inline float reduce_add(V a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -241,6 +253,7 @@ PYLLM_SIMD_BINARY(add, a.v[i] + b.v[i])
 PYLLM_SIMD_BINARY(sub, a.v[i] - b.v[i])
 PYLLM_SIMD_BINARY(mul, a.v[i] * b.v[i])
 PYLLM_SIMD_BINARY(max, a.v[i] > b.v[i] ? a.v[i] : b.v[i])
+PYLLM_SIMD_BINARY(div, a.v[i] / b.v[i])
 #undef PYLLM_SIMD_BINARY
 static inline V fma(V a, V b, V c) {
   V r;
@@ -255,6 +268,16 @@ static inline V fnma(V a, V b, V c) {
 static inline V exp2(V x) {
   V r;
   for (int i = 0; i < 8; ++i) r.v[i] = std::exp2(x.v[i]);
+  return r;
+}
+static inline V abs(V a) {
+  V r;
+  for (int i = 0; i < 8; ++i) r.v[i] = std::fabs(a.v[i]);
+  return r;
+}
+static inline V select_negative(V z, V a, V b) {
+  V r;
+  for (int i = 0; i < 8; ++i) r.v[i] = z.v[i] < 0.f ? a.v[i] : b.v[i];
   return r;
 }
 static inline float reduce_add(V a);

@@ -1,0 +1,119 @@
+// Autograd of pyllm::linear and pyllm::swiglu (and their _triton twins): the
+// forward saves its inputs; the backward calls the paired backward op, which
+// recomputes the pre-activation with the derivative fused.
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "op_handle.h"
+
+namespace pyllm::autograd {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using LinearSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, c10::string_view);
+using LinearBackwardSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&, c10::string_view,
+    std::array<bool, 3>);
+using SwigluSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+                         const optional<Tensor>&);
+using SwigluBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+    const optional<Tensor>&, std::array<bool, 5>);
+
+template <bool kTriton>
+std::string name(const char* op) {
+  return std::string("pyllm::") + op + (kTriton ? "_triton" : "");
+}
+
+optional<Tensor> absent_if_undefined(const Tensor& t) {
+  return t.defined() ? optional<Tensor>(t) : c10::nullopt;
+}
+
+bool wants_grad(const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); }
+
+template <bool kTriton>
+struct Linear : torch::autograd::Function<Linear<kTriton>> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const optional<Tensor>& bias, c10::string_view activation) {
+    static const auto op = typed_op<LinearSig>(name<kTriton>("linear"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, weight, bias.value_or(Tensor())});
+    ctx->saved_data["activation"] = std::string(activation);
+    return op.call(x, weight, bias, activation);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = typed_op<LinearBackwardSig>(name<kTriton>("linear_backward"));
+    const variable_list s = ctx->get_saved_variables();
+    require_kernel(op, s[0]);
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    auto [dx, dw, db] = op.call(grads[0], s[0], s[1], absent_if_undefined(s[2]), activation,
+                                {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                 s[2].defined() && ctx->needs_input_grad(2)});
+    return {dx, dw, db, Tensor()};
+  }
+};
+
+template <bool kTriton>
+struct Swiglu : torch::autograd::Function<Swiglu<kTriton>> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_gate,
+                        const Tensor& w_up, const optional<Tensor>& b_gate,
+                        const optional<Tensor>& b_up) {
+    static const auto op = typed_op<SwigluSig>(name<kTriton>("swiglu"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, w_gate, w_up, b_gate.value_or(Tensor()), b_up.value_or(Tensor())});
+    return op.call(x, w_gate, w_up, b_gate, b_up);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = typed_op<SwigluBackwardSig>(name<kTriton>("swiglu_backward"));
+    const variable_list s = ctx->get_saved_variables();
+    require_kernel(op, s[0]);
+    auto [dx, dwg, dwu, dbg, dbu] =
+        op.call(grads[0], s[0], s[1], s[2], absent_if_undefined(s[3]), absent_if_undefined(s[4]),
+                {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                 s[3].defined() && ctx->needs_input_grad(3),
+                 s[4].defined() && ctx->needs_input_grad(4)});
+    return {dx, dwg, dwu, dbg, dbu};
+  }
+};
+
+template <bool kTriton>
+Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+              c10::string_view activation) {
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || weight.requires_grad() || wants_grad(bias))) {
+    static const auto op = typed_op<LinearSig>(name<kTriton>("linear"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, weight, bias, activation);
+  }
+  return Linear<kTriton>::apply(x, weight, bias, activation);
+}
+
+template <bool kTriton>
+Tensor swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
+              const optional<Tensor>& b_gate, const optional<Tensor>& b_up) {
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || w_gate.requires_grad() ||
+                                       w_up.requires_grad() || wants_grad(b_gate) || wants_grad(b_up))) {
+    static const auto op = typed_op<SwigluSig>(name<kTriton>("swiglu"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, w_gate, w_up, b_gate, b_up);
+  }
+  return Swiglu<kTriton>::apply(x, w_gate, w_up, b_gate, b_up);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {
+  m.impl("linear", &linear<false>);
+  m.impl("linear_triton", &linear<true>);
+  m.impl("swiglu", &swiglu<false>);
+  m.impl("swiglu_triton", &swiglu<true>);
+}
+
+}  // namespace pyllm::autograd

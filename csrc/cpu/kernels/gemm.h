@@ -1,0 +1,79 @@
+// GEMM CPU kernels: the interface between the operators (csrc/cpu/linear.cpp)
+// and the per-ISA variants (gemm_{generic,avx2,avx512,avx512bf16}.cpp).
+//
+// C[M][N] = A[M][K] . B[K][N], each operand given by its strides (so that
+// x @ W^T, dz @ W and dz^T @ x are all the same kernel), with the epilogue
+// applied while the tile is still hot: bias, activation, the SwiGLU gate, or
+// the gradient of those for the backward.
+#pragma once
+
+#include <cstdint>
+
+#include "scalar.h"
+
+namespace pyllm::cpu {
+
+enum class Activation : int { none = 0, gelu = 1, gelu_tanh = 2, silu = 3 };
+
+// Element (i, j) at data + i * rs + j * cs (in elements).
+struct Operand {
+  const void* data;
+  int64_t rs, cs;
+  DType type;
+};
+
+enum class Epilogue : int {
+  store,        // out[m][n] = act(C + bias[n]), in out_type
+  swiglu,       // out = silu(C + bias) * (C2 + bias2), C2 = A . B2
+  grad_act,     // out (fp32) = grad * act'(C + bias)
+  grad_swiglu,  // out (fp32) = grad * (C2 + bias2) * silu'(C + bias),
+                // out2 (fp32) = grad * silu(C + bias)
+  accumulate,   // out (fp32) += C
+};
+
+struct GemmArgs {
+  int64_t M, N, K;
+  Operand a;   // (M, K)
+  Operand b;   // (K, N)
+  Operand b2;  // (K, N), the up projection (swiglu, grad_swiglu)
+  const void* bias;   // [N] or null
+  const void* bias2;  // [N] or null
+  DType bias_type;
+  Activation act;
+  Epilogue epilogue;
+  void* out;
+  int64_t ldo;
+  DType out_type;
+  void* out2;  // grad_swiglu: fp32, ldo apart
+  const void* grad;  // grad_act, grad_swiglu: [M][N], ldg apart
+  int64_t ldg;
+  DType grad_type;
+};
+
+// Columns are handed to the kernels in multiples of this (a multiple of every
+// ISA's panel width).
+constexpr int64_t kGemmColumnBlock = 64;
+
+// Rows up to which the weight-streaming path is used (decode-sized inputs).
+constexpr int64_t kGemmSkinnyRows = 16;
+
+// C rows [m0, m1) x columns [n0, n1) with the epilogue; n0 is a multiple of
+// kGemmColumnBlock. Packs B's panels for those columns itself.
+using GemmBlockFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+// The same for M <= kGemmSkinnyRows with A's rows and B's columns contiguous
+// along K (a.cs == 1, b.rs == 1: x @ W^T): streams B once, no packing.
+using GemmSkinnyFn = void (*)(const GemmArgs&, int64_t n0, int64_t n1);
+
+#define PYLLM_DECLARE_GEMM(isa)                                             \
+  namespace isa {                                                           \
+  void gemm_block(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);     \
+  void gemm_skinny(const GemmArgs&, int64_t, int64_t);                      \
+  }
+PYLLM_DECLARE_GEMM(generic)
+PYLLM_DECLARE_GEMM(avx2)
+PYLLM_DECLARE_GEMM(avx512)
+PYLLM_DECLARE_GEMM(avx512_bf16)
+#undef PYLLM_DECLARE_GEMM
+
+}  // namespace pyllm::cpu

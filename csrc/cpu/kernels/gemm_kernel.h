@@ -1,0 +1,434 @@
+// GEMM kernels, written once over the SIMD layer and compiled per ISA (the
+// including file defines PYLLM_ISA).
+//
+// Blocked path (gemm_block): B's columns are packed, kNR at a time, into a
+// panel [K][kNR] of fp32 (once per column block and call, or never with a
+// pre-packed weight); a register-blocked micro-kernel computes kMR x kNR of C
+// from kMR rows of A (broadcast) and the panel (vector loads), and the
+// epilogue finishes the tile while it is in L1. Loop order: panel outer, rows
+// inner, so a panel (K x kNR) stays in L2 and kMR rows of A in L1.
+// Skinny path (gemm_skinny, M <= 16): each weight row is read once and used
+// for every row of A; kLanes output columns at a time, their dot products
+// reduced together (reduce_add_lanes).
+// On AVX512-BF16, bf16 x bf16 products use vdpbf16ps with panels of pairs.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "activation.h"
+#include "gemm.h"
+#include "simd.h"
+
+namespace pyllm::cpu::PYLLM_ISA {
+namespace {
+
+using namespace simd;
+
+constexpr int kNV = kLanes == 16 ? 4 : 2;  // vectors per panel row
+constexpr int64_t kNR = int64_t{kNV} * kLanes;
+#if defined(__AVX512F__) || defined(__AVX2__)
+constexpr int kMR = 6;
+#else
+constexpr int kMR = 4;
+#endif
+static_assert(kGemmColumnBlock % kNR == 0, "column blocks are whole panels");
+
+inline int64_t gmin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t ground_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// A per-thread scratch buffer (no std containers in ISA code; see attention).
+struct GemmScratch {
+  float* data = nullptr;
+  int64_t size = 0;
+  float* get(int64_t n) {
+    if (n > size) {
+      std::free(data);
+      data = static_cast<float*>(std::aligned_alloc(64, ground_up((n > 0 ? n : 1) * 4, 64)));
+      size = n;
+    }
+    return data;
+  }
+  ~GemmScratch() { std::free(data); }
+};
+
+struct GemmWorkspace {
+  GemmScratch panel, panel2, tile, tile2, rows, partial;
+};
+
+GemmWorkspace& gemm_workspace() {
+  static thread_local GemmWorkspace w;
+  return w;
+}
+
+// -- typed access ----------------------------------------------------------------------
+
+template <typename T>
+inline float element(const Operand& o, int64_t i, int64_t j) {
+  return to_f32(static_cast<const T*>(o.data)[i * o.rs + j * o.cs]);
+}
+
+inline V load_typed(DType type, const void* base, int64_t offset, int c) {
+  switch (type) {
+    case DType::f32: {
+      const float* p = static_cast<const float*>(base) + offset;
+      return c == kLanes ? load(p) : load(p, c);
+    }
+    case DType::bf16: {
+      const bf16* p = static_cast<const bf16*>(base) + offset;
+      return c == kLanes ? load(p) : load(p, c);
+    }
+    case DType::f16: {
+      const f16* p = static_cast<const f16*>(base) + offset;
+      return c == kLanes ? load(p) : load(p, c);
+    }
+  }
+  return zero();
+}
+
+inline void store_typed(DType type, void* base, int64_t offset, int c, V v) {
+  switch (type) {
+    case DType::f32: {
+      float* p = static_cast<float*>(base) + offset;
+      return c == kLanes ? store(p, v) : store(p, v, c);
+    }
+    case DType::bf16: {
+      bf16* p = static_cast<bf16*>(base) + offset;
+      return c == kLanes ? store(p, v) : store(p, v, c);
+    }
+    case DType::f16: {
+      f16* p = static_cast<f16*>(base) + offset;
+      return c == kLanes ? store(p, v) : store(p, v, c);
+    }
+  }
+}
+
+// -- packing ------------------------------------------------------------------------------
+
+// B's columns [n, n + nr) as panel[k][kNR] (fp32, zero past nr).
+template <typename T>
+void pack_panel(const Operand& b, int64_t K, int64_t n, int64_t nr, float* panel) {
+  const T* data = static_cast<const T*>(b.data);
+  if (nr < kNR)
+    for (int64_t k = 0; k < K; ++k) std::memset(panel + k * kNR + nr, 0, sizeof(float) * (kNR - nr));
+  if (b.cs == 1) {  // rows of the panel are contiguous in B (dx = dz W, dW = dz^T x)
+    for (int64_t k = 0; k < K; ++k) {
+      const T* row = data + k * b.rs + n;
+      float* dst = panel + k * kNR;
+      int64_t j = 0;
+      for (; j + kLanes <= nr; j += kLanes) store(dst + j, load(row + j));
+      if (j < nr) store(dst + j, load(row + j, static_cast<int>(nr - j)), static_cast<int>(nr - j));
+    }
+  } else {  // columns contiguous along K (x W^T: the weight's rows)
+    for (int64_t j = 0; j < nr; ++j) {
+      const T* col = data + (n + j) * b.cs;
+      for (int64_t k = 0; k < K; ++k) panel[k * kNR + j] = to_f32(col[k * b.rs]);
+    }
+  }
+}
+
+inline void pack(const Operand& b, int64_t K, int64_t n, int64_t nr, float* panel) {
+  switch (b.type) {
+    case DType::f32: return pack_panel<float>(b, K, n, nr, panel);
+    case DType::bf16: return pack_panel<bf16>(b, K, n, nr, panel);
+    case DType::f16: return pack_panel<f16>(b, K, n, nr, panel);
+  }
+}
+
+// -- the micro-kernel ------------------------------------------------------------------------
+
+// tile[R][kNR] = A rows [m, m + R) . panel, over K. K goes in blocks of
+// kSumBlock, each summed from zero and then added to the tile: a block's sum
+// plus the running total rounds less than one chain of K additions.
+constexpr int64_t kSumBlock = 256;
+
+template <typename T, int R>
+inline void micro(const Operand& a, int64_t m, int64_t K, const float* panel, float* tile) {
+  const T* base = static_cast<const T*>(a.data) + m * a.rs;
+  for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kSumBlock) {
+    V acc[R][kNV];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kNV; ++j) acc[r][j] = zero();
+    const int64_t k1 = gmin(K, k0 + kSumBlock);
+    for (int64_t k = k0; k < k1; ++k) {
+      V bv[kNV];
+      for (int j = 0; j < kNV; ++j) bv[j] = load(panel + k * kNR + j * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const V ar = set1(to_f32(base[r * a.rs + k * a.cs]));
+        for (int j = 0; j < kNV; ++j) acc[r][j] = fma(ar, bv[j], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kNV; ++j) {
+        float* out = tile + r * kNR + j * kLanes;
+        store(out, k0 == 0 ? acc[r][j] : add(load(out), acc[r][j]));
+      }
+  }
+}
+
+template <typename T>
+void micro_rows(const Operand& a, int64_t m, int64_t rows, int64_t K, const float* panel,
+                float* tile) {
+  switch (rows) {
+    case 6: if constexpr (kMR >= 6) return micro<T, 6>(a, m, K, panel, tile); break;
+    case 5: if constexpr (kMR >= 5) return micro<T, 5>(a, m, K, panel, tile); break;
+    case 4: return micro<T, 4>(a, m, K, panel, tile);
+    case 3: return micro<T, 3>(a, m, K, panel, tile);
+    case 2: return micro<T, 2>(a, m, K, panel, tile);
+    case 1: return micro<T, 1>(a, m, K, panel, tile);
+    default: break;
+  }
+}
+
+inline void compute_tile(const Operand& a, int64_t m, int64_t rows, int64_t K, const float* panel,
+                         float* tile) {
+  switch (a.type) {
+    case DType::f32: return micro_rows<float>(a, m, rows, K, panel, tile);
+    case DType::bf16: return micro_rows<bf16>(a, m, rows, K, panel, tile);
+    case DType::f16: return micro_rows<f16>(a, m, rows, K, panel, tile);
+  }
+}
+
+// -- the epilogue ----------------------------------------------------------------------------
+
+// Finishes C rows [m, m + rows) x columns [n, n + cols) from their fp32 tile
+// (rows ld apart; tile2 for the two-product epilogues).
+inline void finish(const GemmArgs& g, const float* tile, const float* tile2, int64_t ld, int64_t m,
+                   int64_t rows, int64_t n, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; j += kLanes) {
+      const int c = static_cast<int>(gmin(kLanes, cols - j));
+      V z = load(tile + r * ld + j);
+      const int64_t at = (m + r) * g.ldo + n + j;
+      if (g.epilogue == Epilogue::accumulate) {
+        float* out = static_cast<float*>(g.out) + at;
+        store_typed(DType::f32, out, 0, c, add(load_typed(DType::f32, out, 0, c), z));
+        continue;
+      }
+      if (g.bias != nullptr) z = add(z, load_typed(g.bias_type, g.bias, n + j, c));
+      V u = zero();
+      if (g.epilogue == Epilogue::swiglu || g.epilogue == Epilogue::grad_swiglu) {
+        u = load(tile2 + r * ld + j);
+        if (g.bias2 != nullptr) u = add(u, load_typed(g.bias_type, g.bias2, n + j, c));
+      }
+      switch (g.epilogue) {
+        case Epilogue::store:
+          store_typed(g.out_type, g.out, at, c, activate(g.act, z));
+          break;
+        case Epilogue::swiglu:
+          store_typed(g.out_type, g.out, at, c, mul(activate(Activation::silu, z), u));
+          break;
+        case Epilogue::grad_act: {
+          const V gy = load_typed(g.grad_type, g.grad, (m + r) * g.ldg + n + j, c);
+          store_typed(DType::f32, g.out, at, c, mul(gy, activate_derivative(g.act, z)));
+          break;
+        }
+        case Epilogue::grad_swiglu: {
+          const V gy = load_typed(g.grad_type, g.grad, (m + r) * g.ldg + n + j, c);
+          store_typed(DType::f32, g.out, at, c,
+                      mul(mul(gy, u), activate_derivative(Activation::silu, z)));
+          store_typed(DType::f32, g.out2, at, c, mul(gy, activate(Activation::silu, z)));
+          break;
+        }
+        case Epilogue::accumulate:
+          break;
+      }
+    }
+  }
+}
+
+inline bool two_products(const GemmArgs& g) {
+  return g.epilogue == Epilogue::swiglu || g.epilogue == Epilogue::grad_swiglu;
+}
+
+#if defined(__AVX512BF16__)
+// -- bf16 x bf16 on vdpbf16ps ------------------------------------------------------------------
+
+// B's columns [n, n + nr) as pairs along K: panel[p][j] = (B[2p][n+j], B[2p+1][n+j]).
+void pack_panel_pairs(const Operand& b, int64_t K, int64_t n, int64_t nr, uint32_t* panel) {
+  const uint16_t* data = static_cast<const uint16_t*>(b.data);
+  const int64_t KP = (K + 1) / 2;
+  for (int64_t j = 0; j < kNR; ++j) {
+    if (j >= nr) {
+      for (int64_t p = 0; p < KP; ++p) panel[p * kNR + j] = 0;
+      continue;
+    }
+    const uint16_t* col = data + (n + j) * b.cs;
+    for (int64_t p = 0; p < KP; ++p) {
+      const uint32_t lo = col[2 * p * b.rs];
+      const uint32_t hi = 2 * p + 1 < K ? col[(2 * p + 1) * b.rs] : 0u;
+      panel[p * kNR + j] = lo | (hi << 16);
+    }
+  }
+}
+
+// tile[R][kNR] = A rows [m, m + R) . panel over K, A's rows bf16 with pairs
+// contiguous (a.cs == 1).
+template <int R>
+inline void micro_bf16(const Operand& a, int64_t m, int64_t K, const uint32_t* panel, float* tile) {
+  const uint16_t* base = static_cast<const uint16_t*>(a.data) + m * a.rs;
+  const int64_t KP = (K + 1) / 2, block = kSumBlock / 2;
+  for (int64_t p0 = 0; p0 < KP || p0 == 0; p0 += block) {
+    __m512 acc[R][kNV];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_setzero_ps();
+    const int64_t p1 = gmin(KP, p0 + block);
+    for (int64_t p = p0; p < p1; ++p) {
+      __m512bh bv[kNV];
+      for (int j = 0; j < kNV; ++j)
+        bv[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(panel + p * kNR + j * 16));
+      for (int r = 0; r < R; ++r) {
+        // The last pair of an odd K holds one element (the panel's other half is 0).
+        uint32_t pair = base[r * a.rs + 2 * p];
+        if (2 * p + 1 < K) std::memcpy(&pair, base + r * a.rs + 2 * p, 4);
+        const __m512bh ar = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+        for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], ar, bv[j]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kNV; ++j) {
+        float* out = tile + r * kNR + j * kLanes;
+        _mm512_storeu_ps(out, p0 == 0 ? acc[r][j] : _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]));
+      }
+  }
+}
+
+inline void compute_tile_bf16(const Operand& a, int64_t m, int64_t rows, int64_t K,
+                              const uint32_t* panel, float* tile) {
+  switch (rows) {
+    case 6: return micro_bf16<6>(a, m, K, panel, tile);
+    case 5: return micro_bf16<5>(a, m, K, panel, tile);
+    case 4: return micro_bf16<4>(a, m, K, panel, tile);
+    case 3: return micro_bf16<3>(a, m, K, panel, tile);
+    case 2: return micro_bf16<2>(a, m, K, panel, tile);
+    case 1: return micro_bf16<1>(a, m, K, panel, tile);
+    default: break;
+  }
+}
+#endif
+
+void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  GemmWorkspace& w = gemm_workspace();
+  const bool two = two_products(g);
+  float* tile = w.tile.get(kMR * kNR);
+  float* tile2 = w.tile2.get(kMR * kNR);
+#if defined(__AVX512BF16__)
+  const bool pairs = g.a.type == DType::bf16 && g.b.type == DType::bf16 && g.a.cs == 1 &&
+                     (!two || g.b2.type == DType::bf16);
+#else
+  constexpr bool pairs = false;
+#endif
+  const int64_t panel_floats = pairs ? (g.K + 1) / 2 * kNR : g.K * kNR;
+  float* panel = w.panel.get(panel_floats);
+  float* panel2 = two ? w.panel2.get(panel_floats) : nullptr;
+  for (int64_t n = n0; n < n1; n += kNR) {
+    const int64_t nr = gmin(kNR, n1 - n);
+#if defined(__AVX512BF16__)
+    if (pairs) {
+      pack_panel_pairs(g.b, g.K, n, nr, reinterpret_cast<uint32_t*>(panel));
+      if (two) pack_panel_pairs(g.b2, g.K, n, nr, reinterpret_cast<uint32_t*>(panel2));
+    } else
+#endif
+    {
+      pack(g.b, g.K, n, nr, panel);
+      if (two) pack(g.b2, g.K, n, nr, panel2);
+    }
+    for (int64_t m = m0; m < m1; m += kMR) {
+      const int64_t rows = gmin(kMR, m1 - m);
+#if defined(__AVX512BF16__)
+      if (pairs) {
+        compute_tile_bf16(g.a, m, rows, g.K, reinterpret_cast<const uint32_t*>(panel), tile);
+        if (two) compute_tile_bf16(g.a, m, rows, g.K, reinterpret_cast<const uint32_t*>(panel2), tile2);
+      } else
+#endif
+      {
+        compute_tile(g.a, m, rows, g.K, panel, tile);
+        if (two) compute_tile(g.a, m, rows, g.K, panel2, tile2);
+      }
+      finish(g, tile, tile2, kNR, m, rows, n, nr);
+    }
+  }
+}
+
+// -- the skinny path -----------------------------------------------------------------------
+
+// kLanes output columns at a time: each W row streams once through L1 in
+// blocks of kSkinnyBlock, every row of x uses it, and the kLanes partial dot
+// products of a row of x are reduced together at the end.
+constexpr int64_t kSkinnyBlock = 256;
+
+template <typename T>
+void skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
+  GemmWorkspace& w = gemm_workspace();
+  const int64_t M = g.M, K = g.K, Kp = ground_up(K, kLanes);
+  float* x = w.rows.get(M * Kp);  // A's rows as fp32, zero-padded to Kp
+  for (int64_t m = 0; m < M; ++m) {
+    float* dst = x + m * Kp;
+    for (int64_t k = 0; k < K; k += kLanes) {
+      const int c = static_cast<int>(gmin(kLanes, K - k));
+      store(dst + k, load_typed(g.a.type, g.a.data, m * g.a.rs + k, c));
+    }
+    for (int64_t k = K; k < Kp; ++k) dst[k] = 0.f;
+  }
+  const bool two = two_products(g);
+  float* partial = w.partial.get((two ? 2 : 1) * M * kLanes * kLanes);
+  float* sums = w.tile.get(2 * M * kLanes);
+  const T* b = static_cast<const T*>(g.b.data);
+  const T* b2 = two ? static_cast<const T*>(g.b2.data) : nullptr;
+  for (int64_t n = n0; n < n1; n += kLanes) {
+    const int64_t cols = gmin(kLanes, n1 - n);
+    for (int half = 0; half < (two ? 2 : 1); ++half) {
+      const T* weights = half == 0 ? b : b2;
+      const T* row[kLanes];
+      for (int j = 0; j < kLanes; ++j) row[j] = weights + (n + gmin(j, cols - 1)) * g.b.cs;
+      float* part = partial + half * M * kLanes * kLanes;
+      for (int64_t i = 0; i < M * kLanes * kLanes; ++i) part[i] = 0.f;
+      for (int64_t k0 = 0; k0 < K; k0 += kSkinnyBlock) {
+        const int64_t k1 = gmin(K, k0 + kSkinnyBlock);
+        for (int j = 0; j < kLanes; ++j)
+          for (int64_t k = k1; k < gmin(K, k1 + kSkinnyBlock); k += 64 / sizeof(T))
+            __builtin_prefetch(row[j] + k, 0, 0);
+        for (int64_t m = 0; m < M; ++m) {
+          V acc[kLanes];
+          float* pm = part + m * kLanes * kLanes;
+          for (int j = 0; j < kLanes; ++j) acc[j] = load(pm + j * kLanes);
+          const float* xm = x + m * Kp;
+          int64_t k = k0;
+          for (; k + kLanes <= k1; k += kLanes) {
+            const V xv = load(xm + k);
+            for (int j = 0; j < kLanes; ++j) acc[j] = fma(xv, load(row[j] + k), acc[j]);
+          }
+          if (k < k1) {
+            const int c = static_cast<int>(k1 - k);
+            const V xv = load(xm + k);  // zero past K
+            for (int j = 0; j < kLanes; ++j) acc[j] = fma(xv, load(row[j] + k, c), acc[j]);
+          }
+          for (int j = 0; j < kLanes; ++j) store(pm + j * kLanes, acc[j]);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        V parts[kLanes];
+        for (int j = 0; j < kLanes; ++j) parts[j] = load(part + (m * kLanes + j) * kLanes);
+        store(sums + (half * M + m) * kLanes, reduce_add_lanes(parts));
+      }
+    }
+    finish(g, sums, sums + M * kLanes, kLanes, 0, M, n, cols);
+  }
+}
+
+}  // namespace
+
+void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  block(g, m0, m1, n0, n1);
+}
+
+void gemm_skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
+  switch (g.b.type) {
+    case DType::f32: return skinny<float>(g, n0, n1);
+    case DType::bf16: return skinny<bf16>(g, n0, n1);
+    case DType::f16: return skinny<f16>(g, n0, n1);
+  }
+}
+
+}  // namespace pyllm::cpu::PYLLM_ISA

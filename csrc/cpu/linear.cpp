@@ -1,0 +1,315 @@
+// pyllm::linear, pyllm::swiglu and their backward ops for CPU tensors.
+//
+// linear: y = act(x @ weight^T + bias); swiglu: y = silu(x @ w_gate^T + b_gate)
+// * (x @ w_up^T + b_up), both products from one pass over x. The backward
+// recomputes the pre-activation with the derivative applied in the epilogue
+// (dz = grad_y * act'(z)), then dx = dz @ weight, dW = dz^T @ x, db = sum dz,
+// all through the same kernels (kernels/gemm_kernel.h).
+//
+// The user-facing argument checks live in pyllm/ops/linear.py; the checks here
+// only guard the memory the kernels touch.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "isa.h"
+#include "kernels/gemm.h"
+#include "output.h"
+#include "tensor_types.h"
+
+namespace pyllm::cpu {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "none") return Activation::none;
+  if (name == "gelu") return Activation::gelu;
+  if (name == "gelu_tanh") return Activation::gelu_tanh;
+  if (name == "silu") return Activation::silu;
+  TORCH_CHECK_VALUE(false, "pyllm::linear: activation must be none, gelu, gelu_tanh or silu, got '",
+                    std::string(name), "'");
+  return Activation::none;
+}
+
+Operand operand(const Tensor& t, bool transposed = false) {
+  // A 2-D tensor as (i, j); transposed: as (j, i).
+  return {t.data_ptr(), transposed ? t.stride(1) : t.stride(0),
+          transposed ? t.stride(0) : t.stride(1), kernel_dtype(t, "operand")};
+}
+
+Tensor rows_of(const Tensor& x) {
+  // (..., K) -> (M, K) with contiguous rows.
+  Tensor x2 = x.reshape({-1, x.size(-1)});
+  return x2.stride(-1) == 1 ? x2 : x2.contiguous();
+}
+
+std::vector<int64_t> with_last(const Tensor& x, int64_t last) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
+GemmBlockFn block_kernel() {
+  return pick_isa<GemmBlockFn>(generic::gemm_block, avx2::gemm_block, avx512::gemm_block,
+                               avx512_bf16::gemm_block);
+}
+
+GemmSkinnyFn skinny_kernel() {
+  return pick_isa<GemmSkinnyFn>(generic::gemm_skinny, avx2::gemm_skinny, avx512::gemm_skinny,
+                                avx512_bf16::gemm_skinny);
+}
+
+// Runs one GEMM, in parallel: the skinny path for a few rows of x @ W^T,
+// else tasks of whole column blocks (each packs its own panels), split by rows
+// too when there are too few column blocks for the threads.
+void run(const GemmArgs& g) {
+  if (g.M == 0 || g.N == 0) return;
+  const int64_t blocks = (g.N + kGemmColumnBlock - 1) / kGemmColumnBlock;
+  const int64_t threads = at::get_num_threads();
+  const bool weight_rows = g.a.cs == 1 && g.b.rs == 1 &&
+                           (g.epilogue != Epilogue::swiglu && g.epilogue != Epilogue::grad_swiglu
+                                ? true
+                                : g.b2.rs == 1);
+  if (g.M <= kGemmSkinnyRows && weight_rows) {
+    const GemmSkinnyFn kernel = skinny_kernel();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      kernel(g, b0 * kGemmColumnBlock, std::min(g.N, b1 * kGemmColumnBlock));
+    });
+    return;
+  }
+  const int64_t row_splits =
+      blocks >= 2 * threads ? 1 : std::min<int64_t>((g.M + 5) / 6, (2 * threads + blocks - 1) / blocks);
+  const int64_t rows_per = (g.M + row_splits - 1) / row_splits;
+  const GemmBlockFn kernel = block_kernel();
+  at::parallel_for(0, blocks * row_splits, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / row_splits, r = t % row_splits;
+      const int64_t m0 = r * rows_per, m1 = std::min(g.M, m0 + rows_per);
+      if (m0 < m1)
+        kernel(g, m0, m1, b * kGemmColumnBlock, std::min(g.N, (b + 1) * kGemmColumnBlock));
+    }
+  });
+}
+
+GemmArgs base_args(int64_t M, int64_t N, int64_t K, Operand a, Operand b) {
+  GemmArgs g{};
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.a = a;
+  g.b = b;
+  g.b2 = b;
+  g.bias_type = DType::f32;
+  g.act = Activation::none;
+  g.epilogue = Epilogue::store;
+  return g;
+}
+
+void check_weight(const char* op, const char* name, const Tensor& x, const Tensor& w) {
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == x.size(-1) && w.device().is_cpu(), "pyllm::", op,
+                    ": ", name, " must be a CPU tensor of shape (out_features, ", x.size(-1),
+                    "), got ", w.sizes());
+  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "pyllm::", op, ": ", name,
+                   " must have x's dtype");
+}
+
+void check_bias(const char* op, const optional<Tensor>& bias, int64_t n, const Tensor& x) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n && bias->device().is_cpu(), "pyllm::",
+                    op, ": bias must have shape (", n, ")");
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type() || bias->scalar_type() == at::kFloat,
+                   "pyllm::", op, ": bias must have x's dtype or float32");
+}
+
+void check_input(const char* op, const Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.device().is_cpu(), "pyllm::", op,
+                    " (CPU kernel): x must be a CPU tensor with at least one dimension");
+  kernel_dtype(x, "x");
+}
+
+void set_bias(GemmArgs& g, const Tensor& bias, const Tensor& bias2) {
+  g.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  g.bias2 = bias2.defined() ? bias2.data_ptr() : nullptr;
+  const Tensor& any = bias.defined() ? bias : bias2;
+  g.bias_type = any.defined() ? kernel_dtype(any, "bias") : DType::f32;
+}
+
+Tensor contiguous_or_undefined(const optional<Tensor>& t) {
+  return t.has_value() ? t->contiguous() : Tensor();
+}
+
+Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_in,
+              c10::string_view activation) {
+  check_input("linear", x);
+  check_weight("linear", "weight", x, weight);
+  check_bias("linear", bias_in, weight.size(0), x);
+  const Tensor x2 = rows_of(x);
+  const Tensor bias = contiguous_or_undefined(bias_in);
+  const int64_t M = x2.size(0), N = weight.size(0), K = x2.size(1);
+  Tensor y = empty_output(with_last(x, N), x.options());
+  GemmArgs g = base_args(M, N, K, operand(x2), operand(weight, /*transposed=*/true));
+  set_bias(g, bias, Tensor());
+  g.act = parse_activation(activation);
+  g.out = y.data_ptr();
+  g.ldo = N;
+  g.out_type = kernel_dtype(y, "y");
+  run(g);
+  return y;
+}
+
+Tensor swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
+              const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in) {
+  check_input("swiglu", x);
+  check_weight("swiglu", "weight_gate", x, w_gate);
+  check_weight("swiglu", "weight_up", x, w_up);
+  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "pyllm::swiglu: the two weights must have one shape");
+  check_bias("swiglu", b_gate_in, w_gate.size(0), x);
+  check_bias("swiglu", b_up_in, w_gate.size(0), x);
+  const Tensor x2 = rows_of(x);
+  const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
+  TORCH_CHECK_TYPE(!b_gate.defined() || !b_up.defined() || b_gate.scalar_type() == b_up.scalar_type(),
+                   "pyllm::swiglu: the biases must have one dtype");
+  const int64_t M = x2.size(0), N = w_gate.size(0), K = x2.size(1);
+  Tensor y = empty_output(with_last(x, N), x.options());
+  GemmArgs g = base_args(M, N, K, operand(x2), operand(w_gate, true));
+  g.b2 = operand(w_up, true);
+  set_bias(g, b_gate, b_up);
+  g.epilogue = Epilogue::swiglu;
+  g.out = y.data_ptr();
+  g.ldo = N;
+  g.out_type = kernel_dtype(y, "y");
+  run(g);
+  return y;
+}
+
+// out (M x K, out_type) = a (M x N) @ weight (N x K); accumulate into an fp32
+// out instead when `accumulate`.
+void times_weight(const Tensor& a, const Tensor& weight, Tensor& out, bool accumulate) {
+  GemmArgs g = base_args(a.size(0), weight.size(1), a.size(1), operand(a), operand(weight));
+  g.epilogue = accumulate ? Epilogue::accumulate : Epilogue::store;
+  g.out = out.data_ptr();
+  g.ldo = out.size(1);
+  g.out_type = kernel_dtype(out, "out");
+  run(g);
+}
+
+// dW (N x K) = dz^T (N x M) @ x (M x K), in the weight's dtype.
+Tensor weight_grad(const Tensor& dz, const Tensor& x2, const Tensor& weight) {
+  Tensor dw = empty_output(weight.sizes(), weight.options());
+  GemmArgs g = base_args(dz.size(1), x2.size(1), dz.size(0), operand(dz, /*transposed=*/true),
+                         operand(x2));
+  g.out = dw.data_ptr();
+  g.ldo = dw.size(1);
+  g.out_type = kernel_dtype(dw, "grad_weight");
+  run(g);
+  return dw;
+}
+
+Tensor bias_grad(const Tensor& dz, const optional<Tensor>& bias) {
+  return at::sum(dz.to(at::kFloat), {0}).to(bias->scalar_type());
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const Tensor& x,
+                                                   const Tensor& weight,
+                                                   const optional<Tensor>& bias_in,
+                                                   c10::string_view activation,
+                                                   std::array<bool, 3> mask) {
+  check_input("linear_backward", x);
+  check_weight("linear_backward", "weight", x, weight);
+  check_bias("linear_backward", bias_in, weight.size(0), x);
+  TORCH_CHECK_VALUE(grad_y.sizes() == c10::IntArrayRef(with_last(x, weight.size(0))) &&
+                        grad_y.scalar_type() == x.scalar_type(),
+                    "pyllm::linear_backward: grad_y must have the output's shape and dtype");
+  const Tensor x2 = rows_of(x);
+  const Tensor gy = rows_of(grad_y);
+  const Tensor bias = contiguous_or_undefined(bias_in);
+  const int64_t M = x2.size(0), N = weight.size(0), K = x2.size(1);
+  const Activation act = parse_activation(activation);
+  Tensor dz = gy;
+  if (act != Activation::none) {  // dz = grad_y * act'(x W^T + b), fp32
+    dz = at::empty({M, N}, x.options().dtype(at::kFloat));
+    GemmArgs g = base_args(M, N, K, operand(x2), operand(weight, true));
+    set_bias(g, bias, Tensor());
+    g.act = act;
+    g.epilogue = Epilogue::grad_act;
+    g.out = dz.data_ptr();
+    g.ldo = N;
+    g.grad = gy.data_ptr();
+    g.ldg = N;
+    g.grad_type = kernel_dtype(gy, "grad_y");
+    run(g);
+  }
+  Tensor dx, dw, db;
+  if (mask[0]) {
+    dx = empty_output(x2.sizes(), x.options());
+    times_weight(dz, weight, dx, false);
+    dx = dx.view(x.sizes());
+  }
+  if (mask[1]) dw = weight_grad(dz, x2, weight);
+  if (mask[2] && bias_in.has_value()) db = bias_grad(dz, bias_in);
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
+    const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in, std::array<bool, 5> mask) {
+  check_input("swiglu_backward", x);
+  check_weight("swiglu_backward", "weight_gate", x, w_gate);
+  check_weight("swiglu_backward", "weight_up", x, w_up);
+  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "pyllm::swiglu_backward: the two weights must have one shape");
+  check_bias("swiglu_backward", b_gate_in, w_gate.size(0), x);
+  check_bias("swiglu_backward", b_up_in, w_gate.size(0), x);
+  TORCH_CHECK_VALUE(grad_y.sizes() == c10::IntArrayRef(with_last(x, w_gate.size(0))) &&
+                        grad_y.scalar_type() == x.scalar_type(),
+                    "pyllm::swiglu_backward: grad_y must have the output's shape and dtype");
+  const Tensor x2 = rows_of(x);
+  const Tensor gy = rows_of(grad_y);
+  const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
+  const int64_t M = x2.size(0), N = w_gate.size(0), K = x2.size(1);
+  // d gate and d up (fp32), from the recomputed products.
+  Tensor dgate = at::empty({M, N}, x.options().dtype(at::kFloat));
+  Tensor dup = at::empty({M, N}, x.options().dtype(at::kFloat));
+  GemmArgs g = base_args(M, N, K, operand(x2), operand(w_gate, true));
+  g.b2 = operand(w_up, true);
+  set_bias(g, b_gate, b_up);
+  g.epilogue = Epilogue::grad_swiglu;
+  g.out = dgate.data_ptr();
+  g.out2 = dup.data_ptr();
+  g.ldo = N;
+  g.grad = gy.data_ptr();
+  g.ldg = N;
+  g.grad_type = kernel_dtype(gy, "grad_y");
+  run(g);
+  Tensor dx, dwg, dwu, dbg, dbu;
+  if (mask[0]) {
+    Tensor dx32 = at::empty({M, K}, x.options().dtype(at::kFloat));
+    times_weight(dgate, w_gate, dx32, false);
+    times_weight(dup, w_up, dx32, true);
+    dx = dx32.to(x.scalar_type()).view(x.sizes());
+  }
+  if (mask[1]) dwg = weight_grad(dgate, x2, w_gate);
+  if (mask[2]) dwu = weight_grad(dup, x2, w_up);
+  if (mask[3] && b_gate_in.has_value()) dbg = bias_grad(dgate, b_gate_in);
+  if (mask[4] && b_up_in.has_value()) dbu = bias_grad(dup, b_up_in);
+  return {dx, dwg, dwu, dbg, dbu};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("swiglu", &swiglu);
+  m.impl("linear_backward", &linear_backward);
+  m.impl("swiglu_backward", &swiglu_backward);
+}
+
+}  // namespace pyllm::cpu

@@ -1,0 +1,144 @@
+"""Linear layers with fused epilogues: :func:`linear`, :func:`swiglu` and the
+Python registrations (fake kernels) of ``pyllm::linear``, ``pyllm::swiglu``
+and their backward ops.
+
+The op's stations: schema ``csrc/ops.cpp``; validation and fake kernels here;
+autograd ``csrc/autograd/linear.cpp``; route ``pyllm/backend.py``; kernels
+``csrc/cpu/linear.cpp`` (``csrc/cpu/kernels/gemm_kernel.h``); truth
+``pyllm.reference.linear`` / ``swiglu``; tests ``tests/test_linear.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyllm import backend as _backend
+from pyllm.checks import INT32_MAX, check_tensor
+
+__all__ = ["ACTIVATIONS", "linear", "swiglu"]
+
+#: The activations the epilogue applies.
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu")
+
+
+def _check_weight(op, name, x, weight, out_features=None):
+    check_tensor(op, name, weight, dim=2)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {weight.device}")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: {name} must have shape (out_features, {x.shape[-1]}) to match "
+                         f"the last dimension of x, got {tuple(weight.shape)}")
+    if out_features is not None and weight.shape[0] != out_features:
+        raise ValueError(f"{op}: {name} must have {out_features} rows like weight_gate, got "
+                         f"{weight.shape[0]}")
+
+
+def _check_bias(op, name, bias, x, out_features):
+    if bias is None:
+        return
+    check_tensor(op, name, bias, dim=1, dtypes=(x.dtype, torch.float32))
+    if bias.shape[0] != out_features:
+        raise ValueError(f"{op}: {name} must have shape ({out_features},), got {tuple(bias.shape)}")
+    if bias.device != x.device:
+        raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {bias.device}")
+
+
+def _check_sizes(op, x, out_features):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    for what, count in (("x", x.numel()), ("the output", rows * out_features)):
+        if count > INT32_MAX:
+            raise ValueError(f"{op}: {what} would have {count} elements, more than the 2**31 - 1 "
+                             f"that the kernels' 32-bit indexing allows")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str = "none", *, backend: str | None = None) -> torch.Tensor:
+    """``act(x @ weight.T + bias)`` with the bias and activation applied in the
+    GEMM's epilogue (no extra pass over the output).
+
+    Args:
+        x: ``(..., in_features)``, float16, bfloat16 or float32 (float64 on the
+            reference backend); any strides.
+        weight: ``(out_features, in_features)``, x's dtype, as ``torch.nn.Linear``.
+        bias: ``(out_features,)`` of x's dtype or float32, or None.
+        activation: ``"none"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"silu"``.
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``(..., out_features)`` in x's dtype. Differentiable in x, weight and bias.
+    """
+    op = "pyllm.linear"
+    check_tensor(op, "x", x, min_dim=1)
+    _check_weight(op, "weight", x, weight)
+    _check_bias(op, "bias", bias, x, weight.shape[0])
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {', '.join(ACTIVATIONS)}, got "
+                         f"{activation!r}")
+    _check_sizes(op, x, weight.shape[0])
+    return _backend.route("linear", x, backend)(x, weight, bias, activation)
+
+
+def swiglu(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
+           bias_gate: torch.Tensor | None = None, bias_up: torch.Tensor | None = None, *,
+           backend: str | None = None) -> torch.Tensor:
+    """The SwiGLU gate of LLaMA-style MLPs, both products in one pass over x:
+    ``silu(x @ weight_gate.T + bias_gate) * (x @ weight_up.T + bias_up)``.
+
+    Args:
+        x: ``(..., in_features)``, float16, bfloat16 or float32.
+        weight_gate, weight_up: ``(hidden, in_features)``, x's dtype.
+        bias_gate, bias_up: ``(hidden,)`` of x's dtype or float32 (one dtype), or None.
+        backend: as :func:`linear`.
+
+    Returns:
+        ``(..., hidden)`` in x's dtype. Differentiable in every tensor argument.
+    """
+    op = "pyllm.swiglu"
+    check_tensor(op, "x", x, min_dim=1)
+    _check_weight(op, "weight_gate", x, weight_gate)
+    _check_weight(op, "weight_up", x, weight_up, out_features=weight_gate.shape[0])
+    _check_bias(op, "bias_gate", bias_gate, x, weight_gate.shape[0])
+    _check_bias(op, "bias_up", bias_up, x, weight_gate.shape[0])
+    if bias_gate is not None and bias_up is not None and bias_gate.dtype != bias_up.dtype:
+        raise TypeError(f"{op}: bias_gate and bias_up must have one dtype, got {bias_gate.dtype} "
+                        f"and {bias_up.dtype}")
+    _check_sizes(op, x, weight_gate.shape[0])
+    return _backend.route("swiglu", x, backend)(x, weight_gate, weight_up, bias_gate, bias_up)
+
+
+# -- fake kernels -------------------------------------------------------------
+
+def _out_like(x, features):
+    return torch.empty((*x.shape[:-1], features), dtype=x.dtype, device=x.device)
+
+
+def _like(t):
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None else None
+
+
+def _linear_fake(x, weight, bias, activation):
+    return _out_like(x, weight.shape[0])
+
+
+def _swiglu_fake(x, weight_gate, weight_up, bias_gate, bias_up):
+    return _out_like(x, weight_gate.shape[0])
+
+
+def _linear_backward_fake(grad_y, x, weight, bias, activation, output_mask):
+    return (_like(x) if output_mask[0] else None, _like(weight) if output_mask[1] else None,
+            _like(bias) if output_mask[2] and bias is not None else None)
+
+
+def _swiglu_backward_fake(grad_y, x, weight_gate, weight_up, bias_gate, bias_up, output_mask):
+    tensors = (x, weight_gate, weight_up, bias_gate, bias_up)
+    return tuple(_like(t) if wanted and t is not None else None
+                 for t, wanted in zip(tensors, output_mask))
+
+
+for _suffix in ("", "_triton"):
+    torch.library.register_fake(f"pyllm::linear{_suffix}", _linear_fake)
+    torch.library.register_fake(f"pyllm::swiglu{_suffix}", _swiglu_fake)
+    torch.library.register_fake(f"pyllm::linear_backward{_suffix}", _linear_backward_fake)
+    torch.library.register_fake(f"pyllm::swiglu_backward{_suffix}", _swiglu_backward_fake)

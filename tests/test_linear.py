@@ -1,0 +1,298 @@
+"""pyllm.linear / pyllm.swiglu on every backend that serves CPU tensors here,
+against the float64 reference under the harness rule (PyTorch's own answer:
+F.linear and the activation in the dtype under test), forward and backward,
+the blocked and the skinny (M <= 16) paths; op registration; bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyllm
+from harness import KERNEL_DTYPES, check_rule, generator, poisoned_outputs, randn, run_python
+from pyllm import reference
+
+CPU_BACKENDS = ("cpu", "reference")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu")
+# (rows of x, in_features, out_features): odd sizes, K not a multiple of the
+# micro-kernel, the skinny path (M <= 16) and the blocked one.
+SHAPES = [(1, 1, 1), (7, 7, 7), (16, 300, 130), (17, 300, 130), (127, 1000, 65), (1000, 127, 257),
+          (3, 4096, 64)]
+
+
+def make(shape, dtype, *key, bias=True):
+    m, k, n = shape
+    gen = generator("linear", shape, dtype, *key)
+    x = randn((m, k), dtype, gen=gen)
+    w = randn((n, k), dtype, gen=gen, scale=k ** -0.5)
+    b = randn((n,), dtype, gen=gen) if bias else None
+    return x, w, b
+
+
+def pytorch_linear(x, w, b, act):
+    return reference.ACTIVATIONS[act](F.linear(x, w, b))
+
+
+def pytorch_swiglu(x, wg, wu, bg, bu):
+    return F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu)
+
+
+def as64(*ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward(shape, dtype, act, backend):
+    x, w, b = make(shape, dtype)
+    with poisoned_outputs():
+        y = pyllm.linear(x, w, b, act, backend=backend)
+    assert y.dtype == dtype and y.shape == (shape[0], shape[2])
+    check_rule(y, reference.linear(*as64(x, w, b), act), pytorch_linear(x, w, b, act))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 64, 33), (100, 300, 64)], ids=str)
+def test_forward_without_bias_and_float32_bias(shape, dtype):
+    x, w, _ = make(shape, dtype, bias=False)
+    y = pyllm.linear(x, w, None, "gelu")
+    check_rule(y, reference.linear(*as64(x, w), None, "gelu"), pytorch_linear(x, w, None, "gelu"))
+    b32 = randn((shape[2],), gen=generator("bias32", shape))
+    y = pyllm.linear(x, w, b32, "silu")
+    check_rule(y, reference.linear(*as64(x, w, b32), "silu"), pytorch_linear(x, w, b32.to(dtype), "silu"))
+
+
+@pytest.mark.parametrize("layout", ["3-D x", "strided x", "transposed weight"])
+def test_layouts(layout):
+    gen = generator("linear layout", layout)
+    if layout == "3-D x":
+        x = randn((2, 9, 96), gen=gen)
+        w = randn((40, 96), gen=gen)
+    elif layout == "strided x":
+        x = randn((30, 192), gen=gen)[:, ::2]
+        w = randn((40, 96), gen=gen)
+    else:  # weight stored (in, out) and used as its transpose
+        x = randn((30, 96), gen=gen)
+        w = randn((96, 40), gen=gen).t()
+    b = randn((40,), gen=gen)
+    with poisoned_outputs():
+        y = pyllm.linear(x, w, b, "gelu_tanh")
+    check_rule(y, reference.linear(*as64(x, w, b), "gelu_tanh"), pytorch_linear(x, w, b, "gelu_tanh"))
+    grad = randn(y.shape, gen=gen)
+    ours = grads_of(lambda *t: pyllm.linear(*t, "gelu_tanh"), (x, w, b), grad)
+    exact = grads_of(lambda *t: reference.linear(*t, "gelu_tanh"), as64(x, w, b), grad)
+    theirs = grads_of(lambda *t: pytorch_linear(*t, "gelu_tanh"), (x, w, b), grad)
+    for g, t, p in zip(ours, exact, theirs):
+        check_rule(g, t, p, factor=3)
+
+
+def grads_of(fn, tensors, grad):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 7, 7), (16, 300, 130), (127, 1000, 65), (200, 64, 129)],
+                         ids=str)
+def test_backward(shape, dtype, act, backend):
+    x, w, b = make(shape, dtype, "backward")
+    grad = randn((shape[0], shape[2]), dtype, gen=generator("linear grad", shape, dtype))
+    with poisoned_outputs():
+        ours = grads_of(lambda *t: pyllm.linear(*t, act, backend=backend), (x, w, b), grad)
+    exact = grads_of(lambda *t: reference.linear(*t, act), as64(x, w, b), grad)
+    theirs = grads_of(lambda *t: pytorch_linear(*t, act), (x, w, b), grad)
+    for name, g, t, p in zip(("x", "weight", "bias"), ours, exact, theirs):
+        assert g.dtype == dtype
+        check_rule(g, t, p, factor=3, what=f"grad {name}")
+
+
+def make_swiglu(shape, dtype, *key, bias=True):
+    m, k, n = shape
+    gen = generator("swiglu", shape, dtype, *key)
+    x = randn((m, k), dtype, gen=gen)
+    wg = randn((n, k), dtype, gen=gen, scale=k ** -0.5)
+    wu = randn((n, k), dtype, gen=gen, scale=k ** -0.5)
+    bg = randn((n,), dtype, gen=gen) if bias else None
+    bu = randn((n,), dtype, gen=gen) if bias else None
+    return x, wg, wu, bg, bu
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 7, 7), (16, 300, 130), (127, 256, 344)], ids=str)
+def test_swiglu(shape, dtype, bias, backend):
+    args = make_swiglu(shape, dtype, bias=bias)
+    with poisoned_outputs():
+        y = pyllm.swiglu(*args, backend=backend)
+    check_rule(y, reference.swiglu(*as64(*args)), pytorch_swiglu(*args))
+    grad = randn(y.shape, dtype, gen=generator("swiglu grad", shape, dtype))
+    with poisoned_outputs():
+        ours = grads_of(lambda *t: pyllm.swiglu(*t, backend=backend), args, grad)
+    exact = grads_of(lambda *t: reference.swiglu(*t), as64(*args), grad)
+    theirs = grads_of(lambda *t: pytorch_swiglu(*t), args, grad)
+    for name, g, t, p in zip(("x", "w_gate", "w_up", "b_gate", "b_up"), ours, exact, theirs):
+        if g is not None:
+            check_rule(g, t, p, factor=3, what=f"grad {name}")
+
+
+def test_thread_count_does_not_change_results():
+    x, w, b = make((300, 256, 200), torch.float32)
+    xs, ws, bs = make((5, 256, 200), torch.float32, "skinny")
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grads = grads_of(lambda *t: pyllm.linear(*t, "silu"), (x, w, b), torch.ones(300, 200))
+            results.append((pyllm.linear(x, w, b, "gelu"), pyllm.linear(xs, ws, bs, "gelu"), *grads))
+    finally:
+        torch.set_num_threads(previous)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("isa", ("generic", "avx2", "avx512"))
+def test_every_cpu_isa_path(isa):
+    code = f"""
+import sys
+sys.path.insert(0, "tests")
+import torch
+from pyllm import _C
+from test_linear import test_backward, test_forward, test_swiglu
+print(_C.cpu_isa())
+for dtype in (torch.float32, torch.bfloat16):
+    for shape in ((16, 300, 130), (127, 1000, 65)):
+        for act in ("none", "gelu", "silu"):
+            test_forward(shape, dtype, act, "cpu")
+    test_backward((127, 1000, 65), dtype, "gelu_tanh", "cpu")
+    test_swiglu((16, 300, 130), dtype, True, "cpu")
+    test_swiglu((127, 256, 344), dtype, True, "cpu")
+"""
+    result = run_python(code, env={"PYLLM_CPU_ISA": isa})
+    assert result.returncode == 0, result.stderr[-3000:]
+    order = ["generic", "avx2", "avx512", "avx512_bf16"]
+    chosen = result.stdout.split()[0]
+    assert chosen == isa or order.index(pyllm._C.cpu_isa_detected()) < order.index(isa)
+
+
+def test_opcheck():
+    x, w, b = make((9, 32, 24), torch.float32, "opcheck")
+    for args in [(x, w, b, "gelu"), (x, w, None, "none"),
+                 (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), "silu")]:
+        torch.library.opcheck(torch.ops.pyllm.linear.default, args)
+    x, w, b = (t.detach() for t in (x, w, b))
+    g = torch.randn(9, 24)
+    for mask in ([True, True, True], [False, True, False], [True, False, False]):
+        torch.library.opcheck(torch.ops.pyllm.linear_backward.default, (g, x, w, b, "gelu_tanh", mask))
+    args = make_swiglu((9, 32, 24), torch.float32, "opcheck")
+    torch.library.opcheck(torch.ops.pyllm.swiglu.default, args)
+    torch.library.opcheck(torch.ops.pyllm.swiglu.default,
+                          tuple(t.requires_grad_() for t in args))
+    args = tuple(t.detach() for t in args)
+    torch.library.opcheck(torch.ops.pyllm.swiglu_backward.default, (g, *args, [True] * 5))
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, dim=32, hidden=48):
+        super().__init__()
+        self.up = torch.nn.Linear(dim, hidden)
+        self.gate = torch.nn.Linear(dim, hidden, bias=False)
+        self.up2 = torch.nn.Linear(dim, hidden, bias=False)
+        self.down = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        h = pyllm.linear(x, self.up.weight, self.up.bias, "gelu")
+        h = h + pyllm.swiglu(x, self.gate.weight, self.up2.weight)
+        return pyllm.linear(h, self.down.weight, self.down.bias)
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    mlp = _MLP()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(mlp, fullgraph=True, backend=record)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.pyllm.linear.default) == 2
+    assert targets.count(torch.ops.pyllm.swiglu.default) == 1
+    x2 = x.detach().clone().requires_grad_()
+    ref = mlp(x2)
+    torch.testing.assert_close(out, ref)
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), ref)
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+BAD = [
+    (lambda: pyllm.linear(_t(3, 4), None), TypeError, "weight must be a tensor, got None"),
+    (lambda: pyllm.linear(torch.tensor(1.0), _t(2, 1)), ValueError, "x must have at least 1 dimension"),
+    (lambda: pyllm.linear(_t(3, 4), _t(2, 5)), ValueError, "weight must have shape (out_features, 4)"),
+    (lambda: pyllm.linear(_t(3, 4), _t(2, 4, 1)), ValueError, "weight must have 2 dimension(s)"),
+    (lambda: pyllm.linear(_t(3, 4), _t(2, 4).double()), TypeError, "weight must have x's dtype"),
+    (lambda: pyllm.linear(_t(3, 4), torch.ones(2, 4, device="meta")), ValueError,
+     "weight must be on x's device"),
+    (lambda: pyllm.linear(_t(3, 4), _t(2, 4), _t(3)), ValueError, "bias must have shape (2,)"),
+    (lambda: pyllm.linear(_t(3, 4, dtype=torch.bfloat16), _t(2, 4, dtype=torch.bfloat16),
+                          _t(2, dtype=torch.float16)), TypeError, "bias must be bfloat16, float32"),
+    (lambda: pyllm.linear(_t(3, 4), _t(2, 4), None, "relu"), ValueError,
+     "activation must be one of none, gelu, gelu_tanh, silu, got 'relu'"),
+    (lambda: pyllm.linear(torch.empty(2**20, 4096, device="meta"), torch.empty(4096, 4096, device="meta")),
+     ValueError, "32-bit"),
+    (lambda: pyllm.linear(_t(3, 4).long(), _t(2, 4).long()), TypeError, "x must be float16"),
+    (lambda: pyllm.linear(_t(3, 4), _t(2, 4), backend="gpu"), ValueError, "unknown backend 'gpu'"),
+    (lambda: pyllm.swiglu(_t(3, 4), _t(2, 4), _t(3, 4)), ValueError,
+     "weight_up must have 2 rows like weight_gate"),
+    (lambda: pyllm.swiglu(_t(3, 4), _t(2, 4), _t(2, 4), _t(2), _t(2).double()), TypeError,
+     "bias_up must be float32"),
+]
+
+
+@pytest.mark.parametrize("call, error, words", BAD, ids=[w for _, _, w in BAD])
+def test_bad_input(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    assert words in str(info.value)
+    assert "pyllm.linear" in str(info.value) or "pyllm.swiglu" in str(info.value)
+
+
+def test_direct_op_call_guards_memory():
+    with pytest.raises(ValueError, match="weight must be a CPU tensor of shape"):
+        torch.ops.pyllm.linear(_t(3, 4), _t(2, 5), None, "none")
+    with pytest.raises(ValueError, match="activation must be none, gelu, gelu_tanh or silu"):
+        torch.ops.pyllm.linear(_t(3, 4), _t(2, 4), None, "tanh")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.pyllm.linear(_t(3, 4), _t(2, 4), _t(3), "none")
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_extreme_preactivations(act, dtype):
+    """Pre-activations far into both tails (|z| up to 100): finite, and right,
+    forward and backward (sigmoid(-z) must not become inf * 0)."""
+    z = torch.linspace(-100, 100, 401).to(dtype)[:, None]
+    w = torch.ones(1, 1, dtype=dtype)
+    grad = torch.ones(401, 1, dtype=dtype)
+    ours = grads_of(lambda x: pyllm.linear(x, w, None, act), (z,), grad)[0]
+    y = pyllm.linear(z, w, None, act)
+    assert torch.isfinite(y).all() and torch.isfinite(ours).all()
+    exact = grads_of(lambda x: reference.linear(x, w.double(), None, act), (z.double(),), grad)[0]
+    theirs = grads_of(lambda x: pytorch_linear(x, w, None, act), (z,), grad)[0]
+    check_rule(y, reference.linear(z.double(), w.double(), None, act), pytorch_linear(z, w, None, act))
+    check_rule(ours, exact, theirs, factor=3)
