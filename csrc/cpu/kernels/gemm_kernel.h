@@ -143,7 +143,7 @@ inline void pack(const Operand& b, int64_t K, int64_t n, int64_t nr, float* pane
 // plus the running total rounds less than one chain of K additions.
 constexpr int64_t kSumBlock = 256;
 
-template <typename T, int R>
+template <typename T, int R, bool kIntoTile = false>
 inline void micro(const Operand& a, int64_t m, int64_t K, const float* panel, float* tile) {
   const T* base = static_cast<const T*>(a.data) + m * a.rs;
   for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kSumBlock) {
@@ -162,7 +162,7 @@ inline void micro(const Operand& a, int64_t m, int64_t K, const float* panel, fl
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < kNV; ++j) {
         float* out = tile + r * kNR + j * kLanes;
-        store(out, k0 == 0 ? acc[r][j] : add(load(out), acc[r][j]));
+        store(out, k0 == 0 && !kIntoTile ? acc[r][j] : add(load(out), acc[r][j]));
       }
   }
 }
@@ -358,6 +358,75 @@ void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 // products of a row of x are reduced together at the end.
 constexpr int64_t kSkinnyBlock = 256;
 
+#if defined(__AVX512F__)
+// The skinny path for 2..16 rows: per kNR output columns and K-slice of
+// kSkinnyBlock, the weight rows are transposed (16 x 16 blocks in registers)
+// into a panel that stays in L1, and every row of x uses it through the
+// micro-kernel's broadcasts, so each weight element is loaded once.
+template <typename T>
+void skinny_panel(const GemmArgs& g, int64_t n0, int64_t n1) {
+  GemmWorkspace& w = gemm_workspace();
+  const int64_t M = g.M, K = g.K;
+  const bool two = two_products(g);
+  float* panel = w.panel.get(kSkinnyBlock * kNR);
+  float* tile = w.tile.get(kGemmSkinnyRows * kNR);
+  float* tile2 = w.tile2.get(kGemmSkinnyRows * kNR);
+  for (int64_t n = n0; n < n1; n += kNR) {
+    const int64_t nr = gmin(kNR, n1 - n);
+    for (int half = 0; half < (two ? 2 : 1); ++half) {
+      const Operand& b = half == 0 ? g.b : g.b2;
+      float* out = half == 0 ? tile : tile2;
+      const T* weights = static_cast<const T*>(b.data);
+      for (int64_t k0 = 0; k0 < K; k0 += kSkinnyBlock) {
+        const int64_t kc = gmin(kSkinnyBlock, K - k0);
+        for (int64_t j0 = 0; j0 < kNR; j0 += 16) {      // 16 weight rows
+          for (int64_t k = 0; k < kc; k += 16) {         // 16 of their columns
+            const int c = static_cast<int>(gmin(16, kc - k));
+            V block[16];
+            for (int r = 0; r < 16; ++r) {
+              if (j0 + r < nr) {
+                const T* row = weights + (n + j0 + r) * b.cs + k0 + k;
+                // Sixteen rows stream at once, more than the hardware
+                // prefetchers follow: request the next K-slice's line now.
+                if (k0 + k + kSkinnyBlock < K) __builtin_prefetch(row + kSkinnyBlock, 0, 3);
+                block[r] = c == 16 ? load(row) : load(row, c);
+              } else {
+                block[r] = zero();
+              }
+            }
+            transpose16(block);
+            for (int r = 0; r < c; ++r) store(panel + (k + r) * kNR + j0, block[r]);
+          }
+        }
+        Operand slice = g.a;
+        slice.data = static_cast<const T*>(g.a.data) + k0;
+        for (int64_t m = 0; m < M; m += kMR) {
+          const int64_t rows = gmin(kMR, M - m);
+          float* t = out + m * kNR;
+          const bool first = k0 == 0;
+#define PYLLM_SKINNY_ROWS(R)                                                   \
+  case R:                                                                      \
+    first ? micro<T, R, false>(slice, m, kc, panel, t)                          \
+          : micro<T, R, true>(slice, m, kc, panel, t);                          \
+    break;
+          switch (rows) {
+            PYLLM_SKINNY_ROWS(6)
+            PYLLM_SKINNY_ROWS(5)
+            PYLLM_SKINNY_ROWS(4)
+            PYLLM_SKINNY_ROWS(3)
+            PYLLM_SKINNY_ROWS(2)
+            PYLLM_SKINNY_ROWS(1)
+            default: break;
+          }
+#undef PYLLM_SKINNY_ROWS
+        }
+      }
+    }
+    finish(g, tile, tile2, kNR, 0, M, n, nr);
+  }
+}
+#endif
+
 template <typename T>
 void skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
   GemmWorkspace& w = gemm_workspace();
@@ -388,7 +457,7 @@ void skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
         const int64_t k1 = gmin(K, k0 + kSkinnyBlock);
         for (int j = 0; j < kLanes; ++j)
           for (int64_t k = k1; k < gmin(K, k1 + kSkinnyBlock); k += 64 / sizeof(T))
-            __builtin_prefetch(row[j] + k, 0, 0);
+            __builtin_prefetch(row[j] + k, 0, 3);
         for (int64_t m = 0; m < M; ++m) {
           V acc[kLanes];
           float* pm = part + m * kLanes * kLanes;
@@ -424,6 +493,16 @@ void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
 }
 
 void gemm_skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
+#if defined(__AVX512F__)
+  // x and W share a dtype here (checked by the operator).
+  if (g.M >= 2) {
+    switch (g.b.type) {
+      case DType::f32: return skinny_panel<float>(g, n0, n1);
+      case DType::bf16: return skinny_panel<bf16>(g, n0, n1);
+      case DType::f16: return skinny_panel<f16>(g, n0, n1);
+    }
+  }
+#endif
   switch (g.b.type) {
     case DType::f32: return skinny<float>(g, n0, n1);
     case DType::bf16: return skinny<bf16>(g, n0, n1);

@@ -98,6 +98,32 @@ static inline V reduce_add_lanes(const V* x) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
 }
 
+// In place: r[j][i] <- r[i][j] for the 16 x 16 block r[0..15].
+static inline void transpose16(V* r) {
+  V t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + c], 128-bit lane L: rows 4i..4i+3 of column 4L + c.
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const V a = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const V b = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const V e = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const V f = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(a, e, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(a, e, 0xDD);
+    r[4 + c] = _mm512_shuffle_f32x4(b, f, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(b, f, 0xDD);
+  }
+}
+
 static inline __mmask16 tail_mask(int count) {
   return static_cast<__mmask16>((1u << count) - 1u);
 }
