@@ -265,7 +265,7 @@ void pack_panel_pairs(const Operand& b, int64_t K, int64_t n, int64_t nr, uint32
 
 // tile[R][kNR] = A rows [m, m + R) . panel over K, A's rows bf16 with pairs
 // contiguous (a.cs == 1).
-template <int R>
+template <int R, bool kIntoTile = false>
 inline void micro_bf16(const Operand& a, int64_t m, int64_t K, const uint32_t* panel, float* tile) {
   const uint16_t* base = static_cast<const uint16_t*>(a.data) + m * a.rs;
   const int64_t KP = (K + 1) / 2, block = kSumBlock / 2;
@@ -289,7 +289,8 @@ inline void micro_bf16(const Operand& a, int64_t m, int64_t K, const uint32_t* p
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < kNV; ++j) {
         float* out = tile + r * kNR + j * kLanes;
-        _mm512_storeu_ps(out, p0 == 0 ? acc[r][j] : _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]));
+        _mm512_storeu_ps(out, p0 == 0 && !kIntoTile ? acc[r][j]
+                                                   : _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]));
       }
   }
 }
@@ -379,6 +380,55 @@ void skinny_panel(const GemmArgs& g, int64_t n0, int64_t n1) {
       const T* weights = static_cast<const T*>(b.data);
       for (int64_t k0 = 0; k0 < K; k0 += kSkinnyBlock) {
         const int64_t kc = gmin(kSkinnyBlock, K - k0);
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, bf16>) {
+          // Pairs of bf16 (one 32-bit lane each) transposed like floats,
+          // into the vdpbf16ps panel layout [pair][kNR].
+          uint32_t* pairs = reinterpret_cast<uint32_t*>(panel);
+          for (int64_t j0 = 0; j0 < kNR; j0 += 16) {
+            for (int64_t k = 0; k < kc; k += 32) {  // 16 pairs of 16 rows
+              const int64_t left = gmin(32, kc - k);
+              const __mmask32 mask = left == 32 ? ~__mmask32{0} : ((__mmask32{1} << left) - 1);
+              V block[16];
+              for (int r = 0; r < 16; ++r) {
+                if (j0 + r < nr) {
+                  const T* row = weights + (n + j0 + r) * b.cs + k0 + k;
+                  if (k0 + k + kSkinnyBlock < K) __builtin_prefetch(row + kSkinnyBlock, 0, 3);
+                  block[r] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, row));
+                } else {
+                  block[r] = zero();
+                }
+              }
+              transpose16(block);
+              for (int64_t p = 0; p < (left + 1) / 2; ++p)
+                _mm512_storeu_si512(pairs + (k / 2 + p) * kNR + j0, _mm512_castps_si512(block[p]));
+            }
+          }
+          Operand slice = g.a;
+          slice.data = static_cast<const T*>(g.a.data) + k0;
+          for (int64_t m = 0; m < M; m += kMR) {
+            const int64_t rows = gmin(kMR, M - m);
+            float* t = out + m * kNR;
+            const bool first = k0 == 0;
+#define PYLLM_SKINNY_ROWS(R)                                                   \
+  case R:                                                                      \
+    first ? micro_bf16<R, false>(slice, m, kc, pairs, t)                        \
+          : micro_bf16<R, true>(slice, m, kc, pairs, t);                        \
+    break;
+            switch (rows) {
+              PYLLM_SKINNY_ROWS(6)
+              PYLLM_SKINNY_ROWS(5)
+              PYLLM_SKINNY_ROWS(4)
+              PYLLM_SKINNY_ROWS(3)
+              PYLLM_SKINNY_ROWS(2)
+              PYLLM_SKINNY_ROWS(1)
+              default: break;
+            }
+#undef PYLLM_SKINNY_ROWS
+          }
+          continue;
+        }
+#endif
         for (int64_t j0 = 0; j0 < kNR; j0 += 16) {      // 16 weight rows
           for (int64_t k = 0; k < kc; k += 16) {         // 16 of their columns
             const int c = static_cast<int>(gmin(16, kc - k));
