@@ -17,9 +17,9 @@ DTYPES = (torch.float32, torch.bfloat16)
 def test_case(benchmark, case, dtype, implementation):
     bench = BENCHES[case.op]
     inputs = bench.inputs(case, dtype, "cpu", torch.Generator().manual_seed(0))
-    eager = bench.eager()
-    fn = bench.pyllm(None) if implementation == "pyllm" else eager
-    verdict = judge(fn(*inputs), bench.truth(inputs), eager(*inputs))
+    eager = bench.eager(case)
+    fn = bench.pyllm(case, None) if implementation == "pyllm" else eager
+    verdict = judge(fn(*inputs), bench.truth(case, inputs), eager(*inputs))
     assert verdict.ok, verdict.reason
     benchmark.group = f"{case.name} {dtype}"
     benchmark(fn, *inputs)

@@ -53,15 +53,15 @@ class OpBench(abc.ABC):
         """Fresh random inputs for ``case`` (never zeros)."""
 
     @abc.abstractmethod
-    def pyllm(self, backend: str) -> Callable:
+    def pyllm(self, case: Case, backend: str | None) -> Callable:
         """A function of the inputs that runs pyllm's op on ``backend``."""
 
     @abc.abstractmethod
-    def eager(self) -> Callable:
+    def eager(self, case: Case) -> Callable:
         """PyTorch's own eager implementation, a function of the inputs."""
 
     @abc.abstractmethod
-    def truth(self, inputs: tuple) -> torch.Tensor:
+    def truth(self, case: Case, inputs: tuple) -> torch.Tensor:
         """The float64 result for ``inputs``."""
 
     def bytes_moved(self, case: Case, dtype) -> int:
@@ -102,7 +102,7 @@ class NormBench(OpBench):
         x, w, b = inputs
         return x, None, w, b
 
-    def pyllm(self, backend):
+    def pyllm(self, case, backend):
         fn = getattr(pyllm, self.op)
         eps = self.eps
 
@@ -113,7 +113,7 @@ class NormBench(OpBench):
             return out[0] if self.fused else out
         return run
 
-    def eager(self):
+    def eager(self, case):
         eps = self.eps
 
         def run(*inputs):
@@ -123,7 +123,7 @@ class NormBench(OpBench):
             return F.rms_norm(total, n, w, eps) if self.rms else F.layer_norm(total, n, w, b, eps)
         return run
 
-    def truth(self, inputs):
+    def truth(self, case, inputs):
         x, r, w, b = (t.double() if t is not None else None for t in self._split(inputs))
         total = x + r if self.fused else x
         if self.rms:
@@ -137,8 +137,107 @@ class NormBench(OpBench):
         return (rows * per_row + (1 if self.rms else 2) * hidden) * _size(dtype)
 
 
+class AttentionBench(OpBench):
+    """pyllm.attention against F.scaled_dot_product_attention (k/v heads repeated
+    for GQA, as a PyTorch user would)."""
+
+    op = "attention"
+    dim_names = ("batch", "seq_q", "seq_k", "heads", "heads_kv", "head_dim", "causal")
+
+    def inputs(self, case, dtype, device, gen):
+        b, sq, sk, h, hkv, d, _ = case.dims
+        q = torch.randn(b, sq, h, d, generator=gen).to(device=device, dtype=dtype)
+        k = torch.randn(b, sk, hkv, d, generator=gen).to(device=device, dtype=dtype)
+        v = torch.randn(b, sk, hkv, d, generator=gen).to(device=device, dtype=dtype)
+        return q, k, v
+
+    def pyllm(self, case, backend):
+        causal = bool(case.dims[-1])
+        return lambda q, k, v: pyllm.attention(q, k, v, causal=causal, backend=backend)
+
+    def eager(self, case):
+        causal_case = bool(case.dims[-1])
+
+        def run(q, k, v):
+            group = q.shape[2] // k.shape[2]
+            k = k.repeat_interleave(group, 2) if group > 1 else k
+            v = v.repeat_interleave(group, 2) if group > 1 else v
+            causal = causal_case and q.shape[1] == k.shape[1]
+            mask = None
+            if causal_case and not causal:  # bottom-right aligned, as pyllm
+                i = torch.arange(q.shape[1], device=q.device)[:, None]
+                j = torch.arange(k.shape[1], device=q.device)[None, :]
+                mask = j <= i + (k.shape[1] - q.shape[1])
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                 v.transpose(1, 2), attn_mask=mask, is_causal=causal)
+            return out.transpose(1, 2)
+        return run
+
+    def truth(self, case, inputs):
+        q, k, v = (t.double() for t in inputs)
+        return reference.attention(q, k, v, causal=bool(case.dims[-1]))[0]
+
+    def bytes_moved(self, case, dtype):
+        b, sq, sk, h, hkv, d, _ = case.dims
+        return (2 * b * sq * h * d + 2 * b * sk * hkv * d) * _size(dtype)
+
+    def flops(self, case):
+        b, sq, sk, h, hkv, d, causal = case.dims
+        full = 4 * b * h * sq * sk * d
+        return full // 2 if causal and sq == sk else full
+
+
+class LinearBench(OpBench):
+    """pyllm.linear / swiglu against F.linear followed by the activation."""
+
+    dim_names = ("rows", "in_features", "out_features", "activation")
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def inputs(self, case, dtype, device, gen):
+        m, k, n, _ = case.dims
+        x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+        w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device=device, dtype=dtype)
+        if self.op == "swiglu":
+            w2 = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device=device, dtype=dtype)
+            return x, w, w2
+        b = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+        return x, w, b
+
+    def pyllm(self, case, backend):
+        if self.op == "swiglu":
+            return lambda x, wg, wu: pyllm.swiglu(x, wg, wu, backend=backend)
+        act = case.dims[3]
+        return lambda x, w, b: pyllm.linear(x, w, b, act, backend=backend)
+
+    def eager(self, case):
+        if self.op == "swiglu":
+            return lambda x, wg, wu: F.silu(F.linear(x, wg)) * F.linear(x, wu)
+        act = reference.ACTIVATIONS[case.dims[3]]
+        return lambda x, w, b: act(F.linear(x, w, b))
+
+    def truth(self, case, inputs):
+        if self.op == "swiglu":
+            return reference.swiglu(*(t.double() for t in inputs))
+        x, w, b = (t.double() for t in inputs)
+        return reference.linear(x, w, b, case.dims[3])
+
+    def bytes_moved(self, case, dtype):
+        m, k, n, _ = case.dims
+        weights = (2 if self.op == "swiglu" else 1) * n * k
+        return (m * k + weights + m * n) * _size(dtype)
+
+    def flops(self, case):
+        m, k, n, _ = case.dims
+        return (2 if self.op == "swiglu" else 1) * 2 * m * n * k
+
+
 NORM_OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
 BENCHES = {op: NormBench(op) for op in NORM_OPS}
+BENCHES["attention"] = AttentionBench()
+BENCHES["linear"] = LinearBench("linear")
+BENCHES["swiglu"] = LinearBench("swiglu")
 
 _NORM_SHAPES = [
     ("bert-base", "8x128 tokens", (1024, 768), True),
@@ -151,6 +250,31 @@ _NORM_SHAPES = [
 
 CASES = [Case(op, model, label, dims, quick=quick and op == "rms_norm")
          for op in NORM_OPS for model, label, dims, quick in _NORM_SHAPES]
+
+# (batch, seq_q, seq_k, heads, heads_kv, head_dim, causal)
+CASES += [
+    Case("attention", "bert-base", "8x128", (8, 128, 128, 12, 12, 64, False), quick=True),
+    Case("attention", "gpt2", "prefill 512", (1, 512, 512, 12, 12, 64, True)),
+    Case("attention", "gpt2", "prefill 1024", (1, 1024, 1024, 12, 12, 64, True)),
+    Case("attention", "gpt2", "4x512", (4, 512, 512, 12, 12, 64, True)),
+    Case("attention", "gpt2", "2048 full", (1, 2048, 2048, 12, 12, 64, False)),
+    Case("attention", "llama-1b", "prefill 1024", (1, 1024, 1024, 32, 8, 64, True)),
+    Case("attention", "gpt2", "decode 2048", (1, 1, 2048, 12, 12, 64, True), quick=True),
+    Case("attention", "gpt2", "decode 8192", (1, 1, 8192, 12, 12, 64, True)),
+    Case("attention", "llama-1b", "decode 4096", (1, 1, 4096, 32, 8, 64, True)),
+]
+
+# (rows, in_features, out_features, activation)
+CASES += [
+    Case("linear", "gpt2", "qkv 512", (512, 768, 2304, "none")),
+    Case("linear", "gpt2", "mlp up 512", (512, 768, 3072, "gelu_tanh"), quick=True),
+    Case("linear", "gpt2", "mlp down 512", (512, 3072, 768, "none")),
+    Case("linear", "large", "decode 1", (1, 4096, 4096, "none"), quick=True),
+    Case("linear", "large", "decode 8", (8, 4096, 4096, "none")),
+    Case("linear", "large", "decode 16", (16, 4096, 4096, "silu")),
+    Case("swiglu", "llama-1b", "mlp 256", (256, 2048, 8192, "silu")),
+    Case("swiglu", "llama-1b", "decode 1", (1, 2048, 8192, "silu")),
+]
 
 
 def select(ops=None, quick=False) -> list[Case]:

@@ -142,13 +142,13 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
         per_set = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
         sets = [first] + [bench.inputs(case, dtype, device, gen)
                           for _ in range(input_copies(per_set) - 1)]
-        truth = bench.truth(first)
-        eager = bench.eager()
+        truth = bench.truth(case, first)
+        eager = bench.eager(case)
         pytorch_answer = eager(*first)
         case_rows, timed = [], {}
         for name in pyllm_backends_for(case.op, device_type, backends):
             impl = f"pyllm:{name}"
-            fn = bench.pyllm(name)
+            fn = bench.pyllm(case, name)
             try:
                 verdict = judge(fn(*first), truth, pytorch_answer)
             except (pyllm.BackendError, TypeError, ValueError) as e:
@@ -183,10 +183,30 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
     return rows
 
 
+#: FLOP per byte above which a case is reported against the FLOP peak rather
+#: than the memory bandwidth.
+COMPUTE_BOUND = 8.0
+
+
+def _rate(r: dict) -> tuple[str, str]:
+    """(rate, fraction of its ceiling) for the table: GFLOP/s of compute-bound
+    cases, GB/s of the others."""
+    compute = "gflops" in r and "gbps" in r and r["gflops"] / r["gbps"] > COMPUTE_BOUND
+    if compute or ("gflops" in r and "gbps" not in r):
+        frac = f"{100 * r['fraction_of_peak']:3.0f}%" if "fraction_of_peak" in r else ""
+        return f"{r['gflops']:6.0f} GF/s", frac
+    if "gbps" in r:
+        return f"{r['gbps']:6.1f} GB/s", f"{100 * r['fraction_of_bandwidth']:3.0f}%"
+    return "", ""
+
+
 def format_table(rows: list[dict]) -> str:
-    """The terminal table: one line per implementation, grouped by case."""
-    header = (f"{'op':<9} {'model':<10} {'case':<13} {'dtype':<9} {'implementation':<14} "
-              f"{'median':>10} {'p20-p80':>17} {'GB/s':>7} {'%BW':>5} {'vs eager':>9} "
+    """The terminal table: one line per implementation, grouped by case. The
+    rate is GFLOP/s for compute-bound cases (with the fraction of the measured
+    matmul peak) and GB/s for the others (fraction of the measured copy
+    bandwidth)."""
+    header = (f"{'op':<14} {'model':<10} {'case':<13} {'dtype':<9} {'implementation':<14} "
+              f"{'median':>10} {'p20-p80':>17} {'rate':>12} {'ceil':>5} {'vs eager':>9} "
               f"{'vs compile':>10}")
     lines = [header, "-" * len(header)]
     last = None
@@ -195,17 +215,17 @@ def format_table(rows: list[dict]) -> str:
         if last is not None and key != last:
             lines.append("")
         last = key
-        start = f"{r['op']:<9} {r['model']:<10} {r['case']:<13} {r['dtype']:<9} " \
+        start = f"{r['op']:<14} {r['model']:<10} {r['case']:<13} {r['dtype']:<9} " \
                 f"{r['implementation']:<14} "
         if r["status"] != "ok":
             lines.append(start + f"{r['status']}: {r.get('note', '')}")
             continue
         spread = f"{_us(r['p20_ms'])}-{_us(r['p80_ms'])}"
-        gbps = f"{r['gbps']:7.1f}" if "gbps" in r else f"{'':>7}"
-        frac = f"{100 * r['fraction_of_bandwidth']:4.0f}%" if "gbps" in r else f"{'':>5}"
+        rate, frac = _rate(r)
         vs_e = f"{r['speedup_vs_eager']:8.2f}x" if "speedup_vs_eager" in r else f"{'':>9}"
         vs_c = f"{r['speedup_vs_compile']:9.2f}x" if "speedup_vs_compile" in r else f"{'':>10}"
-        lines.append(start + f"{_us(r['median_ms']):>10} {spread:>17} {gbps} {frac} {vs_e} {vs_c}")
+        lines.append(start + f"{_us(r['median_ms']):>10} {spread:>17} {rate:>12} {frac:>5} "
+                             f"{vs_e} {vs_c}")
     return "\n".join(lines)
 
 

@@ -13,6 +13,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "norm.h"
@@ -68,18 +70,61 @@ inline int lanes_left(int64_t n, int64_t i) {
   return n - i >= kLanes ? kLanes : static_cast<int>(n - i);
 }
 
+// The parameters as fp32, twice: the copies sit 2 KiB apart modulo 4 KiB, and
+// each row reads the copy whose offset is farthest from its output row's. A
+// load whose address matches a recent store's modulo 4 KiB ("4K aliasing")
+// waits for that store; with weight, bias and output rows at unlucky offsets
+// this halved LayerNorm's speed.
+struct ParamCopies {
+  float* copy[2];  // each: weight [n] then bias [n]
+  float* data = nullptr;
+  int64_t size = 0;
+
+  template <typename P>
+  void fill(const P* w, const P* b, int64_t n) {
+    const int64_t per_copy = 2 * n;
+    const int64_t need = 2 * per_copy + 2048;  // floats: two copies + room to shift
+    if (need > size) {
+      std::free(data);
+      data = static_cast<float*>(std::aligned_alloc(4096, static_cast<size_t>(need) * 4 / 4096 * 4096 + 4096));
+      size = need;
+    }
+    copy[0] = data;
+    // The second copy: past the first, at +2 KiB modulo 4 KiB.
+    const int64_t second = (per_copy + 1023) / 1024 * 1024 + 512;
+    copy[1] = data + second;
+    for (float* c : copy) {
+      for (int64_t i = 0; i < n; ++i) c[i] = w != nullptr ? to_f32(w[i]) : 1.f;
+      for (int64_t i = 0; i < n; ++i) c[n + i] = b != nullptr ? to_f32(b[i]) : 0.f;
+    }
+  }
+
+  const float* for_row(const void* out_row) const {
+    const auto offset = (reinterpret_cast<uintptr_t>(out_row) - reinterpret_cast<uintptr_t>(copy[0])) & 4095u;
+    return offset < 1024 || offset >= 3072 ? copy[1] : copy[0];
+  }
+
+  ~ParamCopies() { std::free(data); }
+};
+
+ParamCopies& param_copies() {
+  static thread_local ParamCopies copies;
+  return copies;
+}
+
 template <typename T, typename P, bool kRms, bool kResidual>
 void forward_rows(const NormForward& a, int64_t begin, int64_t end) {
   const int64_t n = a.n;
-  const P* w = static_cast<const P*>(a.weight);
-  const P* b = static_cast<const P*>(a.bias);
-  const V one = set1(1.f), zero_v = zero();
+  ParamCopies& params = param_copies();
+  params.fill(static_cast<const P*>(a.weight), static_cast<const P*>(a.bias), n);
   for (int64_t r = begin; r < end; ++r) {
     const T* x = static_cast<const T*>(a.x) + r * n;
     const T* res = kResidual ? static_cast<const T*>(a.residual) + r * n : nullptr;
     T* sum = kResidual ? static_cast<T*>(a.sum) + r * n : nullptr;
     T* y = static_cast<T*>(a.y) + r * n;
     const T* src = kResidual ? sum : x;  // what later passes re-read
+    const float* w = params.for_row(y);
+    const float* b = w + n;
 
     // Pass 1: sum (LayerNorm) or sum of squares (RMSNorm); two accumulators.
     V acc0 = zero(), acc1 = zero();
@@ -125,7 +170,7 @@ void forward_rows(const NormForward& a, int64_t begin, int64_t end) {
     for (i = 0; i < n; i += kLanes) {
       const int c = lanes_left(n, i);
       const V xhat = mul(sub(load_row(src, i, c), m), s);
-      store_row(y, i, c, fma(xhat, load_param(w, i, c, one), load_param(b, i, c, zero_v)));
+      store_row(y, i, c, fma(xhat, load_row(w, i, c), load_row(b, i, c)));
     }
   }
 }
