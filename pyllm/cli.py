@@ -3,6 +3,8 @@
     pyllm info           versions, build record, CPU ISA, backends per op
     pyllm info --json    the same as JSON
     pyllm bench          check, then time every op against PyTorch (the main job)
+    pyllm bench --quick  a smoke run of a few cases
+    pyllm bench --compare OLD.json   also compare with an earlier run
 """
 
 from __future__ import annotations
@@ -29,11 +31,18 @@ def _bench(args) -> int:
 
     from pyllm.benchmark import runner
 
+    from pyllm.benchmark import compare
+
+    old = compare.load(args.compare) if args.compare else None  # fail early on a bad path
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = runner.run(ops=args.ops, dtypes=args.dtype, device=device, backends=args.backend,
                       quick=args.quick, output_dir=args.output)
     failed = [r for r in rows if r["status"] != "ok"]
-    return 1 if failed else 0
+    regressed = False
+    if old is not None:
+        text, regressed = compare.compare(rows, old, args.threshold)
+        print(text)
+    return 1 if failed or regressed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pyllm backends to time (default: every kernel backend available)")
     bench.add_argument("--quick", action="store_true", help="a few cases, short timing: a smoke run")
     bench.add_argument("--output", default="bench-results", metavar="DIR",
-                       help="where the JSON/CSV results go (default bench-results/; '' for none)")
+                       help="where the JSON/CSV results and PNG plots go (default bench-results/; "
+                            "'' for none)")
+    bench.add_argument("--compare", metavar="OLD.json",
+                       help="compare with an earlier run's JSON; exit 1 if a pyllm row got slower")
+    bench.add_argument("--threshold", type=float, default=0.15,
+                       help="slow-down that counts as a regression for --compare (default 0.15: "
+                            "two-thread timings vary by about that much)")
     bench.set_defaults(run=_bench)
     return parser
 

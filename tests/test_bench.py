@@ -1,22 +1,64 @@
-"""`pyllm bench --quick` runs end to end (a smoke run: no timing asserts)."""
+"""`pyllm bench`: the --quick smoke run end to end (no timing asserts), the
+--compare regression check, and the plots."""
 
 import json
 import subprocess
 import sys
 
+from pyllm.benchmark.compare import compare
+from pyllm.benchmark.plots import plot
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, "-m", "pyllm", "bench", *args], capture_output=True,
+                          text=True, timeout=900)
+
 
 def test_bench_quick_smoke(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "pyllm", "bench", "--quick", "--ops", "rms_norm", "--dtype",
-         "float32", "--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    result = run_bench("--quick", "--ops", "rms_norm", "attention", "--dtype", "float32",
+                       "--output", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "memory bandwidth" in result.stdout and "torch:compile" in result.stdout
     (path,) = tmp_path.glob("*.json")
     rows = json.loads(path.read_text())
     impls = {r["implementation"] for r in rows}
     assert {"pyllm:cpu", "torch:eager", "torch:compile"} <= impls
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     for r in rows:
         assert r["status"] == "ok" and r["median_ms"] > 0 and r["dtype"] == "float32"
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
     assert all("speedup_vs_eager" in r for r in rows if r["implementation"] == "pyllm:cpu")
     assert list(tmp_path.glob("*.csv"))
+    assert {p.name for p in tmp_path.glob("*.png")} == {"plot-rms_norm.png", "plot-attention.png"}
+    # Comparing a run with itself: no change, exit 0.
+    again = run_bench("--quick", "--ops", "rms_norm", "--dtype", "float32", "--output", "",
+                      "--compare", str(path), "--threshold", "10")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "rows compared" in again.stdout
+
+
+def _row(impl, ms, case="c"):
+    return {"op": "rms_norm", "model": "m", "case": case, "dtype": "float32", "mode": "fwd",
+            "implementation": impl, "status": "ok", "median_ms": ms}
+
+
+def test_compare_flags_a_slower_pyllm_row_relative_to_eager():
+    old = [_row("pyllm:cpu", 1.0), _row("torch:eager", 2.0)]
+    # The machine got twice as slow: both rows doubled, no regression.
+    text, regressed = compare([_row("pyllm:cpu", 2.0), _row("torch:eager", 4.0)], old, 0.15)
+    assert not regressed and "no pyllm row got slower" in text
+    # pyllm alone got 50% slower.
+    text, regressed = compare([_row("pyllm:cpu", 1.5), _row("torch:eager", 2.0)], old, 0.15)
+    assert regressed and "SLOWER" in text
+    # Without eager rows the raw change decides.
+    text, regressed = compare([_row("pyllm:cpu", 1.1)], [_row("pyllm:cpu", 1.0)], 0.15)
+    assert not regressed
+
+
+def test_plots_are_pictures(tmp_path):
+    rows = [dict(_row(impl, ms, case), gbps=gbps, mode="fwd")
+            for impl, ms, case, gbps in [("pyllm:cpu", 1.0, "small", 10.0), ("pyllm:cpu", 2.0, "big", 20.0),
+                                         ("torch:eager", 2.0, "small", 5.0), ("torch:eager", 3.0, "big", 13.0)]]
+    (path,) = plot(rows, str(tmp_path))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

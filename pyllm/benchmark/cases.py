@@ -32,10 +32,12 @@ class Case:
     label: str
     dims: tuple  # the op's sizes, named by its OpBench.dim_names
     quick: bool = False  # part of the --quick smoke run
+    mode: str = "fwd"  # "fwd", or "fwd+bwd": the forward and the gradients of every input
 
     @property
     def name(self) -> str:
-        return f"{self.op} {self.model} {self.label}"
+        suffix = "" if self.mode == "fwd" else f" ({self.mode})"
+        return f"{self.op} {self.model} {self.label}{suffix}"
 
     def shape_text(self) -> str:
         return "x".join(str(d) for d in self.dims)
@@ -46,7 +48,9 @@ class OpBench(abc.ABC):
 
     op: str
     dim_names: tuple
-    mode = "fwd"
+    #: Work of forward + backward over the forward's (FLOPs, or bytes for
+    #: memory-bound ops), for the rates of "fwd+bwd" cases.
+    backward_factor = 3.0
 
     @abc.abstractmethod
     def inputs(self, case: Case, dtype, device, gen) -> tuple:
@@ -81,6 +85,7 @@ class NormBench(OpBench):
     """rms_norm, layer_norm and their fused-residual forms (``add_``)."""
 
     dim_names = ("rows", "hidden")
+    backward_factor = 2.5  # backward: read x and dy, write dx
     eps = 1e-6
 
     def __init__(self, op: str):
@@ -143,6 +148,7 @@ class AttentionBench(OpBench):
 
     op = "attention"
     dim_names = ("batch", "seq_q", "seq_k", "heads", "heads_kv", "head_dim", "causal")
+    backward_factor = 3.5  # the backward: 2.5x the forward's FLOPs, as flash-attn counts
 
     def inputs(self, case, dtype, device, gen):
         b, sq, sk, h, hkv, d, _ = case.dims
@@ -274,6 +280,18 @@ CASES += [
     Case("linear", "large", "decode 16", (16, 4096, 4096, "silu")),
     Case("swiglu", "llama-1b", "mlp 256", (256, 2048, 8192, "silu")),
     Case("swiglu", "llama-1b", "decode 1", (1, 2048, 8192, "silu")),
+]
+
+# Training: forward and backward (gradients of every input).
+CASES += [
+    Case("rms_norm", "gpt2", "prefill 512", (512, 768), mode="fwd+bwd"),
+    Case("rms_norm", "large", "4096 rows", (4096, 4096), mode="fwd+bwd"),
+    Case("layer_norm", "bert-base", "8x128 tokens", (1024, 768), mode="fwd+bwd"),
+    Case("attention", "gpt2", "prefill 512", (1, 512, 512, 12, 12, 64, True), mode="fwd+bwd",
+         quick=True),
+    Case("attention", "bert-base", "8x128", (8, 128, 128, 12, 12, 64, False), mode="fwd+bwd"),
+    Case("linear", "gpt2", "mlp up 512", (512, 768, 3072, "gelu_tanh"), mode="fwd+bwd"),
+    Case("swiglu", "llama-1b", "mlp 256", (256, 2048, 2048, "silu"), mode="fwd+bwd"),
 ]
 
 

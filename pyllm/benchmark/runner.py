@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+from typing import Callable
 
 import torch
 
@@ -26,9 +27,10 @@ from pyllm import backend as backend_module
 from pyllm.accuracy import judge
 from pyllm.benchmark.cases import BENCHES, Case, select
 from pyllm.benchmark.machine import Ceilings, measure_ceilings
+from pyllm.benchmark.plots import COMPUTE_BOUND, plot
 from pyllm.benchmark.timing import input_copies, measure_interleaved
 
-__all__ = ["run", "format_table"]
+__all__ = ["run", "format_table", "differentiable", "forward_backward"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,13 +91,15 @@ class _Progress:
 def _row(case: Case, dtype: str, impl: str, common: dict, **fields) -> dict:
     bench = BENCHES[case.op]
     return {"op": case.op, "model": case.model, "case": case.label, "shape": case.shape_text(),
-            "dims": dict(zip(bench.dim_names, case.dims)), "dtype": dtype, "mode": bench.mode,
+            "dims": dict(zip(bench.dim_names, case.dims)), "dtype": dtype, "mode": case.mode,
             "implementation": impl, **common, **fields}
 
 
 def _timed_fields(t, case: Case, dtype, ceilings: Ceilings) -> dict:
     bench = BENCHES[case.op]
     nbytes, flops = bench.bytes_moved(case, DTYPES[dtype]), bench.flops(case)
+    if case.mode != "fwd":
+        nbytes, flops = int(nbytes * bench.backward_factor), int(flops * bench.backward_factor)
     fields = {"status": "ok", "median_ms": t.median * 1e3, "p20_ms": t.p20 * 1e3,
               "p80_ms": t.p80 * 1e3, "samples": t.samples}
     if nbytes:
@@ -109,9 +113,85 @@ def _timed_fields(t, case: Case, dtype, ceilings: Ceilings) -> dict:
     return fields
 
 
+def differentiable(inputs: tuple) -> tuple:
+    """The inputs as leaves that require grad (floating tensors only)."""
+    return tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 else t for t in inputs)
+
+
+def forward_backward(fn: Callable, grad: torch.Tensor) -> Callable:
+    """fn's forward and the gradients of all its differentiable inputs."""
+    def run(*inputs):
+        out = fn(*inputs)
+        return torch.autograd.grad(out, [t for t in inputs if isinstance(t, torch.Tensor)
+                                         and t.requires_grad], grad)
+    return run
+
+
+def _verdict(ours, truths, theirs, factor):
+    """The rule on each result; the first failure, else the worst pass."""
+    verdicts = [judge(o, t, p, factor=factor) for o, t, p in zip(ours, truths, theirs)]
+    failed = [v for v in verdicts if not v.ok]
+    return failed[0] if failed else max(verdicts, key=lambda v: v.error)
+
+
+def _run_case(case: Case, dtype_name: str, device: str, device_type: str, backends, common: dict,
+              ceilings: Ceilings, min_time: float) -> list[dict]:
+    """Checks, then times, pyllm's backends and PyTorch's baselines on one case."""
+    bench, dtype = BENCHES[case.op], DTYPES[dtype_name]
+    training = case.mode != "fwd"
+    gen = torch.Generator().manual_seed(0)
+    first = bench.inputs(case, dtype, device, gen)
+    per_set = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
+    sets = [first] + [bench.inputs(case, dtype, device, gen)
+                      for _ in range(input_copies(per_set) - 1)]
+    eager = bench.eager(case)
+    if training:
+        sets = [differentiable(inputs) for inputs in sets]
+        first = sets[0]
+        grad = torch.randn(eager(*first).shape, generator=gen).to(device=device, dtype=dtype)
+        exact_inputs = differentiable(tuple(t.double() if isinstance(t, torch.Tensor) else t
+                                             for t in first))
+        truths = forward_backward(lambda *t: bench.truth(case, t), grad.double())(*exact_inputs)
+        wrap = (lambda fn: forward_backward(fn, grad))
+        factor = 3.0
+    else:
+        truths = (bench.truth(case, first),)
+        wrap = (lambda fn: fn)
+        factor = 2.0
+    as_tuple = (lambda out: out if training else (out,))
+    eager_fn = wrap(eager)
+    pytorch_answer = as_tuple(eager_fn(*first))
+    rows, timed = [], {}
+    for name in pyllm_backends_for(case.op, device_type, backends):
+        impl = f"pyllm:{name}"
+        fn = wrap(bench.pyllm(case, name))
+        try:
+            verdict = _verdict(as_tuple(fn(*first)), truths, pytorch_answer, factor)
+        except (pyllm.BackendError, TypeError, ValueError, RuntimeError) as e:
+            rows.append(_row(case, dtype_name, impl, common, status="error", note=str(e)))
+            continue
+        if not verdict.ok:
+            rows.append(_row(case, dtype_name, impl, common, status="FAIL", note=verdict.reason))
+            continue
+        timed[impl] = (fn, {"error": verdict.error, "error_bound": verdict.bound})
+    timed["torch:eager"] = (eager_fn, {})
+    torch._dynamo.reset()
+    compiled = wrap(torch.compile(eager, dynamic=False, fullgraph=True))
+    compiled(*first)  # compile outside the timing
+    timed["torch:compile"] = (compiled, {})
+    timings = measure_interleaved({k: fn for k, (fn, _) in timed.items()}, sets, device=device,
+                                  min_time=min_time)
+    for impl, (_, extra) in timed.items():
+        rows.append(_row(case, dtype_name, impl, common, **extra,
+                         **_timed_fields(timings[impl], case, dtype_name, ceilings)))
+    return rows
+
+
 def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, quick=False,
         output_dir="bench-results", stream=sys.stdout) -> list[dict]:
-    """Runs the benchmark and returns one row per (case, dtype, implementation)."""
+    """Runs the benchmark and returns one row per (case, dtype, implementation);
+    prints the table and writes JSON, CSV and PNG plots into output_dir."""
     # torch.compile imports torch.utils.cpp_extension, which warns on machines
     # without a GPU; the warning is not about pyllm and would clutter the table.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -136,39 +216,8 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
     rows = []
     for case, dtype_name in plan:
         progress.step(f"{case.name} {dtype_name}")
-        bench, dtype = BENCHES[case.op], DTYPES[dtype_name]
-        gen = torch.Generator().manual_seed(0)
-        first = bench.inputs(case, dtype, device, gen)
-        per_set = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
-        sets = [first] + [bench.inputs(case, dtype, device, gen)
-                          for _ in range(input_copies(per_set) - 1)]
-        truth = bench.truth(case, first)
-        eager = bench.eager(case)
-        pytorch_answer = eager(*first)
-        case_rows, timed = [], {}
-        for name in pyllm_backends_for(case.op, device_type, backends):
-            impl = f"pyllm:{name}"
-            fn = bench.pyllm(case, name)
-            try:
-                verdict = judge(fn(*first), truth, pytorch_answer)
-            except (pyllm.BackendError, TypeError, ValueError) as e:
-                case_rows.append(_row(case, dtype_name, impl, common, status="error", note=str(e)))
-                continue
-            if not verdict.ok:
-                case_rows.append(_row(case, dtype_name, impl, common, status="FAIL",
-                                      note=verdict.reason))
-                continue
-            timed[impl] = (fn, {"error": verdict.error, "error_bound": verdict.bound})
-        timed["torch:eager"] = (eager, {})
-        torch._dynamo.reset()
-        compiled = torch.compile(eager, dynamic=False, fullgraph=True)
-        compiled(*first)  # compile outside the timing
-        timed["torch:compile"] = (compiled, {})
-        timings = measure_interleaved({k: fn for k, (fn, _) in timed.items()}, sets,
-                                      device=device, min_time=min_time)
-        for impl, (_, extra) in timed.items():
-            case_rows.append(_row(case, dtype_name, impl, common, **extra,
-                                  **_timed_fields(timings[impl], case, dtype_name, ceilings)))
+        case_rows = _run_case(case, dtype_name, device, device_type, backends, common, ceilings,
+                              min_time)
         baseline = {r["implementation"]: r["median_ms"] for r in case_rows if r["status"] == "ok"}
         for r in case_rows:
             if r["status"] == "ok" and r["implementation"].startswith("pyllm:"):
@@ -178,14 +227,9 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
     progress.close()
     print(format_table(rows), file=stream)
     if output_dir:
-        paths = write_results(rows, output_dir, stamp)
+        paths = write_results(rows, output_dir, stamp) + plot(rows, output_dir)
         print("results: " + ", ".join(paths), file=stream)
     return rows
-
-
-#: FLOP per byte above which a case is reported against the FLOP peak rather
-#: than the memory bandwidth.
-COMPUTE_BOUND = 8.0
 
 
 def _rate(r: dict) -> tuple[str, str]:
@@ -205,18 +249,18 @@ def format_table(rows: list[dict]) -> str:
     rate is GFLOP/s for compute-bound cases (with the fraction of the measured
     matmul peak) and GB/s for the others (fraction of the measured copy
     bandwidth)."""
-    header = (f"{'op':<14} {'model':<10} {'case':<13} {'dtype':<9} {'implementation':<14} "
+    header = (f"{'op':<14} {'model':<10} {'case':<13} {'dtype':<9} {'mode':<8} {'implementation':<14} "
               f"{'median':>10} {'p20-p80':>17} {'rate':>12} {'ceil':>5} {'vs eager':>9} "
               f"{'vs compile':>10}")
     lines = [header, "-" * len(header)]
     last = None
     for r in rows:
-        key = (r["op"], r["model"], r["case"], r["dtype"])
+        key = (r["op"], r["model"], r["case"], r["dtype"], r["mode"])
         if last is not None and key != last:
             lines.append("")
         last = key
         start = f"{r['op']:<14} {r['model']:<10} {r['case']:<13} {r['dtype']:<9} " \
-                f"{r['implementation']:<14} "
+                f"{r['mode']:<8} {r['implementation']:<14} "
         if r["status"] != "ok":
             lines.append(start + f"{r['status']}: {r.get('note', '')}")
             continue
