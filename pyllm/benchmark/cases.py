@@ -99,13 +99,16 @@ class NormBench(OpBench):
         r = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype)
         w = (torch.rand(hidden, generator=gen) + 0.5).to(device=device, dtype=dtype)
         b = torch.randn(hidden, generator=gen).to(device=device, dtype=dtype)
-        return (x, r, w, b) if self.fused else (x, w, b)
+        params = (w,) if self.rms else (w, b)  # every input is used (gradients of all)
+        return ((x, r) if self.fused else (x,)) + params
 
     def _split(self, inputs):
-        if self.fused:
-            return inputs
-        x, w, b = inputs
-        return x, None, w, b
+        """(x, residual or None, weight, bias or None)."""
+        x, rest = inputs[0], list(inputs[1:])
+        r = rest.pop(0) if self.fused else None
+        w = rest.pop(0)
+        b = rest.pop(0) if rest else None
+        return x, r, w, b
 
     def pyllm(self, case, backend):
         fn = getattr(pyllm, self.op)
