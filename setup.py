@@ -75,9 +75,9 @@ ISA_FLAGS = {
 # -ffp-contract=off: the kernels fuse multiply-adds where they say fma(), and
 # nowhere else (GCC would otherwise contract its vector intrinsics, and
 # g - c1 with g = dy * w becomes the rounding error of dy * w instead of 0).
-# -Wno-maybe-uninitialized: GCC 12 warns falsely inside its own AVX-512 headers.
+# -Wno-(maybe-)uninitialized: GCC 12 warns falsely inside its own AVX-512 headers.
 ISA_KERNEL_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd", "-ffp-contract=off",
-                    "-Wno-maybe-uninitialized"]
+                    "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
 
 
 def env_flag(name):

@@ -17,6 +17,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import textwrap
 import zlib
 
 import torch
@@ -90,6 +91,23 @@ def run_python(code: str, env: dict | None = None, timeout: float = 600) -> subp
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
                           text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+ISAS = ("generic", "avx2", "avx512", "avx512_bf16")
+
+
+def run_under_isa(isa: str, body: str) -> None:
+    """Runs ``body`` (Python; the tests folder importable) in a fresh process
+    with ``PYLLM_CPU_ISA=isa``, and asserts that it passed and that the kernels
+    ran that ISA (or the best this CPU has, where that is lower)."""
+    code = ("import sys\nsys.path.insert(0, 'tests')\nfrom pyllm import _C\nprint(_C.cpu_isa())\n"
+            + textwrap.dedent(body))
+    result = run_python(code, env={"PYLLM_CPU_ISA": isa})
+    assert result.returncode == 0, result.stderr[-3000:]
+    from pyllm import _C
+
+    chosen = result.stdout.split()[0]
+    assert chosen == isa or ISAS.index(_C.cpu_isa_detected()) < ISAS.index(isa)
 
 
 def run_pytest_in_interpreter(path: str, timeout: float = 900) -> subprocess.CompletedProcess:

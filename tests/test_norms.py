@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import pyllm
 from harness import (KERNEL_DTYPES, ODD_SIZES, check_rule, generator, noncontiguous,
-                     poisoned_outputs, randn, run_python, transposed)
+                     poisoned_outputs, randn, run_under_isa, transposed)
 from pyllm import reference
 
 CPU_BACKENDS = ("cpu", "reference")
@@ -202,26 +202,17 @@ def test_thread_count_does_not_change_results(op):
 
 @pytest.mark.parametrize("isa", ("generic", "avx2", "avx512"))
 def test_every_cpu_isa_path(isa):
-    """Each ISA variant (forced with PYLLM_CPU_ISA in a fresh process) meets the
-    rule, forward and backward, for every norm op and dtype."""
-    code = f"""
-import sys
-sys.path.insert(0, "tests")
-import pyllm, torch
-from pyllm import _C
-from test_norms import OPS, test_backward, test_forward
-print(_C.cpu_isa())
-for op in OPS:
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        test_forward(op, (33, 1000), dtype, "same", "cpu")
-        test_forward(op, (5, 7), dtype, "float32", "cpu")
-        test_backward(op, (33, 1000), dtype, "same", "cpu")
-"""
-    result = run_python(code, env={"PYLLM_CPU_ISA": isa})
-    assert result.returncode == 0, result.stderr[-3000:]
-    chosen = result.stdout.split()[0]
-    order = ["generic", "avx2", "avx512", "avx512_bf16"]
-    assert chosen == isa or order.index(pyllm._C.cpu_isa_detected()) < order.index(isa)
+    """Each ISA variant (forced in a fresh process) meets the rule, forward and
+    backward, for every norm op and dtype."""
+    run_under_isa(isa, """
+        import torch
+        from test_norms import OPS, test_backward, test_forward
+        for op in OPS:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                test_forward(op, (33, 1000), dtype, "same", "cpu")
+                test_forward(op, (5, 7), dtype, "float32", "cpu")
+                test_backward(op, (33, 1000), dtype, "same", "cpu")
+    """)
 
 
 # -- registration: opcheck and torch.compile ---------------------------------

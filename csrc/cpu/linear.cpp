@@ -166,14 +166,26 @@ Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bia
   return y;
 }
 
+void check_swiglu(const char* op, const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
+                  const optional<Tensor>& b_gate, const optional<Tensor>& b_up) {
+  check_input(op, x);
+  check_weight(op, "weight_gate", x, w_gate);
+  check_weight(op, "weight_up", x, w_up);
+  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "pyllm::", op,
+                    ": the two weights must have one shape");
+  check_bias(op, b_gate, w_gate.size(0), x);
+  check_bias(op, b_up, w_gate.size(0), x);
+}
+
+void check_grad_y(const char* op, const Tensor& grad_y, const Tensor& x, int64_t n) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == c10::IntArrayRef(with_last(x, n)) &&
+                        grad_y.scalar_type() == x.scalar_type(),
+                    "pyllm::", op, ": grad_y must have the output's shape and dtype");
+}
+
 Tensor swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
               const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in) {
-  check_input("swiglu", x);
-  check_weight("swiglu", "weight_gate", x, w_gate);
-  check_weight("swiglu", "weight_up", x, w_up);
-  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "pyllm::swiglu: the two weights must have one shape");
-  check_bias("swiglu", b_gate_in, w_gate.size(0), x);
-  check_bias("swiglu", b_up_in, w_gate.size(0), x);
+  check_swiglu("swiglu", x, w_gate, w_up, b_gate_in, b_up_in);
   const Tensor x2 = rows_of(x);
   const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
   TORCH_CHECK_TYPE(!b_gate.defined() || !b_up.defined() || b_gate.scalar_type() == b_up.scalar_type(),
@@ -226,9 +238,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
   check_input("linear_backward", x);
   check_weight("linear_backward", "weight", x, weight);
   check_bias("linear_backward", bias_in, weight.size(0), x);
-  TORCH_CHECK_VALUE(grad_y.sizes() == c10::IntArrayRef(with_last(x, weight.size(0))) &&
-                        grad_y.scalar_type() == x.scalar_type(),
-                    "pyllm::linear_backward: grad_y must have the output's shape and dtype");
+  check_grad_y("linear_backward", grad_y, x, weight.size(0));
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);
   const Tensor bias = contiguous_or_undefined(bias_in);
@@ -262,15 +272,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
     const Tensor& grad_y, const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
     const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in, std::array<bool, 5> mask) {
-  check_input("swiglu_backward", x);
-  check_weight("swiglu_backward", "weight_gate", x, w_gate);
-  check_weight("swiglu_backward", "weight_up", x, w_up);
-  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "pyllm::swiglu_backward: the two weights must have one shape");
-  check_bias("swiglu_backward", b_gate_in, w_gate.size(0), x);
-  check_bias("swiglu_backward", b_up_in, w_gate.size(0), x);
-  TORCH_CHECK_VALUE(grad_y.sizes() == c10::IntArrayRef(with_last(x, w_gate.size(0))) &&
-                        grad_y.scalar_type() == x.scalar_type(),
-                    "pyllm::swiglu_backward: grad_y must have the output's shape and dtype");
+  check_swiglu("swiglu_backward", x, w_gate, w_up, b_gate_in, b_up_in);
+  check_grad_y("swiglu_backward", grad_y, x, w_gate.size(0));
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);
   const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);

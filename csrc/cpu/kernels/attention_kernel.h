@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "attention.h"
+#include "scratch.h"
 #include "simd.h"
 
 namespace pyllm::cpu::PYLLM_ISA {
@@ -37,23 +38,6 @@ constexpr int64_t kTileCols = int64_t{kTileVecs} * kLanes;
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-// A per-thread scratch buffer. (No std containers in ISA code: their inline
-// functions, compiled with this ISA's flags, could be picked by the linker
-// for code that runs on any CPU.)
-struct Scratch {
-  float* data = nullptr;
-  int64_t size = 0;
-  float* get(int64_t n) {
-    if (n > size) {
-      std::free(data);
-      data = static_cast<float*>(std::aligned_alloc(64, round_up(imax(n, 1) * 4, 64)));
-      size = n;
-    }
-    return data;
-  }
-  ~Scratch() { std::free(data); }
-};
 
 struct Workspace {
   Scratch a, b, c, d, e, f, g, h;
@@ -234,6 +218,72 @@ const float* rows_f32(const TokenLayout& t, int64_t first, int64_t s, int64_t h,
   return buffer;
 }
 
+// One key block of the prefill forward, between the two products: S^T's bk
+// rows (keys) of kAttentionBlockQ columns (queries) are scaled to log2 units,
+// biased and masked (key j0 + j is visible to the queries from
+// j0 + j - offset on, when causal), then the online softmax runs across the
+// rows per query column: S^T becomes P^T, the running max m and sum l move,
+// and the accumulator rows o (bq of them, Dp wide) are rescaled.
+inline void softmax_block(const AttentionForward& a, int64_t s, int64_t h, int64_t q_begin,
+                          int64_t bq, int64_t j0, int64_t bk, int64_t offset, float* st, float* m,
+                          float* l, float* alpha, float* o, int64_t Dp) {
+  const AttentionGeometry& g = a.g;
+  constexpr int64_t BQ = kAttentionBlockQ;
+  const V cv = set1(g.scale * kLog2e);
+  V mx[kAttentionBlockQ / kLanes];
+  for (auto& v : mx) v = set1(-kInf);
+  for (int64_t j = 0; j < bk; ++j) {
+    float* row = st + j * BQ;
+    for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, mul(load(row + i), cv));
+    if (a.bias.data != nullptr) {
+      if (a.bias.q_stride == 0) {
+        float b = 0.f;
+        add_bias(a.bias, s, h, 0, j0 + j, 1, &b);
+        const V bv = set1(b);
+        for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, add(load(row + i), bv));
+      } else {
+        for (int64_t i = 0; i < bq; ++i) add_bias(a.bias, s, h, q_begin + i, j0 + j, 1, row + i);
+      }
+    }
+    if (g.causal) {
+      const int64_t first = imin(BQ, imax(0, j0 + j - offset - q_begin));
+      for (int64_t i = 0; i < first; ++i) row[i] = -kInf;
+    }
+    for (int64_t v = 0; v < BQ / kLanes; ++v) mx[v] = max(mx[v], load(row + v * kLanes));
+  }
+  // Online softmax across the key rows, per query column.
+  V msafe[kAttentionBlockQ / kLanes];
+  for (int64_t v = 0; v < BQ / kLanes; ++v) {
+    const V old = load(m + v * kLanes);
+    const V mnew = max(old, mx[v]);
+    store(m + v * kLanes, mnew);
+    // A query that has seen nothing yet keeps m = -inf; exponents are taken
+    // against 0 then, so P = 0 and its (zero) accumulator scales by 0.
+    store(alpha + v * kLanes, mnew);
+    for (int64_t i = v * kLanes; i < (v + 1) * kLanes; ++i)
+      if (alpha[i] == -kInf) alpha[i] = 0.f;
+    msafe[v] = load(alpha + v * kLanes);
+    store(alpha + v * kLanes, exp2(sub(old, msafe[v])));
+  }
+  V sum[kAttentionBlockQ / kLanes];
+  for (auto& v : sum) v = zero();
+  for (int64_t j = 0; j < bk; ++j) {
+    float* row = st + j * BQ;
+    for (int64_t v = 0; v < BQ / kLanes; ++v) {
+      const V p = exp2(sub(load(row + v * kLanes), msafe[v]));
+      store(row + v * kLanes, p);
+      sum[v] = add(sum[v], p);
+    }
+  }
+  for (int64_t v = 0; v < BQ / kLanes; ++v)
+    store(l + v * kLanes, fma(load(l + v * kLanes), load(alpha + v * kLanes), sum[v]));
+  for (int64_t i = 0; i < bq; ++i) {
+    if (alpha[i] == 1.f) continue;
+    const V av = set1(alpha[i]);
+    for (int64_t d = 0; d < Dp; d += kLanes) store(o + i * Dp + d, mul(load(o + i * Dp + d), av));
+  }
+}
+
 // One task of the prefill forward: queries [q_begin, q_end) of sequence s,
 // head h. Per key block the scores are computed transposed, S^T = K Q^T (K
 // rows as they are, Q^T packed once per task), so that the online softmax of
@@ -262,68 +312,13 @@ void forward_task(const AttentionForward& a, int64_t s, int64_t h, int64_t q_beg
     m[i] = -kInf;
     l[i] = 0.f;
   }
-  const float c = g.scale * kLog2e;
-  const V cv = set1(c);
   const int64_t k_stop = g.causal ? imax(0, imin(lk, q_end - 1 + offset + 1)) : lk;
   for (int64_t j0 = 0; j0 < k_stop; j0 += BK) {
     const int64_t bk = imin(BK, k_stop - j0);
     int64_t k_stride, v_stride;
     const float* krows = rows_f32<T>(a.k, fk + j0, s, hk, bk, D, kb, D, bk, k_stride);
     gemm<false>(bk, BQ, D, krows, k_stride, 1, qt, BQ, st, BQ);  // S^T
-    // Scale to log2 units, add the bias, mask: key j0 + j is visible to the
-    // queries from (j0 + j - offset) on (causal).
-    V mx[kAttentionBlockQ / kLanes];
-    for (auto& v : mx) v = set1(-kInf);
-    for (int64_t j = 0; j < bk; ++j) {
-      float* row = st + j * BQ;
-      for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, mul(load(row + i), cv));
-      if (a.bias.data != nullptr) {
-        if (a.bias.q_stride == 0) {
-          float b = 0.f;
-          add_bias(a.bias, s, h, 0, j0 + j, 1, &b);
-          const V bv = set1(b);
-          for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, add(load(row + i), bv));
-        } else {
-          for (int64_t i = 0; i < bq; ++i) add_bias(a.bias, s, h, q_begin + i, j0 + j, 1, row + i);
-        }
-      }
-      if (g.causal) {
-        const int64_t first = imin(BQ, imax(0, j0 + j - offset - q_begin));
-        for (int64_t i = 0; i < first; ++i) row[i] = -kInf;
-      }
-      for (int64_t v = 0; v < BQ / kLanes; ++v) mx[v] = max(mx[v], load(row + v * kLanes));
-    }
-    // Online softmax across the key rows, per query column.
-    V msafe[kAttentionBlockQ / kLanes];
-    for (int64_t v = 0; v < BQ / kLanes; ++v) {
-      const V old = load(m + v * kLanes);
-      const V mnew = max(old, mx[v]);
-      store(m + v * kLanes, mnew);
-      // A query that has seen nothing yet keeps m = -inf; exponents are taken
-      // against 0 then, so P = 0 and its (zero) accumulator scales by 0.
-      store(alpha + v * kLanes, mnew);
-      for (int64_t i = v * kLanes; i < (v + 1) * kLanes; ++i)
-        if (alpha[i] == -kInf) alpha[i] = 0.f;
-      msafe[v] = load(alpha + v * kLanes);
-      store(alpha + v * kLanes, exp2(sub(old, msafe[v])));
-    }
-    V sum[kAttentionBlockQ / kLanes];
-    for (auto& v : sum) v = zero();
-    for (int64_t j = 0; j < bk; ++j) {
-      float* row = st + j * BQ;
-      for (int64_t v = 0; v < BQ / kLanes; ++v) {
-        const V p = exp2(sub(load(row + v * kLanes), msafe[v]));
-        store(row + v * kLanes, p);
-        sum[v] = add(sum[v], p);
-      }
-    }
-    for (int64_t v = 0; v < BQ / kLanes; ++v)
-      store(l + v * kLanes, fma(load(l + v * kLanes), load(alpha + v * kLanes), sum[v]));
-    for (int64_t i = 0; i < bq; ++i) {
-      if (alpha[i] == 1.f) continue;
-      const V av = set1(alpha[i]);
-      for (int64_t d = 0; d < Dp; d += kLanes) store(o + i * Dp + d, mul(load(o + i * Dp + d), av));
-    }
+    softmax_block(a, s, h, q_begin, bq, j0, bk, offset, st, m, l, alpha, o, Dp);
     const float* vrows = rows_f32<T>(a.v, fk + j0, s, hk, bk, D, vb, Dp, bk, v_stride);
     gemm<true>(bq, Dp, bk, st, 1, BQ, vrows, v_stride, o, Dp);  // O += P V
   }
@@ -473,8 +468,6 @@ void forward_task_bf16(const AttentionForward& a, int64_t s, int64_t h, int64_t 
     m[i] = -kInf;
     l[i] = 0.f;
   }
-  const float c = g.scale * kLog2e;
-  const V cv = set1(c);
   const int64_t k_stop = g.causal ? imax(0, imin(lk, q_end - 1 + offset + 1)) : lk;
   for (int64_t j0 = 0; j0 < k_stop; j0 += BK) {
     const int64_t bk = imin(BK, k_stop - j0);
@@ -493,55 +486,7 @@ void forward_task_bf16(const AttentionForward& a, int64_t s, int64_t h, int64_t 
       k_stride = DP;
     }
     gemm_bf16<false>(bk, BQ, DP, krows, k_stride, 1, qt, BQ, st, BQ);  // S^T
-    V mx[kAttentionBlockQ / kLanes];
-    for (auto& v : mx) v = set1(-kInf);
-    for (int64_t j = 0; j < bk; ++j) {
-      float* row = st + j * BQ;
-      for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, mul(load(row + i), cv));
-      if (a.bias.data != nullptr) {
-        if (a.bias.q_stride == 0) {
-          float b = 0.f;
-          add_bias(a.bias, s, h, 0, j0 + j, 1, &b);
-          const V bv = set1(b);
-          for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, add(load(row + i), bv));
-        } else {
-          for (int64_t i = 0; i < bq; ++i) add_bias(a.bias, s, h, q_begin + i, j0 + j, 1, row + i);
-        }
-      }
-      if (g.causal) {
-        const int64_t first = imin(BQ, imax(0, j0 + j - offset - q_begin));
-        for (int64_t i = 0; i < first; ++i) row[i] = -kInf;
-      }
-      for (int64_t v = 0; v < BQ / kLanes; ++v) mx[v] = max(mx[v], load(row + v * kLanes));
-    }
-    V msafe[kAttentionBlockQ / kLanes];
-    for (int64_t v = 0; v < BQ / kLanes; ++v) {
-      const V old = load(m + v * kLanes);
-      const V mnew = max(old, mx[v]);
-      store(m + v * kLanes, mnew);
-      store(alpha + v * kLanes, mnew);
-      for (int64_t i = v * kLanes; i < (v + 1) * kLanes; ++i)
-        if (alpha[i] == -kInf) alpha[i] = 0.f;
-      msafe[v] = load(alpha + v * kLanes);
-      store(alpha + v * kLanes, exp2(sub(old, msafe[v])));
-    }
-    V sum[kAttentionBlockQ / kLanes];
-    for (auto& v : sum) v = zero();
-    for (int64_t j = 0; j < bk; ++j) {
-      float* row = st + j * BQ;
-      for (int64_t v = 0; v < BQ / kLanes; ++v) {
-        const V p = exp2(sub(load(row + v * kLanes), msafe[v]));
-        store(row + v * kLanes, p);
-        sum[v] = add(sum[v], p);
-      }
-    }
-    for (int64_t v = 0; v < BQ / kLanes; ++v)
-      store(l + v * kLanes, fma(load(l + v * kLanes), load(alpha + v * kLanes), sum[v]));
-    for (int64_t i = 0; i < bq; ++i) {
-      if (alpha[i] == 1.f) continue;
-      const V av = set1(alpha[i]);
-      for (int64_t d = 0; d < Dp; d += kLanes) store(o + i * Dp + d, mul(load(o + i * Dp + d), av));
-    }
+    softmax_block(a, s, h, q_begin, bq, j0, bk, offset, st, m, l, alpha, o, Dp);
     pack_probability_pairs(st, bk, BQ, pp);
     pack_row_pairs(a.v, fk + j0, s, hk, bk, D, vp, Dp);
     gemm_bf16<true>(bq, Dp, (bk + 1) / 2, pp, 1, BQ, vp, Dp, o, Dp);  // O += P V

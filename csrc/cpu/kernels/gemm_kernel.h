@@ -19,6 +19,7 @@
 
 #include "activation.h"
 #include "gemm.h"
+#include "scratch.h"
 #include "simd.h"
 
 namespace pyllm::cpu::PYLLM_ISA {
@@ -38,23 +39,8 @@ static_assert(kGemmColumnBlock % kNR == 0, "column blocks are whole panels");
 inline int64_t gmin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t ground_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// A per-thread scratch buffer (no std containers in ISA code; see attention).
-struct GemmScratch {
-  float* data = nullptr;
-  int64_t size = 0;
-  float* get(int64_t n) {
-    if (n > size) {
-      std::free(data);
-      data = static_cast<float*>(std::aligned_alloc(64, ground_up((n > 0 ? n : 1) * 4, 64)));
-      size = n;
-    }
-    return data;
-  }
-  ~GemmScratch() { std::free(data); }
-};
-
 struct GemmWorkspace {
-  GemmScratch panel, panel2, tile, tile2, rows, partial;
+  Scratch panel, panel2, tile, tile2, rows, partial;
 };
 
 GemmWorkspace& gemm_workspace() {
