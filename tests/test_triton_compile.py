@@ -1,7 +1,9 @@
-"""The Triton kernels compiled ahead of time to real cubin for sm_80 and sm_90,
-for each dtype and each block configuration the launchers can pick: it must
-compile, fit the target's shared memory and not spill registers. This is the
-proof for bf16, which the interpreter can't run faithfully."""
+"""Every Triton kernel compiled ahead of time to real cubin for sm_80 and
+sm_90, for each dtype and each configuration its launcher can pick (the block
+sizes of the norms, the autotune lists of the GEMM and attention kernels): it
+must compile, fit the target's shared memory and not spill registers. This is
+the proof for bf16, which the interpreter can't run faithfully, and for the
+code paths the interpreter runs differently from a GPU."""
 
 import importlib.util
 
@@ -13,32 +15,88 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 from gpu_binaries import SHARED_LIMIT, compile_triton  # noqa: E402
 
 ARCHS = (80, 90)
-TRITON_TYPES = {"float32": ("fp32", 4), "float16": ("fp16", 2), "bfloat16": ("bf16", 2)}
+TYPES = {"float16": ("fp16", 2), "bfloat16": ("bf16", 2)}
 
 
-def rms_norm_configs():
-    from pyllm.kernels.rms_norm import SINGLE_PASS_BYTES, forward_config
+def check(kernel, signature, constexprs, arch, num_warps, num_stages=3):
+    compiled, usage = compile_triton(kernel, signature, constexprs, arch, num_warps, num_stages)
+    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, f"register spills: {usage}"
+    assert usage["REG"] <= 255, usage
+    assert compiled.metadata.shared <= SHARED_LIMIT[arch], compiled.metadata.shared
+    return usage
 
-    for dtype, (_, size) in TRITON_TYPES.items():
-        largest_single = SINGLE_PASS_BYTES // size
-        for n in (1, 1000, 4096, largest_single, largest_single + 1):
-            yield dtype, n, forward_config(n, size)
+
+# -- norms -------------------------------------------------------------------------
+
+def norm_forward_configs():
+    from pyllm.kernels.norm import SINGLE_PASS_ELEMENTS, forward_config
+
+    for dtype in TYPES:
+        largest = SINGLE_PASS_ELEMENTS
+        sizes = [1 << i for i in range(largest.bit_length())] + [largest + 1]
+        seen = set()
+        for n in sizes:
+            config = forward_config(n)
+            key = tuple(sorted(config.items()))
+            if key not in seen:
+                seen.add(key)
+                yield dtype, config
+
+
+def norm_backward_configs():
+    from pyllm.kernels.norm import backward_config
+
+    for dtype in TYPES:
+        seen = set()
+        for n in [1 << i for i in range(14)] + [8193]:
+            config = backward_config(n)
+            key = tuple(sorted(config.items()))
+            if key not in seen:
+                seen.add(key)
+                yield dtype, config
+
+
+def _ids(value):
+    if isinstance(value, dict):
+        return "-".join(f"{k}{v}" for k, v in value.items())
+    return str(value)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("dtype, n, config", list(rms_norm_configs()) if importlib.util.find_spec(
-    "triton") else [], ids=lambda v: str(v) if not isinstance(v, dict) else "")
-def test_rms_norm_forward_compiles(dtype, n, config, arch):
-    from pyllm.kernels.rms_norm import rms_norm_forward_kernel
+@pytest.mark.parametrize("dtype, config", list(norm_forward_configs()), ids=_ids)
+def test_norm_forward_compiles(dtype, config, arch):
+    from pyllm.kernels.norm import norm_forward_kernel
 
-    t = TRITON_TYPES[dtype][0]
-    signature = {"X": f"*{t}", "W": f"*{t}", "Y": f"*{t}", "RSTD": "*fp32", "stride_x": "i64",
-                 "stride_y": "i64", "N": "i32", "eps": "fp32", "HAS_WEIGHT": "constexpr",
-                 "BLOCK_N": "constexpr", "SINGLE_PASS": "constexpr"}
-    constexprs = {"HAS_WEIGHT": True, "BLOCK_N": config["BLOCK_N"],
+    t = TYPES[dtype][0]
+    signature = {"X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "B": f"*{t}", "Y": f"*{t}",
+                 "S": f"*{t}", "MEAN": "*fp32", "RSTD": "*fp32", "stride_x": "i64",
+                 "stride_r": "i64", "stride_y": "i64", "stride_s": "i64", "N": "i32",
+                 "eps": "fp32", "IS_RMS": "constexpr", "HAS_RESIDUAL": "constexpr",
+                 "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr", "BLOCK_N": "constexpr",
+                 "SINGLE_PASS": "constexpr"}
+    for rms in (False, True):
+        constexprs = {"IS_RMS": rms, "HAS_RESIDUAL": True, "HAS_WEIGHT": True,
+                      "HAS_BIAS": not rms, "BLOCK_N": config["BLOCK_N"],
+                      "SINGLE_PASS": config["SINGLE_PASS"]}
+        check(norm_forward_kernel, signature, constexprs, arch, config["num_warps"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype, config", list(norm_backward_configs()), ids=_ids)
+def test_norm_backward_compiles(dtype, config, arch):
+    from pyllm.kernels.norm import column_sum_kernel, norm_backward_kernel
+
+    t = TYPES[dtype][0]
+    signature = {"DY": f"*{t}", "X": f"*{t}", "W": f"*{t}", "MEAN": "*fp32", "RSTD": "*fp32",
+                 "DSUM": f"*{t}", "DX": f"*{t}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+                 "stride_dy": "i64", "stride_x": "i64", "stride_dsum": "i64", "stride_dx": "i64",
+                 "M": "i32", "N": "i32", "rows_per_program": "i32", "IS_RMS": "constexpr",
+                 "HAS_WEIGHT": "constexpr", "HAS_DSUM": "constexpr", "WANT_DX": "constexpr",
+                 "WANT_PARAMS": "constexpr", "BLOCK_N": "constexpr", "SINGLE_PASS": "constexpr"}
+    constexprs = {"IS_RMS": False, "HAS_WEIGHT": True, "HAS_DSUM": True, "WANT_DX": True,
+                  "WANT_PARAMS": True, "BLOCK_N": config["BLOCK_N"],
                   "SINGLE_PASS": config["SINGLE_PASS"]}
-    compiled, usage = compile_triton(rms_norm_forward_kernel, signature, constexprs, arch,
-                                     num_warps=config["num_warps"])
-    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, f"register spills: {usage}"
-    assert usage["REG"] <= 255
-    assert compiled.metadata.shared <= SHARED_LIMIT[arch]
+    check(norm_backward_kernel, signature, constexprs, arch, config["num_warps"])
+    check(column_sum_kernel, {"P": "*fp32", "OUT": f"*{t}", "rows": "i32", "N": "i32",
+                              "BLOCK_R": "constexpr", "BLOCK_N": "constexpr"},
+          {"BLOCK_R": 16, "BLOCK_N": 256}, arch, 4)
