@@ -50,13 +50,17 @@ def resource_usage(binary: str) -> list[dict]:
 
 
 def compile_triton(kernel, signature: dict, constexprs: dict, arch: int, num_warps: int,
-                   num_stages: int = 3):
-    """Compiles a @triton.jit kernel for sm_<arch>; returns (compiled, usage dict)."""
+                   num_stages: int = 3, divisible: tuple = ()):
+    """Compiles a @triton.jit kernel for sm_<arch>; returns (compiled, usage dict).
+    ``divisible`` names the arguments to specialize as multiples of 16 (as
+    Triton's launcher does for 16-byte aligned pointers and such integers)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible if n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -18,8 +18,9 @@ ARCHS = (80, 90)
 TYPES = {"float16": ("fp16", 2), "bfloat16": ("bf16", 2)}
 
 
-def check(kernel, signature, constexprs, arch, num_warps, num_stages=3):
-    compiled, usage = compile_triton(kernel, signature, constexprs, arch, num_warps, num_stages)
+def check(kernel, signature, constexprs, arch, num_warps, num_stages=3, divisible=()):
+    compiled, usage = compile_triton(kernel, signature, constexprs, arch, num_warps, num_stages,
+                                     divisible)
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0, f"register spills: {usage}"
     assert usage["REG"] <= 255, usage
     assert compiled.metadata.shared <= SHARED_LIMIT[arch], compiled.metadata.shared
@@ -100,3 +101,63 @@ def test_norm_backward_compiles(dtype, config, arch):
     check(column_sum_kernel, {"P": "*fp32", "OUT": f"*{t}", "rows": "i32", "N": "i32",
                               "BLOCK_R": "constexpr", "BLOCK_N": "constexpr"},
           {"BLOCK_R": 16, "BLOCK_N": 256}, arch, 4)
+
+
+# -- GEMM -------------------------------------------------------------------------
+
+#: The operand layouts the launchers produce (kernels/linear.py): which strides
+#: are 1 (Triton specializes an int argument equal to 1 as a constant).
+GEMM_LAYOUTS = {
+    "x @ W^T": ("stride_ak", "stride_bk", "stride_cn", "stride_gn"),  # forward, dz
+    "dz @ W": ("stride_ak", "stride_bn", "stride_cn", "stride_gn"),   # grad x
+    "dz^T @ x": ("stride_am", "stride_bn", "stride_cn", "stride_gn"),  # grad W
+}
+
+
+def _matmul_signature(t, unit_strides, out="same"):
+    o = t if out == "same" else out
+    pointers = {"A": t, "B": t, "B2": t, "BIAS": t, "BIAS2": t, "C": o, "C2": o, "GY": t}
+    signature = {name: f"*{kind}" for name, kind in pointers.items()}
+    signature.update({name: "i32" for name in ("M", "N", "K", "M_BUCKET")})
+    # Triton types an int argument by its value: strides below 2**31 are i32.
+    for name in ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn",
+                 "stride_gm", "stride_gn"):
+        signature[name] = "constexpr" if name in unit_strides else "i32"
+    signature.update({name: "constexpr" for name in ("ACT", "EPILOGUE", "HAS_BIAS", "BLOCK_M",
+                                                     "BLOCK_N", "BLOCK_K", "GROUP_M")})
+    return signature
+
+
+def gemm_cases():
+    from pyllm.kernels import linear
+
+    one = [("x @ W^T", linear.STORE, 1), ("x @ W^T", linear.GRAD_ACT, 2),
+           ("dz @ W", linear.STORE, 0), ("dz^T @ x", linear.STORE, 0)]
+    two = [("x @ W^T", linear.SWIGLU, 0), ("x @ W^T", linear.GRAD_SWIGLU, 0)]
+    for dtype in TYPES:
+        for i, config in enumerate(linear.CONFIGS):
+            for layout, epilogue, act in one:
+                yield dtype, f"one{i}", config, layout, epilogue, act
+        for i, config in enumerate(linear.CONFIGS_TWO):
+            for layout, epilogue, act in two:
+                yield dtype, f"two{i}", config, layout, epilogue, act
+        yield dtype, "accumulate", linear.ACCUMULATE_CONFIG, "dz @ W", linear.ACCUMULATE, 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype, name, config, layout, epilogue, act",
+                         list(gemm_cases()) if importlib.util.find_spec("triton") else [],
+                         ids=lambda v: v if isinstance(v, str) else str(v)
+                         if not hasattr(v, "kwargs") else "")
+def test_gemm_compiles(dtype, name, config, layout, epilogue, act, arch):
+    from pyllm.kernels import linear
+
+    t = TYPES[dtype][0]
+    unit = GEMM_LAYOUTS[layout]
+    out = "fp32" if epilogue == linear.ACCUMULATE else "same"
+    constexprs = dict(config.kwargs, ACT=act, EPILOGUE=epilogue, HAS_BIAS=True,
+                      **{name: 1 for name in unit})
+    divisible = ("A", "B", "B2", "BIAS", "BIAS2", "C", "C2", "GY", "N", "K", "stride_am",
+                 "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_gm")
+    check(linear._matmul_kernel, _matmul_signature(t, unit, out), constexprs, arch,
+          config.num_warps, config.num_stages, divisible)
