@@ -117,7 +117,7 @@ def test_backward(case, dtype, backend):
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["heads x keys", "key padding", "bool", "full float32"])
-def test_bias(kind, dtype):
+def test_bias(kind, dtype, backend="cpu"):
     case = (2, 33, 47, 4, 2, 64, False)
     q, k, v = make(case, dtype, kind)
     gen = generator("bias", kind, dtype)
@@ -131,14 +131,14 @@ def test_bias(kind, dtype):
     else:
         bias = randn((2, 4, 33, 47), torch.float32, gen=gen)
     with poisoned_outputs():
-        out, lse = pyllm.attention(q, k, v, bias=bias, return_lse=True)
+        out, lse = pyllm.attention(q, k, v, bias=bias, return_lse=True, backend=backend)
     additive = bias if bias.dtype != torch.bool else torch.zeros(bias.shape).masked_fill(
         ~bias, float("-inf"))
     t_out, t_lse = truth(q, k, v, bias=additive)
     check_rule(out, t_out, pytorch_attention(q, k, v, bias=bias))
     check_lse(lse, t_lse)
     grad = randn(q.shape, dtype, gen=gen)
-    ours = grads_of(lambda *t: pyllm.attention(*t, bias=bias), (q, k, v), grad)
+    ours = grads_of(lambda *t: pyllm.attention(*t, bias=bias, backend=backend), (q, k, v), grad)
     exact = grads_of(lambda *t: reference.attention(*t, bias=additive.double())[0],
                      [t.double() for t in (q, k, v)], grad)
     theirs = grads_of(lambda *t: pytorch_attention(*t, bias=bias), (q, k, v), grad)

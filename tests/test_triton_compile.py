@@ -161,3 +161,79 @@ def test_gemm_compiles(dtype, name, config, layout, epilogue, act, arch):
                  "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_gm")
     check(linear._matmul_kernel, _matmul_signature(t, unit, out), constexprs, arch,
           config.num_warps, config.num_stages, divisible)
+
+
+# -- attention ------------------------------------------------------------------------
+
+BLOCK_DS = (32, 64, 128, 256)  # head_dim 32; 40 and 64; 80, 96 and 128; 256
+_ATTENTION_STRIDES = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh",
+                      "stride_vb", "stride_vt", "stride_vh", "stride_ob", "stride_ot", "stride_oh",
+                      "stride_bb", "stride_bh", "stride_bq", "stride_bk", "stride_lb", "stride_lh")
+
+
+def _attention_signature(t, pointers, scalars, flags):
+    signature = {name: f"*{kind if kind != 'x' else t}" for name, kind in pointers}
+    signature.update({name: "i32" for name in _ATTENTION_STRIDES})
+    signature.update(scalars)
+    signature.update({name: "constexpr" for name in flags})
+    return signature
+
+
+_FLAGS = ("IS_VARLEN", "CAUSAL", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_D")
+_DIVISIBLE = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "PARTIAL", "stride_qt",
+              "stride_kt", "stride_vt", "stride_ot", "stride_qb", "stride_kb", "stride_vb",
+              "stride_ob", "stride_qh", "stride_kh", "stride_vh", "stride_oh")
+
+
+def _launch(config):
+    return {k: v for k, v in config.items() if k.startswith("BLOCK")}, config["num_warps"], \
+        config["num_stages"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", list(TYPES))
+@pytest.mark.parametrize("block_d", BLOCK_DS)
+@pytest.mark.parametrize("split", [False, True], ids=["prefill", "decode"])
+def test_attention_forward_compiles(split, block_d, dtype, arch):
+    from pyllm.kernels import attention
+
+    config = (attention.decode_config if split else attention.forward_config)(block_d)
+    blocks, warps, stages = _launch(config)
+    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("O", "x"), ("LSE", "fp32"),
+                ("CU_Q", "i32"), ("CU_K", "i32"), ("PARTIAL", "fp32")]
+    scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
+               "scale_log2": "fp32", "keys_per_split": "i32"}
+    signature = _attention_signature(TYPES[dtype][0], pointers, scalars, _FLAGS + ("SPLIT",))
+    for varlen in (False, True):
+        constexprs = dict(blocks, IS_VARLEN=varlen, CAUSAL=True, HAS_BIAS=True, SPLIT=split,
+                          BLOCK_D=block_d)
+        check(attention.attention_forward_kernel, signature, constexprs, arch, warps, stages,
+              _DIVISIBLE)
+    if split:
+        combine = {"PARTIAL": "*fp32", "O": f"*{TYPES[dtype][0]}", "LSE": "*fp32", "CU_Q": "*i32",
+                   "stride_ob": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_lb": "i32",
+                   "stride_lh": "i32", "seq_q": "i32", "head_dim": "i32", "splits": "i32",
+                   "IS_VARLEN": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
+        check(attention.attention_combine_kernel, combine,
+              {"IS_VARLEN": False, "BLOCK_M": blocks["BLOCK_M"], "BLOCK_D": block_d}, arch, 4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", list(TYPES))
+@pytest.mark.parametrize("block_d", BLOCK_DS)
+@pytest.mark.parametrize("which", ["kv", "q"])
+def test_attention_backward_compiles(which, block_d, dtype, arch):
+    from pyllm.kernels import attention
+
+    config = (attention.backward_kv_config if which == "kv" else attention.backward_q_config)(block_d)
+    blocks, warps, stages = _launch(config)
+    grads = [("DK", "x"), ("DV", "x")] if which == "kv" else [("DQ", "x")]
+    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("DO", "x"), ("BIAS", "x"), ("LSE", "fp32"),
+                ("DELTA", "fp32"), *grads, ("CU_Q", "i32"), ("CU_K", "i32")]
+    scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
+               "scale": "fp32", "scale_log2": "fp32"}
+    signature = _attention_signature(TYPES[dtype][0], pointers, scalars, _FLAGS)
+    kernel = (attention.attention_backward_kv_kernel if which == "kv"
+              else attention.attention_backward_q_kernel)
+    constexprs = dict(blocks, IS_VARLEN=False, CAUSAL=True, HAS_BIAS=True, BLOCK_D=block_d)
+    check(kernel, signature, constexprs, arch, warps, stages, _DIVISIBLE)

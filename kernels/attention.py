@@ -1,0 +1,479 @@
+"""Attention in Triton (FlashAttention-2): forward, split-KV decode, backward.
+
+Layouts as pyllm::attention: dense (batch, seq, heads, head_dim) or packed
+variable-length (tokens, heads, head_dim) with int32 cumulative lengths; the
+head dimension contiguous, other strides free (a KV-cache slice works). GQA:
+query head h reads kv head h // (heads / heads_kv), nothing repeated. Causal
+masks are aligned to the bottom-right (query i sees keys j <= i + len_k -
+len_q). head_dim is padded to a power of two inside the kernels, masked.
+
+Forward: a program per (query block, head, sequence) walks the key blocks with
+an online softmax in fp32 (exp2 of log2-scaled scores): no seq_q x seq_k
+matrix. A query that sees no key gives zeros and lse = +inf.
+Decode (<= 8 queries): the keys of each (sequence, head) are split across
+programs, each leaving an unnormalised (o, m, l); a second kernel combines
+them (flash-decoding).
+Backward: P is recomputed from the saved lse; one kernel accumulates dK and dV
+per key block (summing the query heads of its group), another dQ per query
+block: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pyllm.backend import triton_interpreting
+from pyllm.kernels.launch import on_device, register
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+DECODE_MAX_QUERIES = 8
+
+
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+
+# Tiles per padded head_dim, each the fastest of those that compile for sm_80
+# and sm_90 in fp16 and bf16, with bias, causal and varlen, without register
+# spills (tests/test_triton_compile.py checks every one).
+_FORWARD = {32: (128, 32, 8, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)}
+_DECODE = {32: (16, 64, 4, 3), 64: (16, 64, 4, 3), 128: (16, 32, 4, 3), 256: (16, 16, 4, 2)}
+_BACKWARD_KV = {32: (64, 64, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 32, 8, 1)}
+_BACKWARD_Q = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2)}
+
+
+def _config(table: dict, block_d: int) -> dict:
+    if triton_interpreting():
+        return dict(_INTERPRETER_CONFIG)
+    block_m, block_n, warps, stages = table[block_d]
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def forward_config(block_d: int) -> dict:
+    """Launch parameters of the prefill forward for a padded head_dim (16..256)."""
+    return _config(_FORWARD, max(32, block_d))
+
+
+def decode_config(block_d: int) -> dict:
+    """Launch parameters of the split-KV decode forward."""
+    return _config(_DECODE, max(32, block_d))
+
+
+def backward_kv_config(block_d: int) -> dict:
+    """Launch parameters of the dK/dV kernel (BLOCK_N keys per program)."""
+    return _config(_BACKWARD_KV, max(32, block_d))
+
+
+def backward_q_config(block_d: int) -> dict:
+    """Launch parameters of the dQ kernel (BLOCK_M queries per program)."""
+    return _config(_BACKWARD_Q, max(32, block_d))
+
+
+@triton.jit
+def _sequence(CU, b, seq_len, IS_VARLEN: tl.constexpr):
+    """(first token, length) of sequence b."""
+    if IS_VARLEN:
+        first = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - first
+    else:
+        first = 0
+        length = seq_len
+    return first, length
+
+
+@triton.jit
+def _dot(a, b, acc):
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def attention_forward_kernel(
+        Q, K, V, BIAS, O, LSE, CU_Q, CU_K, PARTIAL,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+        stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
+        seq_q, seq_k, group, head_dim, scale_log2, keys_per_split,
+        IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr):
+    # Program: (query block, or key split when SPLIT), head, sequence.
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // group
+    q_first, len_q = _sequence(CU_Q, b, seq_q, IS_VARLEN)
+    k_first, len_k = _sequence(CU_K, b, seq_k, IS_VARLEN)
+    if SPLIT:
+        block_m = 0
+        k_lo = pid * keys_per_split
+        k_hi = tl.minimum(len_k, k_lo + keys_per_split)
+    else:
+        block_m = pid
+        k_lo = 0
+        k_hi = len_k
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    m_ok = offs_m < len_q
+    offset = len_k - len_q
+    if CAUSAL:
+        k_hi = tl.minimum(k_hi, (block_m + 1) * BLOCK_M + offset)
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + tl.cast(q_first, tl.int64) * stride_qt + h.to(tl.int64) * stride_qh
+    k_base = K + b64 * stride_kb + tl.cast(k_first, tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + tl.cast(k_first, tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias_base = BIAS + b64 * stride_bb + h.to(tl.int64) * stride_bh
+    for start in range(k_lo, k_hi, BLOCK_N):
+        n = start + offs_n
+        n_ok = n < k_hi
+        k = tl.load(k_base + n[None, :] * stride_kt + offs_d[:, None],
+                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        s = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale_log2
+        if HAS_BIAS:
+            s += tl.load(bias_base + offs_m[:, None] * stride_bq + n[None, :] * stride_bk,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+        visible = n_ok[None, :]
+        if CAUSAL:
+            visible = visible & (n[None, :] <= offs_m[:, None] + offset)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen nothing keeps m = -inf: exponents against 0 then.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_base + n[:, None] * stride_vt + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    if SPLIT:
+        # Unnormalised partial result: [sequence][head][split][row] (o..., m, l).
+        splits = tl.num_programs(0)
+        row = ((b64 * tl.num_programs(1) + h) * splits + pid) * BLOCK_M + tl.arange(0, BLOCK_M)
+        stride = BLOCK_D + 2
+        tl.store(PARTIAL + row[:, None] * stride + offs_d[None, :], acc)
+        tl.store(PARTIAL + row * stride + BLOCK_D, m_i)
+        tl.store(PARTIAL + row * stride + BLOCK_D + 1, l_i)
+    else:
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                       float("inf"))
+        o_base = O + b64 * stride_ob + tl.cast(q_first, tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
+        tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+        lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_first
+        tl.store(lse_base + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def attention_combine_kernel(PARTIAL, O, LSE, CU_Q, stride_ob, stride_ot, stride_oh, stride_lb,
+                             stride_lh, seq_q, head_dim, splits, IS_VARLEN: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """o = sum_i o_i 2^(m_i - m) / sum_i l_i 2^(m_i - m), m = max m_i, per row."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_first, len_q = _sequence(CU_Q, b, seq_q, IS_VARLEN)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    stride = BLOCK_D + 2
+    b64 = b.to(tl.int64)
+    base = (b64 * tl.num_programs(1) + h) * splits * BLOCK_M
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for i in range(0, splits):
+        m = tl.maximum(m, tl.load(PARTIAL + (base + i * BLOCK_M + offs_m) * stride + BLOCK_D))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i in range(0, splits):
+        rows = base + i * BLOCK_M + offs_m
+        w = tl.math.exp2(tl.load(PARTIAL + rows * stride + BLOCK_D) - m_safe)
+        l += tl.load(PARTIAL + rows * stride + BLOCK_D + 1) * w
+        acc += tl.load(PARTIAL + rows[:, None] * stride + offs_d[None, :]) * w[:, None]
+    seen = l > 0.0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    lse = tl.where(seen, (m + tl.math.log2(tl.where(seen, l, 1.0))) * 0.6931471805599453,
+                   float("inf"))
+    m_ok = offs_m < len_q
+    o_base = O + b64 * stride_ob + tl.cast(q_first, tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_first + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _probabilities(q, k, bias_ptrs, bias_mask, lse, offs_m, n, m_ok, n_ok, offset, scale_log2,
+                   HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+    """P[m][n] = exp(s - lse) recomputed for a (queries x keys) tile."""
+    s = _dot(q, k, tl.zeros([q.shape[0], k.shape[1]], dtype=tl.float32)) * scale_log2
+    if HAS_BIAS:
+        s += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    visible = m_ok[:, None] & n_ok[None, :]
+    if CAUSAL:
+        visible = visible & (n[None, :] <= offs_m[:, None] + offset)
+    return tl.where(visible, tl.math.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+
+
+@triton.jit
+def attention_backward_kv_kernel(
+        Q, K, V, DO, BIAS, LSE, DELTA, DK, DV, CU_Q, CU_K,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+        stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
+        seq_q, seq_k, group, head_dim, scale, scale_log2,
+        IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK, dV for key block program_id(0) of kv head program_id(1), sequence
+    program_id(2), summing over the query heads of its group. DO's strides
+    are O's (grad_out is allocated like out)."""
+    block_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    q_first, len_q = _sequence(CU_Q, b, seq_q, IS_VARLEN)
+    k_first, len_k = _sequence(CU_K, b, seq_k, IS_VARLEN)
+    if block_n * BLOCK_N >= len_k:
+        return
+    offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    n_ok = offs_n < len_k
+    offset = len_k - len_q
+    b64 = b.to(tl.int64)
+    k_base = K + b64 * stride_kb + tl.cast(k_first, tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + tl.cast(k_first, tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Queries that see any of these keys: t + offset >= first key (causal).
+    m_lo = 0
+    if CAUSAL:
+        m_lo = tl.maximum(block_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    for h in range(hk * group, (hk + 1) * group):
+        h64 = tl.cast(h, tl.int64)
+        q_base = Q + b64 * stride_qb + tl.cast(q_first, tl.int64) * stride_qt + h64 * stride_qh
+        do_base = DO + b64 * stride_ob + tl.cast(q_first, tl.int64) * stride_ot + h64 * stride_oh
+        stat = b64 * stride_lb + h64 * stride_lh + q_first
+        for start in range(m_lo, len_q, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < len_q
+            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_ot + offs_d[None, :],
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(LSE + stat + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + stat + offs_m, mask=m_ok, other=0.0)
+            bias_ptrs = BIAS
+            if HAS_BIAS:
+                bias_ptrs = BIAS + b64 * stride_bb + h64 * stride_bh + offs_m[:, None] * stride_bq + \
+                    offs_n[None, :] * stride_bk
+            p = _probabilities(q, tl.trans(k), bias_ptrs, m_ok[:, None] & n_ok[None, :], lse,
+                               offs_m, offs_n, m_ok, n_ok, offset, scale_log2, HAS_BIAS, CAUSAL)
+            dv = _dot(tl.trans(p).to(do.dtype), do, dv)
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+            ds = p * (dp - delta[:, None]) * scale
+            dk = _dot(tl.trans(ds).to(q.dtype), q, dk)
+    store_mask = n_ok[:, None] & d_ok[None, :]
+    dk_base = DK + b64 * stride_kb + tl.cast(k_first, tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
+    dv_base = DV + b64 * stride_vb + tl.cast(k_first, tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
+    tl.store(dk_base + offs_n[:, None] * stride_kt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=store_mask)
+    tl.store(dv_base + offs_n[:, None] * stride_vt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=store_mask)
+
+
+@triton.jit
+def attention_backward_q_kernel(
+        Q, K, V, DO, BIAS, LSE, DELTA, DQ, CU_Q, CU_K,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+        stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
+        seq_q, seq_k, group, head_dim, scale, scale_log2,
+        IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ for query block program_id(0) of head program_id(1), sequence
+    program_id(2). DQ's strides are Q's."""
+    block_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // group
+    q_first, len_q = _sequence(CU_Q, b, seq_q, IS_VARLEN)
+    k_first, len_k = _sequence(CU_K, b, seq_k, IS_VARLEN)
+    if block_m * BLOCK_M >= len_q:
+        return
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    m_ok = offs_m < len_q
+    offset = len_k - len_q
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = Q + b64 * stride_qb + tl.cast(q_first, tl.int64) * stride_qt + h64 * stride_qh
+    do_base = DO + b64 * stride_ob + tl.cast(q_first, tl.int64) * stride_ot + h64 * stride_oh
+    k_base = K + b64 * stride_kb + tl.cast(k_first, tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + tl.cast(k_first, tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_ot + offs_d[None, :], mask=q_mask, other=0.0)
+    stat = b64 * stride_lb + h64 * stride_lh + q_first
+    lse = tl.load(LSE + stat + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + stat + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_hi = len_k
+    if CAUSAL:
+        k_hi = tl.minimum(len_k, (block_m + 1) * BLOCK_M + offset)
+    for start in range(0, k_hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < len_k
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        bias_ptrs = BIAS
+        if HAS_BIAS:
+            bias_ptrs = BIAS + b64 * stride_bb + h64 * stride_bh + offs_m[:, None] * stride_bq + \
+                offs_n[None, :] * stride_bk
+        p = _probabilities(q, tl.trans(k), bias_ptrs, m_ok[:, None] & n_ok[None, :], lse, offs_m,
+                           offs_n, m_ok, n_ok, offset, scale_log2, HAS_BIAS, CAUSAL)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+        ds = p * (dp - delta[:, None]) * scale
+        dq = _dot(ds.to(k.dtype), k, dq)
+    dq_base = DQ + b64 * stride_qb + tl.cast(q_first, tl.int64) * stride_qt + h64 * stride_qh
+    tl.store(dq_base + offs_m[:, None] * stride_qt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+# -- launchers ----------------------------------------------------------------
+
+def _geometry(q, k, cu_q, cu_k, max_q, max_k):
+    """(batch, seq_q, seq_k, heads, group, head_dim, token strides per tensor)."""
+    varlen = cu_q is not None
+    if varlen:
+        batch, seq_q, seq_k = cu_q.numel() - 1, max_q, max_k
+    else:
+        batch, seq_q, seq_k = q.shape[0], q.shape[1], k.shape[1]
+    heads, heads_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    return varlen, batch, seq_q, seq_k, heads, heads // heads_kv, head_dim
+
+
+def _strides(t, varlen):
+    """(batch, token, head) strides of q/k/v/out; batch 0 for varlen."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _bias_strides(bias):
+    return tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
+
+
+def _lse_strides(lse, varlen, heads, seq_q):
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _head_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bias(bias, batch, heads, seq_q, seq_k):
+    return bias.expand(batch, heads, seq_q, seq_k) if bias is not None else None
+
+
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
+              causal):
+    """The pyllm::attention_triton implementation: (out, lse) as pyllm::attention."""
+    q, k, v = _head_last(q), _head_last(k), _head_last(v)
+    varlen, batch, seq_q, seq_k, heads, group, head_dim = _geometry(
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = (heads, q.shape[0]) if varlen else (batch, heads, seq_q)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if batch == 0 or heads == 0 or seq_q == 0:
+        return out, lse
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    bias = _bias(bias, batch, heads, seq_q, seq_k)
+    cu_q = cu_seqlens_q if varlen else lse  # a never-read placeholder when dense
+    cu_k = cu_seqlens_k if varlen else lse
+    common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+              *_strides(out, varlen), *_bias_strides(bias), *_lse_strides(lse, varlen, heads, seq_q))
+    flags = dict(IS_VARLEN=varlen, CAUSAL=bool(causal), HAS_BIAS=bias is not None, BLOCK_D=block_d)
+    scale_log2 = scale * LOG2E
+    with on_device(q):
+        if seq_q <= DECODE_MAX_QUERIES:
+            config = decode_config(block_d)
+            block_n = config["BLOCK_N"]
+            # Splits: enough programs to fill the device, each at least 256 keys.
+            programs = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count
+                            if q.is_cuda else 1)
+            splits = max(1, min(triton.cdiv(programs, batch * heads), triton.cdiv(seq_k, 256)))
+            per_split = triton.cdiv(triton.cdiv(max(seq_k, 1), splits), block_n) * block_n
+            splits = max(1, triton.cdiv(max(seq_k, 1), per_split))
+            partial = torch.empty((batch, heads, splits, config["BLOCK_M"], block_d + 2),
+                                  dtype=torch.float32, device=q.device)
+            attention_forward_kernel[(splits, heads, batch)](
+                q, k, v, bias if bias is not None else q, out, lse, cu_q, cu_k, partial, *common,
+                seq_q, seq_k, group, head_dim, scale_log2, per_split, SPLIT=True, **flags,
+                **config)
+            attention_combine_kernel[(1, heads, batch)](
+                partial, out, lse, cu_q, *_strides(out, varlen),
+                *_lse_strides(lse, varlen, heads, seq_q), seq_q, head_dim, splits,
+                IS_VARLEN=varlen, BLOCK_M=config["BLOCK_M"], BLOCK_D=block_d)
+        else:
+            config = forward_config(block_d)
+            grid = (triton.cdiv(seq_q, config["BLOCK_M"]), heads, batch)
+            attention_forward_kernel[grid](
+                q, k, v, bias if bias is not None else q, out, lse, cu_q, cu_k, lse, *common,
+                seq_q, seq_k, group, head_dim, scale_log2, 0, SPLIT=False, **flags, **config)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       max_seqlen_k, bias, scale, causal):
+    """The pyllm::attention_backward_triton implementation: (dq, dk, dv)."""
+    # Contiguous: the gradients are written with their inputs' strides, and
+    # grad_out with out's.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    varlen, batch, seq_q, seq_k, heads, group, head_dim = _geometry(
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    grad_out = grad_out.contiguous()
+    out = out.contiguous()
+    lse = lse.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO * O), laid out like lse
+    delta = (delta.t() if varlen else delta.permute(0, 2, 1)).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if batch == 0 or heads == 0:
+        return dq, dk, dv
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    bias = _bias(bias, batch, heads, seq_q, seq_k)
+    cu_q = cu_seqlens_q if varlen else lse
+    cu_k = cu_seqlens_k if varlen else lse
+    common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+              *_strides(grad_out, varlen), *_bias_strides(bias),
+              *_lse_strides(lse, varlen, heads, seq_q), seq_q, seq_k, group, head_dim, scale,
+              scale * LOG2E)
+    flags = dict(IS_VARLEN=varlen, CAUSAL=bool(causal), HAS_BIAS=bias is not None,
+                 BLOCK_D=block_d)
+    bias_arg = bias if bias is not None else q
+    kv_config, q_config = backward_kv_config(block_d), backward_q_config(block_d)
+    with on_device(q):
+        attention_backward_kv_kernel[(triton.cdiv(max(seq_k, 1), kv_config["BLOCK_N"]),
+                                      heads // group, batch)](
+            q, k, v, grad_out, bias_arg, lse, delta, dk, dv, cu_q, cu_k, *common, **flags,
+            **kv_config)
+        attention_backward_q_kernel[(triton.cdiv(max(seq_q, 1), q_config["BLOCK_M"]), heads,
+                                     batch)](
+            q, k, v, grad_out, bias_arg, lse, delta, dq, cu_q, cu_k, *common, **flags, **q_config)
+    return dq, dk, dv
+
+
+register("attention_triton", attention)
+register("attention_backward_triton", attention_backward)

@@ -1,0 +1,121 @@
+"""The GPU backends (triton, cuda) on CUDA tensors at real sizes, against the
+float64 reference under the harness rule, forward and backward. Marked cuda:
+they run wherever torch.cuda.is_available() and are skipped (with that
+reason) elsewhere."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyllm
+from harness import check_rule, poisoned_outputs
+from pyllm import reference
+
+pytestmark = pytest.mark.cuda
+
+GPU_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def gpu_backends(op):
+    """The GPU backends that have a kernel for op in this install."""
+    row = pyllm.backend.op_table()[op]
+    return [b for b in ("triton", "cuda") if "cuda" in row[b]]
+
+
+def randn(*shape, dtype, scale=1.0, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * scale).to(dtype)
+
+
+def grads_of(fn, tensors, grad):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return [t.grad if t is not None else None for t in leaves]
+
+
+def as64(*ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4096, 4096), (1000, 768), (7, 65536)], ids=str)
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_norms(op, shape, dtype):
+    for backend in gpu_backends(op):
+        x = randn(*shape, dtype=dtype)
+        w = randn(shape[-1], dtype=dtype, seed=1) + 1
+        b = randn(shape[-1], dtype=dtype, seed=2) if op == "layer_norm" else None
+        args = (w,) if op == "rms_norm" else (w, b)
+        with poisoned_outputs():
+            y = getattr(pyllm, op)(x, *args, 1e-5, backend=backend)
+        truth = getattr(reference, op)(*as64(x, *args), 1e-5)[0]
+        theirs = (F.rms_norm(x, shape[-1:], w, 1e-5) if op == "rms_norm"
+                  else F.layer_norm(x, shape[-1:], w, b, 1e-5))
+        check_rule(y, truth, theirs, what=f"{op} {backend}")
+        grad = randn(*shape, dtype=dtype, seed=3)
+        fn = getattr(pyllm, op)
+        try:
+            ours = grads_of(lambda *t: fn(*t, 1e-5, backend=backend), (x, *args), grad)
+        except RuntimeError as e:  # a backend without a backward kernel says so
+            assert "has no CUDA kernel" in str(e)
+            continue
+        exact = grads_of(lambda *t: getattr(reference, op)(*t, 1e-5)[0], as64(x, *args), grad)
+        pt = (lambda *t: F.rms_norm(t[0], shape[-1:], t[1], 1e-5)) if op == "rms_norm" else \
+            (lambda *t: F.layer_norm(t[0], shape[-1:], t[1], t[2], 1e-5))
+        theirs = grads_of(pt, (x, *args), grad)
+        for g, t, p in zip(ours, exact, theirs):
+            check_rule(g, t, p, factor=3, what=f"{op} {backend} grad")
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(2, 1024, 1024, 16, 4, 128, True), (1, 512, 2048, 12, 12, 64, True),
+                                  (4, 333, 333, 8, 8, 80, False), (1, 1, 8192, 32, 8, 128, True)],
+                         ids=str)
+def test_attention(case, dtype):
+    b, sq, sk, h, hkv, d, causal = case
+    q, k, v = randn(b, sq, h, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype, seed=1), \
+        randn(b, sk, hkv, d, dtype=dtype, seed=2)
+    grad = randn(b, sq, h, d, dtype=dtype, seed=3)
+
+    def sdpa(q, k, v):
+        mask = None
+        if causal:
+            i = torch.arange(sq, device="cuda")[:, None]
+            j = torch.arange(sk, device="cuda")[None, :]
+            mask = j <= i + (sk - sq)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.repeat_interleave(h // hkv, 2).transpose(1, 2),
+            v.repeat_interleave(h // hkv, 2).transpose(1, 2), attn_mask=mask)
+        return out.transpose(1, 2)
+
+    for backend in gpu_backends("attention"):
+        with poisoned_outputs():
+            out = pyllm.attention(q, k, v, causal=causal, backend=backend)
+        truth = reference.attention(*as64(q, k, v), causal=causal)[0]
+        check_rule(out, truth, sdpa(q, k, v), what=f"attention {backend}")
+        ours = grads_of(lambda *t: pyllm.attention(*t, causal=causal, backend=backend), (q, k, v), grad)
+        exact = grads_of(lambda *t: reference.attention(*t, causal=causal)[0], as64(q, k, v), grad)
+        theirs = grads_of(sdpa, (q, k, v), grad)
+        for g, t, p in zip(ours, exact, theirs):
+            check_rule(g, t, p, factor=3, what=f"attention {backend} grad")
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4096, 4096, 4096), (1000, 3000, 777), (8, 4096, 4096)], ids=str)
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "silu"])
+def test_linear(shape, dtype, act):
+    m, kdim, n = shape
+    x, w, b = randn(m, kdim, dtype=dtype), randn(n, kdim, dtype=dtype, scale=kdim ** -0.5, seed=1), \
+        randn(n, dtype=dtype, seed=2)
+    for backend in gpu_backends("linear"):
+        with poisoned_outputs():
+            y = pyllm.linear(x, w, b, act, backend=backend)
+        check_rule(y, reference.linear(*as64(x, w, b), act),
+                   reference.ACTIVATIONS[act](F.linear(x, w, b)), what=f"linear {backend}")
+        grad = randn(m, n, dtype=dtype, seed=3)
+        ours = grads_of(lambda *t: pyllm.linear(*t, act, backend=backend), (x, w, b), grad)
+        exact = grads_of(lambda *t: reference.linear(*t, act), as64(x, w, b), grad)
+        theirs = grads_of(lambda *t: reference.ACTIVATIONS[act](F.linear(*t)), (x, w, b), grad)
+        for g, t, p in zip(ours, exact, theirs):
+            check_rule(g, t, p, factor=3, what=f"linear {backend} grad")
