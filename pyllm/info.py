@@ -61,11 +61,13 @@ def report() -> str:
     for name, status in facts["backends"].items():
         mark = "yes" if status["available"] else "no "
         lines.append(f"  {name:<10} {mark}  {status['detail']}")
-    lines += ["", "devices each backend serves, per op (in parentheses: has kernels, can't run here):"]
+    lines += ["", "devices each backend serves, per op "
+              "(in parentheses: kernels available on that device, none here):"]
     names = list(backend.BACKENDS)
-    lines.append("  " + f"{'op':<12}" + "".join(f"{n:<16}" for n in names))
+    width = max(len("op"), *(len(op) for op in facts["ops"])) + 2
+    lines.append("  " + f"{'op':<{width}}" + "".join(f"{n:<16}" for n in names))
     for op, row in facts["ops"].items():
-        lines.append("  " + f"{op:<12}" + "".join(f"{(row[n] or '-'):<16}" for n in names))
+        lines.append("  " + f"{op:<{width}}" + "".join(f"{(row[n] or '-'):<16}" for n in names))
     lines.append("")
     lines.append("default order: " + "; ".join(
         f"{dev}: {' > '.join(order)}" for dev, order in facts["default_order"].items()))

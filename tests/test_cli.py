@@ -1,8 +1,12 @@
 """The pyllm command."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+
+import pytest
+import torch
 
 
 def run(*args):
@@ -32,3 +36,13 @@ def test_unknown_command_fails():
     result = run("frobnicate")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_info_lists_triton_for_every_op():
+    result = run("info", "--json")
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    expected = "cuda" if torch.cuda.is_available() else "(cuda)"
+    for op, row in facts["ops"].items():
+        assert row["triton"] == expected, (op, row)

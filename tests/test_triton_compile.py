@@ -3,9 +3,15 @@ sm_90, for each dtype and each configuration its launcher can pick (the block
 sizes of the norms, the autotune lists of the GEMM and attention kernels): it
 must compile, fit the target's shared memory and not spill registers. This is
 the proof for bf16, which the interpreter can't run faithfully, and for the
-code paths the interpreter runs differently from a GPU."""
+code paths the interpreter runs differently from a GPU.
+
+With PYLLM_TRITON_RESOURCES=<file> each compiled kernel appends a line to
+<file> (kernel, arch, warps, stages, registers, shared bytes, constexprs): the
+resource table of the shipped configurations.
+"""
 
 import importlib.util
+import os
 
 import pytest
 
@@ -24,6 +30,13 @@ def check(kernel, signature, constexprs, arch, num_warps, num_stages=3, divisibl
     assert usage["LOCAL"] == 0 and usage["STACK"] == 0, f"register spills: {usage}"
     assert usage["REG"] <= 255, usage
     assert compiled.metadata.shared <= SHARED_LIMIT[arch], compiled.metadata.shared
+    report = os.environ.get("PYLLM_TRITON_RESOURCES")
+    if report:
+        described = " ".join(f"{k}={v}" for k, v in constexprs.items())
+        with open(report, "a") as f:
+            dtype = next((v[1:] for v in signature.values() if v in ("*fp16", "*bf16")), "")
+            f.write(f"{kernel.__name__}\tsm_{arch}\t{dtype}\t{num_warps}\t{num_stages}"
+                    f"\t{usage['REG']}\t{compiled.metadata.shared}\t{described}\n")
     return usage
 
 

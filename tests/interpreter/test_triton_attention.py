@@ -18,6 +18,7 @@ PREFILL = [
     (1, 20, 45, 8, 2, 64, True),     # seq_q < seq_k, GQA 8:2
     (1, 33, 20, 2, 2, 32, True),     # seq_q > seq_k: the first queries see nothing
     (1, 30, 17, 2, 1, 64, False),
+    (1, 130, 130, 2, 2, 64, True),   # seq 130: many key blocks, a partial last tile
 ]
 DECODE = [(1, 1, 130, 8, 2, 64, True), (2, 4, 40, 2, 2, 40, False)]
 VARLEN = [([5, 0, 1, 18], [7, 3, 1, 18], 4, 2, 64, True), ([1, 1], [40, 5], 2, 2, 32, True)]
