@@ -72,6 +72,23 @@ def test_cubins_for_exactly_the_requested_archs():
     assert found == wanted
 
 
+# Every CUDA kernel family, by a piece of its (mangled) name.
+CUDA_KERNELS = ("norm_forward_kernel", "norm_backward_kernel", "column_sum_kernel", "gemm_kernel")
+
+
+@needs_cuda_build
+@needs_cuobjdump
+def test_every_cuda_kernel_is_built_for_every_arch():
+    usage = resource_usage(_cuda_library())
+    for arch in {int(a.replace("+PTX", "").replace(".", "")) for a in BUILD["cuda_archs"]}:
+        names = [k["function"] for k in usage if k["arch"] == arch]
+        for kernel in CUDA_KERNELS:
+            assert any(kernel in n for n in names), f"{kernel} missing for sm_{arch}"
+        # fp16 and bf16 GEMMs, each with the cp.async and the element-load path,
+        # for the three tile configurations
+        assert sum("gemm_kernel" in n for n in names) == 2 * 2 * 3
+
+
 @needs_cuda_build
 @needs_cuobjdump
 def test_cuda_kernels_do_not_spill():

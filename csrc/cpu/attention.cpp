@@ -24,7 +24,7 @@
 #include "isa.h"
 #include "kernels/attention.h"
 #include "output.h"
-#include "tensor_types.h"
+#include "../common/tensor_args.h"
 
 namespace pyllm::cpu {
 namespace {

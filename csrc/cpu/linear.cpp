@@ -22,7 +22,7 @@
 #include "isa.h"
 #include "kernels/gemm.h"
 #include "output.h"
-#include "tensor_types.h"
+#include "../common/tensor_args.h"
 
 namespace pyllm::cpu {
 namespace {
@@ -141,10 +141,6 @@ void set_bias(GemmArgs& g, const Tensor& bias, const Tensor& bias2) {
   g.bias2 = bias2.defined() ? bias2.data_ptr() : nullptr;
   const Tensor& any = bias.defined() ? bias : bias2;
   g.bias_type = any.defined() ? kernel_dtype(any, "bias") : DType::f32;
-}
-
-Tensor contiguous_or_undefined(const optional<Tensor>& t) {
-  return t.has_value() ? t->contiguous() : Tensor();
 }
 
 Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_in,

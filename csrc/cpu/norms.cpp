@@ -19,7 +19,7 @@
 #include "isa.h"
 #include "kernels/norm.h"
 #include "output.h"
-#include "tensor_types.h"
+#include "../common/tensor_args.h"
 
 namespace pyllm::cpu {
 namespace {
@@ -27,50 +27,6 @@ namespace {
 // Rows per parallel task: at least ~16K elements, so that a decode-sized call
 // runs inline on the calling thread.
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
-
-std::vector<int64_t> row_shape(const at::Tensor& x) {
-  return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);
-}
-
-void check_input(const char* op, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, "pyllm::", op,
-                    ": x must have a non-empty last dimension, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "pyllm::", op, " (CPU kernel): x must be on the CPU");
-  kernel_dtype(x, "x");
-}
-
-void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() &&
-                        t.device() == x.device(),
-                    "pyllm::", op, ": ", name, " must match x (", x.sizes(), ", ",
-                    x.scalar_type(), "), got ", t.sizes(), ", ", t.scalar_type());
-}
-
-// Weight and bias: shape [n], the input's dtype or float32, one dtype for both.
-DType check_params(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                   const c10::optional<at::Tensor>& bias) {
-  c10::optional<at::ScalarType> type;
-  for (const auto* p : {&weight, &bias}) {
-    if (!p->has_value()) continue;
-    const at::Tensor& t = **p;
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(-1) && t.device() == x.device(),
-                      "pyllm::", op, ": weight and bias must have shape [", x.size(-1),
-                      "] on the device of x, got ", t.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat,
-                     "pyllm::", op, ": weight and bias must be ", x.scalar_type(),
-                     " or float32, got ", t.scalar_type());
-    TORCH_CHECK_TYPE(!type.has_value() || *type == t.scalar_type(), "pyllm::", op,
-                     ": weight and bias must have one dtype");
-    type = t.scalar_type();
-  }
-  return type.has_value() && *type == at::kFloat ? DType::f32 : kernel_dtype(x, "x");
-}
-
-const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-
-at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
 
 NormForwardFn forward_kernel() {
   return pick_isa<NormForwardFn>(generic::norm_forward, avx2::norm_forward, avx512::norm_forward);
@@ -87,9 +43,9 @@ std::array<at::Tensor, 4> norm_forward(const char* op, bool rms, const at::Tenso
                                        const c10::optional<at::Tensor>& residual_in,
                                        const c10::optional<at::Tensor>& weight_in,
                                        const c10::optional<at::Tensor>& bias_in, double eps) {
-  check_input(op, x_in);
+  check_norm_input(op, x_in, c10::DeviceType::CPU);
   if (residual_in.has_value()) check_like_x(op, "residual", *residual_in, x_in);
-  const DType param_type = check_params(op, x_in, weight_in, bias_in);
+  const DType param_type = check_norm_params(op, x_in, weight_in, bias_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor residual = contiguous_or_undefined(residual_in);
   const at::Tensor weight = contiguous_or_undefined(weight_in);
@@ -127,17 +83,13 @@ std::array<at::Tensor, 3> norm_backward(const char* op, bool rms, const at::Tens
                                         const c10::optional<at::Tensor>& weight_in,
                                         const c10::optional<at::Tensor>& grad_sum_in,
                                         std::array<bool, 3> mask) {
-  check_input(op, x_in);
+  check_norm_input(op, x_in, c10::DeviceType::CPU);
   check_like_x(op, "grad_y", grad_y_in, x_in);
   if (grad_sum_in.has_value()) check_like_x(op, "grad_sum", *grad_sum_in, x_in);
-  const DType param_type = check_params(op, x_in, weight_in, c10::nullopt);
+  const DType param_type = check_norm_params(op, x_in, weight_in, c10::nullopt);
   const int64_t n = x_in.size(-1);
-  for (const at::Tensor* stat : {&rstd_in, &mean_in}) {
-    if (rms && stat == &mean_in) continue;
-    TORCH_CHECK_VALUE(stat->scalar_type() == at::kFloat && stat->numel() * n == x_in.numel() &&
-                          stat->device() == x_in.device(),
-                      "pyllm::", op, ": mean and rstd must be float32 with one value per row of x");
-  }
+  check_norm_stat(op, rstd_in, x_in);
+  if (!rms) check_norm_stat(op, mean_in, x_in);
   TORCH_CHECK_VALUE(!mask[1] || weight_in.has_value(), "pyllm::", op,
                     ": grad_weight requested without a weight");
   const at::Tensor x = x_in.contiguous();

@@ -1,0 +1,87 @@
+// Argument helpers shared by the CPU and CUDA operator files (which include
+// torch; the kernels don't): torch dtype -> kernel element type, and the
+// memory-safety checks every norm kernel needs before it touches a pointer.
+// The user-facing checks with friendlier messages live in pyllm/ops/.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+#include "dtype.h"
+
+namespace pyllm {
+
+inline DType kernel_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default:
+      TORCH_CHECK_TYPE(false, "pyllm kernels: ", name,
+                       " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+  return DType::f32;
+}
+
+inline const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+inline at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// x's shape without the last dimension: the shape of per-row statistics.
+inline std::vector<int64_t> row_shape(const at::Tensor& x) {
+  return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+// A norm input: non-empty last dimension, a kernel dtype, on `device_type`.
+inline void check_norm_input(const char* op, const at::Tensor& x, c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, "pyllm::", op,
+                    ": x must have a non-empty last dimension, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.device().type() == device_type, "pyllm::", op, ": x must be a ",
+                    c10::DeviceTypeName(device_type), " tensor for this kernel, got ", x.device());
+  kernel_dtype(x, "x");
+}
+
+inline void check_like_x(const char* op, const char* name, const at::Tensor& t,
+                         const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() &&
+                        t.device() == x.device(),
+                    "pyllm::", op, ": ", name, " must match x (", x.sizes(), ", ",
+                    x.scalar_type(), ", ", x.device(), "), got ", t.sizes(), ", ",
+                    t.scalar_type(), ", ", t.device());
+}
+
+// Norm weight and bias: shape [n] on x's device, x's dtype or float32, one
+// dtype for both. Returns the parameters' kernel type.
+inline DType check_norm_params(const char* op, const at::Tensor& x,
+                               const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias) {
+  c10::optional<at::ScalarType> type;
+  for (const auto* p : {&weight, &bias}) {
+    if (!p->has_value()) continue;
+    const at::Tensor& t = **p;
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(-1) && t.device() == x.device(),
+                      "pyllm::", op, ": weight and bias must have shape [", x.size(-1),
+                      "] on the device of x, got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat,
+                     "pyllm::", op, ": weight and bias must be ", x.scalar_type(),
+                     " or float32, got ", t.scalar_type());
+    TORCH_CHECK_TYPE(!type.has_value() || *type == t.scalar_type(), "pyllm::", op,
+                     ": weight and bias must have one dtype");
+    type = t.scalar_type();
+  }
+  return type.has_value() && *type == at::kFloat ? DType::f32 : kernel_dtype(x, "x");
+}
+
+// Saved statistics of a norm: float32, one value per row of x, on x's device.
+inline void check_norm_stat(const char* op, const at::Tensor& stat, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(stat.scalar_type() == at::kFloat && stat.numel() * x.size(-1) == x.numel() &&
+                        stat.device() == x.device(),
+                    "pyllm::", op, ": mean and rstd must be float32 with one value per row of x");
+}
+
+}  // namespace pyllm
