@@ -126,7 +126,8 @@ NVCC_FLAGS = ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr"]
 def headers():
     """Every header: setuptools relinks an extension only when one of its
     sources or `depends` is newer than it (ninja then recompiles what changed)."""
-    return relative(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True))
+    return relative(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True) +
+                    glob.glob(os.path.join(ROOT, "csrc", "**", "*.cuh"), recursive=True))
 
 
 def cpu_extension():

@@ -19,7 +19,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join(ROOT, "tests", "cuda_host")
-KERNEL_SOURCES = ["csrc/cuda/norm_kernel.cu", "csrc/cuda/gemm_kernel.cu"]
+KERNEL_SOURCES = ["csrc/cuda/norm_kernel.cu", "csrc/cuda/gemm_kernel.cu",
+                  "csrc/cuda/attention_forward_kernel.cu", "csrc/cuda/attention_backward_kernel.cu"]
 DRIVER = "tests/cuda_host/driver.cpp"
 FLAGS = ["-std=c++20", "-O2", "-g0", "-fPIC", "-pthread", "-DPYLLM_CUDA_HOST_MODEL_BUILD",
          "-I", MODEL_DIR, "-I", os.path.join(ROOT, "csrc"), "-Wall", "-Wno-unknown-pragmas"]
@@ -38,7 +39,7 @@ def _inputs():
                        [os.path.relpath(os.path.join(d, f), ROOT)
                         for base in ("csrc/cuda", "csrc/common", "tests/cuda_host")
                         for d, _, fs in os.walk(os.path.join(ROOT, base)) for f in fs
-                        if f.endswith(".h")]))
+                        if f.endswith((".h", ".cuh"))]))
     return files
 
 
@@ -80,18 +81,20 @@ def library() -> ctypes.CDLL:
     if _library is None:
         _library = ctypes.CDLL(build())
         _library.host_norm_backward_chunks.restype = ctypes.c_int64
+        _library.host_attention_forward_workspace.restype = ctypes.c_int64
     return _library
 
 
 class Guarded:
-    """A tensor's copy inside a buffer with NaN guard regions on each side.
+    """A tensor's copy inside a buffer with NaN (integers: -1) guard regions on each side.
     `.ptr` is what a kernel gets; `.tensor` views the interior; `.check()`
     fails if a guard changed. `offset` shifts the interior by elements (to
     test unaligned pointers)."""
 
     def __init__(self, like: torch.Tensor, fill=None, offset: int = 0):
         n = like.numel()
-        self.buffer = torch.full((n + 2 * GUARD + offset,), float("nan"), dtype=like.dtype)
+        poison = float("nan") if like.dtype.is_floating_point else -1
+        self.buffer = torch.full((n + 2 * GUARD + offset,), poison, dtype=like.dtype)
         self.start = GUARD + offset
         self.tensor = self.buffer[self.start:self.start + n].view(like.shape)
         if fill is not None:

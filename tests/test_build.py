@@ -73,7 +73,9 @@ def test_cubins_for_exactly_the_requested_archs():
 
 
 # Every CUDA kernel family, by a piece of its (mangled) name.
-CUDA_KERNELS = ("norm_forward_kernel", "norm_backward_kernel", "column_sum_kernel", "gemm_kernel")
+CUDA_KERNELS = ("norm_forward_kernel", "norm_backward_kernel", "column_sum_kernel", "gemm_kernel",
+                "attention_forward_kernel", "attention_combine_kernel",
+                "attention_backward_kv_kernel", "attention_backward_q_kernel")
 
 
 @needs_cuda_build

@@ -24,6 +24,7 @@
 #include "isa.h"
 #include "kernels/attention.h"
 #include "output.h"
+#include "../common/attention_prepare.h"
 #include "../common/tensor_args.h"
 
 namespace pyllm::cpu {
@@ -32,115 +33,10 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-constexpr int64_t kMaxHeadDim = 256;
 // Queries per sequence up to which the decode path (split keys) is taken.
 constexpr int64_t kDecodeMaxQueries = 8;
 // Keys per decode slice, at least.
 constexpr int64_t kDecodeMinSlice = 256;
-
-Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-TokenLayout layout(const Tensor& t, bool varlen) {
-  return {t.data_ptr(), varlen ? 0 : t.stride(0), t.stride(varlen ? 0 : 1),
-          t.stride(varlen ? 1 : 2)};
-}
-
-struct Prepared {
-  AttentionGeometry g;
-  Tensor q, k, v, bias, cu_q, cu_k;
-  bool varlen;
-};
-
-Prepared prepare(const char* op, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                 const optional<Tensor>& cu_q_in, const optional<Tensor>& cu_k_in,
-                 int64_t max_q, int64_t max_k, const optional<Tensor>& bias_in, double scale,
-                 bool causal) {
-  const bool varlen = cu_q_in.has_value();
-  TORCH_CHECK_VALUE(varlen == cu_k_in.has_value(), "pyllm::", op,
-                    ": give both cu_seqlens_q and cu_seqlens_k, or neither");
-  const int64_t dims = varlen ? 3 : 4;
-  for (const Tensor* t : {&q_in, &k_in, &v_in}) {
-    TORCH_CHECK_VALUE(t->dim() == dims && t->device().is_cpu(), "pyllm::", op,
-                      " (CPU kernel): q, k, v must be ", dims, "-D CPU tensors");
-    TORCH_CHECK_TYPE(t->scalar_type() == q_in.scalar_type(), "pyllm::", op,
-                     ": q, k, v must have one dtype");
-  }
-  kernel_dtype(q_in, "q");
-  Prepared p;
-  p.varlen = varlen;
-  p.q = last_dim_contiguous(q_in);
-  p.k = last_dim_contiguous(k_in);
-  p.v = last_dim_contiguous(v_in);
-  AttentionGeometry& g = p.g;
-  g.head_dim = q_in.size(-1);
-  g.heads = q_in.size(-2);
-  g.heads_kv = k_in.size(-2);
-  TORCH_CHECK_VALUE(g.head_dim >= 1 && g.head_dim <= kMaxHeadDim && k_in.size(-1) == g.head_dim &&
-                        v_in.size(-1) == g.head_dim,
-                    "pyllm::", op, ": q, k, v must share a head_dim of at most ", kMaxHeadDim);
-  TORCH_CHECK_VALUE(g.heads_kv >= 1 && v_in.size(-2) == g.heads_kv && g.heads % g.heads_kv == 0,
-                    "pyllm::", op, ": k and v heads must divide q heads");
-  TORCH_CHECK_VALUE(k_in.sizes() == v_in.sizes(), "pyllm::", op, ": k and v must have one shape");
-  g.scale = static_cast<float>(scale);
-  g.causal = causal;
-  g.cu_q = g.cu_k = nullptr;
-  if (varlen) {
-    p.cu_q = cu_q_in->contiguous();
-    p.cu_k = cu_k_in->contiguous();
-    for (const Tensor* cu : {&p.cu_q, &p.cu_k}) {
-      TORCH_CHECK_VALUE(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->numel() >= 1 &&
-                            cu->device().is_cpu() && cu->numel() == p.cu_q.numel(),
-                        "pyllm::", op, ": cu_seqlens must be 1-D int32 CPU tensors of batch + 1");
-    }
-    g.batch = p.cu_q.numel() - 1;
-    g.cu_q = p.cu_q.data_ptr<int32_t>();
-    g.cu_k = p.cu_k.data_ptr<int32_t>();
-    int64_t longest_q = 0, longest_k = 0;
-    for (int64_t s = 0; s < g.batch; ++s) {
-      TORCH_CHECK_VALUE(g.cu_q[s + 1] >= g.cu_q[s] && g.cu_k[s + 1] >= g.cu_k[s], "pyllm::", op,
-                        ": cu_seqlens must not decrease");
-      longest_q = std::max<int64_t>(longest_q, g.cu_q[s + 1] - g.cu_q[s]);
-      longest_k = std::max<int64_t>(longest_k, g.cu_k[s + 1] - g.cu_k[s]);
-    }
-    TORCH_CHECK_VALUE(g.cu_q[0] == 0 && g.cu_k[0] == 0 && g.cu_q[g.batch] == q_in.size(0) &&
-                          g.cu_k[g.batch] == k_in.size(0),
-                      "pyllm::", op, ": cu_seqlens must run from 0 to the number of tokens");
-    TORCH_CHECK_VALUE(max_q >= longest_q && max_k >= longest_k, "pyllm::", op,
-                      ": max_seqlen_q/k must be at least the longest sequence");
-    g.seq_q = max_q;
-    g.seq_k = max_k;
-  } else {
-    g.batch = q_in.size(0);
-    g.seq_q = q_in.size(1);
-    g.seq_k = k_in.size(1);
-    TORCH_CHECK_VALUE(k_in.size(0) == g.batch, "pyllm::", op, ": q and k batch sizes differ");
-  }
-  if (bias_in.has_value()) {
-    TORCH_CHECK_TYPE(bias_in->scalar_type() == q_in.scalar_type() ||
-                         bias_in->scalar_type() == at::kFloat,
-                     "pyllm::", op, ": bias must be ", q_in.scalar_type(), " or float32");
-    TORCH_CHECK_VALUE(bias_in->dim() <= 4 && bias_in->device().is_cpu(), "pyllm::", op,
-                      ": bias must broadcast to (batch, heads, seq_q, seq_k)");
-    p.bias = bias_in->expand({g.batch, g.heads, g.seq_q, g.seq_k});
-  }
-  return p;
-}
-
-BiasLayout bias_layout(const Tensor& bias) {
-  if (!bias.defined()) return {nullptr, 0, 0, 0, 0, DType::f32};
-  return {bias.data_ptr(), bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3),
-          kernel_dtype(bias, "bias")};
-}
-
-LseLayout lse_layout(const Tensor& lse, const AttentionGeometry& g, bool varlen) {
-  return {lse.data_ptr<float>(), varlen ? 0 : g.heads * g.seq_q, lse.size(-1)};
-}
-
-Tensor new_lse(const Prepared& p, const Tensor& q) {
-  const auto options = q.options().dtype(at::kFloat);
-  if (p.varlen) return at::empty({p.g.heads, q.size(0)}, options);
-  return at::empty({p.g.batch, p.g.heads, p.g.seq_q}, options);
-}
 
 // Tasks: for each sequence, `per_seq` units (heads) times the blocks of
 // `block` that its length (from `length`) needs. Runs fn(s, unit, begin, end)
@@ -255,7 +151,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
                                      const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
                                      double scale, bool causal) {
-  Prepared p = prepare("attention", q_in, k_in, v_in, cu_q, cu_k, max_q, max_k, bias, scale,
+  Prepared p = prepare("attention", c10::DeviceType::CPU, q_in, k_in, v_in, cu_q, cu_k, max_q, max_k, bias, scale,
                        causal);
   const AttentionGeometry& g = p.g;
   Tensor out = empty_output(p.q.sizes(), p.q.options());
@@ -284,12 +180,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
     const Tensor& out_in, const Tensor& lse_in, const optional<Tensor>& cu_q,
     const optional<Tensor>& cu_k, int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
     double scale, bool causal) {
-  Prepared p = prepare("attention_backward", q_in, k_in, v_in, cu_q, cu_k, max_q, max_k, bias,
+  Prepared p = prepare("attention_backward", c10::DeviceType::CPU, q_in, k_in, v_in, cu_q, cu_k, max_q, max_k, bias,
                        scale, causal);
   const AttentionGeometry& g = p.g;
   for (const Tensor* t : {&grad_out_in, &out_in}) {
     TORCH_CHECK_VALUE(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() &&
-                          t->device().is_cpu(),
+                          t->device() == q_in.device(),
                       "pyllm::attention_backward: grad_out and out must match q");
   }
   const Tensor expected_lse = new_lse(p, p.q);

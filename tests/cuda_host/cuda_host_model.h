@@ -18,9 +18,11 @@
 //   - __shared__ variables (one CTA runs at a time, so a static is per CTA)
 //     and dynamic shared memory, poisoned with 0xFF bytes (NaN in every float
 //     type) before each CTA so that a read of an unwritten slot shows up;
-//   - cp.async: a copy reads global memory when issued and lands in shared
-//     memory only when a cp.async.wait_group releases its group, so a missing
-//     wait reads poison;
+//   - cp.async: a copy reads global memory when issued; it lands in shared
+//     memory either at once (eager) or only when a cp.async.wait_group
+//     releases its group (lazy), the two ends of what the hardware allows: a
+//     missing wait reads poison under lazy landing, a missing barrier before
+//     a buffer is refilled is overwritten under eager landing;
 //   - fp16/bf16 with round-to-nearest-even conversions.
 // What it does not model (stated, not hidden): CTAs running at the same time
 // (a kernel whose CTAs depend on each other, or race on global memory, is not
@@ -114,6 +116,7 @@ struct Cta {
 };
 
 inline Cta* cta = nullptr;  // one CTA runs at a time
+inline bool eager_copies = false;
 inline std::vector<std::unique_ptr<char[]>> stacks;
 inline unsigned long launches = 0;
 
@@ -172,14 +175,18 @@ T shuffle(unsigned mask, T v, int from) {
 //     together), in ascending or shuffled order;
 //   greedy: the first runnable thread in ascending or descending order, with
 //     a warp released as soon as its last lane arrives, so one warp runs as
-//     far ahead of the others as barriers allow.
+//     far ahead of the others as barriers allow; its cp.async copies land at
+//     once (eager), so a buffer refilled too early is overwritten under the
+//     slower warps. Round-robin CTAs land copies at the wait (lazy).
 struct Schedule {
   std::vector<int> order;
   bool greedy;
+  bool eager_copies;  // cp.async lands at issue, not at the wait
 };
 
 inline Schedule schedule_for(int threads, unsigned long seed) {
-  Schedule s{std::vector<int>(threads), seed % 4 == 1 || seed % 4 == 2};
+  const bool greedy = seed % 4 == 1 || seed % 4 == 2;
+  Schedule s{std::vector<int>(threads), greedy, greedy};
   for (int i = 0; i < threads; ++i) s.order[i] = i;
   if (seed % 4 == 2) std::reverse(s.order.begin(), s.order.end());
   if (seed % 4 == 3) {
@@ -280,7 +287,9 @@ cudaError_t launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t dynamic_b
           t.context.uc_link = nullptr;
           makecontext(&t.context, thread_entry, 0);
         }
-        run_cta(schedule_for(static_cast<int>(threads), launches++));
+        const Schedule schedule = schedule_for(static_cast<int>(threads), launches++);
+        eager_copies = schedule.eager_copies;
+        run_cta(schedule);
         cta = nullptr;
       }
   kernel_body = nullptr;
@@ -371,6 +380,10 @@ inline void cp_async(void* smem, const void* gmem, int src_bytes) {
   PendingCopy c{smem, {}, 16};
   std::memset(c.bytes, 0, 16);
   if (src_bytes) std::memcpy(c.bytes, gmem, src_bytes);  // read at issue
+  if (eager_copies) {
+    std::memcpy(smem, c.bytes, 16);
+    return;
+  }
   self().cp_async_open.push_back(c);
 }
 inline void cp_async_commit() {

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "cuda/attention_kernel.h"
 #include "cuda/gemm_kernel.h"
 #include "cuda/norm_kernel.h"
 
@@ -43,6 +44,63 @@ int host_gemm(const void* a, const void* b, const void* b2, const float* bias, c
                static_cast<DType>(type), static_cast<Activation>(activation),
                static_cast<GemmEpilogue>(epilogue)};
   return launch_gemm(g, nullptr);
+}
+
+// Attention. geometry: batch, heads, heads_kv, head_dim, seq_q, seq_k;
+// token_strides: (batch, token, head) strides of q, k, v, out (and for the
+// backward grad_out, grad_q, grad_k, grad_v); lse_strides: (batch, head);
+// bias_strides: (batch, head, q, k).
+static AttentionGeometry geometry(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
+                                  float scale, int causal) {
+  return AttentionGeometry{g[0], g[1], g[2], g[3], g[4], g[5], cu_q, cu_k, scale, causal != 0};
+}
+
+static TokenLayout tokens(const void* data, const int64_t* strides) {
+  return TokenLayout{const_cast<void*>(data), strides[0], strides[1], strides[2]};
+}
+
+int64_t host_attention_forward_workspace(const int64_t* g) {
+  return attention_forward_workspace(geometry(g, nullptr, nullptr, 1.f, 0));
+}
+
+int host_attention_forward(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
+                           float scale, int causal, int type, const void* q, const void* k,
+                           const void* v, void* out, const int64_t* token_strides, float* lse,
+                           const int64_t* lse_strides, const void* bias, int bias_type,
+                           const int64_t* bias_strides, float* workspace) {
+  const AttentionForward a{geometry(g, cu_q, cu_k, scale, causal),
+                           tokens(q, token_strides),
+                           tokens(k, token_strides + 3),
+                           tokens(v, token_strides + 6),
+                           tokens(out, token_strides + 9),
+                           BiasLayout{bias, bias_strides[0], bias_strides[1], bias_strides[2],
+                                      bias_strides[3], static_cast<DType>(bias_type)},
+                           LseLayout{lse, lse_strides[0], lse_strides[1]},
+                           static_cast<DType>(type)};
+  return launch_attention_forward(a, workspace, nullptr);
+}
+
+int host_attention_backward(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
+                            float scale, int causal, int type, const void* q, const void* k,
+                            const void* v, const void* out, const void* grad_out, void* grad_q,
+                            void* grad_k, void* grad_v, const int64_t* token_strides,
+                            const float* lse, const float* delta, const int64_t* lse_strides,
+                            const void* bias, int bias_type, const int64_t* bias_strides) {
+  const AttentionBackward a{geometry(g, cu_q, cu_k, scale, causal),
+                            tokens(q, token_strides),
+                            tokens(k, token_strides + 3),
+                            tokens(v, token_strides + 6),
+                            tokens(out, token_strides + 9),
+                            tokens(grad_out, token_strides + 12),
+                            tokens(grad_q, token_strides + 15),
+                            tokens(grad_k, token_strides + 18),
+                            tokens(grad_v, token_strides + 21),
+                            BiasLayout{bias, bias_strides[0], bias_strides[1], bias_strides[2],
+                                       bias_strides[3], static_cast<DType>(bias_type)},
+                            LseLayout{const_cast<float*>(lse), lse_strides[0], lse_strides[1]},
+                            delta,
+                            static_cast<DType>(type)};
+  return launch_attention_backward(a, nullptr);
 }
 
 }  // extern "C"

@@ -1,0 +1,136 @@
+// Argument preparation shared by the CPU and CUDA attention operators:
+// checks that guard the memory the kernels touch (the user-facing checks
+// live in pyllm/ops/attention.py), and the kernels' argument structs built
+// from tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+#include "attention_args.h"
+#include "tensor_args.h"
+
+namespace pyllm {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr int64_t kMaxHeadDim = 256;
+
+inline Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+inline TokenLayout layout(const Tensor& t, bool varlen) {
+  return {t.data_ptr(), varlen ? 0 : t.stride(0), t.stride(varlen ? 0 : 1),
+          t.stride(varlen ? 1 : 2)};
+}
+
+struct Prepared {
+  AttentionGeometry g;
+  Tensor q, k, v, bias, cu_q, cu_k;
+  bool varlen;
+};
+
+inline Prepared prepare(const char* op, c10::DeviceType device_type, const Tensor& q_in,
+                        const Tensor& k_in, const Tensor& v_in,
+                        const optional<Tensor>& cu_q_in, const optional<Tensor>& cu_k_in,
+                        int64_t max_q, int64_t max_k, const optional<Tensor>& bias_in,
+                        double scale, bool causal) {
+  const bool varlen = cu_q_in.has_value();
+  TORCH_CHECK_VALUE(varlen == cu_k_in.has_value(), "pyllm::", op,
+                    ": give both cu_seqlens_q and cu_seqlens_k, or neither");
+  const int64_t dims = varlen ? 3 : 4;
+  for (const Tensor* t : {&q_in, &k_in, &v_in}) {
+    TORCH_CHECK_VALUE(t->dim() == dims && t->device().type() == device_type &&
+                          t->device() == q_in.device(),
+                      "pyllm::", op, ": q, k, v must be ", dims, "-D ",
+                      c10::DeviceTypeName(device_type), " tensors on one device for this kernel");
+    TORCH_CHECK_TYPE(t->scalar_type() == q_in.scalar_type(), "pyllm::", op,
+                     ": q, k, v must have one dtype");
+  }
+  kernel_dtype(q_in, "q");
+  Prepared p;
+  p.varlen = varlen;
+  p.q = last_dim_contiguous(q_in);
+  p.k = last_dim_contiguous(k_in);
+  p.v = last_dim_contiguous(v_in);
+  AttentionGeometry& g = p.g;
+  g.head_dim = q_in.size(-1);
+  g.heads = q_in.size(-2);
+  g.heads_kv = k_in.size(-2);
+  TORCH_CHECK_VALUE(g.head_dim >= 1 && g.head_dim <= kMaxHeadDim && k_in.size(-1) == g.head_dim &&
+                        v_in.size(-1) == g.head_dim,
+                    "pyllm::", op, ": q, k, v must share a head_dim of at most ", kMaxHeadDim);
+  TORCH_CHECK_VALUE(g.heads_kv >= 1 && v_in.size(-2) == g.heads_kv && g.heads % g.heads_kv == 0,
+                    "pyllm::", op, ": k and v heads must divide q heads");
+  TORCH_CHECK_VALUE(k_in.sizes() == v_in.sizes(), "pyllm::", op, ": k and v must have one shape");
+  g.scale = static_cast<float>(scale);
+  g.causal = causal;
+  g.cu_q = g.cu_k = nullptr;
+  if (varlen) {
+    p.cu_q = cu_q_in->contiguous();
+    p.cu_k = cu_k_in->contiguous();
+    for (const Tensor* cu : {&p.cu_q, &p.cu_k}) {
+      TORCH_CHECK_VALUE(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->numel() >= 1 &&
+                            cu->device() == q_in.device() && cu->numel() == p.cu_q.numel(),
+                        "pyllm::", op, ": cu_seqlens must be 1-D int32 tensors of batch + 1 on ",
+                        q_in.device());
+    }
+    g.batch = p.cu_q.numel() - 1;
+    g.cu_q = p.cu_q.data_ptr<int32_t>();
+    g.cu_k = p.cu_k.data_ptr<int32_t>();
+    // The kernels index memory with these: check them (on the host; for
+    // device tensors that is a copy of batch + 1 integers).
+    const Tensor host_q = p.cu_q.cpu(), host_k = p.cu_k.cpu();
+    const int32_t* cq = host_q.data_ptr<int32_t>();
+    const int32_t* ck = host_k.data_ptr<int32_t>();
+    int64_t longest_q = 0, longest_k = 0;
+    for (int64_t s = 0; s < g.batch; ++s) {
+      TORCH_CHECK_VALUE(cq[s + 1] >= cq[s] && ck[s + 1] >= ck[s], "pyllm::", op,
+                        ": cu_seqlens must not decrease");
+      longest_q = std::max<int64_t>(longest_q, cq[s + 1] - cq[s]);
+      longest_k = std::max<int64_t>(longest_k, ck[s + 1] - ck[s]);
+    }
+    TORCH_CHECK_VALUE(cq[0] == 0 && ck[0] == 0 && cq[g.batch] == q_in.size(0) &&
+                          ck[g.batch] == k_in.size(0),
+                      "pyllm::", op, ": cu_seqlens must run from 0 to the number of tokens");
+    TORCH_CHECK_VALUE(max_q >= longest_q && max_k >= longest_k, "pyllm::", op,
+                      ": max_seqlen_q/k must be at least the longest sequence");
+    g.seq_q = max_q;
+    g.seq_k = max_k;
+  } else {
+    g.batch = q_in.size(0);
+    g.seq_q = q_in.size(1);
+    g.seq_k = k_in.size(1);
+    TORCH_CHECK_VALUE(k_in.size(0) == g.batch, "pyllm::", op, ": q and k batch sizes differ");
+  }
+  if (bias_in.has_value()) {
+    TORCH_CHECK_TYPE(bias_in->scalar_type() == q_in.scalar_type() ||
+                         bias_in->scalar_type() == at::kFloat,
+                     "pyllm::", op, ": bias must be ", q_in.scalar_type(), " or float32");
+    TORCH_CHECK_VALUE(bias_in->dim() <= 4 && bias_in->device() == q_in.device(), "pyllm::", op,
+                      ": bias must broadcast to (batch, heads, seq_q, seq_k)");
+    p.bias = bias_in->expand({g.batch, g.heads, g.seq_q, g.seq_k});
+  }
+  return p;
+}
+
+inline BiasLayout bias_layout(const Tensor& bias) {
+  if (!bias.defined()) return {nullptr, 0, 0, 0, 0, DType::f32};
+  return {bias.data_ptr(), bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3),
+          kernel_dtype(bias, "bias")};
+}
+
+inline LseLayout lse_layout(const Tensor& lse, const AttentionGeometry& g, bool varlen) {
+  return {lse.data_ptr<float>(), varlen ? 0 : g.heads * g.seq_q, lse.size(-1)};
+}
+
+inline Tensor new_lse(const Prepared& p, const Tensor& q) {
+  const auto options = q.options().dtype(at::kFloat);
+  if (p.varlen) return at::empty({p.g.heads, q.size(0)}, options);
+  return at::empty({p.g.batch, p.g.heads, p.g.seq_q}, options);
+}
+
+}  // namespace pyllm

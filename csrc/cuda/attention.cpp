@@ -1,0 +1,109 @@
+// pyllm::attention and pyllm::attention_backward for CUDA tensors (the
+// `cuda` backend), on the kernels of attention_kernel.cu. float16 and
+// bfloat16. Argument preparation is shared with the CPU operator
+// (common/attention_prepare.h); the user-facing checks live in
+// pyllm/ops/attention.py.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common/attention_prepare.h"
+#include "attention_kernel.h"
+
+namespace pyllm::cuda {
+namespace {
+
+void check_half(const char* op, const Tensor& q) {
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "pyllm::", op,
+                   " (CUDA kernel): q, k, v must be float16 or bfloat16 (tensor cores), got ",
+                   q.scalar_type(), "; backend='triton' also takes float32");
+}
+
+std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                     const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
+                                     int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
+                                     double scale, bool causal) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  Prepared p = prepare("attention", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k, max_q,
+                       max_k, bias, scale, causal);
+  check_half("attention", p.q);
+  const AttentionGeometry& g = p.g;
+  Tensor out = at::empty(p.q.sizes(), p.q.options());
+  Tensor lse = new_lse(p, p.q);
+  const AttentionForward a{g,
+                           layout(p.q, p.varlen),
+                           layout(p.k, p.varlen),
+                           layout(p.v, p.varlen),
+                           layout(out, p.varlen),
+                           bias_layout(p.bias),
+                           lse_layout(lse, g, p.varlen),
+                           kernel_dtype(p.q, "q")};
+  const int64_t words = attention_forward_workspace(g);
+  Tensor workspace = words > 0 ? at::empty({words}, p.q.options().dtype(at::kFloat)) : Tensor();
+  C10_CUDA_CHECK(launch_attention_forward(
+      a, workspace.defined() ? workspace.data_ptr<float>() : nullptr,
+      c10::cuda::getCurrentCUDAStream()));
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward(
+    const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+    const Tensor& out_in, const Tensor& lse_in, const optional<Tensor>& cu_q,
+    const optional<Tensor>& cu_k, int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
+    double scale, bool causal) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  Prepared p = prepare("attention_backward", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k,
+                       max_q, max_k, bias, scale, causal);
+  check_half("attention_backward", p.q);
+  const AttentionGeometry& g = p.g;
+  for (const Tensor* t : {&grad_out_in, &out_in}) {
+    TORCH_CHECK_VALUE(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() &&
+                          t->device() == q_in.device(),
+                      "pyllm::attention_backward: grad_out and out must match q");
+  }
+  const Tensor expected_lse = new_lse(p, p.q);
+  TORCH_CHECK_VALUE(lse_in.sizes() == expected_lse.sizes() && lse_in.scalar_type() == at::kFloat &&
+                        lse_in.device() == q_in.device(),
+                    "pyllm::attention_backward: lse must be float32 of shape ",
+                    expected_lse.sizes());
+  const Tensor grad_out = last_dim_contiguous(grad_out_in);
+  const Tensor out = last_dim_contiguous(out_in);
+  const Tensor lse = lse_in.contiguous();
+  // delta = rowsum(grad_out * out), laid out like lse.
+  Tensor delta = at::sum(at::mul(grad_out.to(at::kFloat), out.to(at::kFloat)), {-1});
+  delta = (p.varlen ? delta.t() : delta.permute({0, 2, 1})).contiguous();
+  Tensor grad_q = at::empty(p.q.sizes(), p.q.options());
+  Tensor grad_k = at::empty(p.k.sizes(), p.k.options());
+  Tensor grad_v = at::empty(p.v.sizes(), p.v.options());
+  const AttentionBackward a{g,
+                            layout(p.q, p.varlen),
+                            layout(p.k, p.varlen),
+                            layout(p.v, p.varlen),
+                            layout(out, p.varlen),
+                            layout(grad_out, p.varlen),
+                            layout(grad_q, p.varlen),
+                            layout(grad_k, p.varlen),
+                            layout(grad_v, p.varlen),
+                            bias_layout(p.bias),
+                            lse_layout(lse, g, p.varlen),
+                            delta.data_ptr<float>(),
+                            kernel_dtype(p.q, "q")};
+  C10_CUDA_CHECK(launch_attention_backward(a, c10::cuda::getCurrentCUDAStream()));
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyllm, CUDA, m) {
+  m.impl("attention", &attention);
+  m.impl("attention_backward", &attention_backward);
+}
+
+}  // namespace pyllm::cuda
