@@ -16,15 +16,10 @@
 
 #include "../common/attention_prepare.h"
 #include "attention_kernel.h"
+#include "tensor_core_checks.h"
 
 namespace pyllm::cuda {
 namespace {
-
-void check_half(const char* op, const Tensor& q) {
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "pyllm::", op,
-                   " (CUDA kernel): q, k, v must be float16 or bfloat16 (tensor cores), got ",
-                   q.scalar_type(), "; backend='triton' also takes float32");
-}
 
 std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                      const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
@@ -33,7 +28,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
   const c10::cuda::CUDAGuard guard(q_in.device());
   Prepared p = prepare("attention", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k, max_q,
                        max_k, bias, scale, causal);
-  check_half("attention", p.q);
+  check_tensor_core_dtype("attention", "q, k, v", p.q);
   const AttentionGeometry& g = p.g;
   Tensor out = at::empty(p.q.sizes(), p.q.options());
   Tensor lse = new_lse(p, p.q);
@@ -61,7 +56,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
   const c10::cuda::CUDAGuard guard(q_in.device());
   Prepared p = prepare("attention_backward", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k,
                        max_q, max_k, bias, scale, causal);
-  check_half("attention_backward", p.q);
+  check_tensor_core_dtype("attention_backward", "q, k, v", p.q);
   const AttentionGeometry& g = p.g;
   for (const Tensor* t : {&grad_out_in, &out_in}) {
     TORCH_CHECK_VALUE(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() &&

@@ -67,7 +67,7 @@ __device__ __forceinline__ void store_rows(const TokenLayout& t, const float (&a
 // see these keys, S^T = K Q^T, P^T from the lse, dV += P^T dO,
 // dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
 template <class T, class C, bool ASYNC>
-__global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(AttentionBackward a) {
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_backward_kv_kernel(AttentionBackward a) {
   constexpr int D = C::D, BQ = kBackwardQueries<D>, ROW = C::ROW, SLICE = kSliceCols<D>;
   constexpr int slices = D / SLICE;
   PYLLM_DYNAMIC_SHARED(T, smem);
@@ -75,19 +75,17 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(Attenti
   T* sv = sk + kBlockM * ROW;
   T* sq = sv + kBlockM * ROW;
   T* sdo = sq + BQ * ROW;
-  const AttentionGeometry& g = a.g;
+  const AttentionGeometry g = a.g;  // a copy: no address of the parameter is taken
   const int64_t s = blockIdx.z, hk = blockIdx.y, group = g.heads / g.heads_kv;
   const int64_t k0 = static_cast<int64_t>(blockIdx.x / slices) * kBlockM;
   const int col0 = static_cast<int>(blockIdx.x % slices) * SLICE;
   const int64_t lq = g.len_q(s), lk = g.len_k(s), shift = lk - lq;
   if (k0 >= lk) return;
-  auto key_row = [&](const TokenLayout& t) {
-    return [&](int r) -> const T* {
-      return k0 + r < lk ? token_row<T>(t, s, g.first_k(s) + k0 + r, hk) : nullptr;
-    };
-  };
-  load_rows<T, D, ROW, ASYNC>(sk, kBlockM, g.head_dim, a.k.data, key_row(a.k));
-  load_rows<T, D, ROW, ASYNC>(sv, kBlockM, g.head_dim, a.v.data, key_row(a.v));
+  const int64_t first_k = g.first_k(s), first_q = g.first_q(s);
+  load_rows<T, D, ROW, ASYNC>(sk, kBlockM, g.head_dim,
+                              token_rows<T>(a.k, s, first_k + k0, first_k + lk, hk, kBlockM));
+  load_rows<T, D, ROW, ASYNC>(sv, kBlockM, g.head_dim,
+                              token_rows<T>(a.v, s, first_k + k0, first_k + lk, hk, kBlockM));
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -98,13 +96,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(Attenti
   for (int64_t hg = 0; hg < group; ++hg) {
     const int64_t h = hk * group + hg;
     for (int64_t q0 = q_first; q0 < lq; q0 += BQ) {
-      auto query_row = [&](const TokenLayout& t) {
-        return [&](int r) -> const T* {
-          return q0 + r < lq ? token_row<T>(t, s, g.first_q(s) + q0 + r, h) : nullptr;
-        };
-      };
-      load_rows<T, D, ROW, ASYNC>(sq, BQ, g.head_dim, a.q.data, query_row(a.q));
-      load_rows<T, D, ROW, ASYNC>(sdo, BQ, g.head_dim, a.grad_out.data, query_row(a.grad_out));
+      load_rows<T, D, ROW, ASYNC>(sq, BQ, g.head_dim,
+                                  token_rows<T>(a.q, s, first_q + q0, first_q + lq, h, BQ));
+      load_rows<T, D, ROW, ASYNC>(sdo, BQ, g.head_dim,
+                                  token_rows<T>(a.grad_out, s, first_q + q0, first_q + lq, h, BQ));
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
@@ -144,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(Attenti
 // over the key blocks these queries see, S = Q K^T, P from the lse,
 // dP = dO V^T, dS = P (dP - delta), dQ += dS K.
 template <class T, class C, bool ASYNC>
-__global__ void __launch_bounds__(kThreads) attention_backward_q_kernel(AttentionBackward a) {
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_backward_q_kernel(AttentionBackward a) {
   constexpr int D = C::D, BN = C::BN, ROW = C::ROW, SLICE = kSliceCols<D>;
   constexpr int slices = D / SLICE;
   PYLLM_DYNAMIC_SHARED(T, smem);
@@ -152,19 +147,17 @@ __global__ void __launch_bounds__(kThreads) attention_backward_q_kernel(Attentio
   T* sdo = sq + kBlockM * ROW;
   T* sk = sdo + kBlockM * ROW;
   T* sv = sk + BN * ROW;
-  const AttentionGeometry& g = a.g;
+  const AttentionGeometry g = a.g;  // a copy: no address of the parameter is taken
   const int64_t s = blockIdx.z, h = blockIdx.y, hk = h / (g.heads / g.heads_kv);
   const int64_t q0 = static_cast<int64_t>(blockIdx.x / slices) * kBlockM;
   const int col0 = static_cast<int>(blockIdx.x % slices) * SLICE;
   const int64_t lq = g.len_q(s), lk = g.len_k(s), shift = lk - lq;
   if (q0 >= lq) return;
-  auto query_row = [&](const TokenLayout& t) {
-    return [&](int r) -> const T* {
-      return q0 + r < lq ? token_row<T>(t, s, g.first_q(s) + q0 + r, h) : nullptr;
-    };
-  };
-  load_rows<T, D, ROW, ASYNC>(sq, kBlockM, g.head_dim, a.q.data, query_row(a.q));
-  load_rows<T, D, ROW, ASYNC>(sdo, kBlockM, g.head_dim, a.grad_out.data, query_row(a.grad_out));
+  const int64_t first_k = g.first_k(s), first_q = g.first_q(s);
+  load_rows<T, D, ROW, ASYNC>(sq, kBlockM, g.head_dim,
+                              token_rows<T>(a.q, s, first_q + q0, first_q + lq, h, kBlockM));
+  load_rows<T, D, ROW, ASYNC>(sdo, kBlockM, g.head_dim,
+                              token_rows<T>(a.grad_out, s, first_q + q0, first_q + lq, h, kBlockM));
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -181,13 +174,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_q_kernel(Attentio
                : lk;
   float dq[SLICE / 8][4] = {};
   for (int64_t k0 = 0; k0 < k_end; k0 += BN) {
-    auto key_row = [&](const TokenLayout& t) {
-      return [&](int r) -> const T* {
-        return k0 + r < lk ? token_row<T>(t, s, g.first_k(s) + k0 + r, hk) : nullptr;
-      };
-    };
-    load_rows<T, D, ROW, ASYNC>(sk, BN, g.head_dim, a.k.data, key_row(a.k));
-    load_rows<T, D, ROW, ASYNC>(sv, BN, g.head_dim, a.v.data, key_row(a.v));
+    load_rows<T, D, ROW, ASYNC>(sk, BN, g.head_dim,
+                                token_rows<T>(a.k, s, first_k + k0, first_k + lk, hk, BN));
+    load_rows<T, D, ROW, ASYNC>(sv, BN, g.head_dim,
+                                token_rows<T>(a.v, s, first_k + k0, first_k + lk, hk, BN));
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -215,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_q_kernel(Attentio
 
 template <class T, class C>
 cudaError_t backward_with(const AttentionBackward& a, cudaStream_t stream) {
-  const AttentionGeometry& g = a.g;
+  const AttentionGeometry g = a.g;  // a copy: no address of the parameter is taken
   const bool aligned = tokens_aligned(a.q, g.head_dim) && tokens_aligned(a.k, g.head_dim) &&
                        tokens_aligned(a.v, g.head_dim) && tokens_aligned(a.grad_out, g.head_dim);
   if (g.batch > 65535 || g.heads > 65535) return cudaErrorInvalidValue;

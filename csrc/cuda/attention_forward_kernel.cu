@@ -31,15 +31,29 @@ struct ForwardRows {
   __device__ int64_t query(int64_t r) const { return decode ? r % lq : r; }
 };
 
+// Key block `block` of a CTA's key range (rows of k_rows / v_rows from its
+// start, `keys` of them valid) into one stage of the K and V buffers.
+template <class T, int D, int ROW, int BN, bool ASYNC>
+__device__ __forceinline__ void load_key_tiles(T* sk, T* sv, RowMap<T> k_rows, RowMap<T> v_rows,
+                                               int64_t head_dim, int64_t keys, int64_t block) {
+  const int64_t k0 = block * BN;
+  const int valid = static_cast<int>(std::min<int64_t>(BN, keys - k0));
+  k_rows.base += k0 * k_rows.inner;
+  v_rows.base += k0 * v_rows.inner;
+  k_rows.valid = v_rows.valid = valid;
+  load_rows<T, D, ROW, ASYNC>(sk, BN, head_dim, k_rows);
+  load_rows<T, D, ROW, ASYNC>(sv, BN, head_dim, v_rows);
+}
+
 template <class T, class C, bool DECODE, bool ASYNC>
-__global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionForward a,
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_forward_kernel(AttentionForward a,
                                                                      float* partial, int splits) {
   constexpr int D = C::D, BN = C::BN, ROW = C::ROW, NT = BN / 8, DT = D / 8;
   PYLLM_DYNAMIC_SHARED(T, smem);
   T* sq = smem;
   T* sk = sq + kBlockM * ROW;  // two stages of K then two of V
   T* sv = sk + 2 * BN * ROW;
-  const AttentionGeometry& g = a.g;
+  const AttentionGeometry g = a.g;  // a copy: no address of the parameter is taken
   ForwardRows rows_of{DECODE, blockIdx.z, 0, 0, g.heads / g.heads_kv, g.len_q(blockIdx.z),
                       g.len_k(blockIdx.z), 0, 0};
   int64_t k_lo = 0, k_hi = rows_of.lk;
@@ -66,23 +80,21 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionFo
   }
   const int64_t blocks = (k_end - k_lo + BN - 1) / BN;
 
-  load_rows<T, D, ROW, ASYNC>(sq, kBlockM, g.head_dim, a.q.data, [&](int r) -> const T* {
-    const int64_t row = R.r0 + r;
-    return row < R.rows ? token_row<T>(a.q, R.s, g.first_q(R.s) + R.query(row), R.head(row))
-                        : nullptr;
-  });
+  RowMap<T> q_rows;
+  if constexpr (DECODE) {  // row r: head hk * group + r / lq, query r % lq
+    q_rows = RowMap<T>{token_row<T>(a.q, R.s, g.first_q(R.s), R.hk * R.group),
+                       static_cast<int>(R.rows), static_cast<int>(R.lq), a.q.head_stride,
+                       a.q.token_stride};
+  } else {
+    q_rows = token_rows<T>(a.q, R.s, g.first_q(R.s) + R.r0, g.first_q(R.s) + R.lq, R.h, kBlockM);
+  }
+  load_rows<T, D, ROW, ASYNC>(sq, kBlockM, g.head_dim, q_rows);
   cp_async_commit();
-  auto load_keys = [&](int stage, int64_t block) {
-    const int64_t k0 = k_lo + block * BN;
-    auto key_row = [&](const TokenLayout& t) {
-      return [&, k0](int r) -> const T* {
-        return k0 + r < k_end ? token_row<T>(t, R.s, g.first_k(R.s) + k0 + r, R.hk) : nullptr;
-      };
-    };
-    load_rows<T, D, ROW, ASYNC>(sk + stage * BN * ROW, BN, g.head_dim, a.k.data, key_row(a.k));
-    load_rows<T, D, ROW, ASYNC>(sv + stage * BN * ROW, BN, g.head_dim, a.v.data, key_row(a.v));
-  };
-  if (blocks > 0) load_keys(0, 0);
+  const int64_t first_k = g.first_k(R.s);
+  const RowMap<T> k_rows = token_rows<T>(a.k, R.s, first_k + k_lo, first_k + k_end, R.hk, BN);
+  const RowMap<T> v_rows = token_rows<T>(a.v, R.s, first_k + k_lo, first_k + k_end, R.hk, BN);
+  if (blocks > 0)
+    load_key_tiles<T, D, ROW, BN, ASYNC>(sk, sv, k_rows, v_rows, g.head_dim, k_end - k_lo, 0);
   cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -90,7 +102,10 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionFo
   float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};
   float o[DT][4] = {};
   for (int64_t block = 0; block < blocks; ++block) {
-    if (block + 1 < blocks) load_keys(static_cast<int>((block + 1) % 2), block + 1);
+    if (block + 1 < blocks)
+      load_key_tiles<T, D, ROW, BN, ASYNC>(sk + ((block + 1) % 2) * BN * ROW,
+                                           sv + ((block + 1) % 2) * BN * ROW, k_rows, v_rows,
+                                           g.head_dim, k_end - k_lo, block + 1);
     cp_async_commit();
     cp_async_wait<1>();  // Q and this block have landed (this thread's copies)
     __syncthreads();     // ... and everyone's
@@ -180,10 +195,10 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(AttentionFo
 // Combines the decode partials of (sequence, head): m = max m_i over splits
 // with l_i > 0, l = sum l_i 2^(m_i - m), o = sum o_i 2^(m_i - m) / l.
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) attention_combine_kernel(AttentionForward a,
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_combine_kernel(AttentionForward a,
                                                                      const float* partial,
                                                                      int splits) {
-  const AttentionGeometry& g = a.g;
+  const AttentionGeometry g = a.g;  // a copy: no address of the parameter is taken
   const int64_t s = blockIdx.y, h = blockIdx.x, group = g.heads / g.heads_kv;
   const int64_t lq = g.len_q(s), hk = h / group;
   for (int64_t i = 0; i < lq; ++i) {
@@ -229,7 +244,7 @@ int64_t decode_splits(const AttentionGeometry& g) {
 
 template <class T, class C>
 cudaError_t forward_with(const AttentionForward& a, float* workspace, cudaStream_t stream) {
-  const AttentionGeometry& g = a.g;
+  const AttentionGeometry g = a.g;  // a copy: no address of the parameter is taken
   const bool aligned =
       tokens_aligned(a.q, g.head_dim) && tokens_aligned(a.k, g.head_dim) && tokens_aligned(a.v, g.head_dim);
   if (g.batch > 65535 || g.heads > 65535) return cudaErrorInvalidValue;

@@ -21,6 +21,10 @@ constexpr float kInf = __builtin_huge_valf();
 constexpr int kWarps = 4;  // per CTA, 16 query (or key) rows each
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockM = 16 * kWarps;  // query rows per CTA (16 per warp)
+// Occupancy the main kernels are compiled for: two CTAs of 128 threads per SM
+// leave up to 255 registers per thread (without it ptxas chose 128 for some
+// tiles and spilled).
+constexpr int kMinCtasPerSm = 2;
 
 template <int D_, int BN_>
 struct Tile {
@@ -105,24 +109,49 @@ __device__ __forceinline__ float quad_max(float v) {
 
 // ---- tiles from global memory --------------------------------------------------
 
-// Fills rows [0, rows) of a tile with D columns: row r from row_ptr(r) (null:
-// zeros), columns past head_dim zero. `base` is any valid address of the
-// tensor (the source operand of a zero-byte cp.async).
-template <class T, int D, int ROW, bool ASYNC, class RowPtr>
-__device__ __forceinline__ void load_rows(T* smem, int rows, int64_t head_dim, const void* base,
-                                          RowPtr row_ptr) {
+// Where row r of a tile comes from: base + (r / div) * outer + (r % div) *
+// inner for r < valid, zeros beyond. Consecutive tokens: div > every r,
+// inner = the token stride. The decode path's (head, query) rows: div =
+// len_q, outer = the head stride.
+template <class T>
+struct RowMap {
+  const T* base;
+  int valid;
+  int div;
+  int64_t outer, inner;
+  __device__ __forceinline__ const T* row(int r) const {
+    return base + static_cast<int64_t>(r / div) * outer + static_cast<int64_t>(r % div) * inner;
+  }
+};
+
+// Rows [first, first + count) of a token layout for one head, as a RowMap
+// of `limit` - first valid rows (at most the tile's).
+template <class T>
+__device__ __forceinline__ RowMap<T> token_rows(const TokenLayout& t, int64_t s, int64_t first,
+                                                int64_t limit, int64_t head, int tile_rows) {
+  const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(limit - first, tile_rows));
+  return RowMap<T>{static_cast<const T*>(t.data) + s * t.batch_stride + first * t.token_stride +
+                       head * t.head_stride,
+                   static_cast<int>(valid), tile_rows, 0, t.token_stride};
+}
+
+// Fills rows [0, rows) of a tile with D columns from `map`, columns past
+// head_dim and rows past map.valid with zeros. `base` is any valid address of
+// the tensor (the source operand of a zero-byte cp.async).
+template <class T, int D, int ROW, bool ASYNC>
+__device__ __forceinline__ void load_rows(T* smem, int rows, int64_t head_dim, const RowMap<T> map) {
   constexpr int kChunks = D / 8;
   for (int c = threadIdx.x; c < rows * kChunks; c += kThreads) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
-    const T* src = row_ptr(r);
     T* dst = smem + r * ROW + col;
-    const bool inside = src != nullptr && col < head_dim;
+    const bool inside = r < map.valid && col < head_dim;
+    const T* src = inside ? map.row(r) + col : map.base;
     if constexpr (ASYNC) {
-      cp_async_16(dst, inside ? src + col : base, inside ? 16 : 0);
+      cp_async_16(dst, src, inside ? 16 : 0);
     } else {
 #pragma unroll
       for (int j = 0; j < 8; ++j)
-        dst[j] = inside && col + j < head_dim ? src[col + j] : from_float<T>(0.f);
+        dst[j] = inside && col + j < head_dim ? src[j] : from_float<T>(0.f);
     }
   }
 }

@@ -22,6 +22,7 @@
 
 #include "../common/tensor_args.h"
 #include "gemm_kernel.h"
+#include "tensor_core_checks.h"
 
 namespace pyllm::cuda {
 namespace {
@@ -42,9 +43,7 @@ Activation parse_activation(c10::string_view name) {
 void check_input(const char* op, const Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.is_cuda(), "pyllm::", op,
                     " (CUDA kernel): x must be a CUDA tensor with at least one dimension");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "pyllm::", op,
-                   " (CUDA kernel): x must be float16 or bfloat16 (the tensor-core GEMM), got ",
-                   x.scalar_type(), "; backend='triton' also takes float32");
+  check_tensor_core_dtype(op, "x", x);
 }
 
 void check_weight(const char* op, const char* name, const Tensor& x, const Tensor& w) {

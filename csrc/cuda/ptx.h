@@ -46,20 +46,41 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// sm_80 brought cp.async and mma.m16n8k16; for sm_75 (TORCH_CUDA_ARCH_LIST
+// may name it) the copies are synchronous and m16n8k16 is two m16n8k8. bf16
+// tensor cores need sm_80: the launchers refuse bf16 below it.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define PYLLM_SM75 1
+#endif
+
 // Copies 16 bytes global -> shared; bytes past src_bytes (0..16) are zeroed,
 // so src_bytes = 0 fills the slot with zeros without reading global memory.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+#if defined(PYLLM_SM75)
+  if (src_bytes == 16) {
+    *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+  } else {
+    unsigned char* d = static_cast<unsigned char*>(smem);
+    const unsigned char* g = static_cast<const unsigned char*>(gmem);
+    for (int i = 0; i < 16; ++i) d[i] = i < src_bytes ? g[i] : 0;
+  }
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(smem)),
                "l"(gmem), "r"(src_bytes)
                : "memory");
+#endif
 }
 __device__ __forceinline__ void cp_async_commit() {
+#if !defined(PYLLM_SM75)
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
 }
 // Waits until at most N of this thread's committed groups are still in flight.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if !defined(PYLLM_SM75)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 // Four 8x8 b16 matrices; lanes 8j..8j+7 give the row addresses of matrix j.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
@@ -81,20 +102,33 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
                                                   const uint32_t (&b)[2]) {
+#if defined(PYLLM_SM75)
+  for (int half = 0; half < 2; ++half)  // k 0-7 then k 8-15
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6},"
+        " {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[2 * half]), "r"(a[2 * half + 1]), "r"(b[half]));
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7},"
       " {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                          const uint32_t (&b)[2]) {
+#if defined(PYLLM_SM75)
+  __trap();  // unreachable: bf16 is refused below sm_80 before launch
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7},"
       " {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 #endif
