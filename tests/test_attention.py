@@ -202,6 +202,17 @@ VARLEN = [  # (lengths_q, lengths_k, heads, heads_kv, head_dim, causal)
 ]
 
 
+def per_sequence(fn, q, k, v, cu_q, cu_k):
+    """fn on each sequence of a varlen batch as a dense batch of one, packed
+    back (the dense path as the comparison)."""
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i]:cu_q[i + 1]][None]
+        ks, vs = k[cu_k[i]:cu_k[i + 1]][None], v[cu_k[i]:cu_k[i + 1]][None]
+        outs.append(fn(qs, ks, vs)[0])
+    return torch.cat(outs)
+
+
 def cumulative(lengths):
     return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
 
@@ -218,21 +229,12 @@ def test_varlen(case, dtype, backend):
     cu_q, cu_k = cumulative(lq), cumulative(lk)
     grad = randn(q.shape, dtype, gen=gen)
 
-    def per_sequence(fn, q, k, v):
-        """fn on each sequence, packed back (the dense path as the comparison)."""
-        outs = []
-        for i in range(len(lq)):
-            qs = q[cu_q[i]:cu_q[i + 1]][None]
-            ks, vs = k[cu_k[i]:cu_k[i + 1]][None], v[cu_k[i]:cu_k[i + 1]][None]
-            outs.append(fn(qs, ks, vs)[0])
-        return torch.cat(outs)
-
     with poisoned_outputs():
         out, lse = pyllm.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True,
                                           backend=backend)
     t_out, t_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k,
                                               causal=causal)
-    theirs = per_sequence(lambda *t: pytorch_attention(*t, causal=causal), q, k, v)
+    theirs = per_sequence(lambda *t: pytorch_attention(*t, causal=causal), q, k, v, cu_q, cu_k)
     check_rule(out, t_out, theirs)
     check_lse(lse, t_lse)
 
@@ -240,8 +242,8 @@ def test_varlen(case, dtype, backend):
                                                       backend=backend), (q, k, v), grad)
     exact = grads_of(lambda *t: reference.attention_varlen(*t, cu_q, cu_k, causal=causal)[0],
                      [t.double() for t in (q, k, v)], grad)
-    pt = grads_of(lambda *t: per_sequence(lambda *s: pytorch_attention(*s, causal=causal), *t),
-                  (q, k, v), grad)
+    pt = grads_of(lambda *t: per_sequence(lambda *s: pytorch_attention(*s, causal=causal), *t,
+                                          cu_q, cu_k), (q, k, v), grad)
     for name, g, t, p in zip("qkv", ours, exact, pt):
         check_rule(g, t, p, factor=3, what=f"grad {name}")
 

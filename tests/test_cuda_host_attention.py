@@ -18,7 +18,7 @@ from cuda_host_kernels import DTYPE_CODE, Guarded, check_launch, guarded_input, 
 from harness import check_rule, generator, randn
 from pyllm import reference
 from test_attention import (CASES, DECODE_CASES, VARLEN, check_lse, cumulative, grads_of, make,
-                            pytorch_attention)
+                            per_sequence, pytorch_attention)
 
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 # Prefill with several key tiles per CTA (the two-stage ring turns over).
@@ -206,22 +206,15 @@ def test_varlen(case, dtype):
     cu_q, cu_k = cumulative(lq), cumulative(lk)
     grad = randn(q.shape, dtype, gen=gen)
 
-    def per_sequence(fn, q, k, v):
-        outs = []
-        for i in range(len(lq)):
-            qs = q[cu_q[i]:cu_q[i + 1]][None]
-            ks, vs = k[cu_k[i]:cu_k[i + 1]][None], v[cu_k[i]:cu_k[i + 1]][None]
-            outs.append(fn(qs, ks, vs)[0])
-        return torch.cat(outs)
-
     call = HostAttention(q, k, v, cu_q, cu_k, causal=causal)
     out, lse = call.forward()
     t_out, t_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k,
                                               causal=causal)
-    check_rule(out, t_out, per_sequence(lambda *t: pytorch_attention(*t, causal=causal), q, k, v))
+    check_rule(out, t_out, per_sequence(lambda *t: pytorch_attention(*t, causal=causal), q, k, v,
+                                        cu_q, cu_k))
     check_lse(lse, t_lse)
     exact = grads_of(lambda *t: reference.attention_varlen(*t, cu_q, cu_k, causal=causal)[0],
                      [t.double() for t in (q, k, v)], grad)
-    theirs = grads_of(lambda *t: per_sequence(lambda *s: pytorch_attention(*s, causal=causal), *t),
-                      (q, k, v), grad)
+    theirs = grads_of(lambda *t: per_sequence(lambda *s: pytorch_attention(*s, causal=causal), *t,
+                                              cu_q, cu_k), (q, k, v), grad)
     check_grads(call.backward(out, lse, grad), exact, theirs)

@@ -6,6 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -131,6 +133,65 @@ inline Tensor new_lse(const Prepared& p, const Tensor& q) {
   const auto options = q.options().dtype(at::kFloat);
   if (p.varlen) return at::empty({p.g.heads, q.size(0)}, options);
   return at::empty({p.g.batch, p.g.heads, p.g.seq_q}, options);
+}
+
+// The backward's own inputs, checked against q, with
+// delta = rowsum(grad_out * out) laid out like lse.
+struct PreparedBackward {
+  Tensor grad_out, out, lse, delta;
+};
+
+inline PreparedBackward prepare_backward(const Prepared& p, const Tensor& q_in,
+                                         const Tensor& grad_out_in, const Tensor& out_in,
+                                         const Tensor& lse_in) {
+  for (const Tensor* t : {&grad_out_in, &out_in}) {
+    TORCH_CHECK_VALUE(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() &&
+                          t->device() == q_in.device(),
+                      "pyllm::attention_backward: grad_out and out must match q");
+  }
+  const Tensor expected_lse = new_lse(p, p.q);
+  TORCH_CHECK_VALUE(lse_in.sizes() == expected_lse.sizes() && lse_in.scalar_type() == at::kFloat &&
+                        lse_in.device() == q_in.device(),
+                    "pyllm::attention_backward: lse must be float32 of shape ",
+                    expected_lse.sizes());
+  PreparedBackward b;
+  b.grad_out = last_dim_contiguous(grad_out_in);
+  b.out = last_dim_contiguous(out_in);
+  b.lse = lse_in.contiguous();
+  b.delta = at::sum(at::mul(b.grad_out.to(at::kFloat), b.out.to(at::kFloat)), {-1});
+  b.delta = (p.varlen ? b.delta.t() : b.delta.permute({0, 2, 1})).contiguous();
+  return b;
+}
+
+// The backward kernels' arguments; grad_q/k/v shaped like q/k/v.
+inline AttentionBackward backward_args(const Prepared& p, const PreparedBackward& b,
+                                       const Tensor& grad_q, const Tensor& grad_k,
+                                       const Tensor& grad_v) {
+  return AttentionBackward{p.g,
+                           layout(p.q, p.varlen),
+                           layout(p.k, p.varlen),
+                           layout(p.v, p.varlen),
+                           layout(b.out, p.varlen),
+                           layout(b.grad_out, p.varlen),
+                           layout(grad_q, p.varlen),
+                           layout(grad_k, p.varlen),
+                           layout(grad_v, p.varlen),
+                           bias_layout(p.bias),
+                           lse_layout(b.lse, p.g, p.varlen),
+                           b.delta.data_ptr<float>(),
+                           kernel_dtype(p.q, "q")};
+}
+
+// The forward kernels' arguments.
+inline AttentionForward forward_args(const Prepared& p, const Tensor& out, const Tensor& lse) {
+  return AttentionForward{p.g,
+                          layout(p.q, p.varlen),
+                          layout(p.k, p.varlen),
+                          layout(p.v, p.varlen),
+                          layout(out, p.varlen),
+                          bias_layout(p.bias),
+                          lse_layout(lse, p.g, p.varlen),
+                          kernel_dtype(p.q, "q")};
 }
 
 }  // namespace pyllm

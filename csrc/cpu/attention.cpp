@@ -12,8 +12,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -151,19 +149,12 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
                                      const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
                                      double scale, bool causal) {
-  Prepared p = prepare("attention", c10::DeviceType::CPU, q_in, k_in, v_in, cu_q, cu_k, max_q, max_k, bias, scale,
-                       causal);
+  Prepared p = prepare("attention", c10::DeviceType::CPU, q_in, k_in, v_in, cu_q, cu_k, max_q,
+                       max_k, bias, scale, causal);
   const AttentionGeometry& g = p.g;
   Tensor out = empty_output(p.q.sizes(), p.q.options());
   Tensor lse = new_lse(p, p.q);
-  AttentionForward a{g,
-                     layout(p.q, p.varlen),
-                     layout(p.k, p.varlen),
-                     layout(p.v, p.varlen),
-                     layout(out, p.varlen),
-                     bias_layout(p.bias),
-                     lse_layout(lse, g, p.varlen),
-                     kernel_dtype(p.q, "q")};
+  const AttentionForward a = forward_args(p, out, lse);
   if (g.batch == 0 || g.heads == 0) return {out, lse};
   if (g.seq_q <= kDecodeMaxQueries) {
     decode(a);
@@ -180,41 +171,15 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
     const Tensor& out_in, const Tensor& lse_in, const optional<Tensor>& cu_q,
     const optional<Tensor>& cu_k, int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
     double scale, bool causal) {
-  Prepared p = prepare("attention_backward", c10::DeviceType::CPU, q_in, k_in, v_in, cu_q, cu_k, max_q, max_k, bias,
-                       scale, causal);
+  Prepared p = prepare("attention_backward", c10::DeviceType::CPU, q_in, k_in, v_in, cu_q, cu_k,
+                       max_q, max_k, bias, scale, causal);
   const AttentionGeometry& g = p.g;
-  for (const Tensor* t : {&grad_out_in, &out_in}) {
-    TORCH_CHECK_VALUE(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() &&
-                          t->device() == q_in.device(),
-                      "pyllm::attention_backward: grad_out and out must match q");
-  }
-  const Tensor expected_lse = new_lse(p, p.q);
-  TORCH_CHECK_VALUE(lse_in.sizes() == expected_lse.sizes() && lse_in.scalar_type() == at::kFloat,
-                    "pyllm::attention_backward: lse must be float32 of shape ",
-                    expected_lse.sizes());
-  const Tensor grad_out = last_dim_contiguous(grad_out_in);
-  const Tensor out = last_dim_contiguous(out_in);
-  const Tensor lse = lse_in.contiguous();
-  // delta = rowsum(grad_out * out), laid out like lse.
-  Tensor delta = at::sum(at::mul(grad_out.to(at::kFloat), out.to(at::kFloat)), {-1});
-  delta = (p.varlen ? delta.t() : delta.permute({0, 2, 1})).contiguous();
+  const PreparedBackward inputs = prepare_backward(p, q_in, grad_out_in, out_in, lse_in);
   Tensor grad_q = empty_output(p.q.sizes(), p.q.options());
   Tensor grad_k = empty_output(p.k.sizes(), p.k.options());
   Tensor grad_v = empty_output(p.v.sizes(), p.v.options());
   if (g.batch == 0 || g.heads == 0) return {grad_q, grad_k, grad_v};
-  AttentionBackward a{g,
-                      layout(p.q, p.varlen),
-                      layout(p.k, p.varlen),
-                      layout(p.v, p.varlen),
-                      layout(out, p.varlen),
-                      layout(grad_out, p.varlen),
-                      layout(grad_q, p.varlen),
-                      layout(grad_k, p.varlen),
-                      layout(grad_v, p.varlen),
-                      bias_layout(p.bias),
-                      lse_layout(lse, g, p.varlen),
-                      delta.data_ptr<float>(),
-                      kernel_dtype(p.q, "q")};
+  const AttentionBackward a = backward_args(p, inputs, grad_q, grad_k, grad_v);
   const auto kv_kernel = pick_isa<AttentionBackwardKvFn>(
       generic::attention_backward_kv, avx2::attention_backward_kv, avx512::attention_backward_kv,
       avx512_bf16::attention_backward_kv);

@@ -22,6 +22,7 @@
 #include "isa.h"
 #include "kernels/gemm.h"
 #include "output.h"
+#include "../common/linear_checks.h"
 #include "../common/tensor_args.h"
 
 namespace pyllm::cpu {
@@ -50,12 +51,6 @@ Tensor rows_of(const Tensor& x) {
   // (..., K) -> (M, K) with contiguous rows.
   Tensor x2 = x.reshape({-1, x.size(-1)});
   return x2.stride(-1) == 1 ? x2 : x2.contiguous();
-}
-
-std::vector<int64_t> with_last(const Tensor& x, int64_t last) {
-  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
-  sizes.back() = last;
-  return sizes;
 }
 
 GemmBlockFn block_kernel() {
@@ -114,22 +109,6 @@ GemmArgs base_args(int64_t M, int64_t N, int64_t K, Operand a, Operand b) {
   return g;
 }
 
-void check_weight(const char* op, const char* name, const Tensor& x, const Tensor& w) {
-  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == x.size(-1) && w.device().is_cpu(), "pyllm::", op,
-                    ": ", name, " must be a CPU tensor of shape (out_features, ", x.size(-1),
-                    "), got ", w.sizes());
-  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "pyllm::", op, ": ", name,
-                   " must have x's dtype");
-}
-
-void check_bias(const char* op, const optional<Tensor>& bias, int64_t n, const Tensor& x) {
-  if (!bias.has_value()) return;
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n && bias->device().is_cpu(), "pyllm::",
-                    op, ": bias must have shape (", n, ")");
-  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type() || bias->scalar_type() == at::kFloat,
-                   "pyllm::", op, ": bias must have x's dtype or float32");
-}
-
 void check_input(const char* op, const Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.device().is_cpu(), "pyllm::", op,
                     " (CPU kernel): x must be a CPU tensor with at least one dimension");
@@ -146,8 +125,8 @@ void set_bias(GemmArgs& g, const Tensor& bias, const Tensor& bias2) {
 Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_in,
               c10::string_view activation) {
   check_input("linear", x);
-  check_weight("linear", "weight", x, weight);
-  check_bias("linear", bias_in, weight.size(0), x);
+  check_linear_weight("linear", "weight", x, weight);
+  check_linear_bias("linear", bias_in, weight.size(0), x);
   const Tensor x2 = rows_of(x);
   const Tensor bias = contiguous_or_undefined(bias_in);
   const int64_t M = x2.size(0), N = weight.size(0), K = x2.size(1);
@@ -162,26 +141,10 @@ Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bia
   return y;
 }
 
-void check_swiglu(const char* op, const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
-                  const optional<Tensor>& b_gate, const optional<Tensor>& b_up) {
-  check_input(op, x);
-  check_weight(op, "weight_gate", x, w_gate);
-  check_weight(op, "weight_up", x, w_up);
-  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "pyllm::", op,
-                    ": the two weights must have one shape");
-  check_bias(op, b_gate, w_gate.size(0), x);
-  check_bias(op, b_up, w_gate.size(0), x);
-}
-
-void check_grad_y(const char* op, const Tensor& grad_y, const Tensor& x, int64_t n) {
-  TORCH_CHECK_VALUE(grad_y.sizes() == c10::IntArrayRef(with_last(x, n)) &&
-                        grad_y.scalar_type() == x.scalar_type(),
-                    "pyllm::", op, ": grad_y must have the output's shape and dtype");
-}
-
 Tensor swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
               const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in) {
-  check_swiglu("swiglu", x, w_gate, w_up, b_gate_in, b_up_in);
+  check_input("swiglu", x);
+  check_swiglu_params("swiglu", x, w_gate, w_up, b_gate_in, b_up_in);
   const Tensor x2 = rows_of(x);
   const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
   TORCH_CHECK_TYPE(!b_gate.defined() || !b_up.defined() || b_gate.scalar_type() == b_up.scalar_type(),
@@ -232,8 +195,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
                                                    c10::string_view activation,
                                                    std::array<bool, 3> mask) {
   check_input("linear_backward", x);
-  check_weight("linear_backward", "weight", x, weight);
-  check_bias("linear_backward", bias_in, weight.size(0), x);
+  check_linear_weight("linear_backward", "weight", x, weight);
+  check_linear_bias("linear_backward", bias_in, weight.size(0), x);
   check_grad_y("linear_backward", grad_y, x, weight.size(0));
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);
@@ -268,7 +231,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
     const Tensor& grad_y, const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
     const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in, std::array<bool, 5> mask) {
-  check_swiglu("swiglu_backward", x, w_gate, w_up, b_gate_in, b_up_in);
+  check_input("swiglu_backward", x);
+  check_swiglu_params("swiglu_backward", x, w_gate, w_up, b_gate_in, b_up_in);
   check_grad_y("swiglu_backward", grad_y, x, w_gate.size(0));
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);

@@ -19,6 +19,7 @@
 #include "isa.h"
 #include "kernels/norm.h"
 #include "output.h"
+#include "../common/norm_ops.h"
 #include "../common/tensor_args.h"
 
 namespace pyllm::cpu {
@@ -158,60 +159,8 @@ std::array<at::Tensor, 3> norm_backward(const char* op, bool rms, const at::Tens
           mask[2] ? totals[1].to(param) : at::Tensor()};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x,
-                                            const c10::optional<at::Tensor>& weight, double eps) {
-  auto out = norm_forward("rms_norm", true, x, c10::nullopt, weight, c10::nullopt, eps);
-  return {out[0], out[3]};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm(
-    const at::Tensor& x, const at::Tensor& residual, const c10::optional<at::Tensor>& weight,
-    double eps) {
-  auto out = norm_forward("add_rms_norm", true, x, residual, weight, c10::nullopt, eps);
-  return {out[0], out[1], out[3]};
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& rstd,
-    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& grad_sum,
-    std::array<bool, 2> mask) {
-  auto out = norm_backward("rms_norm_backward", true, grad_y, x, at::Tensor(), rstd, weight,
-                           grad_sum, {mask[0], mask[1], false});
-  return {out[0], out[1]};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm(
-    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps) {
-  auto out = norm_forward("layer_norm", false, x, c10::nullopt, weight, bias, eps);
-  return {out[0], out[2], out[3]};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
-    const at::Tensor& x, const at::Tensor& residual, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, double eps) {
-  auto out = norm_forward("add_layer_norm", false, x, residual, weight, bias, eps);
-  return {out[0], out[1], out[2], out[3]};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
-    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& grad_sum,
-    std::array<bool, 3> mask) {
-  auto out = norm_backward("layer_norm_backward", false, grad_y, x, mean, rstd, weight, grad_sum,
-                           mask);
-  return {out[0], out[1], out[2]};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("rms_norm_backward", &rms_norm_backward);
-  m.impl("layer_norm", &layer_norm);
-  m.impl("add_layer_norm", &add_layer_norm);
-  m.impl("layer_norm_backward", &layer_norm_backward);
-}
+TORCH_LIBRARY_IMPL(pyllm, CPU, m) { NormOps<norm_forward, norm_backward>::register_all(m); }
 
 }  // namespace pyllm::cpu

@@ -6,9 +6,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -32,14 +29,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
   const AttentionGeometry& g = p.g;
   Tensor out = at::empty(p.q.sizes(), p.q.options());
   Tensor lse = new_lse(p, p.q);
-  const AttentionForward a{g,
-                           layout(p.q, p.varlen),
-                           layout(p.k, p.varlen),
-                           layout(p.v, p.varlen),
-                           layout(out, p.varlen),
-                           bias_layout(p.bias),
-                           lse_layout(lse, g, p.varlen),
-                           kernel_dtype(p.q, "q")};
+  const AttentionForward a = forward_args(p, out, lse);
   const int64_t words = attention_forward_workspace(g);
   Tensor workspace = words > 0 ? at::empty({words}, p.q.options().dtype(at::kFloat)) : Tensor();
   C10_CUDA_CHECK(launch_attention_forward(
@@ -57,39 +47,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
   Prepared p = prepare("attention_backward", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k,
                        max_q, max_k, bias, scale, causal);
   check_tensor_core_dtype("attention_backward", "q, k, v", p.q);
-  const AttentionGeometry& g = p.g;
-  for (const Tensor* t : {&grad_out_in, &out_in}) {
-    TORCH_CHECK_VALUE(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type() &&
-                          t->device() == q_in.device(),
-                      "pyllm::attention_backward: grad_out and out must match q");
-  }
-  const Tensor expected_lse = new_lse(p, p.q);
-  TORCH_CHECK_VALUE(lse_in.sizes() == expected_lse.sizes() && lse_in.scalar_type() == at::kFloat &&
-                        lse_in.device() == q_in.device(),
-                    "pyllm::attention_backward: lse must be float32 of shape ",
-                    expected_lse.sizes());
-  const Tensor grad_out = last_dim_contiguous(grad_out_in);
-  const Tensor out = last_dim_contiguous(out_in);
-  const Tensor lse = lse_in.contiguous();
-  // delta = rowsum(grad_out * out), laid out like lse.
-  Tensor delta = at::sum(at::mul(grad_out.to(at::kFloat), out.to(at::kFloat)), {-1});
-  delta = (p.varlen ? delta.t() : delta.permute({0, 2, 1})).contiguous();
+  const PreparedBackward inputs = prepare_backward(p, q_in, grad_out_in, out_in, lse_in);
   Tensor grad_q = at::empty(p.q.sizes(), p.q.options());
   Tensor grad_k = at::empty(p.k.sizes(), p.k.options());
   Tensor grad_v = at::empty(p.v.sizes(), p.v.options());
-  const AttentionBackward a{g,
-                            layout(p.q, p.varlen),
-                            layout(p.k, p.varlen),
-                            layout(p.v, p.varlen),
-                            layout(out, p.varlen),
-                            layout(grad_out, p.varlen),
-                            layout(grad_q, p.varlen),
-                            layout(grad_k, p.varlen),
-                            layout(grad_v, p.varlen),
-                            bias_layout(p.bias),
-                            lse_layout(lse, g, p.varlen),
-                            delta.data_ptr<float>(),
-                            kernel_dtype(p.q, "q")};
+  const AttentionBackward a = backward_args(p, inputs, grad_q, grad_k, grad_v);
   C10_CUDA_CHECK(launch_attention_backward(a, c10::cuda::getCurrentCUDAStream()));
   return {grad_q, grad_k, grad_v};
 }

@@ -20,6 +20,7 @@
 #include <array>
 #include <vector>
 
+#include "../common/linear_checks.h"
 #include "../common/tensor_args.h"
 #include "gemm_kernel.h"
 #include "tensor_core_checks.h"
@@ -46,30 +47,6 @@ void check_input(const char* op, const Tensor& x) {
   check_tensor_core_dtype(op, "x", x);
 }
 
-void check_weight(const char* op, const char* name, const Tensor& x, const Tensor& w) {
-  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == x.size(-1) && w.device() == x.device(), "pyllm::",
-                    op, ": ", name, " must have shape (out_features, ", x.size(-1), ") on ",
-                    x.device(), ", got ", w.sizes());
-  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "pyllm::", op, ": ", name, " must be ",
-                   x.scalar_type(), ", got ", w.scalar_type());
-}
-
-void check_bias(const char* op, const optional<Tensor>& bias, int64_t n, const Tensor& x) {
-  if (!bias.has_value()) return;
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n && bias->device() == x.device(),
-                    "pyllm::", op, ": bias must have shape (", n, ") on ", x.device());
-  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type() || bias->scalar_type() == at::kFloat,
-                   "pyllm::", op, ": bias must have x's dtype or float32");
-}
-
-void check_grad_y(const char* op, const Tensor& grad_y, const Tensor& x, int64_t n) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  TORCH_CHECK_VALUE(grad_y.sizes() == c10::IntArrayRef(shape) &&
-                        grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
-                    "pyllm::", op, ": grad_y must have the output's shape, dtype and device");
-}
-
 // [rows, last] with the last dimension contiguous (the kernel takes row strides).
 Tensor rows_of(const Tensor& t) {
   Tensor r = t.reshape({-1, t.size(-1)});
@@ -81,12 +58,6 @@ Tensor float_bias(const optional<Tensor>& bias) {
 }
 
 const float* float_ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
-std::vector<int64_t> with_last(const Tensor& x, int64_t n) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  return shape;
-}
 
 // out [m, n] = epilogue(a [m, k] @ b [n, k]^T); a and b have unit column stride.
 void gemm(const Tensor& a, const Tensor& b, Tensor& out, Gemm g) {
@@ -112,8 +83,8 @@ Gemm plain() {
 Tensor linear(const Tensor& x, const Tensor& weight_in, const optional<Tensor>& bias_in,
               c10::string_view activation) {
   check_input("linear", x);
-  check_weight("linear", "weight", x, weight_in);
-  check_bias("linear", bias_in, weight_in.size(0), x);
+  check_linear_weight("linear", "weight", x, weight_in);
+  check_linear_bias("linear", bias_in, weight_in.size(0), x);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor x2 = rows_of(x), weight = rows_of(weight_in), bias = float_bias(bias_in);
   Tensor y = at::empty({x2.size(0), weight.size(0)}, x.options());
@@ -124,20 +95,10 @@ Tensor linear(const Tensor& x, const Tensor& weight_in, const optional<Tensor>& 
   return y.view(with_last(x, weight.size(0)));
 }
 
-void check_swiglu(const char* op, const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
-                  const optional<Tensor>& b_gate, const optional<Tensor>& b_up) {
-  check_input(op, x);
-  check_weight(op, "weight_gate", x, w_gate);
-  check_weight(op, "weight_up", x, w_up);
-  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "pyllm::", op,
-                    ": the two weights must have one shape");
-  check_bias(op, b_gate, w_gate.size(0), x);
-  check_bias(op, b_up, w_gate.size(0), x);
-}
-
 Tensor swiglu(const Tensor& x, const Tensor& w_gate_in, const Tensor& w_up_in,
               const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in) {
-  check_swiglu("swiglu", x, w_gate_in, w_up_in, b_gate_in, b_up_in);
+  check_input("swiglu", x);
+  check_swiglu_params("swiglu", x, w_gate_in, w_up_in, b_gate_in, b_up_in);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor x2 = rows_of(x);
   // One row stride for both weights.
@@ -178,8 +139,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
                                                    c10::string_view activation,
                                                    std::array<bool, 3> mask) {
   check_input("linear_backward", x);
-  check_weight("linear_backward", "weight", x, weight_in);
-  check_bias("linear_backward", bias_in, weight_in.size(0), x);
+  check_linear_weight("linear_backward", "weight", x, weight_in);
+  check_linear_bias("linear_backward", bias_in, weight_in.size(0), x);
   check_grad_y("linear_backward", grad_y, x, weight_in.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor x2 = rows_of(x), weight = rows_of(weight_in), bias = float_bias(bias_in);
@@ -206,7 +167,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
     const Tensor& grad_y, const Tensor& x, const Tensor& w_gate_in, const Tensor& w_up_in,
     const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in, std::array<bool, 5> mask) {
-  check_swiglu("swiglu_backward", x, w_gate_in, w_up_in, b_gate_in, b_up_in);
+  check_input("swiglu_backward", x);
+  check_swiglu_params("swiglu_backward", x, w_gate_in, w_up_in, b_gate_in, b_up_in);
   check_grad_y("swiglu_backward", grad_y, x, w_gate_in.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor x2 = rows_of(x);

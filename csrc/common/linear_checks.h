@@ -1,0 +1,58 @@
+// Memory-safety checks of the linear/swiglu operators, shared by the CPU and
+// CUDA operator files (the user-facing checks live in pyllm/ops/linear.py).
+// x itself is checked by each device's file (device, and the dtypes its
+// kernels take); the others must match x.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace pyllm {
+
+// x's shape with the last dimension replaced by n.
+inline std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+inline void check_linear_weight(const char* op, const char* name, const at::Tensor& x,
+                                const at::Tensor& w) {
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == x.size(-1) && w.device() == x.device(), "pyllm::",
+                    op, ": ", name, " must have shape (out_features, ", x.size(-1), ") on ",
+                    x.device(), ", got ", w.sizes(), " on ", w.device());
+  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "pyllm::", op, ": ", name, " must be ",
+                   x.scalar_type(), ", got ", w.scalar_type());
+}
+
+inline void check_linear_bias(const char* op, const c10::optional<at::Tensor>& bias, int64_t n,
+                              const at::Tensor& x) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n && bias->device() == x.device(),
+                    "pyllm::", op, ": bias must have shape (", n, ") on ", x.device());
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type() || bias->scalar_type() == at::kFloat,
+                   "pyllm::", op, ": bias must have x's dtype or float32");
+}
+
+inline void check_swiglu_params(const char* op, const at::Tensor& x, const at::Tensor& w_gate,
+                                const at::Tensor& w_up, const c10::optional<at::Tensor>& b_gate,
+                                const c10::optional<at::Tensor>& b_up) {
+  check_linear_weight(op, "weight_gate", x, w_gate);
+  check_linear_weight(op, "weight_up", x, w_up);
+  TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "pyllm::", op,
+                    ": the two weights must have one shape");
+  check_linear_bias(op, b_gate, w_gate.size(0), x);
+  check_linear_bias(op, b_up, w_gate.size(0), x);
+}
+
+inline void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                         int64_t n) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == c10::IntArrayRef(with_last(x, n)) &&
+                        grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+                    "pyllm::", op, ": grad_y must have the output's shape, dtype and device");
+}
+
+}  // namespace pyllm
