@@ -28,6 +28,7 @@ import glob
 import os
 import platform
 import sys
+import sysconfig
 
 import shutil
 
@@ -168,6 +169,14 @@ def cuda_extension():
 
 class BuildPyllm(BuildExtension):
     """torch's BuildExtension (ninja), plus per-file ISA flags and a build record."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        # One object folder for every way of building from this tree (pip's
+        # editable install, `setup.py build_ext --inplace`): ninja then
+        # recompiles only what changed instead of everything per build.
+        self.build_temp = os.path.join(
+            ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
 
     def build_extension(self, ext):
         for suffix, sources in sorted(getattr(ext, "isa_sources", {}).items()):
