@@ -32,6 +32,8 @@ from pyllm.ops.attention import attention, attention_varlen  # noqa: E402
 from pyllm.ops.layer_norm import add_layer_norm, layer_norm  # noqa: E402
 from pyllm.ops.linear import linear, swiglu  # noqa: E402
 from pyllm.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from pyllm import nn  # noqa: E402
+from pyllm.nn import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -51,6 +53,8 @@ __all__ = [
     "attention_varlen",
     "layer_norm",
     "linear",
+    "nn",
+    "patch",
     "backend",
     "backends",
     "cached_bytes",
@@ -58,6 +62,7 @@ __all__ = [
     "empty_cache",
     "rms_norm",
     "swiglu",
+    "unpatch",
     "use_backend",
     "__version__",
 ]

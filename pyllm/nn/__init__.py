@@ -1,0 +1,16 @@
+"""Drop-in PyTorch modules on pyllm's kernels, and :func:`patch` to swap them
+into an existing model.
+
+- :class:`LayerNorm`, :class:`RMSNorm`: as ``torch.nn.LayerNorm`` /
+  ``torch.nn.RMSNorm`` (same arguments, attributes, ``state_dict`` keys), plus
+  ``forward(x, residual)`` -> ``(norm(x + residual), x + residual)`` fused.
+- :class:`Linear`: ``torch.nn.Linear`` with a fused ``activation``.
+- :class:`SwiGLU`: the LLaMA MLP block.
+- :func:`patch` / :func:`unpatch`: swap supported modules in place and back.
+"""
+
+from pyllm.nn.linear import Linear, SwiGLU
+from pyllm.nn.norm import LayerNorm, RMSNorm
+from pyllm.nn.patch import PatchReport, patch, unpatch
+
+__all__ = ["LayerNorm", "Linear", "PatchReport", "RMSNorm", "SwiGLU", "patch", "unpatch"]

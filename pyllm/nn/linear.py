@@ -1,0 +1,109 @@
+"""Drop-in ``Linear`` with a fused activation, and the ``SwiGLU`` MLP block.
+
+``Linear`` has ``torch.nn.Linear``'s constructor, ``weight`` ``(out, in)`` and
+``bias`` ``(out,)`` (same ``state_dict`` keys), plus ``activation``: the bias
+and activation run in the GEMM's epilogue. ``SwiGLU`` is the LLaMA-style MLP
+``down_proj(silu(gate_proj(x)) * up_proj(x))`` with the gate computed in one
+pass over x (parameter names as Hugging Face's ``LlamaMLP``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import pyllm
+from pyllm.ops.linear import ACTIVATIONS
+
+__all__ = ["Linear", "SwiGLU"]
+
+
+def _init_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """torch.nn.Linear's default initialisation."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1 / math.sqrt(weight.shape[1]) if weight.shape[1] > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear`` followed by an optional activation, fused.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``torch.nn.Linear``.
+        activation: ``"none"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"silu"``.
+
+    Shapes: ``x`` ``(..., in_features)`` -> ``(..., out_features)``, x's dtype
+    (float16, bfloat16, float32); the weight is cast to x's dtype if it differs
+    (e.g. under ``torch.autocast``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "none", device=None, dtype=None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"pyllm.nn.Linear: activation must be one of {', '.join(ACTIVATIONS)}, "
+                             f"got {activation!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.activation = activation
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        if self.weight.device.type != "meta":
+            _init_linear(self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _autocast_input(x)
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+            bias = bias.to(x.dtype)
+        return pyllm.linear(x, weight, bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on for its device (as F.linear)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
+class SwiGLU(nn.Module):
+    """The SwiGLU MLP: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
+
+    Args:
+        hidden_size: model width (input and output features).
+        intermediate_size: width of the gate.
+        bias: biases on the three projections (LLaMA: False).
+        device, dtype: of the parameters.
+
+    Attributes ``gate_proj``, ``up_proj``, ``down_proj`` are :class:`Linear`
+    (state_dict keys ``gate_proj.weight`` etc., as Hugging Face's
+    ``LlamaMLP``). Shapes: ``(..., hidden_size)`` -> ``(..., hidden_size)``.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, device=None,
+                 dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias, **factory)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias, **factory)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _autocast_input(x)
+        cast = (lambda p: p if p is None or p.dtype == x.dtype else p.to(x.dtype))
+        gate = pyllm.swiglu(x, cast(self.gate_proj.weight), cast(self.up_proj.weight),
+                            cast(self.gate_proj.bias), cast(self.up_proj.bias))
+        return self.down_proj(gate)

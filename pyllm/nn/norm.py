@@ -1,0 +1,138 @@
+"""Drop-in ``LayerNorm`` and ``RMSNorm`` on pyllm's fused kernels.
+
+Same constructor arguments, attributes (``normalized_shape``, ``eps``,
+``elementwise_affine``, ``weight``, ``bias``) and ``state_dict`` keys as
+``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``, so a state dict loads either
+way and a module can be swapped in place (:func:`pyllm.patch`). ``forward``
+also takes an optional ``residual``: ``norm(x, residual)`` returns
+``(norm(x + residual), x + residual)`` from one fused pass, the pre-norm
+Transformer step.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+import pyllm
+
+__all__ = ["LayerNorm", "RMSNorm"]
+
+
+def _shape(normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(d) for d in normalized_shape)
+
+
+def _flatten(x: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """x with its normalised dimensions (the last len(shape)) merged into one."""
+    if tuple(x.shape[-len(shape):]) != shape:
+        raise ValueError(f"{name}: expected input with trailing dimensions {list(shape)}, got "
+                         f"shape {list(x.shape)}")
+    return x if len(shape) == 1 else x.reshape(*x.shape[:-len(shape)], math.prod(shape))
+
+
+def _param(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """A parameter as the kernels take it: x's dtype or float32, one dimension."""
+    if p is None:
+        return None
+    if p.dtype not in (x.dtype, torch.float32):
+        p = p.to(x.dtype)
+    return p.reshape(-1)
+
+
+class _Norm(nn.Module):
+    def _run(self, fn, fused_fn, x, residual, *params):
+        shape = self.normalized_shape
+        name = type(self).__name__
+        flat = _flatten(x, shape, f"pyllm.nn.{name}")
+        params = [_param(p, flat) for p in params]
+        if residual is None:
+            return fn(flat, *params, self._eps_for(flat)).reshape(x.shape)
+        if residual.shape != x.shape:
+            raise ValueError(f"pyllm.nn.{name}: residual must have x's shape {list(x.shape)}, got "
+                             f"{list(residual.shape)}")
+        y, s = fused_fn(flat, _flatten(residual.to(x.dtype), shape, f"pyllm.nn.{name}"), *params,
+                        self._eps_for(flat))
+        return y.reshape(x.shape), s.reshape(x.shape)
+
+
+class LayerNorm(_Norm):
+    """``torch.nn.LayerNorm`` on pyllm's kernels.
+
+    Args:
+        normalized_shape: the trailing dimension(s) to normalise over (int or tuple).
+        eps: added to the variance (default 1e-5).
+        elementwise_affine: learnable ``weight`` (ones) and ``bias`` (zeros).
+        bias: with ``elementwise_affine``, whether to learn a bias.
+        device, dtype: of the parameters.
+
+    Shapes: ``x`` is ``(..., *normalized_shape)``, float16, bfloat16 or float32
+    (float64 on the reference backend); the output has x's shape and dtype.
+    ``forward(x, residual)`` returns ``(y, x + residual)``.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = _shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(self.normalized_shape, **factory))
+            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def _eps_for(self, x):
+        return self.eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return self._run(pyllm.layer_norm, pyllm.add_layer_norm, x, residual, self.weight,
+                         self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+
+class RMSNorm(_Norm):
+    """``torch.nn.RMSNorm`` on pyllm's kernels.
+
+    Args:
+        normalized_shape: the trailing dimension(s) to normalise over (int or tuple).
+        eps: added to the mean square; None (default) is ``torch.finfo(x.dtype).eps``,
+            as in ``torch.nn.RMSNorm``.
+        elementwise_affine: a learnable ``weight`` (ones).
+        device, dtype: of the weight.
+
+    Shapes: as :class:`LayerNorm`; ``forward(x, residual)`` returns
+    ``(y, x + residual)``.
+    """
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = _shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
+    def _eps_for(self, x):
+        return self.eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return self._run(pyllm.rms_norm, pyllm.add_rms_norm, x, residual, self.weight)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")

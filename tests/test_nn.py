@@ -1,0 +1,176 @@
+"""pyllm.nn drop-in modules against their torch.nn counterparts (same
+state_dict keys, parameters, outputs within the harness rule, gradients), the
+fused-residual forms, and pyllm.patch / unpatch on a plain PyTorch model and on
+a Hugging Face Llama (GQA) built from a small random config."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyllm
+from harness import KERNEL_DTYPES, check_rule, generator, randn
+from pyllm import reference
+
+
+def as64(*ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 127), (2, 3, 4, 10)], ids=str)
+def test_layer_norm_is_torch_layer_norm(shape, dtype):
+    normalized = shape[-1:] if len(shape) == 2 else shape[-2:]
+    ours, theirs = pyllm.nn.LayerNorm(normalized, eps=1e-6), nn.LayerNorm(normalized, eps=1e-6)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    gen = generator("nn layer_norm", shape)
+    state = {k: randn(v.shape, gen=gen) for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(state)
+    theirs.load_state_dict(state)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    x = randn(shape, dtype, gen=gen, scale=2.0)
+    flat = x.reshape(*shape[:-len(normalized)], -1).double()
+    truth = reference.layer_norm(flat, ours.weight.double().reshape(-1),
+                                 ours.bias.double().reshape(-1), 1e-6)[0].reshape(shape)
+    check_rule(ours(x), truth, theirs(x))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_rms_norm_is_torch_rms_norm(dtype):
+    ours, theirs = pyllm.nn.RMSNorm(127), nn.RMSNorm(127)
+    assert ours.state_dict().keys() == theirs.state_dict().keys() and ours.eps is None
+    gen = generator("nn rms_norm", dtype)
+    w = randn((127,), gen=gen, offset=1.0)
+    ours.load_state_dict({"weight": w})
+    theirs.load_state_dict({"weight": w})
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    x = randn((7, 127), dtype, gen=gen)
+    eps = torch.finfo(dtype).eps
+    check_rule(ours(x), reference.rms_norm(x.double(), w.double(), eps)[0], theirs(x))
+
+
+@pytest.mark.parametrize("module", ["LayerNorm", "RMSNorm"])
+def test_norm_residual_form_and_gradients(module):
+    gen = generator("nn residual", module)
+    norm = getattr(pyllm.nn, module)(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(randn((64,), gen=gen, offset=1.0))
+    x, r = randn((5, 64), gen=gen), randn((5, 64), gen=gen)
+    y, s = norm(x, r)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, norm(x + r))
+    (y.square().sum() + s.sum()).backward()
+    assert norm.weight.grad is not None and torch.isfinite(norm.weight.grad).all()
+
+
+def test_norm_rejects_wrong_trailing_shape():
+    with pytest.raises(ValueError, match=r"trailing dimensions \[64\]"):
+        pyllm.nn.LayerNorm(64)(torch.randn(3, 63))
+
+
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_linear_is_torch_linear(dtype, act):
+    torch.manual_seed(0)
+    theirs = nn.Linear(100, 37)
+    ours = pyllm.nn.Linear(100, 37, activation=act)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert ours.weight.shape == theirs.weight.shape and ours.bias.shape == theirs.bias.shape
+    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    x = randn((9, 100), dtype, gen=generator("nn linear", dtype, act))
+    truth = reference.linear(*as64(x, ours.weight, ours.bias), act)
+    check_rule(ours(x), truth, reference.ACTIVATIONS[act](theirs(x)))
+
+
+def test_linear_without_bias_and_default_init_like_torch():
+    ours = pyllm.nn.Linear(64, 32, bias=False)
+    assert ours.bias is None and "bias" not in ours.state_dict()
+    bound = 1 / 64 ** 0.5
+    assert ours.weight.abs().max() <= bound and ours.weight.std() > bound / 3
+
+
+def test_swiglu_mlp_matches_llama_mlp_formula():
+    gen = generator("nn swiglu")
+    mlp = pyllm.nn.SwiGLU(48, 130)
+    assert set(mlp.state_dict()) == {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
+    x = randn((6, 48), gen=gen)
+    expected = mlp.down_proj.weight.double() @ (
+        F.silu(x.double() @ mlp.gate_proj.weight.double().T) *
+        (x.double() @ mlp.up_proj.weight.double().T)).T
+    theirs = F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
+                      mlp.down_proj.weight)
+    check_rule(mlp(x), expected.T, theirs)
+
+
+def test_patch_plain_model_and_unpatch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 8),
+                          nn.RMSNorm(8, eps=1e-6))
+    x = torch.randn(10, 32)
+    before = model(x)
+    truth = copy.deepcopy(model).double()(x.double())
+    keys = list(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    report = pyllm.patch(model)
+    assert [old for _, old, _ in report.replaced] == ["Linear", "LayerNorm", "Linear", "RMSNorm"]
+    assert isinstance(model[0], pyllm.nn.Linear) and isinstance(model[4], pyllm.nn.RMSNorm)
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
+    after = model(x)
+    check_rule(after, truth, before)
+    assert "4 modules" in str(report)
+    assert pyllm.unpatch(model) == 4
+    assert type(model[0]) is nn.Linear and torch.equal(model(x), before)
+
+
+def test_patch_leaves_hooked_modules_and_respects_switches():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model[0].register_forward_hook(lambda *a: None)
+    report = pyllm.patch(model, norms=False)
+    assert report.replaced == [] and report.skipped == [("0", "has forward hooks")]
+
+
+def tiny_llama():
+    """A 2-layer Hugging Face Llama with GQA 8:2 from a random config, and its config."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=150,
+                                      num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval(), config
+
+
+def test_patched_hugging_face_llama_gives_the_same_logits():
+    transformers = pytest.importorskip("transformers")
+    model, config = tiny_llama()
+    ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+        report = pyllm.patch(model)
+        after = model(ids).logits
+    kinds = {old for _, old, _ in report.replaced}
+    assert kinds == {"Linear", "LlamaRMSNorm", "attn_implementation=sdpa"}, report
+    assert model.config._attn_implementation == "pyllm"
+    # 2 layers x (4 attention + 3 MLP projections + 2 norms) + final norm + lm_head + attention
+    assert len(report.replaced) == 2 * 9 + 3
+    with torch.no_grad():
+        model64 = transformers.LlamaForCausalLM(config).double().eval()
+        assert pyllm.unpatch(model) == 2 * 9 + 3
+        assert model.config._attn_implementation == "sdpa"
+        model64.load_state_dict(model.state_dict())
+        truth = model64(ids).logits
+    check_rule(after, truth, before)
+
+
+def test_patched_llama_generates_the_same_tokens_with_left_padding():
+    model, _ = tiny_llama()
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # the second prompt is left-padded
+    ids[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, **kwargs)
+    pyllm.patch(model)
+    assert torch.equal(model.generate(ids, **kwargs), expected)
