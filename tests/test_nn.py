@@ -174,3 +174,58 @@ def test_patched_llama_generates_the_same_tokens_with_left_padding():
     expected = model.generate(ids, **kwargs)
     pyllm.patch(model)
     assert torch.equal(model.generate(ids, **kwargs), expected)
+
+
+def test_attention_matches_hugging_face_llama_attention():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama
+    _, config = tiny_llama()
+    config._attn_implementation = "sdpa"
+    hf = modeling_llama.LlamaAttention(config, layer_idx=0).eval()
+    rope = modeling_llama.LlamaRotaryEmbedding(config)
+    ours = pyllm.nn.Attention(64, 8, 2, rope_base=config.rope_parameters["rope_theta"])
+    ours.load_state_dict(hf.state_dict())
+    x = randn((2, 11, 64), gen=generator("nn attention hf"))
+    positions = torch.arange(11)[None].expand(2, -1)
+    with torch.no_grad():
+        theirs = hf(x, position_embeddings=rope(x, positions), attention_mask=None)[0]
+        hf64 = copy.deepcopy(hf).double()
+        truth = hf64(x.double(), position_embeddings=tuple(t.double() for t in rope(x, positions)),
+                     attention_mask=None)[0]
+        check_rule(ours(x), truth, theirs)
+
+
+def test_attention_kv_cache_decode_equals_full_forward():
+    torch.manual_seed(0)
+    attn = pyllm.nn.Attention(64, 8, 2, rope_base=10000.0).eval()
+    x = randn((2, 11, 64), gen=generator("nn attention cache"))
+    with torch.no_grad():
+        full = attn(x)
+        cache = attn.new_cache(2, 16)
+        steps = [attn(x[:, :7], cache=cache)] + [attn(x[:, t:t + 1], cache=cache)
+                                                  for t in range(7, 11)]
+    assert cache.length == 11
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceed the 16 allocated"):
+        attn(x[:, :6], cache=cache)
+
+
+def test_cross_attention_and_key_padding_mask():
+    torch.manual_seed(0)
+    attn = pyllm.nn.Attention(32, 4, kv_size=24, causal=True).eval()
+    gen = generator("nn cross attention")
+    x, context = randn((2, 5, 32), gen=gen), randn((2, 9, 24), gen=gen)
+    keep = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    keep[1, ..., 6:] = False  # the second context's last 3 tokens are padding
+    with torch.no_grad():
+        out = attn(x, context, mask=keep)
+        q = attn.q_proj(x).view(2, 5, 4, 8).double()
+        k = attn.k_proj(context).view(2, 9, 4, 8).double()
+        v = attn.v_proj(context).view(2, 9, 4, 8).double()
+        additive = torch.zeros(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+        ref = reference.attention(q, k, v, bias=additive)[0].reshape(2, 5, 32)
+        truth = F.linear(ref, attn.o_proj.weight.double())
+        theirs = F.linear(F.scaled_dot_product_attention(
+            q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+            attn_mask=keep).transpose(1, 2).reshape(2, 5, 32), attn.o_proj.weight)
+    check_rule(out, truth, theirs)

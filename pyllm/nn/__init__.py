@@ -6,11 +6,15 @@ into an existing model.
   ``forward(x, residual)`` -> ``(norm(x + residual), x + residual)`` fused.
 - :class:`Linear`: ``torch.nn.Linear`` with a fused ``activation``.
 - :class:`SwiGLU`: the LLaMA MLP block.
+- :class:`Attention` (self/cross, causal, GQA, rotary, :class:`KVCache`),
+  :class:`RotaryEmbedding`.
 - :func:`patch` / :func:`unpatch`: swap supported modules in place and back.
 """
 
+from pyllm.nn.attention import Attention, KVCache, RotaryEmbedding
 from pyllm.nn.linear import Linear, SwiGLU
 from pyllm.nn.norm import LayerNorm, RMSNorm
 from pyllm.nn.patch import PatchReport, patch, unpatch
 
-__all__ = ["LayerNorm", "Linear", "PatchReport", "RMSNorm", "SwiGLU", "patch", "unpatch"]
+__all__ = ["Attention", "KVCache", "LayerNorm", "Linear", "PatchReport", "RMSNorm", "RotaryEmbedding",
+           "SwiGLU", "patch", "unpatch"]
