@@ -229,3 +229,52 @@ def test_cross_attention_and_key_padding_mask():
             q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
             attn_mask=keep).transpose(1, 2).reshape(2, 5, 32), attn.o_proj.weight)
     check_rule(out, truth, theirs)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["self causal", "key padding + bool attn_mask", "kdim/vdim"])
+def test_multihead_attention_is_torch_multihead_attention(kind, batch_first):
+    kdim = vdim = None if kind != "kdim/vdim" else 24
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(32, 4, kdim=kdim, vdim=vdim, batch_first=batch_first).eval()
+    ours = pyllm.nn.MultiheadAttention(32, 4, kdim=kdim, vdim=vdim, batch_first=batch_first).eval()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    gen = generator("nn mha", kind, batch_first)
+    n, length, source = 3, 6, 9
+    q = randn((n, length, 32), gen=gen)
+    kv = randn((n, source, kdim or 32), gen=gen)
+    kwargs = {}
+    if kind == "self causal":
+        kv = q
+        kwargs = {"is_causal": True, "attn_mask": None}
+        torch_kwargs = {"is_causal": True, "attn_mask": nn.Transformer.generate_square_subsequent_mask(length)}
+    elif kind == "key padding + bool attn_mask":
+        padding = torch.zeros(n, source, dtype=torch.bool)
+        padding[2, 7:] = True
+        blocked = torch.rand(length, source, generator=gen) > 0.8
+        blocked[:, 0] = False  # every query keeps a key
+        kwargs = torch_kwargs = {"key_padding_mask": padding, "attn_mask": blocked}
+    else:
+        torch_kwargs = {}
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    key = value = kv
+    with torch.no_grad():
+        out, weights = ours(q, key, value, need_weights=False, **kwargs)
+        expected, _ = theirs(q, key, value, need_weights=False, **torch_kwargs)
+        truth, _ = copy.deepcopy(theirs).double()(
+            q.double(), key.double(), value.double(), need_weights=False,
+            **{k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+               for k, v in torch_kwargs.items()})
+    assert weights is None and out.shape == expected.shape
+    check_rule(out, truth, expected)
+
+
+def test_multihead_attention_says_what_it_does_not_support():
+    mha = pyllm.nn.MultiheadAttention(16, 2)
+    x = torch.randn(4, 1, 16)
+    with pytest.raises(NotImplementedError, match="need_weights=False"):
+        mha(x, x, x)
+    with pytest.raises(NotImplementedError, match="add_bias_kv"):
+        pyllm.nn.MultiheadAttention(16, 2, add_bias_kv=True)

@@ -7,14 +7,15 @@ into an existing model.
 - :class:`Linear`: ``torch.nn.Linear`` with a fused ``activation``.
 - :class:`SwiGLU`: the LLaMA MLP block.
 - :class:`Attention` (self/cross, causal, GQA, rotary, :class:`KVCache`),
-  :class:`RotaryEmbedding`.
+  :class:`RotaryEmbedding`; :class:`MultiheadAttention` with
+  ``torch.nn.MultiheadAttention``'s interface (need_weights=False).
 - :func:`patch` / :func:`unpatch`: swap supported modules in place and back.
 """
 
-from pyllm.nn.attention import Attention, KVCache, RotaryEmbedding
+from pyllm.nn.attention import Attention, KVCache, MultiheadAttention, RotaryEmbedding
 from pyllm.nn.linear import Linear, SwiGLU
 from pyllm.nn.norm import LayerNorm, RMSNorm
 from pyllm.nn.patch import PatchReport, patch, unpatch
 
-__all__ = ["Attention", "KVCache", "LayerNorm", "Linear", "PatchReport", "RMSNorm", "RotaryEmbedding",
-           "SwiGLU", "patch", "unpatch"]
+__all__ = ["Attention", "KVCache", "LayerNorm", "Linear", "MultiheadAttention", "PatchReport",
+           "RMSNorm", "RotaryEmbedding", "SwiGLU", "patch", "unpatch"]

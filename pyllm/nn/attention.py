@@ -1,6 +1,7 @@
 """Attention modules on :func:`pyllm.attention`: :class:`Attention` (self or
 cross, causal, grouped-query, rotary position embeddings, a pre-allocated
-:class:`KVCache`) and :class:`RotaryEmbedding`.
+:class:`KVCache`), :class:`RotaryEmbedding`, and :class:`MultiheadAttention`
+(``torch.nn.MultiheadAttention``'s interface for the common cases).
 
 Projection names follow Hugging Face's Llama (``q_proj``, ``k_proj``,
 ``v_proj``, ``o_proj``), so its attention weights load as they are.
@@ -14,7 +15,7 @@ from torch import nn
 import pyllm
 from pyllm.nn.linear import Linear
 
-__all__ = ["Attention", "KVCache", "RotaryEmbedding"]
+__all__ = ["Attention", "KVCache", "MultiheadAttention", "RotaryEmbedding"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -146,3 +147,111 @@ class Attention(nn.Module):
         causal = self.causal and context is None
         out = pyllm.attention(q, k, v, causal=causal, bias=mask)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MultiheadAttention(nn.Module):
+    """``torch.nn.MultiheadAttention`` on :func:`pyllm.attention` for the common
+    cases, with torch's arguments, parameters and ``state_dict`` keys
+    (``in_proj_weight``/``in_proj_bias`` or ``q/k/v_proj_weight`` when
+    ``kdim``/``vdim`` differ, ``out_proj.weight``/``out_proj.bias``).
+
+    Supported: ``batch_first`` either way, ``kdim``/``vdim``,
+    ``key_padding_mask`` and ``attn_mask`` (bool, True = not allowed, or
+    additive float; ``(L, S)`` or ``(batch * heads, L, S)``), ``is_causal``
+    (causal when no ``attn_mask`` is given). Not supported, with an error
+    saying so: ``need_weights=True`` (the attention matrix is never formed:
+    pass ``need_weights=False``), ``add_bias_kv``, ``add_zero_attn``, and
+    ``dropout > 0`` while training. A query whose keys are all masked gets
+    zeros (torch gives NaN).
+
+    Shapes: query ``(L, N, E)`` (``(N, L, E)`` with batch_first), key/value
+    ``(S, N, kdim/vdim)``; returns ``(attn_output, None)``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None):
+        super().__init__()
+        if add_bias_kv or add_zero_attn:
+            raise NotImplementedError("pyllm.nn.MultiheadAttention: add_bias_kv and add_zero_attn "
+                                      "are not supported")
+        if embed_dim % num_heads:
+            raise ValueError(f"pyllm.nn.MultiheadAttention: embed_dim ({embed_dim}) must be "
+                             f"divisible by num_heads ({num_heads})")
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.head_dim = embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.batch_first = batch_first
+        factory = {"device": device, "dtype": dtype}
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                self.register_parameter(name, None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = Linear(embed_dim, embed_dim, bias, **factory)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+        for p in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            if p is not None and p.device.type != "meta":
+                nn.init.xavier_uniform_(p)
+
+    def _weights(self):
+        if self._qkv_same_embed_dim:
+            return self.in_proj_weight.chunk(3)
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def _mask(self, attn_mask, key_padding_mask, batch, q_len, k_len, dtype):
+        """attn_mask and key_padding_mask as one additive float32 bias, or None."""
+        bias = None
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill(
+                    attn_mask, float("-inf"))
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask.view(batch, self.num_heads, q_len, k_len)
+            bias = attn_mask.float()
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (batch, k_len):
+                raise ValueError(f"pyllm.nn.MultiheadAttention: key_padding_mask must have shape "
+                                 f"({batch}, {k_len}), got {tuple(key_padding_mask.shape)}")
+            pad = key_padding_mask
+            if pad.dtype == torch.bool:
+                pad = torch.zeros(pad.shape, device=pad.device).masked_fill(pad, float("-inf"))
+            pad = pad.float().view(batch, 1, 1, k_len)
+            bias = pad if bias is None else bias + pad
+        return bias
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        if need_weights:
+            raise NotImplementedError(
+                "pyllm.nn.MultiheadAttention: need_weights=True is not supported (pyllm never "
+                "forms the attention matrix); call it with need_weights=False")
+        if self.dropout > 0 and self.training:
+            raise NotImplementedError("pyllm.nn.MultiheadAttention: attention dropout is not "
+                                      "supported; use dropout=0 or eval()")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        batch, q_len, _ = query.shape
+        k_len = key.shape[1]
+        wq, wk, wv = self._weights()
+        bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+        h, d = self.num_heads, self.head_dim
+        q = pyllm.linear(query, wq, bq).view(batch, q_len, h, d)
+        k = pyllm.linear(key, wk, bk).view(batch, k_len, h, d)
+        v = pyllm.linear(value, wv, bv).view(batch, k_len, h, d)
+        bias = self._mask(attn_mask, key_padding_mask, batch, q_len, k_len, query.dtype)
+        out = pyllm.attention(q, k, v, causal=is_causal and attn_mask is None, bias=bias)
+        out = self.out_proj(out.reshape(batch, q_len, self.embed_dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
