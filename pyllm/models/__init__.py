@@ -1,0 +1,9 @@
+"""Models built only from :mod:`pyllm.nn` modules.
+
+- :class:`LlamaForCausalLM` (:class:`LlamaConfig`): LLaMA-style decoder,
+  loads Hugging Face weights (``from_hf``), generates with KV caches.
+"""
+
+from pyllm.models.llama import LlamaConfig, LlamaForCausalLM
+
+__all__ = ["LlamaConfig", "LlamaForCausalLM"]
