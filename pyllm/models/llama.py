@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from pyllm.nn import Attention, KVCache, RMSNorm, SwiGLU
+from pyllm.nn import Attention, KVCache, Linear, RMSNorm, SwiGLU
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM"]
 
@@ -90,8 +90,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, device, dtype)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device,
-                                 dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, device=device,
+                              dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
