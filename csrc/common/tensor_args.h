@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <vector>
 
 #include "dtype.h"
@@ -82,6 +83,25 @@ inline void check_norm_stat(const char* op, const at::Tensor& stat, const at::Te
   TORCH_CHECK_VALUE(stat.scalar_type() == at::kFloat && stat.numel() * x.size(-1) == x.numel() &&
                         stat.device() == x.device(),
                     "pyllm::", op, ": mean and rstd must be float32 with one value per row of x");
+}
+
+// Every input of a norm backward (the gradients, the saved statistics, the
+// weight) checked against x; returns the parameters' kernel type.
+inline DType check_norm_backward_args(const char* op, c10::DeviceType device_type, bool rms,
+                                      const at::Tensor& grad_y, const at::Tensor& x,
+                                      const at::Tensor& mean, const at::Tensor& rstd,
+                                      const c10::optional<at::Tensor>& weight,
+                                      const c10::optional<at::Tensor>& grad_sum,
+                                      const std::array<bool, 3>& mask) {
+  check_norm_input(op, x, device_type);
+  check_like_x(op, "grad_y", grad_y, x);
+  if (grad_sum.has_value()) check_like_x(op, "grad_sum", *grad_sum, x);
+  const DType param_type = check_norm_params(op, x, weight, c10::nullopt);
+  check_norm_stat(op, rstd, x);
+  if (!rms) check_norm_stat(op, mean, x);
+  TORCH_CHECK_VALUE(!mask[1] || weight.has_value(), "pyllm::", op,
+                    ": grad_weight requested without a weight");
+  return param_type;
 }
 
 }  // namespace pyllm

@@ -64,14 +64,9 @@ std::array<at::Tensor, 3> norm_backward(const char* op, bool rms, const at::Tens
                                         const c10::optional<at::Tensor>& weight_in,
                                         const c10::optional<at::Tensor>& grad_sum_in,
                                         std::array<bool, 3> mask) {
-  check_norm_input(op, x_in, c10::DeviceType::CUDA);
-  check_like_x(op, "grad_y", grad_y_in, x_in);
-  if (grad_sum_in.has_value()) check_like_x(op, "grad_sum", *grad_sum_in, x_in);
-  const DType param_type = check_norm_params(op, x_in, weight_in, c10::nullopt);
-  check_norm_stat(op, rstd_in, x_in);
-  if (!rms) check_norm_stat(op, mean_in, x_in);
-  TORCH_CHECK_VALUE(!mask[1] || weight_in.has_value(), "pyllm::", op,
-                    ": grad_weight requested without a weight");
+  const DType param_type =
+      check_norm_backward_args(op, c10::DeviceType::CUDA, rms, grad_y_in, x_in, mean_in, rstd_in,
+                               weight_in, grad_sum_in, mask);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad_y = grad_y_in.contiguous();
