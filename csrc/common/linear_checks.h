@@ -1,11 +1,13 @@
-// Memory-safety checks of the linear/swiglu operators, shared by the CPU and
-// CUDA operator files (the user-facing checks live in pyllm/ops/linear.py).
+// Memory-safety checks of the linear/swiglu operators and their bias
+// gradient, shared by the CPU and CUDA operator files (the user-facing checks
+// live in pyllm/ops/linear.py).
 // x itself is checked by each device's file (device, and the dtypes its
 // kernels take); the others must match x.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <ATen/ops/sum.h>
 #include <c10/util/Optional.h>
 
 #include <vector>
@@ -53,6 +55,21 @@ inline void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Ten
   TORCH_CHECK_VALUE(grad_y.sizes() == c10::IntArrayRef(with_last(x, n)) &&
                         grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
                     "pyllm::", op, ": grad_y must have the output's shape, dtype and device");
+}
+
+// weight (out, in) and bias (out,) of linear against x; with grad_y too for
+// the backward (grad_y given).
+inline void check_linear_params(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias,
+                                const at::Tensor* grad_y = nullptr) {
+  check_linear_weight(op, "weight", x, weight);
+  check_linear_bias(op, bias, weight.size(0), x);
+  if (grad_y != nullptr) check_grad_y(op, *grad_y, x, weight.size(0));
+}
+
+// The bias gradient: dz [rows, out] summed over rows in fp32, in the bias's dtype.
+inline at::Tensor linear_bias_grad(const at::Tensor& dz, const at::Tensor& bias) {
+  return at::sum(dz.to(at::kFloat), {0}).to(bias.scalar_type());
 }
 
 }  // namespace pyllm

@@ -125,8 +125,7 @@ void set_bias(GemmArgs& g, const Tensor& bias, const Tensor& bias2) {
 Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_in,
               c10::string_view activation) {
   check_input("linear", x);
-  check_linear_weight("linear", "weight", x, weight);
-  check_linear_bias("linear", bias_in, weight.size(0), x);
+  check_linear_params("linear", x, weight, bias_in);
   const Tensor x2 = rows_of(x);
   const Tensor bias = contiguous_or_undefined(bias_in);
   const int64_t M = x2.size(0), N = weight.size(0), K = x2.size(1);
@@ -185,19 +184,13 @@ Tensor weight_grad(const Tensor& dz, const Tensor& x2, const Tensor& weight) {
   return dw;
 }
 
-Tensor bias_grad(const Tensor& dz, const optional<Tensor>& bias) {
-  return at::sum(dz.to(at::kFloat), {0}).to(bias->scalar_type());
-}
-
 std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const Tensor& x,
                                                    const Tensor& weight,
                                                    const optional<Tensor>& bias_in,
                                                    c10::string_view activation,
                                                    std::array<bool, 3> mask) {
   check_input("linear_backward", x);
-  check_linear_weight("linear_backward", "weight", x, weight);
-  check_linear_bias("linear_backward", bias_in, weight.size(0), x);
-  check_grad_y("linear_backward", grad_y, x, weight.size(0));
+  check_linear_params("linear_backward", x, weight, bias_in, &grad_y);
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);
   const Tensor bias = contiguous_or_undefined(bias_in);
@@ -224,7 +217,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
     dx = dx.view(x.sizes());
   }
   if (mask[1]) dw = weight_grad(dz, x2, weight);
-  if (mask[2] && bias_in.has_value()) db = bias_grad(dz, bias_in);
+  if (mask[2] && bias_in.has_value()) db = linear_bias_grad(dz, *bias_in);
   return {dx, dw, db};
 }
 
@@ -261,8 +254,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
   }
   if (mask[1]) dwg = weight_grad(dgate, x2, w_gate);
   if (mask[2]) dwu = weight_grad(dup, x2, w_up);
-  if (mask[3] && b_gate_in.has_value()) dbg = bias_grad(dgate, b_gate_in);
-  if (mask[4] && b_up_in.has_value()) dbu = bias_grad(dup, b_up_in);
+  if (mask[3] && b_gate_in.has_value()) dbg = linear_bias_grad(dgate, *b_gate_in);
+  if (mask[4] && b_up_in.has_value()) dbu = linear_bias_grad(dup, *b_up_in);
   return {dx, dwg, dwu, dbg, dbu};
 }
 

@@ -83,8 +83,7 @@ Gemm plain() {
 Tensor linear(const Tensor& x, const Tensor& weight_in, const optional<Tensor>& bias_in,
               c10::string_view activation) {
   check_input("linear", x);
-  check_linear_weight("linear", "weight", x, weight_in);
-  check_linear_bias("linear", bias_in, weight_in.size(0), x);
+  check_linear_params("linear", x, weight_in, bias_in);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor x2 = rows_of(x), weight = rows_of(weight_in), bias = float_bias(bias_in);
   Tensor y = at::empty({x2.size(0), weight.size(0)}, x.options());
@@ -129,19 +128,13 @@ Tensor weight_grad(const Tensor& dz, const Tensor& x2) {
   return dw;
 }
 
-Tensor bias_grad(const Tensor& dz, const optional<Tensor>& bias) {
-  return at::sum(dz.to(at::kFloat), {0}).to(bias->scalar_type());
-}
-
 std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const Tensor& x,
                                                    const Tensor& weight_in,
                                                    const optional<Tensor>& bias_in,
                                                    c10::string_view activation,
                                                    std::array<bool, 3> mask) {
   check_input("linear_backward", x);
-  check_linear_weight("linear_backward", "weight", x, weight_in);
-  check_linear_bias("linear_backward", bias_in, weight_in.size(0), x);
-  check_grad_y("linear_backward", grad_y, x, weight_in.size(0));
+  check_linear_params("linear_backward", x, weight_in, bias_in, &grad_y);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor x2 = rows_of(x), weight = rows_of(weight_in), bias = float_bias(bias_in);
   const Tensor gy = grad_y.reshape({-1, weight.size(0)}).contiguous();
@@ -160,7 +153,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
   Tensor dx, dw, db;
   if (mask[0]) dx = input_grad(dz, weight).view(x.sizes());
   if (mask[1]) dw = weight_grad(dz, x2);
-  if (mask[2] && bias_in.has_value()) db = bias_grad(dz, bias_in);
+  if (mask[2] && bias_in.has_value()) db = linear_bias_grad(dz, *bias_in);
   return {dx, dw, db};
 }
 
@@ -193,8 +186,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
   if (mask[0]) dx = input_grad(rows_of(dz), at::cat({w_gate, w_up}, 0)).view(x.sizes());
   if (mask[1]) dwg = weight_grad(dgate, x2);
   if (mask[2]) dwu = weight_grad(dup, x2);
-  if (mask[3] && b_gate_in.has_value()) dbg = bias_grad(dgate, b_gate_in);
-  if (mask[4] && b_up_in.has_value()) dbu = bias_grad(dup, b_up_in);
+  if (mask[3] && b_gate_in.has_value()) dbg = linear_bias_grad(dgate, *b_gate_in);
+  if (mask[4] && b_up_in.has_value()) dbu = linear_bias_grad(dup, *b_up_in);
   return {dx, dwg, dwu, dbg, dbu};
 }
 

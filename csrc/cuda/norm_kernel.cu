@@ -255,13 +255,12 @@ cudaError_t with_types(DType x_type, DType param_type, F&& f) {
 }  // namespace
 
 int64_t norm_backward_chunks(int64_t rows, int64_t n) {
-  // At most ~8M floats per partial buffer and 1024 chunks; whole CTAs of
-  // warps when a warp takes a row.
+  // At most ~8M floats per partial buffer and 1024 chunks, rounded up to
+  // whole CTAs of warps (for a warp per row; with a CTA per row the extra
+  // chunks have no rows and write zeros).
   const int64_t cap = std::max<int64_t>(1, std::min<int64_t>(1024, (int64_t{1} << 23) / n));
   const int64_t chunks = std::max<int64_t>(1, std::min(rows, cap));
-  // The layout (warp or CTA per row) does not depend on the dtypes' vector
-  // width enough to matter here: a warp per row means n <= 2048 elements.
-  return n <= 2048 ? ceil_div(chunks, kWarpRowsPerCta) * kWarpRowsPerCta : chunks;
+  return ceil_div(chunks, kWarpRowsPerCta) * kWarpRowsPerCta;
 }
 
 cudaError_t launch_norm_forward(const NormForward& a, cudaStream_t stream) {
@@ -277,10 +276,7 @@ cudaError_t launch_norm_forward(const NormForward& a, cudaStream_t stream) {
 cudaError_t launch_norm_backward(const NormBackward& a, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
   return with_types(a.x_type, a.param_type, [&]<class T, class P>() {
-    Layout l = layout<T, P>(a.n, {a.grad_y, a.x, a.weight, a.grad_sum, a.grad_x});
-    // The chunk count assumes a warp per row exactly when n <= 2048.
-    l.warp_per_row = a.n <= 2048;
-    if (l.warp_per_row) l.threads = 32 * kWarpRowsPerCta;
+    const Layout l = layout<T, P>(a.n, {a.grad_y, a.x, a.weight, a.grad_sum, a.grad_x});
     return dispatch<T, P>(a, l, [&]<class T2, class P2, int VEC, int GROUP>() {
       return backward_with<T2, P2, VEC, GROUP>(a, l, stream);
     });

@@ -35,7 +35,9 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config) -> "LlamaConfig":
-        """From a ``transformers.LlamaConfig`` (or any object with its attributes)."""
+        """From a ``transformers.LlamaConfig`` (or any object with its
+        attributes); a ``rope_type`` other than the default (e.g. scaled
+        rotary embeddings) raises ``NotImplementedError``."""
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         if rope.get("rope_type", "default") != "default":

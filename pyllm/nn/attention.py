@@ -209,7 +209,7 @@ class MultiheadAttention(nn.Module):
             return self.in_proj_weight.chunk(3)
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
-    def _mask(self, attn_mask, key_padding_mask, batch, q_len, k_len, dtype):
+    def _mask(self, attn_mask, key_padding_mask, batch, q_len, k_len):
         """attn_mask and key_padding_mask as one additive float32 bias, or None."""
         bias = None
         if attn_mask is not None:
@@ -251,7 +251,7 @@ class MultiheadAttention(nn.Module):
         q = pyllm.linear(query, wq, bq).view(batch, q_len, h, d)
         k = pyllm.linear(key, wk, bk).view(batch, k_len, h, d)
         v = pyllm.linear(value, wv, bv).view(batch, k_len, h, d)
-        bias = self._mask(attn_mask, key_padding_mask, batch, q_len, k_len, query.dtype)
+        bias = self._mask(attn_mask, key_padding_mask, batch, q_len, k_len)
         out = pyllm.attention(q, k, v, causal=is_causal and attn_mask is None, bias=bias)
         out = self.out_proj(out.reshape(batch, q_len, self.embed_dim))
         return (out if self.batch_first else out.transpose(0, 1)), None

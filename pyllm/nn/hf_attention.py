@@ -26,7 +26,9 @@ def pyllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     ``(batch, heads_kv, seq_k, head_dim)`` (GQA without repeating them);
     ``attention_mask`` a bool (True = attend) or additive mask broadcastable to
     ``(batch, heads, seq_q, seq_k)``, or None with the module's causal flag.
-    Returns ``(out (batch, seq_q, heads, head_dim), None)``.
+    Returns ``(out (batch, seq_q, heads, head_dim), None)``. Raises
+    ``NotImplementedError`` for attention dropout while training,
+    ``output_attentions`` and ``position_bias`` (use another implementation).
     """
     if dropout and module.training:
         raise NotImplementedError("pyllm attention: attention dropout is not supported; set "
