@@ -5,13 +5,10 @@ float64), greedy generation with a left-padded batch giving the same 32
 tokens as transformers' generate, sampling options, stop tokens, streaming,
 and errors for a checkpoint with a missing tensor."""
 
-import copy
-
 import pytest
 import torch
-import torch.nn.functional as F
 
-from harness import check_rule
+from model_parity import check_against_hf, left_padded_prompts
 from pyllm.models import LlamaForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -27,32 +24,17 @@ def hf_llama(tie=False):
 
 
 def prompts():
-    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, :3] = 0  # left padding
-    ids[1, :3] = 0
-    return ids, mask
+    return left_padded_prompts(97)
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_logits_and_gradients_match_hugging_face(tie):
     hf = hf_llama(tie)
     ours = LlamaForCausalLM.from_hf(hf)
-    hf64 = copy.deepcopy(hf).double()
     ids, mask = prompts()
     target = torch.randint(0, 97, ids.shape, generator=torch.Generator().manual_seed(4))
-    runs = {}
-    for name, model in (("ours", ours), ("hf", hf), ("hf64", hf64)):
-        model.zero_grad()
-        logits = model(ids, mask) if name == "ours" else model(ids, attention_mask=mask).logits
-        keep = mask.bool()
-        F.cross_entropy(logits[keep].float(), target[keep]).backward()
-        grads = {k: p.grad for k, p in model.named_parameters()}
-        runs[name] = (logits[keep], grads)
-    check_rule(runs["ours"][0], runs["hf64"][0], runs["hf"][0], what="logits")
-    assert runs["ours"][1].keys() == runs["hf"][1].keys()
-    for key, grad in runs["ours"][1].items():
-        check_rule(grad, runs["hf64"][1][key], runs["hf"][1][key], factor=3, what=f"grad {key}")
+    check_against_hf(ours, hf, lambda m: m(ids, mask),
+                     lambda m: m(ids, attention_mask=mask).logits, mask.bool(), target)
 
 
 def test_greedy_generation_matches_transformers_generate():
@@ -86,16 +68,17 @@ def test_sampling_options_and_stop_token():
     assert stopped[0, 9] == stop and (stopped[0, 10:] == pad).all()
 
 
-def test_from_hf_names_a_missing_tensor():
+def test_from_hf_names_a_missing_or_mismatched_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
     hf = hf_llama()
-
-    class Partial:
-        config = hf.config
-
-        def state_dict(self):
-            state = hf.state_dict()
-            del state["model.layers.1.mlp.up_proj.weight"]
-            return state
-
+    hf.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, path)
     with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
-        LlamaForCausalLM.from_hf(Partial())
+        LlamaForCausalLM.from_hf(tmp_path)
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(state, path)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight has shape \(3, 3\)"):
+        LlamaForCausalLM.from_hf(tmp_path)

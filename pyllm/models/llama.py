@@ -13,6 +13,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from pyllm.models.checkpoint import checkpoint_dtype, load_hf_state, read_hf
+from pyllm.models.generation import GenerationMixin, positions_from_mask
 from pyllm.nn import Attention, KVCache, Linear, RMSNorm, SwiGLU
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM"]
@@ -78,14 +80,17 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device=device, dtype=dtype)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(GenerationMixin, nn.Module):
     """LLaMA-style causal language model.
 
-    ``forward(input_ids, attention_mask=None, caches=None)``: input_ids
-    ``(batch, seq)`` int64; attention_mask ``(batch, seq_total)`` of 1/0 over
-    the cached plus new tokens (0 = padding, e.g. left padding); caches from
-    :meth:`new_caches` (one :class:`pyllm.nn.KVCache` per layer), appended to.
-    Returns logits ``(batch, seq, vocab_size)`` in the parameters' dtype.
+    ``forward(input_ids, attention_mask=None, caches=None, last_only=False)``:
+    input_ids ``(batch, seq)`` int64; attention_mask ``(batch, seq_total)`` of
+    1/0 over the cached plus new tokens (0 = padding, e.g. left padding);
+    caches from :meth:`new_caches` (one :class:`pyllm.nn.KVCache` per layer),
+    appended to. Returns logits ``(batch, seq, vocab_size)`` in the
+    parameters' dtype (``(batch, 1, vocab_size)`` for the last token only
+    with ``last_only``). :meth:`generate` decodes (see
+    :class:`pyllm.models.generation.GenerationMixin`).
     """
 
     def __init__(self, config: LlamaConfig, device=None, dtype=None):
@@ -98,22 +103,19 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
-    def from_hf(cls, hf_model) -> "LlamaForCausalLM":
+    def from_hf(cls, source, *, dtype: torch.dtype | None = None) -> "LlamaForCausalLM":
         """The same model from a ``transformers`` ``LlamaForCausalLM`` (its
-        weights are copied; a missing or mismatched tensor raises naming it)."""
-        hf_state = hf_model.state_dict()
-        p = next(iter(hf_state.values()))
-        model = cls(LlamaConfig.from_hf(hf_model.config), device=p.device, dtype=p.dtype)
-        ours = model.state_dict()
-        missing = [k for k in ours if k not in hf_state]
-        if missing:
-            raise KeyError(f"pyllm LlamaForCausalLM.from_hf: the checkpoint has no {missing[0]}"
-                           f" ({len(missing)} missing)")
-        for key, tensor in ours.items():
-            if hf_state[key].shape != tensor.shape:
-                raise ValueError(f"pyllm LlamaForCausalLM.from_hf: {key} has shape "
-                                 f"{tuple(hf_state[key].shape)}, expected {tuple(tensor.shape)}")
-        model.load_state_dict({k: hf_state[k] for k in ours})
+        weights are copied) or a checkpoint directory (``config.json`` and
+        ``*.safetensors`` or ``pytorch_model.bin``), in the checkpoint's dtype
+        unless ``dtype`` is given. A missing tensor raises ``KeyError`` naming
+        it, a mismatched one ``ValueError``."""
+        config, state = read_hf(source)
+        device = next(iter(state.values())).device
+        model = cls(LlamaConfig.from_hf(config), device=device,
+                    dtype=dtype or checkpoint_dtype(state))
+        tied = model.config.tie_word_embeddings
+        load_hf_state(model, state, "pyllm LlamaForCausalLM.from_hf", prefixes=("model",),
+                      optional=lambda k: tied and k == "lm_head.weight")
         return model.eval()
 
     def new_caches(self, batch: int, max_tokens: int) -> list[KVCache]:
@@ -121,74 +123,18 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.new_cache(batch, max_tokens) for layer in self.model.layers]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None) -> torch.Tensor:
+                caches: list[KVCache] | None = None, last_only: bool = False) -> torch.Tensor:
         b, s = input_ids.shape
         past = caches[0].length if caches else 0
         mask = positions = None
         if attention_mask is not None:
             keep = attention_mask.to(torch.bool)
             mask = keep[:, None, None, :past + s]                     # key padding
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + s]
+            positions = positions_from_mask(attention_mask, past, s)
         x, residual = self.model.embed_tokens(input_ids), None
         for i, layer in enumerate(self.model.layers):
             x, residual = layer(x, residual, caches[i] if caches else None, positions, mask)
+        if last_only:
+            x, residual = x[:, -1:], residual[:, -1:]
         x, _ = self.model.norm(x, residual)
         return self.lm_head(x)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
-                 attention_mask: torch.Tensor | None = None, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int = 0,
-                 generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
-        """Prefill then token-by-token decoding with pre-allocated KV caches.
-
-        Args:
-            input_ids: ``(batch, prompt)``, prompts left-padded with
-                ``attention_mask`` 0 where padding.
-            max_new_tokens: tokens to add.
-            temperature: 0 is greedy; else sample from softmax(logits / t),
-                restricted to the ``top_k`` most likely and the smallest set
-                with probability ``top_p``.
-            eos_token_id: a sequence that produced it gets ``pad_token_id`` after.
-            callback: called with each step's new tokens ``(batch,)`` (streaming).
-
-        Returns:
-            ``(batch, prompt + max_new_tokens)`` int64 (or shorter when every
-            sequence stopped).
-        """
-        b, prompt = input_ids.shape
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
-        caches = self.new_caches(b, prompt + max_new_tokens)
-        tokens, done = input_ids, torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        step_ids = input_ids
-        for _ in range(max_new_tokens):
-            logits = self(step_ids, mask, caches)[:, -1].float()
-            nxt = _choose(logits, temperature, top_k, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            if callback is not None:
-                callback(nxt)
-            tokens = torch.cat([tokens, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            if eos_token_id is not None:
-                done |= nxt == eos_token_id
-                if bool(done.all()):
-                    break
-            step_ids = nxt[:, None]
-        return tokens
-
-
-def _choose(logits, temperature, top_k, top_p, generator):
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

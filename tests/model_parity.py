@@ -1,0 +1,53 @@
+"""Shared checks of pyllm.models against Hugging Face models: outputs and the
+gradient of every parameter under the harness rule, with the Hugging Face
+model in float64 as the truth and in the test dtype as PyTorch's answer."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from harness import check_rule
+
+
+def left_padded_prompts(vocab: int, batch: int = 2, length: int = 9, pad: int = 3, seed: int = 3):
+    """``(ids, mask)``: random tokens, the second prompt left-padded by ``pad``."""
+    ids = torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    return ids, mask
+
+
+def outputs_and_grads(model, call, keep, target):
+    """Runs ``call(model)`` -> outputs ``(batch, seq, n)``, backpropagates a
+    cross-entropy of the kept positions against ``target``, and returns
+    (kept outputs, {parameter name: gradient})."""
+    model.zero_grad()
+    out = call(model)
+    F.cross_entropy(out[keep].float(), target[keep]).backward()
+    return out[keep].detach(), {k: p.grad for k, p in model.named_parameters()}
+
+
+def check_against_hf(ours, hf, call_ours, call_hf, keep, target, *, what="logits",
+                     transposed=lambda key: False):
+    """Outputs and every parameter's gradient of ``ours`` within the rule of
+    ``hf`` (truth: a float64 copy of hf). Parameter names must agree;
+    ``transposed(name)``: hf stores that weight ``(in, out)`` (GPT-2 Conv1D)."""
+    hf64 = copy.deepcopy(hf).double()
+    ours_out, ours_grads = outputs_and_grads(ours, call_ours, keep, target)
+    hf_out, hf_grads = outputs_and_grads(hf, call_hf, keep, target)
+    truth_out, truth_grads = outputs_and_grads(hf64, call_hf, keep, target)
+    assert not torch.isnan(ours_out).any()
+    check_rule(ours_out, truth_out, hf_out, what=what)
+    assert ours_grads.keys() <= hf_grads.keys(), sorted(ours_grads.keys() - hf_grads.keys())
+    for key, grad in ours_grads.items():
+        if hf_grads[key] is None:  # unused by the loss in HF too (e.g. the pooler)
+            assert grad is None or not grad.any(), key
+            continue
+        truth, pytorch = truth_grads[key], hf_grads[key]
+        if transposed(key):
+            truth, pytorch = truth.t(), pytorch.t()
+        check_rule(grad, truth, pytorch, factor=3, what=f"grad {key}")
