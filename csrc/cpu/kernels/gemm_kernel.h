@@ -463,6 +463,49 @@ void skinny_panel(const GemmArgs& g, int64_t n0, int64_t n1) {
 }
 #endif
 
+// One row of x (decoding): the weight rows are read whole, one after the
+// other, so each thread streams one contiguous region of W in memory order
+// (the hardware prefetcher's best case); x (K floats) stays in L1.
+template <typename T>
+void gemv(const GemmArgs& g, int64_t n0, int64_t n1) {
+  GemmWorkspace& w = gemm_workspace();
+  const int64_t K = g.K;
+  float* x = w.rows.get(ground_up(K, kLanes));
+  for (int64_t k = 0; k < K; k += kLanes) {
+    const int c = static_cast<int>(gmin(kLanes, K - k));
+    store(x + k, load_typed(g.a.type, g.a.data, k, c));
+  }
+  const bool two = two_products(g);
+  float* sums = w.tile.get(2 * kLanes);
+  for (int64_t n = n0; n < n1; n += kLanes) {
+    const int64_t cols = gmin(kLanes, n1 - n);
+    for (int half = 0; half < (two ? 2 : 1); ++half) {
+      const T* weights = static_cast<const T*>(half == 0 ? g.b.data : g.b2.data);
+      V parts[kLanes];
+      for (int j = 0; j < kLanes; ++j) {
+        if (j >= cols) {
+          parts[j] = zero();
+          continue;
+        }
+        const T* row = weights + (n + j) * g.b.cs;
+        V a0 = zero(), a1 = zero();
+        int64_t k = 0;
+        for (; k + 2 * kLanes <= K; k += 2 * kLanes) {
+          a0 = fma(load(x + k), load(row + k), a0);
+          a1 = fma(load(x + k + kLanes), load(row + k + kLanes), a1);
+        }
+        for (; k < K; k += kLanes) {
+          const int c = static_cast<int>(gmin(kLanes, K - k));
+          a0 = fma(load(x + k, c), load(row + k, c), a0);
+        }
+        parts[j] = add(a0, a1);
+      }
+      store(sums + half * kLanes, reduce_add_lanes(parts));
+    }
+    finish(g, sums, sums + kLanes, kLanes, 0, 1, n, cols);
+  }
+}
+
 template <typename T>
 void skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
   GemmWorkspace& w = gemm_workspace();
@@ -539,6 +582,13 @@ void gemm_skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
     }
   }
 #endif
+  if (g.M == 1) {
+    switch (g.b.type) {
+      case DType::f32: return gemv<float>(g, n0, n1);
+      case DType::bf16: return gemv<bf16>(g, n0, n1);
+      case DType::f16: return gemv<f16>(g, n0, n1);
+    }
+  }
   switch (g.b.type) {
     case DType::f32: return skinny<float>(g, n0, n1);
     case DType::bf16: return skinny<bf16>(g, n0, n1);
