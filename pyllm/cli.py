@@ -5,6 +5,7 @@
     pyllm bench          check, then time every op against PyTorch (the main job)
     pyllm bench --quick  a smoke run of a few cases
     pyllm bench --compare OLD.json   also compare with an earlier run
+    pyllm bench --models a GPT-2-small-sized model against transformers
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def _bench(args) -> int:
 
     old = compare.load(args.compare) if args.compare else None  # fail early on a bad path
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.models:
+        from pyllm.benchmark.machine import measure_ceilings
+        from pyllm.benchmark.models import run_models
+
+        rows = run_models(dtypes=args.dtype, device=device, quick=args.quick,
+                          output_dir=args.output, ceilings=measure_ceilings(device, args.quick))
+        return 1 if any(r["status"] != "ok" for r in rows) else 0
     rows = runner.run(ops=args.ops, dtypes=args.dtype, device=device, backends=args.backend,
                       quick=args.quick, output_dir=args.output)
     failed = [r for r in rows if r["status"] != "ok"]
@@ -63,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", nargs="+", choices=BACKENDS,
                        help="pyllm backends to time (default: every kernel backend available)")
     bench.add_argument("--quick", action="store_true", help="a few cases, short timing: a smoke run")
+    bench.add_argument("--models", action="store_true",
+                       help="time a GPT-2-small-sized model (prefill, generate) against "
+                            "transformers instead of the kernels")
     bench.add_argument("--output", default="bench-results", metavar="DIR",
                        help="where the JSON/CSV results and PNG plots go (default bench-results/; "
                             "'' for none)")

@@ -176,6 +176,63 @@ def test_patched_llama_generates_the_same_tokens_with_left_padding():
     assert torch.equal(model.generate(ids, **kwargs), expected)
 
 
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4,
+                                     n_positions=128, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # HF initialises biases and LayerNorms trivially
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model, config
+
+
+def test_patched_hugging_face_gpt2_conv1d_gives_the_same_logits_and_tokens():
+    transformers = pytest.importorskip("transformers")
+    model, config = tiny_gpt2()
+    ids = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        before = model(ids).logits
+        expected = model.generate(ids, **kwargs)
+        report = pyllm.patch(model)
+        after = model(ids).logits
+    kinds = {(old, new) for _, old, new in report.replaced}
+    assert ("Conv1D", "pyllm.nn.Conv1D") in kinds and ("LayerNorm", "pyllm.nn.LayerNorm") in kinds
+    # 2 layers x (2 attention + 2 MLP Conv1D + 2 norms) + ln_f + lm_head + attention
+    assert len(report.replaced) == 2 * 6 + 3, report
+    assert isinstance(model.transformer.h[0].attn.c_attn, pyllm.nn.Conv1D)
+    assert torch.equal(model.generate(ids, **kwargs), expected)
+    with torch.no_grad():
+        model64 = transformers.GPT2LMHeadModel(config).double().eval()
+        state = model.state_dict()
+        assert pyllm.unpatch(model) == 2 * 6 + 3
+        model64.load_state_dict(state)
+        truth = model64(ids).logits
+    check_rule(after, truth, before)
+
+
+def test_conv1d_forward_backward_matches_hugging_face_conv1d():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+    torch.manual_seed(0)
+    hf = HFConv1D(21, 10)
+    ours = pyllm.nn.Conv1D(21, 10)
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randn(3, 7, 10, requires_grad=True)
+    out = ours(x)
+    torch.testing.assert_close(out, hf(x))
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, ours.weight, ours.bias), grad)
+    expected = torch.autograd.grad(hf(x), (x, hf.weight, hf.bias), grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
 def test_attention_matches_hugging_face_llama_attention():
     transformers = pytest.importorskip("transformers")
     from transformers.models.llama import modeling_llama

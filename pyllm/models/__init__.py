@@ -15,7 +15,8 @@ from pyllm.models.bert import BertConfig, BertForMaskedLM, BertModel, BertOutput
 from pyllm.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from pyllm.models.llama import LlamaConfig, LlamaForCausalLM
 from pyllm.models.losses import causal_lm_loss, masked_lm_loss
+from pyllm.models.perplexity import perplexity
 
 __all__ = ["BertConfig", "BertForMaskedLM", "BertModel", "BertOutput", "GPT2Config",
            "GPT2LMHeadModel", "LlamaConfig", "LlamaForCausalLM", "causal_lm_loss",
-           "masked_lm_loss", "mean_pool"]
+           "masked_lm_loss", "mean_pool", "perplexity"]

@@ -71,7 +71,10 @@ class GenerationMixin:
             sequence stopped early).
         """
         b, prompt = input_ids.shape
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
+        # No padding: no mask at all (positions follow the cache length, and
+        # attention runs without a bias).
+        mask = None if attention_mask is None or bool(attention_mask.all()) else \
+            attention_mask.clone()
         caches = self.new_caches(b, prompt + max_new_tokens)
         tokens, done = input_ids, torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         step_ids = input_ids
@@ -82,7 +85,8 @@ class GenerationMixin:
             if callback is not None:
                 callback(nxt)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             if eos_token_id is not None:
                 done |= nxt == eos_token_id
                 if bool(done.all()):

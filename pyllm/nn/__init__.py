@@ -4,7 +4,8 @@ into an existing model.
 - :class:`LayerNorm`, :class:`RMSNorm`: as ``torch.nn.LayerNorm`` /
   ``torch.nn.RMSNorm`` (same arguments, attributes, ``state_dict`` keys), plus
   ``forward(x, residual)`` -> ``(norm(x + residual), x + residual)`` fused.
-- :class:`Linear`: ``torch.nn.Linear`` with a fused ``activation``.
+- :class:`Linear`: ``torch.nn.Linear`` with a fused ``activation``;
+  :class:`Conv1D`: Hugging Face's GPT-2 ``Conv1D`` (weight stored (in, out)).
 - :class:`SwiGLU`: the LLaMA MLP block.
 - :class:`Attention` (self/cross, causal, GQA, rotary, :class:`KVCache`),
   :class:`RotaryEmbedding`; :class:`MultiheadAttention` with
@@ -13,9 +14,9 @@ into an existing model.
 """
 
 from pyllm.nn.attention import Attention, KVCache, MultiheadAttention, RotaryEmbedding
-from pyllm.nn.linear import Linear, SwiGLU
+from pyllm.nn.linear import Conv1D, Linear, SwiGLU
 from pyllm.nn.norm import LayerNorm, RMSNorm
 from pyllm.nn.patch import PatchReport, patch, unpatch
 
-__all__ = ["Attention", "KVCache", "LayerNorm", "Linear", "MultiheadAttention", "PatchReport",
+__all__ = ["Attention", "Conv1D", "KVCache", "LayerNorm", "Linear", "MultiheadAttention", "PatchReport",
            "RMSNorm", "RotaryEmbedding", "SwiGLU", "patch", "unpatch"]

@@ -17,7 +17,7 @@ from torch import nn
 import pyllm
 from pyllm.ops.linear import ACTIVATIONS
 
-__all__ = ["Linear", "SwiGLU"]
+__all__ = ["Conv1D", "Linear", "SwiGLU"]
 
 
 def _init_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -69,6 +69,34 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, activation={self.activation!r}")
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``Conv1D``: a linear layer whose weight is stored
+    ``(in, out)`` (``nx``, ``nf``), on :func:`pyllm.linear` with the weight
+    read transposed in place (no copy). Same attributes and ``state_dict``
+    keys (``weight`` ``(nx, nf)``, ``bias`` ``(nf,)``), so
+    :func:`pyllm.nn.patch` swaps it into a GPT-2 model.
+
+    Shapes: ``x`` ``(..., nx)`` -> ``(..., nf)``, x's dtype.
+    """
+
+    def __init__(self, nf: int, nx: int, device=None, dtype=None):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(nf, device=device, dtype=dtype))
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _autocast_input(x)
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        bias = self.bias if self.bias.dtype in (x.dtype, torch.float32) else self.bias.to(x.dtype)
+        return pyllm.linear(x, weight.t(), bias)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}"
 
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ takes over the original's parameters (the same ``Parameter`` objects, so
 - ``torch.nn.LayerNorm`` -> :class:`pyllm.nn.LayerNorm`
 - ``torch.nn.RMSNorm`` -> :class:`pyllm.nn.RMSNorm`
 - ``torch.nn.Linear`` -> :class:`pyllm.nn.Linear`
+- Hugging Face's GPT-2 ``Conv1D`` (matched by class name and its
+  ``nf``/``nx``/``weight`` attributes) -> :class:`pyllm.nn.Conv1D`
 - Hugging Face RMSNorm classes (``LlamaRMSNorm``, ``MistralRMSNorm``,
   ``Qwen2RMSNorm``, ``GemmaRMSNorm`` excluded: it scales by ``1 + weight``),
   matched by class name and their ``weight`` / ``variance_epsilon`` attributes
@@ -27,7 +29,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from pyllm.nn.linear import Linear
+from pyllm.nn.linear import Conv1D, Linear
 from pyllm.nn.norm import LayerNorm, RMSNorm
 
 __all__ = ["PatchReport", "patch", "unpatch"]
@@ -67,6 +69,11 @@ def _from_linear(m: nn.Linear) -> Linear:
     return _adopt(new, m, ("weight", "bias"))
 
 
+def _from_conv1d(m: nn.Module) -> Conv1D:
+    new = Conv1D(m.nf, m.nx, device="meta")
+    return _adopt(new, m, ("weight", "bias"))
+
+
 _BY_TYPE = {nn.LayerNorm: _from_layer_norm, nn.Linear: _from_linear}
 if hasattr(nn, "RMSNorm"):
     _BY_TYPE[nn.RMSNorm] = _from_rms_norm
@@ -76,6 +83,10 @@ _HF_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm
 def _converter(m: nn.Module):
     if type(m) in _BY_TYPE:  # exact types: a subclass may compute something else
         return _BY_TYPE[type(m)]
+    if (type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+            and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and tuple(m.weight.shape) == (m.nx, m.nf)):
+        return _from_conv1d
     if (type(m).__name__ in _HF_RMS_NORMS and hasattr(m, "variance_epsilon")
             and isinstance(getattr(m, "weight", None), torch.Tensor)):
         return _from_hf_rms_norm
@@ -109,7 +120,7 @@ def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
     Args:
         model: any ``torch.nn.Module`` (a Hugging Face ``transformers`` model
             too). The root module itself is not replaced, only its descendants.
-        linear: replace ``torch.nn.Linear`` modules.
+        linear: replace ``torch.nn.Linear`` (and GPT-2 ``Conv1D``) modules.
         norms: replace LayerNorm / RMSNorm modules.
         attention: for a ``transformers`` model, select the "pyllm" attention
             implementation.
@@ -123,7 +134,7 @@ def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
             convert = _converter(child)
             if convert is None or hasattr(child, _ORIGINAL):
                 continue
-            is_linear = convert is _from_linear
+            is_linear = convert in (_from_linear, _from_conv1d)
             if (is_linear and not linear) or (not is_linear and not norms):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name

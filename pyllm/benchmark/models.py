@@ -1,0 +1,168 @@
+"""Model benchmarks (``pyllm bench --models``): a GPT-2-small-sized model
+(12 layers, width 768, 12 heads, vocabulary 50257; random weights, seed 0)
+in pyllm against the same weights in Hugging Face ``transformers``, in one run:
+
+- prefill: the logits of every position for a (1, 512) prompt; pyllm vs
+  ``transformers`` eager and ``torch.compile`` of it;
+- generate: 128 greedy tokens after a 512-token prompt, batch 1 and 8; pyllm's
+  ``generate`` vs ``transformers``' ``generate`` (eager), in tokens per second
+  (new tokens over the whole call, prefill included).
+
+Before timing, pyllm's prefill logits are checked against the float64 model
+under the accuracy rule. Implementations are timed interleaved, ``repeats``
+times, and the median is reported. Outputs are allocated by every call (as
+both libraries do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from pyllm.accuracy import judge
+
+__all__ = ["run_models", "format_model_table"]
+
+PROMPT, NEW_TOKENS = 512, 128
+
+
+def _gpt2_pair(dtype: torch.dtype, device: str):
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - the bench extra has it
+        raise RuntimeError("pyllm bench --models needs transformers "
+                           "(pip install 'pyllm[test]')") from e
+    from pyllm.models import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval().to(device, dtype)
+    return hf, GPT2LMHeadModel.from_hf(hf)
+
+
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each function, called in turn ``repeats`` times."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _prefill_flops(config, tokens: int) -> float:
+    """Multiply-adds x 2 of a forward over ``tokens`` positions (causal attention)."""
+    width, layers = config.n_embd, config.n_layer
+    matmul = layers * (4 * width * width + 2 * width * 4 * width) + width * config.vocab_size
+    attention = layers * 2 * tokens * width  # QK^T and PV, half the square (causal)
+    return 2.0 * tokens * (matmul + attention / 2)
+
+
+def run_models(dtypes=("float32", "bfloat16"), batches=(1, 8), device="cpu", quick=False,
+               repeats: int = 3, compile_baseline: bool = True, output_dir="bench-results",
+               stream=sys.stdout, ceilings=None) -> list[dict]:
+    """Runs the model benchmark; returns one row per (case, dtype,
+    implementation) and prints the table. ``quick``: a 128-token prompt, 16
+    new tokens, batch 1, one repeat, no compile baseline (a smoke run)."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    prompt, new = (128, 16) if quick else (PROMPT, NEW_TOKENS)
+    if quick:
+        batches, repeats, compile_baseline = (1,), 1, False
+    rows = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        hf, ours = _gpt2_pair(dtype, device)
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, hf.config.vocab_size, (1, prompt), generator=gen).to(device)
+        with torch.no_grad():
+            truth = _truth_logits(hf, ids)
+            verdict = judge(ours(ids), truth, hf(ids).logits)
+        base = {"model": "gpt2-small", "dtype": dtype_name, "device": device,
+                "threads": torch.get_num_threads()}
+        if not verdict.ok:
+            rows.append({**base, "case": f"prefill B1 S{prompt}", "impl": "pyllm",
+                         "status": "FAIL", "note": verdict.reason})
+            continue
+        with torch.no_grad():
+            fns = {"pyllm": lambda: ours(ids), "transformers:eager": lambda: hf(ids).logits}
+            if compile_baseline:
+                torch._dynamo.reset()
+                compiled = torch.compile(hf)
+                compiled(ids)  # compile outside the timing
+                fns["transformers:compile"] = lambda: compiled(ids).logits
+            _interleaved(fns, 1)  # warm-up
+            seconds = _interleaved(fns, repeats)
+        flops = _prefill_flops(hf.config, prompt)
+        for impl, s in seconds.items():
+            row = {**base, "case": f"prefill B1 S{prompt}", "impl": impl, "status": "ok",
+                   "seconds": s, "tokens_per_s": prompt / s, "gflops": flops / s / 1e9,
+                   "error": verdict.error, "error_bound": verdict.bound}
+            if ceilings is not None:
+                row["fraction_of_peak"] = row["gflops"] / ceilings.matmul_gflops[dtype_name]
+            rows.append(row)
+        for batch in batches:
+            prompts = torch.randint(0, hf.config.vocab_size, (batch, prompt), generator=gen)
+            prompts = prompts.to(device)
+            fns = {
+                "pyllm": lambda: ours.generate(prompts, new),
+                "transformers:eager": lambda: hf.generate(
+                    prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                    pad_token_id=0),
+            }
+            seconds = _interleaved(fns, repeats)
+            for impl, s in seconds.items():
+                rows.append({**base, "case": f"generate B{batch} {prompt}+{new}", "impl": impl,
+                             "status": "ok", "seconds": s, "tokens_per_s": batch * new / s})
+        del hf, ours
+    _add_speedups(rows)
+    print(format_model_table(rows), file=stream)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, time.strftime("models-%Y%m%d-%H%M%S.json"))
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"results: {path}", file=stream)
+    return rows
+
+
+def _truth_logits(hf, ids):
+    import copy
+
+    exact = copy.deepcopy(hf).double()
+    return exact(ids).logits
+
+
+def _add_speedups(rows):
+    """speedup_vs_<baseline> on the pyllm rows: baseline seconds / pyllm seconds."""
+    by_case = {}
+    for r in rows:
+        if r["status"] == "ok":
+            by_case.setdefault((r["case"], r["dtype"]), {})[r["impl"]] = r["seconds"]
+    for r in rows:
+        if r.get("impl") != "pyllm" or r["status"] != "ok":
+            continue
+        for impl, s in by_case[(r["case"], r["dtype"])].items():
+            if impl != "pyllm":
+                r[f"speedup_vs_{impl.split(':', 1)[1]}"] = s / r["seconds"]
+
+
+def format_model_table(rows) -> str:
+    lines = [f"{'case':<24} {'dtype':<9} {'impl':<22} {'seconds':>8} {'tokens/s':>9} "
+             f"{'x eager':>8} {'x compile':>9}"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['case']:<24} {r['dtype']:<9} {r['impl']:<22} {r['status']}: "
+                         f"{r.get('note', '')}")
+            continue
+        eager = r.get("speedup_vs_eager")
+        comp = r.get("speedup_vs_compile")
+        lines.append(f"{r['case']:<24} {r['dtype']:<9} {r['impl']:<22} {r['seconds']:8.3f} "
+                     f"{r['tokens_per_s']:9.1f} {eager and f'{eager:.2f}x' or '':>8} "
+                     f"{comp and f'{comp:.2f}x' or '':>9}")
+    return "\n".join(lines)
