@@ -152,9 +152,17 @@ def _add_speedups(rows):
                 r[f"speedup_vs_{impl.split(':', 1)[1]}"] = s / r["seconds"]
 
 
+def _rate(r) -> str:
+    if "gflops" not in r:
+        return ""
+    peak = r.get("fraction_of_peak")
+    return f"  {r['gflops']:.0f}" + (f" ({peak:.0%})" if peak is not None else "")
+
+
 def format_model_table(rows) -> str:
+    """The rows as a text table (speed-ups on pyllm's rows)."""
     lines = [f"{'case':<24} {'dtype':<9} {'impl':<22} {'seconds':>8} {'tokens/s':>9} "
-             f"{'x eager':>8} {'x compile':>9}"]
+             f"{'x eager':>8} {'x compile':>9}  GFLOP/s (of matmul peak)"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"{r['case']:<24} {r['dtype']:<9} {r['impl']:<22} {r['status']}: "
@@ -164,5 +172,5 @@ def format_model_table(rows) -> str:
         comp = r.get("speedup_vs_compile")
         lines.append(f"{r['case']:<24} {r['dtype']:<9} {r['impl']:<22} {r['seconds']:8.3f} "
                      f"{r['tokens_per_s']:9.1f} {eager and f'{eager:.2f}x' or '':>8} "
-                     f"{comp and f'{comp:.2f}x' or '':>9}")
+                     f"{comp and f'{comp:.2f}x' or '':>9}" + _rate(r))
     return "\n".join(lines)
