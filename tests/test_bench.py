@@ -1,5 +1,5 @@
-"""`pyllm bench`: the --quick smoke run end to end (no timing asserts), the
---compare regression check, and the plots."""
+"""`pyllm bench`: the --quick smoke runs end to end (kernels and --models; no
+timing asserts), the --compare regression check, and the plots."""
 
 import json
 import subprocess
@@ -35,6 +35,23 @@ def test_bench_quick_smoke(tmp_path):
                       "--compare", str(path), "--threshold", "10")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "rows compared" in again.stdout
+
+
+def test_bench_models_quick_smoke(tmp_path):
+    result = run_bench("--models", "--quick", "--dtype", "bfloat16", "--output", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (path,) = tmp_path.glob("models-*.json")
+    rows = json.loads(path.read_text())
+    assert {(r["case"], r["impl"]) for r in rows} == {
+        ("prefill B1 S128", "pyllm"), ("prefill B1 S128", "transformers:eager"),
+        ("generate B1 128+16", "pyllm"), ("generate B1 128+16", "transformers:eager")}
+    for r in rows:
+        assert r["status"] == "ok" and r["seconds"] > 0 and r["tokens_per_s"] > 0
+        if r["impl"] == "pyllm":
+            assert r["speedup_vs_eager"] > 0
+            if r["case"].startswith("prefill"):
+                assert r["error"] <= r["error_bound"] and 0 < r["fraction_of_peak"]
+    assert "generate B1 128+16" in result.stdout
 
 
 def _row(impl, ms, case="c"):
