@@ -216,6 +216,28 @@ def test_patched_hugging_face_gpt2_conv1d_gives_the_same_logits_and_tokens():
     check_rule(after, truth, before)
 
 
+def test_patched_hugging_face_bert_gives_the_same_hidden_states():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=100)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).last_hidden_state
+        report = pyllm.patch(model)
+        after = model(ids, attention_mask=mask).last_hidden_state
+        # 2 layers x (4 attention + 2 MLP Linear + 2 LayerNorm) + embeddings norm + pooler
+        assert len(report.replaced) == 2 * 8 + 3, report
+        model64 = transformers.BertModel(config).double().eval()
+        model64.load_state_dict(model.state_dict())
+        truth = model64(ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    check_rule(after[keep], truth[keep], before[keep])
+
+
 def test_conv1d_forward_backward_matches_hugging_face_conv1d():
     pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D as HFConv1D
