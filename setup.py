@@ -19,6 +19,13 @@ Knobs (environment variables)
   PYLLM_FORCE_CUDA=1     build pyllm._C_cuda even where detection says no.
   PYLLM_SKIP_CUDA=1      never build pyllm._C_cuda.
   PYLLM_VERBOSE_BUILD=1  print every compiler command.
+  PYLLM_NO_LOCAL_VERSION=1  version without the "+cu130torch2.14" local part
+                         (for an index that refuses local versions).
+
+Version and dependencies are computed here: the version gets a local part
+naming what the wheel was built against ("0.1.0+cu130torch2.14",
+"0.1.0+cputorch2.13"), and the wheel requires the same torch minor release
+("torch>=2.14,<2.15"), the only one whose ABI the extensions match.
 
 The extensions must be built against the torch they run with, so install with
 `pip install --no-build-isolation .` into an environment that has torch.
@@ -27,10 +34,10 @@ The extensions must be built against the torch they run with, so install with
 import glob
 import os
 import platform
+import re
+import shutil
 import sys
 import sysconfig
-
-import shutil
 
 from setuptools import setup
 
@@ -79,6 +86,43 @@ ISA_FLAGS = {
 # -Wno-(maybe-)uninitialized: GCC 12 warns falsely inside its own AVX-512 headers.
 ISA_KERNEL_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd", "-ffp-contract=off",
                     "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
+
+
+def base_version():
+    """pyllm/__init__.py's __version__ (the one place it is written)."""
+    with open(os.path.join(ROOT, "pyllm", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def torch_release():
+    """(major, minor) of the torch being built against."""
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return int(major), int(minor)
+
+
+def build_tag(with_cuda):
+    """'cu130torch2.14' or 'cputorch2.13': what the extensions are built against."""
+    major, minor = torch_release()
+    device = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda and torch.version.cuda else "cpu"
+    return f"{device}torch{major}.{minor}"
+
+
+# An sdist is built against nothing: a plain version and the supported range.
+BUILDING_SDIST = "sdist" in sys.argv[1:]
+SUPPORTED_TORCH = "torch>=2.13,<2.15"
+
+
+def version(with_cuda):
+    if env_flag("PYLLM_NO_LOCAL_VERSION") or BUILDING_SDIST:
+        return base_version()
+    return f"{base_version()}+{build_tag(with_cuda)}"
+
+
+def install_requires():
+    if BUILDING_SDIST:
+        return [SUPPORTED_TORCH, "numpy"]
+    major, minor = torch_release()
+    return [f"torch>={major}.{minor},<{major}.{minor + 1}", "numpy"]
 
 
 def env_flag(name):
@@ -175,8 +219,10 @@ class BuildPyllm(BuildExtension):
         # One object folder for every way of building from this tree (pip's
         # editable install, `setup.py build_ext --inplace`): ninja then
         # recompiles only what changed instead of everything per build.
+        # Objects compiled against one torch are never reused for another.
         self.build_temp = os.path.join(
-            ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+            ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}-"
+            f"{build_tag(torch.version.cuda is not None)}")
 
     def build_extension(self, ext):
         for suffix, sources in sorted(getattr(ext, "isa_sources", {}).items()):
@@ -190,6 +236,10 @@ class BuildPyllm(BuildExtension):
     def run(self):
         super().run()
         package_dir = os.path.dirname(self.get_ext_fullpath("pyllm._C"))
+        if not any(e.name == "pyllm._C_cuda" for e in self.extensions):
+            # a CPU-only build must not ship a CUDA library left by an earlier build
+            for stale in glob.glob(os.path.join(package_dir, "_C_cuda*")):
+                os.remove(stale)
         write_build_info(os.path.join(package_dir, "_build_info.py"),
                          with_cuda=any(e.name == "pyllm._C_cuda" for e in self.extensions))
 
@@ -205,6 +255,7 @@ def write_build_info(path, with_cuda):
         nvcc_version = next((line.split("release")[-1].split(",")[0].strip()
                              for line in out.splitlines() if "release" in line), None)
     record = {
+        "pyllm_version": version(with_cuda),
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
         "cxx11_abi": bool(torch.compiled_with_cxx11_abi()),
@@ -222,6 +273,7 @@ def write_build_info(path, with_cuda):
 
 def extensions():
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    print(f"pyllm: MAX_JOBS={os.environ['MAX_JOBS']}", file=sys.stderr)
     exts = [cpu_extension()]
     build_cuda, why = want_cuda()
     if build_cuda:
@@ -237,8 +289,12 @@ def extensions():
 if env_flag("PYLLM_VERBOSE_BUILD"):
     os.environ.setdefault("VERBOSE", "1")
 
+EXTENSIONS = extensions()
+
 setup(
-    ext_modules=extensions(),
+    version=version(any(e.name == "pyllm._C_cuda" for e in EXTENSIONS)),
+    install_requires=install_requires(),
+    ext_modules=EXTENSIONS,
     cmdclass={"build_ext": BuildPyllm.with_options(
         use_ninja=True, no_python_abi_suffix=False)},
 )

@@ -48,8 +48,10 @@ def report() -> str:
         f"pyllm {facts['pyllm']}  (python {facts['python']})",
         f"torch {facts['torch']}  CUDA {facts['torch_cuda'] or 'none (CPU build)'}  "
         f"triton {facts['triton'] or 'not installed'}",
-        f"built against: torch {build['torch_version']}, CUDA {build['torch_cuda_version']}, "
-        f"nvcc {build['nvcc_version']}, C++11 ABI {int(build['cxx11_abi'])}",
+        f"build: {build.get('pyllm_version', facts['pyllm'])} against torch "
+        f"{build['torch_version']}, CUDA {build['torch_cuda_version']}, "
+        f"nvcc {build['nvcc_version']}, C++11 ABI {int(build['cxx11_abi'])}, python "
+        f"{build['python_version']}",
         f"CUDA archs compiled in: {archs}",
         f"CPU ISA: {facts['cpu_isa']} (detected {facts['cpu_isa_detected']}; "
         f"PYLLM_CPU_ISA lowers it)  threads: {facts['threads']}",

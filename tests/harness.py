@@ -85,12 +85,20 @@ def check_rule(ours: torch.Tensor, truth: torch.Tensor, pytorch: torch.Tensor, *
     assert verdict.ok, verdict.reason
 
 
+#: Set when the tests run against an installed pyllm (tests/test_wheels.py):
+#: the package folder it must come from; subprocesses then start outside the
+#: source tree, so that they import the same installed package.
+INSTALLED_PACKAGE_DIR = os.environ.get("PYLLM_EXPECT_PACKAGE_DIR")
+
+
 def run_python(code: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs ``code`` in a fresh interpreter (for settings read at import time:
-    TRITON_INTERPRET, PYLLM_BACKEND, PYLLM_CPU_ISA)."""
+    TRITON_INTERPRET, PYLLM_BACKEND, PYLLM_CPU_ISA); ``tests/`` is importable."""
     full_env = {**os.environ, **(env or {})}
+    code = f"import sys\nsys.path.insert(0, {TESTS_DIR!r})\n" + code
+    cwd = os.path.dirname(INSTALLED_PACKAGE_DIR) if INSTALLED_PACKAGE_DIR else REPO_ROOT
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO_ROOT)
+                          text=True, timeout=timeout, cwd=cwd)
 
 
 ISAS = ("generic", "avx2", "avx512", "avx512_bf16")
@@ -100,8 +108,7 @@ def run_under_isa(isa: str, body: str) -> None:
     """Runs ``body`` (Python; the tests folder importable) in a fresh process
     with ``PYLLM_CPU_ISA=isa``, and asserts that it passed and that the kernels
     ran that ISA (or the best this CPU has, where that is lower)."""
-    code = ("import sys\nsys.path.insert(0, 'tests')\nfrom pyllm import _C\nprint(_C.cpu_isa())\n"
-            + textwrap.dedent(body))
+    code = "from pyllm import _C\nprint(_C.cpu_isa())\n" + textwrap.dedent(body)
     result = run_python(code, env={"PYLLM_CPU_ISA": isa})
     assert result.returncode == 0, result.stderr[-3000:]
     from pyllm import _C
