@@ -6,6 +6,7 @@ kernels are there, and every op runs."""
 
 import importlib
 import importlib.metadata
+import importlib.resources
 import importlib.util
 import os
 
@@ -41,9 +42,10 @@ def test_compiled_extensions_and_triton_kernels_are_present():
     build = _extension.build_info()
     has_cuda_library = importlib.util.find_spec("pyllm._C_cuda") is not None
     assert has_cuda_library == build["with_cuda"] == _extension.has_cuda_extension()
-    for name in ("norm", "linear", "attention"):  # under pyllm, never top-level `kernels`
-        assert importlib.util.find_spec(f"pyllm.kernels.{name}") is not None
-    if importlib.util.find_spec("triton") is not None:
+    package = importlib.resources.files("pyllm")
+    for name in ("__init__", "norm", "linear", "attention"):  # under pyllm, not top-level
+        assert (package / "kernels" / f"{name}.py").is_file(), name
+    if importlib.util.find_spec("triton") is not None:  # without it they are never imported
         for name in ("norm", "linear", "attention"):
             importlib.import_module(f"pyllm.kernels.{name}")
 

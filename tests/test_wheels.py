@@ -21,6 +21,7 @@ import zipfile
 import pytest
 import torch
 
+from gpu_binaries import list_elf
 from harness import REPO_ROOT, TESTS_DIR
 
 pytestmark = pytest.mark.slow
@@ -106,9 +107,8 @@ def test_cuda_wheel_contents(dist):
     assert not any(n.startswith("kernels/") for n in names)  # never a top-level `kernels`
     assert not [n for n in names if LIBRARIES_NOT_SHIPPED.search(n)]
     assert "'with_cuda': True" in record and "'cuda_archs': ['8.0', '9.0']" in record
-    cuobjdump = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
-    listing = run([cuobjdump, "--list-elf", lib]).stdout
-    assert set(re.findall(r"sm_\d+", listing)) == {"sm_80", "sm_90"}, listing
+    elves = list_elf(str(lib))
+    assert {re.search(r"sm_\d+", e).group() for e in elves} == {"sm_80", "sm_90"}, elves
     meta = metadata(path)
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])
     assert meta["Version"].endswith(f"+{cuda_tag()}")
