@@ -51,3 +51,13 @@ def check_against_hf(ours, hf, call_ours, call_hf, keep, target, *, what="logits
         if transposed(key):
             truth, pytorch = truth.t(), pytorch.t()
         check_rule(grad, truth, pytorch, factor=3, what=f"grad {key}")
+
+
+def check_greedy_generation(ours, hf, ids, mask, new_tokens: int = 32):
+    """pyllm's greedy ``generate`` gives transformers' tokens, and streams them."""
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0)
+    streamed = []
+    got = ours.generate(ids, new_tokens, attention_mask=mask, callback=streamed.append)
+    assert torch.equal(got, expected)
+    assert torch.equal(torch.stack(streamed, 1), got[:, ids.shape[1]:])

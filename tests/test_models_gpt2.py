@@ -8,7 +8,7 @@ float32 and bfloat16; greedy generation on a left-padded batch giving the same
 import pytest
 import torch
 
-from model_parity import check_against_hf, left_padded_prompts
+from model_parity import check_against_hf, check_greedy_generation, left_padded_prompts
 from pyllm.models import GPT2LMHeadModel
 
 transformers = pytest.importorskip("transformers")
@@ -48,12 +48,7 @@ def test_greedy_generation_matches_transformers_generate():
     hf = hf_gpt2()
     ours = GPT2LMHeadModel.from_hf(hf)
     ids, mask = left_padded_prompts(VOCAB)
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
-                           pad_token_id=0)
-    streamed = []
-    got = ours.generate(ids, 32, attention_mask=mask, callback=streamed.append)
-    assert torch.equal(got, expected)
-    assert torch.equal(torch.stack(streamed, 1), got[:, 9:])
+    check_greedy_generation(ours, hf, ids, mask)
 
 
 @pytest.mark.parametrize("safe", [True, False])

@@ -8,7 +8,7 @@ and errors for a checkpoint with a missing tensor."""
 import pytest
 import torch
 
-from model_parity import check_against_hf, left_padded_prompts
+from model_parity import check_against_hf, check_greedy_generation, left_padded_prompts
 from pyllm.models import LlamaForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -41,12 +41,7 @@ def test_greedy_generation_matches_transformers_generate():
     hf = hf_llama()
     ours = LlamaForCausalLM.from_hf(hf)
     ids, mask = prompts()
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
-                           pad_token_id=0)
-    streamed = []
-    got = ours.generate(ids, 32, attention_mask=mask, callback=streamed.append)
-    assert torch.equal(got, expected)
-    assert torch.equal(torch.stack(streamed, 1), got[:, 9:])
+    check_greedy_generation(ours, hf, ids, mask)
 
 
 def test_sampling_options_and_stop_token():
