@@ -16,6 +16,7 @@ both libraries do).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -132,8 +133,7 @@ def run_models(dtypes=("float32", "bfloat16"), batches=(1, 8), device="cpu", qui
 
 
 def _truth_logits(hf, ids):
-    import copy
-
+    """Logits of a float64 copy of ``hf`` (the truth of the accuracy rule)."""
     exact = copy.deepcopy(hf).double()
     return exact(ids).logits
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyllm
-from pyllm.models.checkpoint import checkpoint_dtype, load_hf_state, read_hf
+from pyllm.models.checkpoint import model_from_hf
 from pyllm.nn import LayerNorm, Linear
 
 __all__ = ["BertConfig", "BertForMaskedLM", "BertModel", "BertOutput", "mean_pool"]
@@ -212,12 +212,11 @@ class BertModel(nn.Module):
         containing one as ``bert``, e.g. ``BertForMaskedLM``) or a checkpoint
         directory; the pooler is kept when the checkpoint has one. A missing
         tensor raises ``KeyError`` naming it, a mismatched one ``ValueError``."""
-        config, state = read_hf(source)
-        pooled = any(k.endswith("pooler.dense.weight") for k in state)
-        model = cls(BertConfig.from_hf(config), pooled, device=next(iter(state.values())).device,
-                    dtype=dtype or checkpoint_dtype(state))
-        load_hf_state(model, state, "pyllm BertModel.from_hf", prefixes=("bert",))
-        return model.eval()
+        def build(config, state, **factory):
+            pooled = any(k.endswith("pooler.dense.weight") for k in state)
+            return cls(BertConfig.from_hf(config), pooled, **factory)
+
+        return model_from_hf(source, build, "pyllm BertModel.from_hf", dtype, prefixes=("bert",))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> BertOutput:
@@ -287,13 +286,9 @@ class BertForMaskedLM(nn.Module):
     def from_hf(cls, source, *, dtype: torch.dtype | None = None) -> "BertForMaskedLM":
         """From a ``transformers`` ``BertForMaskedLM`` or a checkpoint
         directory of one; errors as :meth:`BertModel.from_hf`."""
-        config, state = read_hf(source)
-        model = cls(BertConfig.from_hf(config), device=next(iter(state.values())).device,
-                    dtype=dtype or checkpoint_dtype(state))
-        load_hf_state(model, state, "pyllm BertForMaskedLM.from_hf", prefixes=("bert",),
-                      optional=lambda k: k in ("cls.predictions.decoder.weight",
-                                               "cls.predictions.decoder.bias"))
-        return model.eval()
+        return model_from_hf(
+            source, lambda config, state, **f: cls(BertConfig.from_hf(config), **f),
+            "pyllm BertForMaskedLM.from_hf", dtype, prefixes=("bert",))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["read_hf", "load_hf_state"]
+__all__ = ["read_hf", "load_hf_state", "model_from_hf"]
 
 
 def read_hf(source) -> tuple[object, dict[str, torch.Tensor]]:
@@ -63,16 +63,17 @@ def checkpoint_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def load_hf_state(model: nn.Module, state: dict[str, torch.Tensor], owner: str, *,
-                  prefixes: Iterable[str] = (), transposed: Callable[[str], bool] = lambda k: False,
-                  optional: Callable[[str], bool] = lambda k: False) -> None:
+                  prefixes: Iterable[str] = (), transposed: Callable[[str], bool] = lambda k: False
+                  ) -> None:
     """Copies ``state`` into ``model``'s parameters and buffers.
 
     Each of the model's keys is looked up as it is, and with each of
     ``prefixes`` removed from or added to its front (a ``GPT2Model``
     checkpoint has ``h.0...`` where ``GPT2LMHeadModel`` has
     ``transformer.h.0...``). Keys for which ``transposed(key)`` holds are
-    stored ``(in, out)`` in the checkpoint (GPT-2's ``Conv1D``); ``optional``
-    keys may be absent (e.g. a tied LM head). Raises ``KeyError`` naming the
+    stored ``(in, out)`` in the checkpoint (GPT-2's ``Conv1D``). A tied
+    tensor (one shared by several keys, e.g. an LM head tied to the
+    embeddings) needs only one of its keys. Raises ``KeyError`` naming the
     first missing tensor, ``ValueError`` naming a shape mismatch.
     """
     ours = model.state_dict()
@@ -83,14 +84,22 @@ def load_hf_state(model: nn.Module, state: dict[str, torch.Tensor], owner: str, 
                               for p in prefixes]
         return next((c for c in candidates if c in state), None)
 
+    shared: dict[tuple, list[str]] = {}
+    for key, tensor in ours.items():
+        shared.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(key)
+    ties = {key: keys for keys in shared.values() if len(keys) > 1 for key in keys}
+
+    def missing(key):
+        return all(lookup(k) is None for k in ties.get(key, [key]))
+
     loaded = {}
     for key, tensor in ours.items():
         found = lookup(key)
         if found is None:
-            if optional(key):
-                continue
-            missing = sum(1 for k in ours if not optional(k) and lookup(k) is None)
-            raise KeyError(f"{owner}: the checkpoint has no {key} ({missing} missing)")
+            if not missing(key):
+                continue  # a tied twin is in the checkpoint
+            count = sum(1 for k in ours if missing(k))
+            raise KeyError(f"{owner}: the checkpoint has no {key} ({count} missing)")
         value = state[found]
         if transposed(key) and value.dim() == 2:
             value = value.t()
@@ -99,3 +108,16 @@ def load_hf_state(model: nn.Module, state: dict[str, torch.Tensor], owner: str, 
                              f"{tuple(tensor.shape)}")
         loaded[key] = value
     model.load_state_dict(loaded, strict=False)
+
+
+def model_from_hf(source, build: Callable, owner: str, dtype: torch.dtype | None = None,
+                  **load_options) -> nn.Module:
+    """The whole ``from_hf``: reads ``source`` (:func:`read_hf`), builds the
+    model with ``build(config, state, device=, dtype=)`` on the checkpoint's
+    device, in its dtype unless ``dtype`` is given, loads the weights
+    (:func:`load_hf_state` with ``load_options``) and returns it in eval mode."""
+    config, state = read_hf(source)
+    model = build(config, state, device=next(iter(state.values())).device,
+                  dtype=dtype or checkpoint_dtype(state))
+    load_hf_state(model, state, owner, **load_options)
+    return model.eval()

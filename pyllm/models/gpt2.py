@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import pyllm
-from pyllm.models.checkpoint import checkpoint_dtype, load_hf_state, read_hf
+from pyllm.models.checkpoint import model_from_hf
 from pyllm.models.generation import GenerationMixin, positions_from_mask
 from pyllm.nn import KVCache, LayerNorm, Linear
 
@@ -156,16 +156,11 @@ class GPT2LMHeadModel(GenerationMixin, nn.Module):
         ``*.safetensors`` or ``pytorch_model.bin``), in the checkpoint's dtype
         unless ``dtype`` is given. A missing tensor raises ``KeyError``
         naming it, a mismatched one ``ValueError``."""
-        config, state = read_hf(source)
-        device = next(iter(state.values())).device
-        model = cls(GPT2Config.from_hf(config), device=device,
-                    dtype=dtype or checkpoint_dtype(state))
-        tied = model.config.tie_word_embeddings
         conv1d = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
-        load_hf_state(model, state, "pyllm GPT2LMHeadModel.from_hf", prefixes=("transformer",),
-                      transposed=lambda k: k.endswith(conv1d),
-                      optional=lambda k: tied and k == "lm_head.weight")
-        return model.eval()
+        return model_from_hf(
+            source, lambda config, state, **f: cls(GPT2Config.from_hf(config), **f),
+            "pyllm GPT2LMHeadModel.from_hf", dtype, prefixes=("transformer",),
+            transposed=lambda k: k.endswith(conv1d))
 
     def new_caches(self, batch: int, max_tokens: int) -> list[KVCache]:
         """One pre-allocated KV cache per layer (at most ``n_positions`` tokens)."""

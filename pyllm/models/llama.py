@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from pyllm.models.checkpoint import checkpoint_dtype, load_hf_state, read_hf
+from pyllm.models.checkpoint import model_from_hf
 from pyllm.models.generation import GenerationMixin, positions_from_mask
 from pyllm.nn import Attention, KVCache, Linear, RMSNorm, SwiGLU
 
@@ -109,14 +109,9 @@ class LlamaForCausalLM(GenerationMixin, nn.Module):
         ``*.safetensors`` or ``pytorch_model.bin``), in the checkpoint's dtype
         unless ``dtype`` is given. A missing tensor raises ``KeyError`` naming
         it, a mismatched one ``ValueError``."""
-        config, state = read_hf(source)
-        device = next(iter(state.values())).device
-        model = cls(LlamaConfig.from_hf(config), device=device,
-                    dtype=dtype or checkpoint_dtype(state))
-        tied = model.config.tie_word_embeddings
-        load_hf_state(model, state, "pyllm LlamaForCausalLM.from_hf", prefixes=("model",),
-                      optional=lambda k: tied and k == "lm_head.weight")
-        return model.eval()
+        return model_from_hf(
+            source, lambda config, state, **f: cls(LlamaConfig.from_hf(config), **f),
+            "pyllm LlamaForCausalLM.from_hf", dtype, prefixes=("model",))
 
     def new_caches(self, batch: int, max_tokens: int) -> list[KVCache]:
         """One pre-allocated KV cache per layer."""
