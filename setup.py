@@ -27,8 +27,11 @@ naming what the wheel was built against ("0.1.0+cu130torch2.14",
 "0.1.0+cputorch2.13"), and the wheel requires the same torch minor release
 ("torch>=2.14,<2.15"), the only one whose ABI the extensions match.
 
-The extensions must be built against the torch they run with, so install with
-`pip install --no-build-isolation .` into an environment that has torch.
+The extensions must be built against the torch they run with: the build
+backend (build_backend.py) makes a plain `pip install .` or `pip install
+pyllm-<ver>.tar.gz` compile against the torch already installed in the target
+environment (torch 2.11 to 2.15); `pip install --no-build-isolation .` builds
+against the current environment's torch.
 """
 
 import glob
@@ -40,6 +43,10 @@ import sys
 import sysconfig
 
 from setuptools import setup
+
+# The supported torch range, written once (next to the build backend).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_backend import SUPPORTED_TORCH_REQUIREMENT, is_supported  # noqa: E402
 
 
 def locate_cuda_home():
@@ -109,7 +116,9 @@ def build_tag(with_cuda):
 
 # An sdist is built against nothing: a plain version and the supported range.
 BUILDING_SDIST = "sdist" in sys.argv[1:]
-SUPPORTED_TORCH = "torch>=2.13,<2.15"
+if not is_supported(torch.__version__):
+    sys.exit(f"pyllm: torch {torch.__version__} is not supported; pyllm builds against "
+             f"{SUPPORTED_TORCH_REQUIREMENT} (one build per minor release)")
 
 
 def version(with_cuda):
@@ -120,7 +129,7 @@ def version(with_cuda):
 
 def install_requires():
     if BUILDING_SDIST:
-        return [SUPPORTED_TORCH, "numpy"]
+        return [SUPPORTED_TORCH_REQUIREMENT, "numpy"]
     major, minor = torch_release()
     return [f"torch>={major}.{minor},<{major}.{minor + 1}", "numpy"]
 
@@ -236,14 +245,28 @@ class BuildPyllm(BuildExtension):
         super().build_extension(ext)
 
     def run(self):
-        super().run()
         package_dir = os.path.dirname(self.get_ext_fullpath("pyllm._C"))
+        if built_against(os.path.join(package_dir, "_build_info.py")) != torch.__version__:
+            # The libraries there (if any) were linked against another torch:
+            # setuptools would keep them, as no source is newer than they are.
+            self.force = True
+        super().run()
         if not any(e.name == "pyllm._C_cuda" for e in self.extensions):
             # a CPU-only build must not ship a CUDA library left by an earlier build
             for stale in glob.glob(os.path.join(package_dir, "_C_cuda*")):
                 os.remove(stale)
         write_build_info(os.path.join(package_dir, "_build_info.py"),
                          with_cuda=any(e.name == "pyllm._C_cuda" for e in self.extensions))
+
+
+def built_against(record_path):
+    """The torch version a build record names, or None without a record."""
+    try:
+        with open(record_path) as f:
+            match = re.search(r"'torch_version': '([^']+)'", f.read())
+    except OSError:
+        return None
+    return match.group(1) if match else None
 
 
 def write_build_info(path, with_cuda):

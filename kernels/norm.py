@@ -25,7 +25,7 @@ from pyllm.kernels.launch import on_device, register
 #: registers; more spill, as the compilation tests check).
 SINGLE_PASS_ELEMENTS = 8192
 #: Block of a streamed row, and its warps.
-STREAM_BLOCK = 2048
+STREAM_BLOCK = 1024
 STREAM_WARPS = 4
 #: Warps per single-pass block size: chosen so that no variant (fp16/bf16,
 #: sm_80/sm_90, with residual, weight and bias) spills a register, as

@@ -43,8 +43,13 @@ def _bench(args) -> int:
         rows = run_models(dtypes=args.dtype, device=device, quick=args.quick,
                           output_dir=args.output, ceilings=measure_ceilings(device, args.quick))
         return 1 if any(r["status"] != "ok" for r in rows) else 0
+    if args.list:
+        planned = runner.plan(ops=args.ops, dtypes=args.dtype, quick=args.quick, suite=args.suite)
+        print(json.dumps(planned, indent=1))
+        return 0
     rows = runner.run(ops=args.ops, dtypes=args.dtype, device=device, backends=args.backend,
-                      quick=args.quick, output_dir=args.output)
+                      quick=args.quick, output_dir=args.output, suite=args.suite,
+                      min_time=args.min_time)
     failed = [r for r in rows if r["status"] != "ok"]
     regressed = False
     if old is not None:
@@ -71,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", nargs="+", choices=BACKENDS,
                        help="pyllm backends to time (default: every kernel backend available)")
     bench.add_argument("--quick", action="store_true", help="a few cases, short timing: a smoke run")
+    bench.add_argument("--suite", choices=["default", "gpu"], default="default",
+                       help="the case list: default (model shapes, CPU-sized) or gpu (the GPU "
+                            "acceptance shapes: FlashAttention's benchmark, 4096x8192 norms, "
+                            "4096^3 GEMMs)")
+    bench.add_argument("--min-time", type=float, default=None, metavar="S",
+                       help="seconds each implementation is timed per case (default 0.4; "
+                            "0.15 with --quick)")
+    bench.add_argument("--list", action="store_true",
+                       help="print the planned cases as JSON and run nothing")
     bench.add_argument("--models", action="store_true",
                        help="time a GPT-2-small-sized model (prefill, generate) against "
                             "transformers instead of the kernels")

@@ -122,5 +122,9 @@ def run_pytest_in_interpreter(path: str, timeout: float = 900) -> subprocess.Com
     interpreter on (TRITON_INTERPRET=1 must be set before triton is imported),
     where Triton kernels run on CPU tensors."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
-                          env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    # The caller's working folder, not the source tree's root: under an
+    # installed wheel (PYLLM_EXPECT_PACKAGE_DIR) the source tree must not be
+    # what `python -m` puts first on sys.path.
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.join(REPO_ROOT, path)],
+                          env=env, capture_output=True, text=True, timeout=timeout)

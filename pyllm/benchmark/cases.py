@@ -16,11 +16,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyllm
 from pyllm import reference
 
-__all__ = ["Case", "OpBench", "CASES", "BENCHES", "select"]
+__all__ = ["Case", "OpBench", "CASES", "GPU_CASES", "SUITES", "BENCHES", "select"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,12 @@ class Case:
     dims: tuple  # the op's sizes, named by its OpBench.dim_names
     quick: bool = False  # part of the --quick smoke run
     mode: str = "fwd"  # "fwd", or "fwd+bwd": the forward and the gradients of every input
+    #: Smaller sizes for the float64 correctness check, where the timed sizes'
+    #: float64 truth would not fit (GPU attention at 8k tokens); None: the same.
+    check_dims: tuple | None = None
+    #: Whether torch.compile of the eager baseline is timed too (off where the
+    #: baseline is one library call that compile would make as well: SDPA, cuBLAS).
+    compile_baseline: bool = True
 
     @property
     def name(self) -> str:
@@ -173,12 +180,17 @@ class AttentionBench(OpBench):
             v = v.repeat_interleave(group, 2) if group > 1 else v
             causal = causal_case and q.shape[1] == k.shape[1]
             mask = None
-            if causal_case and not causal:  # bottom-right aligned, as pyllm
+            if causal_case and not causal and q.shape[1] > 1:  # bottom-right aligned, as pyllm
                 i = torch.arange(q.shape[1], device=q.device)[:, None]
                 j = torch.arange(k.shape[1], device=q.device)[None, :]
                 mask = j <= i + (k.shape[1] - q.shape[1])
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                 v.transpose(1, 2), attn_mask=mask, is_causal=causal)
+            args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            if q.is_cuda and mask is None and q.dtype != torch.float32:
+                # the FlashAttention-2 kernel inside PyTorch, the peer to beat
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    out = F.scaled_dot_product_attention(*args, is_causal=causal)
+            else:
+                out = F.scaled_dot_product_attention(*args, attn_mask=mask, is_causal=causal)
             return out.transpose(1, 2)
         return run
 
@@ -298,6 +310,48 @@ CASES += [
 ]
 
 
-def select(ops=None, quick=False) -> list[Case]:
-    """The cases of ``ops`` (all when None); only the quick ones when ``quick``."""
-    return [c for c in CASES if (ops is None or c.op in ops) and (c.quick or not quick)]
+# The GPU acceptance suite (``pyllm bench --suite gpu``), bfloat16 on a large
+# GPU. Attention at FlashAttention's benchmark shapes: hidden 2048 as 32 heads
+# of 64 or 16 heads of 128, batch x seq = 16k tokens, causal and not, forward
+# and forward+backward (checked against float64 at 1 x 512 tokens, with the
+# same heads); decode over a 4k-32k KV cache; the norms at 4096 x 8192; GEMMs
+# at 4096^3 and Llama-3-8B's projections over 4096 tokens.
+_GPU_SEQS = (512, 2048, 8192)
+GPU_CASES = [
+    Case("attention", f"fa-d{d}", f"{16384 // s}x{s}{' causal' if causal else ''}",
+         (16384 // s, s, s, 2048 // d, 2048 // d, d, causal), mode=mode,
+         check_dims=(1, 512, 512, 2048 // d, 2048 // d, d, causal), compile_baseline=False)
+    for mode in ("fwd", "fwd+bwd") for d in (64, 128) for causal in (False, True)
+    for s in _GPU_SEQS
+]
+GPU_CASES += [
+    Case("attention", "llama-8b", f"decode {kv // 1024}k", (8, 1, kv, 32, 8, 128, True),
+         check_dims=(1, 1, 1024, 32, 8, 128, True), compile_baseline=False)
+    for kv in (4096, 16384, 32768)
+]
+GPU_CASES += [Case(op, "large", "4096x8192", (4096, 8192)) for op in NORM_OPS]
+GPU_CASES += [Case("rms_norm", "large", "4096x8192", (4096, 8192), mode="fwd+bwd")]
+GPU_CASES += [
+    Case("linear", "square", "4096^3", (4096, 4096, 4096, "none"), compile_baseline=False),
+    Case("linear", "llama-8b", "qkv 4096", (4096, 4096, 6144, "none"), compile_baseline=False),
+    Case("linear", "llama-8b", "down 4096", (4096, 14336, 4096, "none"),
+         compile_baseline=False),
+    Case("swiglu", "llama-8b", "mlp 4096", (4096, 4096, 14336, "silu"), compile_baseline=False),
+    Case("linear", "square", "4096^3", (4096, 4096, 4096, "none"), mode="fwd+bwd",
+         compile_baseline=False),
+]
+
+#: The case lists ``pyllm bench --suite`` chooses from.
+SUITES = {"default": CASES, "gpu": GPU_CASES}
+
+
+def select(ops=None, quick=False, suite="default") -> list[Case]:
+    """The cases of ``suite`` for ``ops`` (all when None); only the quick ones
+    when ``quick`` (the first of each op for a suite that marks none)."""
+    cases = [c for c in SUITES[suite] if ops is None or c.op in ops]
+    if quick and not any(c.quick for c in cases):
+        firsts = {}
+        for c in cases:
+            firsts.setdefault((c.op, c.mode), c)
+        return list(firsts.values())
+    return [c for c in cases if c.quick or not quick]

@@ -11,6 +11,7 @@ their functional APIs do); inputs rotate through copies larger than the cache.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import json
 import logging
@@ -146,28 +147,38 @@ def _run_case(case: Case, dtype_name: str, device: str, device_type: str, backen
     sets = [first] + [bench.inputs(case, dtype, device, gen)
                       for _ in range(input_copies(per_set) - 1)]
     eager = bench.eager(case)
+    # The correctness check runs on the case itself, or on its smaller
+    # check_dims where the timed sizes' float64 truth would not fit.
+    check_case = dataclasses.replace(case, dims=case.check_dims) if case.check_dims else case
+    check = first if check_case is case else bench.inputs(check_case, dtype, device, gen)
     if training:
         sets = [differentiable(inputs) for inputs in sets]
         first = sets[0]
+        check = first if check_case is case else differentiable(check)
         grad = torch.randn(eager(*first).shape, generator=gen).to(device=device, dtype=dtype)
+        check_grad = grad if check_case is case else torch.randn(
+            eager(*check).shape, generator=gen).to(device=device, dtype=dtype)
         exact_inputs = differentiable(tuple(t.double() if isinstance(t, torch.Tensor) else t
-                                             for t in first))
-        truths = forward_backward(lambda *t: bench.truth(case, t), grad.double())(*exact_inputs)
+                                             for t in check))
+        truths = forward_backward(lambda *t: bench.truth(check_case, t),
+                                  check_grad.double())(*exact_inputs)
         wrap = (lambda fn: forward_backward(fn, grad))
+        check_wrap = (lambda fn: forward_backward(fn, check_grad))
         factor = 3.0
     else:
-        truths = (bench.truth(case, first),)
-        wrap = (lambda fn: fn)
+        truths = (bench.truth(check_case, check),)
+        wrap = check_wrap = (lambda fn: fn)
         factor = 2.0
     as_tuple = (lambda out: out if training else (out,))
     eager_fn = wrap(eager)
-    pytorch_answer = as_tuple(eager_fn(*first))
+    pytorch_answer = as_tuple(check_wrap(bench.eager(check_case))(*check))
     rows, timed = [], {}
     for name in pyllm_backends_for(case.op, device_type, backends):
         impl = f"pyllm:{name}"
         fn = wrap(bench.pyllm(case, name))
         try:
-            verdict = _verdict(as_tuple(fn(*first)), truths, pytorch_answer, factor)
+            verdict = _verdict(as_tuple(check_wrap(bench.pyllm(check_case, name))(*check)),
+                               truths, pytorch_answer, factor)
         except (pyllm.BackendError, TypeError, ValueError, RuntimeError) as e:
             rows.append(_row(case, dtype_name, impl, common, status="error", note=str(e)))
             continue
@@ -176,10 +187,11 @@ def _run_case(case: Case, dtype_name: str, device: str, device_type: str, backen
             continue
         timed[impl] = (fn, {"error": verdict.error, "error_bound": verdict.bound})
     timed["torch:eager"] = (eager_fn, {})
-    torch._dynamo.reset()
-    compiled = wrap(torch.compile(eager, dynamic=False, fullgraph=True))
-    compiled(*first)  # compile outside the timing
-    timed["torch:compile"] = (compiled, {})
+    if case.compile_baseline:
+        torch._dynamo.reset()
+        compiled = wrap(torch.compile(eager, dynamic=False, fullgraph=True))
+        compiled(*first)  # compile outside the timing
+        timed["torch:compile"] = (compiled, {})
     timings = measure_interleaved({k: fn for k, (fn, _) in timed.items()}, sets, device=device,
                                   min_time=min_time)
     for impl, (_, extra) in timed.items():
@@ -188,16 +200,28 @@ def _run_case(case: Case, dtype_name: str, device: str, device_type: str, backen
     return rows
 
 
+def plan(ops=None, dtypes=("float32", "bfloat16"), quick=False, suite="default") -> list[dict]:
+    """The (case, dtype) pairs a run would time, without running anything."""
+    return [{"op": c.op, "model": c.model, "case": c.label, "mode": c.mode, "dtype": d,
+             "dims": dict(zip(BENCHES[c.op].dim_names, c.dims)),
+             "check_dims": list(c.check_dims) if c.check_dims else None,
+             "baselines": ["torch:eager"] + (["torch:compile"] if c.compile_baseline else [])}
+            for c in select(ops, quick, suite) for d in dtypes]
+
+
 def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, quick=False,
-        output_dir="bench-results", stream=sys.stdout) -> list[dict]:
+        output_dir="bench-results", stream=sys.stdout, suite="default",
+        min_time=None) -> list[dict]:
     """Runs the benchmark and returns one row per (case, dtype, implementation);
-    prints the table and writes JSON, CSV and PNG plots into output_dir."""
+    prints the table and writes JSON, CSV and PNG plots into output_dir.
+    ``suite``: "default" (the model shapes) or "gpu" (the GPU acceptance
+    shapes); ``min_time``: seconds each implementation is timed per case."""
     # torch.compile imports torch.utils.cpp_extension, which warns on machines
     # without a GPU; the warning is not about pyllm and would clutter the table.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     device_type = torch.device(device).type
     threads = torch.get_num_threads()
-    cases = select(ops, quick)
+    cases = select(ops, quick, suite)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"pyllm bench on {device} ({device_name(device)}), {threads} threads, "
           f"torch {torch.__version__}, pyllm {pyllm.__version__}", file=stream)
@@ -209,7 +233,8 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
               "torch": torch.__version__, "pyllm": pyllm.__version__, "git_commit": git_commit(),
               "timestamp": stamp, "outputs": "allocated per call",
               "memory_gbps_ceiling": ceilings.memory_gbps}
-    min_time = 0.15 if quick else 0.4
+    if min_time is None:
+        min_time = 0.15 if quick else 0.4
 
     plan = [(c, d) for c in cases for d in dtypes]
     progress = _Progress(len(plan), sys.stderr)
@@ -222,7 +247,8 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
         for r in case_rows:
             if r["status"] == "ok" and r["implementation"].startswith("pyllm:"):
                 r["speedup_vs_eager"] = baseline["torch:eager"] / r["median_ms"]
-                r["speedup_vs_compile"] = baseline["torch:compile"] / r["median_ms"]
+                if "torch:compile" in baseline:
+                    r["speedup_vs_compile"] = baseline["torch:compile"] / r["median_ms"]
         rows.extend(case_rows)
     progress.close()
     print(format_table(rows), file=stream)

@@ -1,0 +1,250 @@
+"""The torch-range proof: pyllm built and tested against every supported torch.
+
+For each torch minor release (2.11 ... 2.15) it makes a fresh virtual
+environment with that torch (the CUDA build that PyPI serves, with the Triton
+it pins) and the test tools, installs pyllm from an sdist of this tree the way
+a user would, with a plain ``pip install pyllm-<ver>.tar.gz`` (isolated build,
+no flags: the build backend compiles against the torch already installed),
+checks that the torch was kept and that the wheel names it, and runs the op
+tests, the installed-package checks and the Triton compile and interpreter
+tests from a scratch folder against the installed package. For the release
+that GPU machines carry (GPU_MACHINE_RELEASE) it also runs the GPU acceptance
+command's dry run (tools/gpu_check.py --dry-run) in an unpacked copy of the
+sdist.
+
+    python tools/torch_matrix.py                 # every release
+    python tools/torch_matrix.py 2.11 2.15       # some of them (what CI runs)
+
+pip on some machines is configured to cap torch; the environments here read
+no pip configuration file (PIP_CONFIG_FILE=/dev/null), ignore the caller's
+PIP_CONSTRAINT and PIP_FIND_LINKS, and fetch from PyPI (or PIP_INDEX_URL).
+The machine's own configuration is never touched.
+
+Each release runs in WORKDIR/<release>/ (deleted after a pass unless
+--keep); a summary table and WORKDIR/matrix.json say what passed, how long
+each step took and how much was downloaded. The last line is
+"N passed, N failed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+
+#: torch release -> (exact version, Python it is tested with). The Pythons
+#: cover 3.10-3.12 (torch 2.15 needs 3.11 or newer); 2.11 with 3.12 is what
+#: GPU machines carry.
+RELEASES = {
+    "2.11": ("2.11.0", "3.12"),
+    "2.12": ("2.12.1", "3.10"),
+    "2.13": ("2.13.0", "3.11"),
+    "2.14": ("2.14.1", "3.11"),
+    "2.15": ("2.15.0", "3.11"),
+}
+GPU_MACHINE_RELEASE = "2.11"
+#: What a test environment needs besides torch (constraints.txt's versions).
+TEST_TOOLS = ["pytest==9.2.0", "hypothesis==6.170.15"]
+#: Run against the installed package, from a folder outside the source tree.
+OP_TESTS = ["test_installed.py", "test_norms.py", "test_linear.py", "test_attention.py",
+            "test_triton_compile.py", "test_triton_interpreter.py"]
+
+
+def find_python(version: str) -> str | None:
+    """An interpreter of this Python version: python3.X on PATH, else pyenv's."""
+    candidates = [shutil.which(f"python{version}")]
+    if shutil.which("pyenv"):
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+        candidates += sorted(glob.glob(os.path.join(root, "versions", f"{version}.*", "bin",
+                                                    f"python{version}")), reverse=True)
+    for path in filter(None, candidates):
+        probe = subprocess.run([path, "-c", "import sys, venv; print(sys.version_info[:2])"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == str(tuple(map(int, version.split(".")))):
+            return path
+    return None
+
+
+def pip_env() -> dict:
+    """The environment for pip: no configuration file, no caller constraint or
+    extra wheel folder."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PIP_CONSTRAINT", "PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PYTHONPATH",
+                        "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def received_bytes() -> int:
+    """Bytes received on every network interface but loopback (Linux)."""
+    try:
+        with open("/proc/net/dev") as f:
+            lines = f.readlines()[2:]
+    except OSError:
+        return 0
+    total = 0
+    for line in lines:
+        name, data = line.split(":", 1)
+        if name.strip() != "lo":
+            total += int(data.split()[0])
+    return total
+
+
+class Step:
+    """Runs commands for one release, logging them and timing each step."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.log = open(os.path.join(folder, "log.txt"), "a")
+        self.steps = []
+
+    def run(self, name, cmd, env=None, cwd=None, timeout=3600):
+        start, rx = time.time(), received_bytes()
+        self.log.write(f"\n$ {' '.join(map(str, cmd))}\n")
+        self.log.flush()
+        result = subprocess.run([str(c) for c in cmd], env=env or pip_env(), cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                timeout=timeout)
+        self.log.write(result.stdout)
+        self.log.flush()
+        record = {"step": name, "seconds": round(time.time() - start, 1),
+                  "downloaded_mb": round((received_bytes() - rx) / 1e6, 1),
+                  "ok": result.returncode == 0}
+        self.steps.append(record)
+        print(f"  {name:<28} {record['seconds']:7.1f} s  {record['downloaded_mb']:8.1f} MB  "
+              f"{'ok' if record['ok'] else 'FAILED'}", flush=True)
+        if result.returncode != 0:
+            tail = "\n".join(result.stdout.strip().splitlines()[-40:])
+            raise RuntimeError(f"{name} failed (exit {result.returncode}):\n{tail}")
+        return result.stdout
+
+
+def make_sdist(workdir: str) -> str:
+    out = os.path.join(workdir, "sdist")
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", out,
+                    ROOT], check=True, capture_output=True, text=True)
+    (sdist,) = glob.glob(os.path.join(out, "pyllm-*.tar.gz"))
+    return sdist
+
+
+def torch_of(python: str) -> str:
+    return subprocess.run([python, "-c", "import torch; print(torch.__version__)"],
+                          capture_output=True, text=True, env=pip_env()).stdout.strip()
+
+
+def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool) -> dict:
+    version, python_version = RELEASES[release]
+    folder = os.path.join(workdir, release)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    result = {"release": release, "torch": version, "python": python_version, "ok": False}
+    step = Step(folder)
+    result["steps"] = step.steps
+    print(f"torch {version} (Python {python_version}) in {folder}", flush=True)
+    try:
+        interpreter = find_python(python_version)
+        if interpreter is None:
+            raise RuntimeError(f"no Python {python_version} interpreter found "
+                               f"(python{python_version} on PATH or a pyenv version)")
+        venv = os.path.join(folder, "venv")
+        python = os.path.join(venv, "bin", "python")
+        step.run("venv", [interpreter, "-m", "venv", venv])
+        step.run("install torch + tools", [python, "-m", "pip", "install", "-q",
+                                           f"torch=={version}", *TEST_TOOLS])
+        installed_torch = torch_of(python)
+        result["torch_installed"] = installed_torch
+        gpu_machine = release == GPU_MACHINE_RELEASE
+        env = {**pip_env(), "TORCH_CUDA_ARCH_LIST": archs}
+        if gpu_machine:
+            env["PYLLM_SKIP_CUDA"] = "1"  # the CUDA build is the GPU check's (below)
+        # The documented install: plain pip, isolated build, no flags.
+        step.run("pip install sdist", [python, "-m", "pip", "install", "--no-cache-dir", sdist],
+                 env=env)
+        if torch_of(python) != installed_torch:
+            raise RuntimeError(f"installing pyllm replaced torch {installed_torch} with "
+                               f"{torch_of(python)}")
+        pyllm_version = subprocess.run(
+            [python, "-c", "import importlib.metadata as m; print(m.version('pyllm'))"],
+            capture_output=True, text=True, env=pip_env(), cwd=folder).stdout.strip()
+        result["pyllm"] = pyllm_version
+        if not pyllm_version.endswith(f"torch{release}"):
+            raise RuntimeError(f"pyllm {pyllm_version} does not name torch {release}")
+        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
+                               "['purelib'])"], capture_output=True, text=True).stdout.strip()
+        work = os.path.join(folder, "work")
+        os.makedirs(work)
+        test_env = {**pip_env(), "PYLLM_EXPECT_PACKAGE_DIR": os.path.join(site, "pyllm")}
+        out = step.run("op tests (installed)", [python, "-m", "pytest", "-q", "-p",
+                                                "no:cacheprovider",
+                                                *(os.path.join(TESTS, t) for t in OP_TESTS)],
+                       env=test_env, cwd=work)
+        result["op_tests"] = out.strip().splitlines()[-1]
+        if gpu_machine:
+            # The GPU acceptance command, as a GPU machine would run it, in a
+            # copy of the source: its own build (editable, no isolation) for
+            # sm_90, then everything but what needs the device.
+            with tarfile.open(sdist) as t:
+                t.extractall(folder)
+            source = glob.glob(os.path.join(folder, "pyllm-*/"))[0]
+            report = os.path.join(folder, "gpu-check")
+            step.run("gpu_check --dry-run", [python, os.path.join(source, "tools", "gpu_check.py"),
+                                             "--dry-run", "--arch", "9.0", "--out", report],
+                     env=pip_env(), cwd=source)
+            result["gpu_check_dry_run"] = report
+        result["ok"] = True
+    except Exception as e:  # noqa: BLE001 - reported, then the next release
+        result["error"] = str(e)
+        print(f"  FAILED: {e}", flush=True)
+    finally:
+        step.log.close()
+    if result["ok"] and not keep:
+        shutil.rmtree(os.path.join(folder, "venv"), ignore_errors=True)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("releases", nargs="*", default=list(RELEASES),
+                        help=f"torch releases to check (default: {' '.join(RELEASES)})")
+    parser.add_argument("--workdir", default=os.path.join(ROOT, "build", "matrix"))
+    parser.add_argument("--archs", default="9.0",
+                        help="TORCH_CUDA_ARCH_LIST of the CUDA builds (default 9.0: one arch "
+                             "proves the build at half the compile time)")
+    parser.add_argument("--keep", action="store_true", help="keep the environments")
+    args = parser.parse_args(argv)
+    unknown = [r for r in args.releases if r not in RELEASES]
+    if unknown:
+        parser.error(f"unknown torch release(s) {unknown}; supported: {list(RELEASES)}")
+    os.makedirs(args.workdir, exist_ok=True)
+    start = time.time()
+    sdist = make_sdist(args.workdir)
+    print(f"sdist: {sdist}", flush=True)
+    results = [check_release(r, sdist, args.workdir, args.archs, args.keep)
+               for r in args.releases]
+    with open(os.path.join(args.workdir, "matrix.json"), "w") as f:
+        json.dump({"seconds": round(time.time() - start), "results": results}, f, indent=1)
+    print(f"\n{'torch':<8}{'python':<8}{'pyllm':<28}{'minutes':>8}{'MB down':>9}  result")
+    for r in results:
+        minutes = sum(s["seconds"] for s in r["steps"]) / 60
+        down = sum(s["downloaded_mb"] for s in r["steps"])
+        outcome = r.get("op_tests", "") if r["ok"] else "FAILED: " + r.get("error", "")[:60]
+        print(f"{r['torch']:<8}{r['python']:<8}{r.get('pyllm', '-'):<28}{minutes:8.1f}"
+              f"{down:9.0f}  {outcome}")
+    passed = sum(r["ok"] for r in results)
+    print(f"\n{passed} passed, {len(results) - passed} failed")
+    return 0 if passed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
