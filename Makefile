@@ -7,6 +7,11 @@
 #   make test    build, then the test suite
 #   make bench   build, then `pyllm bench` (the main job)
 #   make info    build, then `pyllm info`
+#   make matrix  pyllm built and tested against every supported torch (2.11-2.15),
+#                each in a fresh environment (tools/torch_matrix.py)
+#   make gpu-check OUT=DIR   the GPU acceptance run on a CUDA machine, with its
+#                own python and torch, no venv, no network (tools/gpu_check.py;
+#                GPU_CHECK_ARGS=--dry-run where there is no GPU)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +19,13 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PIP_INSTALL := $(PIP) install --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup build test bench info clean
+# `make test` (CI) also runs the torch matrix on the oldest and newest
+# supported torch; `make test CI_TORCH=` skips it.
+CI_TORCH ?= 2.11 2.15
+MATRIX_TORCH ?= 2.11 2.12 2.13 2.14 2.15
+OUT ?= gpu-check
+
+.PHONY: setup build test bench info clean matrix gpu-check
 
 $(VENV)/.installed: pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +43,13 @@ build: setup
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(if $(strip $(CI_TORCH)),$(PY) tools/torch_matrix.py $(CI_TORCH))
+
+matrix: setup
+	$(PY) tools/torch_matrix.py $(MATRIX_TORCH)
+
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS)
 
 bench: build
 	$(VENV)/bin/pyllm bench $(BENCH_ARGS)

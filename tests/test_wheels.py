@@ -30,7 +30,7 @@ CPU_TORCH = "2.13.0"
 ARCHS = "8.0;9.0"
 # What a test environment needs besides the wheel (the versions of constraints.txt).
 TEST_TOOLS = ["pytest==9.2.0", "hypothesis==6.170.15"]
-CPU_BUILD_TOOLS = ["setuptools==84.2.1", "wheel==0.48.0", "ninja==1.13.2", "numpy==2.4.6"]
+CPU_BUILD_TOOLS = ["setuptools==81.0.0", "wheel==0.48.0", "ninja==1.13.2", "numpy==2.4.6"]
 SMOKE_TESTS = ["test_installed.py", "test_norms.py", "test_attention.py"]
 LIBRARIES_NOT_SHIPPED = re.compile(r"(libtorch|libc10|libcudart|libcublas|libnvrtc|libcuda|"
                                    r"libgomp|libshm|libnvToolsExt)[^/]*\.so")

@@ -1,0 +1,85 @@
+"""The GPU acceptance command's logic, on this machine: its dry run selects
+the cuda tests, proves the sanitizer's call list on the CPU backend, plans
+the GPU bench at FlashAttention's shapes and writes the report; a real run
+without a GPU stops at once with a clear reason. (The dry run with its build,
+against torch 2.11 and Triton 3.6, runs in tools/torch_matrix.py.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness import REPO_ROOT
+
+GPU_CHECK = os.path.join(REPO_ROOT, "tools", "gpu_check.py")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check")
+    result = subprocess.run([sys.executable, GPU_CHECK, "--dry-run", "--skip-build", "--out",
+                             str(out)], capture_output=True, text=True, timeout=900)
+    with open(out / "report.json") as f:
+        return result, json.load(f), out
+
+
+def test_dry_run_passes_and_prints_a_summary(dry_run):
+    result, report, out = dry_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert report["result"] == "PASS" and report["dry_run"]
+    assert result.stdout.strip().splitlines()[-1].startswith("report:")
+    assert "**DRY RUN PASS**" in (out / "summary.md").read_text()
+    stages = report["stages"]
+    assert [stages[s]["status"] for s in ("tests", "sanitizer", "bench")] == ["planned"] * 3
+    for log in ("tests.log", "sanitizer.log", "bench.log"):
+        assert (out / log).stat().st_size > 0, log
+
+
+def test_dry_run_selects_the_cuda_tests(dry_run):
+    _, report, _ = dry_run
+    selected = report["tests_selected"]
+    assert any("test_cuda.py::" in t for t in selected)
+    assert all("test_norms.py::" not in t for t in selected)  # CPU tests are not selected
+
+
+def test_dry_run_proves_the_sanitizer_calls_on_the_cpu(dry_run):
+    _, report, out = dry_run
+    text = (out / "sanitizer.log").read_text()
+    assert "0 failed" in text and " passed" in text
+    for name in ("rms_norm", "add_layer_norm", "attention varlen", "attention decode",
+                 "linear gelu", "swiglu"):
+        assert name in text, name
+
+
+def test_dry_run_plans_the_reference_shapes(dry_run):
+    _, report, _ = dry_run
+    plan = report["bench_plan"]
+    attention = [c for c in plan if c["op"] == "attention" and c["dims"]["seq_q"] > 1]
+    assert {c["dims"]["head_dim"] for c in attention} == {64, 128}
+    assert {c["dims"]["seq_q"] for c in attention} >= {512, 8192}
+    for c in attention:  # hidden 2048, 16k tokens, a smaller float64 check
+        d = c["dims"]
+        assert d["heads"] * d["head_dim"] == 2048 and d["batch"] * d["seq_q"] == 16384
+        assert c["check_dims"][1] <= 1024
+    assert {(c["mode"], c["dims"]["causal"]) for c in attention} == {
+        ("fwd", False), ("fwd", True), ("fwd+bwd", False), ("fwd+bwd", True)}
+    decode = sorted(c["dims"]["seq_k"] for c in plan if c["op"] == "attention"
+                    and c["dims"]["seq_q"] == 1)
+    assert decode[0] == 4096 and decode[-1] == 32768
+    norms = {c["op"] for c in plan if c["dims"].get("hidden") == 8192}
+    assert norms == {"rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm"}
+    assert any(c["op"] == "linear" and c["dims"]["rows"] == c["dims"]["in_features"]
+               == c["dims"]["out_features"] == 4096 for c in plan)
+    assert {c["dtype"] for c in plan} == {"bfloat16"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run without a GPU")
+def test_a_real_run_without_a_gpu_fails_clearly(tmp_path):
+    result = subprocess.run([sys.executable, GPU_CHECK, "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "no CUDA device is visible" in result.stdout
+    assert "FAIL" in (tmp_path / "summary.md").read_text()

@@ -1,0 +1,352 @@
+"""The GPU acceptance run: one command that builds pyllm on a CUDA machine and
+proves it there.
+
+    python tools/gpu_check.py --out DIR          # or: make gpu-check OUT=DIR
+    python tools/gpu_check.py --out DIR --dry-run   # everything but the device
+
+For a machine with a CUDA GPU, a preinstalled torch (2.11-2.15) and Triton,
+and no network: nothing is downloaded, no virtual environment is made.
+Stages, each timed and logged:
+
+1. environment: Python, torch, CUDA, Triton, nvcc, the GPU and its compute
+   capability, compute-sanitizer.
+2. build: ``pip install --no-build-isolation --no-deps -e .`` against the
+   machine's own python, for the visible GPU's arch only
+   (``TORCH_CUDA_ARCH_LIST`` from ``torch.cuda.get_device_capability()``),
+   with every core (``MAX_JOBS``); then the build record is checked.
+3. tests: every ``cuda``-marked test (the Triton and CUDA C++ backends on CUDA
+   tensors, forward and backward, against the float64 reference), JUnit XML.
+4. sanitizer: ``compute-sanitizer --tool memcheck`` over tools/kernel_calls.py
+   (a small call of every kernel of both GPU backends), when it is on PATH.
+5. bench: ``pyllm bench --suite gpu --device cuda`` in bfloat16:
+   FlashAttention's shapes, decode over 4k-32k keys, the norms at 4096x8192,
+   GEMMs at 4096^3 and Llama-3-8B's projections, against SDPA's flash
+   backend, cuBLAS (F.linear), F.rms_norm/F.layer_norm and torch.compile,
+   with TFLOP/s, TB/s and the fraction of the device's measured peak.
+
+Everything goes to DIR: report.json, summary.md, junit.xml, build.log,
+tests.log, sanitizer.log, bench.log and bench/ (the bench's JSON and CSV);
+the last lines printed are a one-screen summary ending in PASS or FAIL (exit
+status 0 or 1). ``--budget`` (default 480 s) bounds the whole run: each
+stage's time limit is what the budget leaves for it.
+
+``--dry-run`` (on a machine without a GPU) does everything that needs no
+device: the environment record, the real build (for ``--arch``, default
+9.0), the selection of the tests (collected, not run), the sanitizer's call
+list run on the CPU backend, the bench plan (``pyllm bench --list``), and
+the report skeleton with each device stage marked "planned".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
+
+#: Each stage's share of the budget when it starts (what is left is shared
+#: by the stages still to run): the build and the bench are the long ones.
+STAGE_CAPS = {"build": 0.45, "tests": 0.45, "sanitizer": 0.35}
+#: Seconds each implementation is timed per bench case on the GPU.
+BENCH_MIN_TIME = 0.1
+
+
+class Report:
+    """The stages' results, written as report.json and summary.md."""
+
+    def __init__(self, out: str, dry_run: bool, budget: float):
+        self.out = out
+        self.dry_run = dry_run
+        self.start = time.time()
+        self.budget = budget
+        self.data = {"dry_run": dry_run, "started": datetime.datetime.now(
+            datetime.timezone.utc).isoformat(timespec="seconds"), "stages": {}}
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.start)
+
+    def stage(self, name: str, status: str, seconds: float, **fields):
+        self.data["stages"][name] = {"status": status, "seconds": round(seconds, 1), **fields}
+        print(f"[{name}] {status} ({seconds:.0f} s)"
+              + (f": {fields['detail']}" if fields.get("detail") else ""), flush=True)
+
+    def ok(self) -> bool:
+        good = ("pass", "planned", "skipped")
+        return bool(self.data["stages"]) and all(
+            s["status"] in good for s in self.data["stages"].values())
+
+    def write(self) -> str:
+        self.data["seconds"] = round(time.time() - self.start, 1)
+        self.data["result"] = "PASS" if self.ok() else "FAIL"
+        with open(os.path.join(self.out, "report.json"), "w") as f:
+            json.dump(self.data, f, indent=1, default=str)
+        text = self.summary()
+        with open(os.path.join(self.out, "summary.md"), "w") as f:
+            f.write(text + "\n")
+        return text
+
+    def summary(self, bench_table: bool = True) -> str:
+        env = self.data.get("environment", {})
+        kind = "GPU acceptance run (dry run: no device used)" if self.dry_run else \
+            "GPU acceptance run"
+        lines = [f"# pyllm {kind}", "",
+                 f"- device: {env.get('gpu', '-')} (sm_{env.get('arch', '?').replace('.', '')})",
+                 f"- torch {env.get('torch', '-')}, CUDA {env.get('torch_cuda', '-')}, "
+                 f"Triton {env.get('triton', '-')}, Python {env.get('python', '-')}, "
+                 f"nvcc {env.get('nvcc', '-')}, {env.get('cpus', '-')} CPUs",
+                 f"- compute-sanitizer: {env.get('compute_sanitizer') or 'not on PATH'}", "",
+                 "| stage | status | seconds | detail |", "|---|---|---|---|"]
+        for name, s in self.data["stages"].items():
+            lines.append(f"| {name} | {s['status']} | {s['seconds']:.0f} | "
+                         f"{s.get('detail', '')} |")
+        bench = self.data.get("bench_rows")
+        if bench and bench_table:
+            lines += ["", "| case | dtype | mode | implementation | median | rate | of peak |"
+                      " vs eager |", "|---|---|---|---|---|---|---|---|"]
+            for r in bench:
+                lines.append(_bench_line(r))
+        lines += ["", f"**{'DRY RUN ' if self.dry_run else ''}"
+                      f"{'PASS' if self.ok() else 'FAIL'}** in {time.time() - self.start:.0f} s"]
+        return "\n".join(lines)
+
+
+def _bench_line(r: dict) -> str:
+    case = f"{r['op']} {r['model']} {r['case']}"
+    if r.get("status") != "ok":
+        return f"| {case} | {r['dtype']} | {r['mode']} | {r['implementation']} | " \
+               f"{r.get('status')}: {r.get('note', '')[:60]} | | | |"
+    if "gflops" in r and ("gbps" not in r or r["gflops"] / max(r["gbps"], 1e-9) > 20):
+        rate, peak = f"{r['gflops'] / 1e3:.0f} TFLOP/s", r.get("fraction_of_peak")
+    else:
+        rate, peak = f"{r.get('gbps', 0) / 1e3:.2f} TB/s", r.get("fraction_of_bandwidth")
+    vs = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else ""
+    frac = f"{100 * peak:.0f}%" if peak is not None else ""
+    return (f"| {case} | {r['dtype']} | {r['mode']} | {r['implementation']} | "
+            f"{r['median_ms']:.3f} ms | {rate} | {frac} | {vs} |")
+
+
+def run_logged(cmd, log_path, timeout, env=None, cwd=ROOT):
+    """Runs cmd with its output in log_path; (exit code or None on timeout, output)."""
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(map(str, cmd))}\n")
+        log.flush()
+        try:
+            result = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                                    env={**os.environ, **(env or {})}, timeout=max(timeout, 1))
+            code, output = result.returncode, result.stdout
+        except subprocess.TimeoutExpired as e:
+            code = None
+            output = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            output += f"\n[timed out after {timeout:.0f} s]\n"
+        log.write(output)
+    return code, output
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip("= ") if lines else ""
+
+
+def environment(args) -> dict:
+    import torch
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__,
+           "torch_cuda": torch.version.cuda, "cpus": os.cpu_count(),
+           "compute_sanitizer": shutil.which("compute-sanitizer") or next(
+               (p for p in [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                         "compute-sanitizer")] if os.access(p, os.X_OK)), None)}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+                                                "bin", "nvcc")
+    if os.path.exists(nvcc):
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        match = re.search(r"release ([\d.]+)", out)
+        env["nvcc"] = match.group(1) if match else out.strip()[-40:]
+    if not args.dry_run:
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device is visible (torch.cuda.is_available() is False); "
+                               "use --dry-run on a machine without a GPU")
+        major, minor = torch.cuda.get_device_capability()
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=torch.cuda.get_device_name(0), arch=f"{major}.{minor}",
+                   gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                   multiprocessors=props.multi_processor_count)
+    else:
+        env.update(gpu=f"none (dry run for sm_{args.arch.replace('.', '')})", arch=args.arch)
+    return env
+
+
+def stage_build(args, report, env):
+    log = os.path.join(args.out, "build.log")
+    jobs = str(args.jobs or os.cpu_count() or 1)
+    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e",
+           ROOT]
+    build_env = {"TORCH_CUDA_ARCH_LIST": env["arch"], "MAX_JOBS": jobs}
+    report.data["build_command"] = (f"TORCH_CUDA_ARCH_LIST={env['arch']} MAX_JOBS={jobs} "
+                                    + " ".join(cmd[:1] + ["-m"] + cmd[2:]))
+    start = time.time()
+    code, output = run_logged(cmd, log, report.left() * STAGE_CAPS["build"], env=build_env)
+    if code != 0:
+        report.stage("build", "fail" if code is not None else "timeout", time.time() - start,
+                     detail=last_line(output)[:120])
+        return False
+    probe = ("import json, pyllm; from pyllm import _extension; "
+             "print(json.dumps(_extension.build_info()))")
+    code, output = run_logged([sys.executable, "-c", probe], log, 120, cwd=args.out)
+    record = json.loads(last_line(output)) if code == 0 else {}
+    report.data["build_record"] = record
+    problems = []
+    if not record:
+        problems.append("pyllm does not import after the build")
+    elif env.get("torch_cuda") and not record.get("with_cuda"):
+        problems.append("pyllm._C_cuda was not built")
+    elif env.get("torch_cuda") and record.get("cuda_archs") != [env["arch"]]:
+        problems.append(f"built for {record.get('cuda_archs')}, not {env['arch']}")
+    report.stage("build", "fail" if problems else "pass", time.time() - start,
+                 detail="; ".join(problems) or f"{record.get('pyllm_version')} for "
+                                                f"sm_{env['arch'].replace('.', '')}, "
+                                                f"{jobs} jobs")
+    return not problems
+
+
+def stage_tests(args, report):
+    log = os.path.join(args.out, "tests.log")
+    junit = os.path.join(args.out, "junit.xml")
+    base = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests"), "-m", "cuda",
+            "-p", "no:cacheprovider"]
+    start = time.time()
+    if args.dry_run:
+        code, output = run_logged(base + ["--collect-only", "-q"], log, 300)
+        selected = [line for line in output.splitlines() if "::" in line]
+        report.data["tests_selected"] = selected
+        ok = code == 0 and len(selected) > 0
+        report.stage("tests", "planned" if ok else "fail", time.time() - start,
+                     detail=f"{len(selected)} cuda tests selected ({last_line(output)})")
+        return ok
+    code, output = run_logged(base + ["-q", "-rfEs", f"--junitxml={junit}"], log,
+                              report.left() * STAGE_CAPS["tests"])
+    summary = last_line(output)
+    passed = re.search(r"(\d+) passed", summary)
+    ok = code == 0 and passed is not None and int(passed.group(1)) > 0
+    report.stage("tests", "pass" if ok else ("timeout" if code is None else "fail"),
+                 time.time() - start, detail=summary[:120])
+    return ok
+
+
+def stage_sanitizer(args, report, env):
+    log = os.path.join(args.out, "sanitizer.log")
+    calls = [sys.executable, os.path.join(TOOLS, "kernel_calls.py")]
+    sanitizer = env.get("compute_sanitizer")
+    start = time.time()
+    if args.dry_run:
+        # The call list itself, proven on the CPU backend.
+        code, output = run_logged(calls + ["cpu"], log, 300, cwd=args.out)
+        report.stage("sanitizer", "planned" if code == 0 else "fail", time.time() - start,
+                     detail=f"calls on cpu: {last_line(output)}; on the GPU under "
+                            f"{'compute-sanitizer' if sanitizer else 'compute-sanitizer (not on PATH here)'}")
+        return code == 0
+    if not sanitizer:
+        report.stage("sanitizer", "skipped", 0.0, detail="compute-sanitizer is not on PATH")
+        return True
+    cmd = [sanitizer, "--tool", "memcheck", "--error-exitcode", "3", "--target-processes",
+           "all", *calls, "cuda"]
+    code, output = run_logged(cmd, log, report.left() * STAGE_CAPS["sanitizer"], cwd=args.out)
+    errors = re.search(r"ERROR SUMMARY: (\d+) error", output)
+    detail = f"{last_line(output)}" if not errors else \
+        f"{errors.group(0)}; calls: " + next((line for line in output.splitlines()
+                                               if re.match(r"\d+ passed, \d+ failed", line)), "")
+    ok = code == 0 and (errors is None or errors.group(1) == "0")
+    report.stage("sanitizer", "pass" if ok else ("timeout" if code is None else "fail"),
+                 time.time() - start, detail=detail[:160])
+    return ok
+
+
+def stage_bench(args, report):
+    log = os.path.join(args.out, "bench.log")
+    base = [sys.executable, "-m", "pyllm.cli", "bench", "--suite", "gpu", "--dtype", "bfloat16"]
+    start = time.time()
+    if args.dry_run:
+        code, output = run_logged(base + ["--list"], log, 300, cwd=args.out)
+        try:
+            planned = json.loads(output[output.index("["):])
+        except ValueError:
+            planned = []
+        report.data["bench_plan"] = planned
+        ok = code == 0 and len(planned) > 0
+        report.stage("bench", "planned" if ok else "fail", time.time() - start,
+                     detail=f"{len(planned)} cases planned (pyllm bench --suite gpu)")
+        return ok
+    folder = os.path.join(args.out, "bench")
+    code, output = run_logged(base + ["--device", "cuda", "--output", folder, "--min-time",
+                                      str(BENCH_MIN_TIME)], log, report.left() - 10,
+                              cwd=args.out)
+    rows = []
+    for path in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if path.endswith(".json"):
+            with open(os.path.join(folder, path)) as f:
+                rows = json.load(f)
+    report.data["bench_rows"] = rows
+    failed = [r for r in rows if r.get("status") != "ok"]
+    status = "pass" if code == 0 and rows else ("timeout" if code is None else "fail")
+    report.stage("bench", status, time.time() - start,
+                 detail=f"{len(rows)} rows, {len(failed)} not ok" if rows else last_line(output))
+    return status == "pass"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for the report, logs and results")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="everything that needs no device (for a machine without a GPU)")
+    parser.add_argument("--arch", default="9.0",
+                        help="the arch a dry run builds for (default 9.0); a real run reads "
+                             "the visible GPU's")
+    parser.add_argument("--jobs", type=int, help="compile jobs (default: every core)")
+    parser.add_argument("--budget", type=float, default=480.0,
+                        help="seconds for the whole run (default 480)")
+    parser.add_argument("--skip-build", action="store_true",
+                        help="use the pyllm already built in this tree")
+    args = parser.parse_args(argv)
+    args.out = os.path.abspath(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    report = Report(args.out, args.dry_run, args.budget)
+    try:
+        env = environment(args)
+    except Exception as e:  # noqa: BLE001 - the report says why
+        report.stage("environment", "fail", 0.0, detail=str(e))
+        print(report.write())
+        return 1
+    report.data["environment"] = env
+    report.stage("environment", "pass", time.time() - report.start,
+                 detail=f"{env['gpu']}, torch {env['torch']}, Triton {env.get('triton')}")
+    if args.skip_build:
+        built = True
+        report.stage("build", "skipped", 0.0, detail="--skip-build")
+    else:
+        built = stage_build(args, report, env)
+    if built:
+        stage_tests(args, report)
+        stage_sanitizer(args, report, env)
+        stage_bench(args, report)
+    report.write()
+    print("\n" + report.summary(bench_table=False))  # one screen; summary.md has the bench
+    print(f"\nreport: {os.path.join(args.out, 'report.json')}, "
+          f"{os.path.join(args.out, 'summary.md')}")
+    return 0 if report.ok() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
