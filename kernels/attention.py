@@ -36,10 +36,13 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages
 
 # Tiles per padded head_dim, each the fastest of those that compile for sm_80
 # and sm_90 in fp16 and bf16, with bias, causal and varlen, without register
-# spills (tests/test_triton_compile.py checks every one).
-_FORWARD = {32: (128, 32, 8, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)}
+# spills on every Triton that torch 2.11-2.15 pin (3.6-3.9: Triton 3.9 spilled
+# at 128 x 32 keys for head_dim 128, 64 x 32 for 256 and 32 x 32 for the dK/dV
+# of 64, hence the narrower tiles; tests/test_triton_compile.py checks every
+# one, and tools/torch_matrix.py runs it under each Triton).
+_FORWARD = {32: (128, 32, 8, 3), 64: (128, 64, 8, 3), 128: (128, 16, 8, 3), 256: (64, 16, 8, 2)}
 _DECODE = {32: (16, 64, 4, 3), 64: (16, 64, 4, 3), 128: (16, 32, 4, 3), 256: (16, 16, 4, 2)}
-_BACKWARD_KV = {32: (64, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 32, 8, 1)}
+_BACKWARD_KV = {32: (64, 32, 4, 2), 64: (16, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 32, 8, 1)}
 _BACKWARD_Q = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2)}
 
 
@@ -83,6 +86,17 @@ def _sequence(CU, b, seq_len, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _multiple(x, MULTIPLE: tl.constexpr):
+    """x, a multiple of MULTIPLE, written so that the compiler knows it:
+    (x // M) * M is x itself, and Triton's divisibility analysis sees the
+    factor M (tl.multiple_of can't mark a kernel argument). At 16 nothing is
+    needed: the JIT marks arguments that are multiples of 16 itself."""
+    if MULTIPLE > 1 and MULTIPLE < 16:
+        x = x // MULTIPLE * MULTIPLE
+    return x
+
+
+@triton.jit
 def _dot(a, b, acc):
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -98,8 +112,24 @@ def attention_forward_kernel(
         seq_q, seq_k, group, head_dim, scale_log2, keys_per_split,
         IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr):
+        BLOCK_D: tl.constexpr, D_MULTIPLE: tl.constexpr):
     # Program: (query block, or key split when SPLIT), head, sequence.
+    # head_dim and the q/k/v/o strides are multiples of D_MULTIPLE (the
+    # launcher's _vector_multiple): 16-byte loads where head_dim is not a
+    # multiple of 16 (40, 72, ...), which Triton's own specialisation misses.
+    head_dim = _multiple(head_dim, D_MULTIPLE)
+    stride_qb = _multiple(stride_qb, D_MULTIPLE)
+    stride_qt = _multiple(stride_qt, D_MULTIPLE)
+    stride_qh = _multiple(stride_qh, D_MULTIPLE)
+    stride_kb = _multiple(stride_kb, D_MULTIPLE)
+    stride_kt = _multiple(stride_kt, D_MULTIPLE)
+    stride_kh = _multiple(stride_kh, D_MULTIPLE)
+    stride_vb = _multiple(stride_vb, D_MULTIPLE)
+    stride_vt = _multiple(stride_vt, D_MULTIPLE)
+    stride_vh = _multiple(stride_vh, D_MULTIPLE)
+    stride_ob = _multiple(stride_ob, D_MULTIPLE)
+    stride_ot = _multiple(stride_ot, D_MULTIPLE)
+    stride_oh = _multiple(stride_oh, D_MULTIPLE)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -233,10 +263,27 @@ def attention_backward_kv_kernel(
         stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
         seq_q, seq_k, group, head_dim, scale, scale_log2,
         IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        D_MULTIPLE: tl.constexpr):
     """dK, dV for key block program_id(0) of kv head program_id(1), sequence
     program_id(2), summing over the query heads of its group. DO's strides
     are O's (grad_out is allocated like out)."""
+    # head_dim and the q/k/v/o strides are multiples of D_MULTIPLE (the
+    # launcher's _vector_multiple): 16-byte loads where head_dim is not a
+    # multiple of 16 (40, 72, ...), which Triton's own specialisation misses.
+    head_dim = _multiple(head_dim, D_MULTIPLE)
+    stride_qb = _multiple(stride_qb, D_MULTIPLE)
+    stride_qt = _multiple(stride_qt, D_MULTIPLE)
+    stride_qh = _multiple(stride_qh, D_MULTIPLE)
+    stride_kb = _multiple(stride_kb, D_MULTIPLE)
+    stride_kt = _multiple(stride_kt, D_MULTIPLE)
+    stride_kh = _multiple(stride_kh, D_MULTIPLE)
+    stride_vb = _multiple(stride_vb, D_MULTIPLE)
+    stride_vt = _multiple(stride_vt, D_MULTIPLE)
+    stride_vh = _multiple(stride_vh, D_MULTIPLE)
+    stride_ob = _multiple(stride_ob, D_MULTIPLE)
+    stride_ot = _multiple(stride_ot, D_MULTIPLE)
+    stride_oh = _multiple(stride_oh, D_MULTIPLE)
     block_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -302,9 +349,26 @@ def attention_backward_q_kernel(
         stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
         seq_q, seq_k, group, head_dim, scale, scale_log2,
         IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        D_MULTIPLE: tl.constexpr):
     """dQ for query block program_id(0) of head program_id(1), sequence
     program_id(2). DQ's strides are Q's."""
+    # head_dim and the q/k/v/o strides are multiples of D_MULTIPLE (the
+    # launcher's _vector_multiple): 16-byte loads where head_dim is not a
+    # multiple of 16 (40, 72, ...), which Triton's own specialisation misses.
+    head_dim = _multiple(head_dim, D_MULTIPLE)
+    stride_qb = _multiple(stride_qb, D_MULTIPLE)
+    stride_qt = _multiple(stride_qt, D_MULTIPLE)
+    stride_qh = _multiple(stride_qh, D_MULTIPLE)
+    stride_kb = _multiple(stride_kb, D_MULTIPLE)
+    stride_kt = _multiple(stride_kt, D_MULTIPLE)
+    stride_kh = _multiple(stride_kh, D_MULTIPLE)
+    stride_vb = _multiple(stride_vb, D_MULTIPLE)
+    stride_vt = _multiple(stride_vt, D_MULTIPLE)
+    stride_vh = _multiple(stride_vh, D_MULTIPLE)
+    stride_ob = _multiple(stride_ob, D_MULTIPLE)
+    stride_ot = _multiple(stride_ot, D_MULTIPLE)
+    stride_oh = _multiple(stride_oh, D_MULTIPLE)
     block_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -372,6 +436,16 @@ def _strides(t, varlen):
     return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _vector_multiple(head_dim, *tensors):
+    """The largest power of two, at most 16, that divides head_dim and every
+    stride of ``tensors`` but the last (unit) one: the D_MULTIPLE hint."""
+    values = [head_dim] + [s for t in tensors for s in t.stride()[:-1]]
+    multiple = 16
+    while multiple > 1 and any(v % multiple for v in values):
+        multiple //= 2
+    return multiple
+
+
 def _bias_strides(bias):
     return tuple(bias.stride()) if bias is not None else (0, 0, 0, 0)
 
@@ -405,7 +479,8 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
     cu_k = cu_seqlens_k if varlen else lse
     common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
               *_strides(out, varlen), *_bias_strides(bias), *_lse_strides(lse, varlen, heads, seq_q))
-    flags = dict(IS_VARLEN=varlen, CAUSAL=bool(causal), HAS_BIAS=bias is not None, BLOCK_D=block_d)
+    flags = dict(IS_VARLEN=varlen, CAUSAL=bool(causal), HAS_BIAS=bias is not None, BLOCK_D=block_d,
+                 D_MULTIPLE=_vector_multiple(head_dim, q, k, v, out))
     scale_log2 = scale * LOG2E
     with on_device(q):
         if seq_q <= DECODE_MAX_QUERIES:
@@ -461,7 +536,7 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
               *_lse_strides(lse, varlen, heads, seq_q), seq_q, seq_k, group, head_dim, scale,
               scale * LOG2E)
     flags = dict(IS_VARLEN=varlen, CAUSAL=bool(causal), HAS_BIAS=bias is not None,
-                 BLOCK_D=block_d)
+                 BLOCK_D=block_d, D_MULTIPLE=_vector_multiple(head_dim, q, k, v, grad_out))
     bias_arg = bias if bias is not None else q
     kv_config, q_config = backward_kv_config(block_d), backward_q_config(block_d)
     with on_device(q):

@@ -63,8 +63,8 @@ def _activate(z, ACT: tl.constexpr):
     elif ACT == 2:  # gelu (tanh): z * sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3)
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         z = z * tl.sigmoid(2.0 * u)
-    elif ACT == 3:  # silu
-        z = z * tl.sigmoid(z)
+    elif ACT == 3:  # silu, as z / (1 + e^-z): one rounding fewer than z * sigmoid(z)
+        z = z / (1.0 + tl.exp(-z))
     return z
 
 

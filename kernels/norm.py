@@ -24,6 +24,9 @@ from pyllm.kernels.launch import on_device, register
 #: (x, the sum, weight and bias of 8192 elements over 256 threads fit in
 #: registers; more spill, as the compilation tests check).
 SINGLE_PASS_ELEMENTS = 8192
+#: The backward keeps more per element: at 8192 Triton 3.9 spills on sm_90
+#: (8 or 16 warps), so rows past 4096 elements are streamed.
+BACKWARD_SINGLE_PASS_ELEMENTS = 4096
 #: Block of a streamed row, and its warps.
 STREAM_BLOCK = 1024
 STREAM_WARPS = 4
@@ -240,8 +243,8 @@ def forward_config(n: int) -> dict:
 
 def backward_config(n: int) -> dict:
     """The backward holds x, dy, w and two accumulators per element: single
-    pass up to 8192 elements, streamed past that."""
-    if n > SINGLE_PASS_ELEMENTS:
+    pass up to BACKWARD_SINGLE_PASS_ELEMENTS, streamed past that."""
+    if n > BACKWARD_SINGLE_PASS_ELEMENTS:
         return {"BLOCK_N": STREAM_BLOCK, "SINGLE_PASS": False, "num_warps": STREAM_WARPS}
     block = triton.next_power_of_2(n)
     return {"BLOCK_N": block, "SINGLE_PASS": True, "num_warps": min(max(block // 512, 1), 8)}

@@ -18,7 +18,8 @@ import torch
 __all__ = ["BuildMismatchError", "build_info", "load", "has_cuda_extension"]
 
 _REBUILD = ("Reinstall the pyllm wheel built for this torch, or rebuild from source against it: "
-            "pip install --no-build-isolation --force-reinstall .")
+            "pip install --no-cache-dir --force-reinstall pyllm-<version>.tar.gz (the build "
+            "uses the installed torch)")
 
 
 class BuildMismatchError(ImportError):

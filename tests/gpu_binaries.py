@@ -69,3 +69,77 @@ def compile_triton(kernel, signature: dict, constexprs: dict, arch: int, num_war
         usage = resource_usage(f.name)
     assert len(usage) == 1, usage
     return compiled, usage[0]
+
+
+# -- the specialisations a launcher really produces ------------------------------------
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)``
+    records the call instead of launching it."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.kernel, args, kwargs))
+
+
+def capture_launches(module, names, launcher, *args, **kwargs) -> list:
+    """Runs ``launcher`` (a Triton launch wrapper of ``module``) on CPU tensors
+    with the kernels ``names`` of ``module`` replaced by recorders; returns
+    the (kernel, args, kwargs) of every launch it made, nothing launched."""
+    calls, saved = [], {n: getattr(module, n) for n in names}
+    try:
+        for name, kernel in saved.items():
+            setattr(module, name, _Recorder(kernel, calls))
+        launcher(*args, **kwargs)
+    finally:
+        for name, kernel in saved.items():
+            setattr(module, name, kernel)
+    return calls
+
+
+def launch_specialization(kernel, args, kwargs):
+    """(signature, constexprs, divisible, num_warps, num_stages) of a launch,
+    by Triton's own rule (its native specialisation: pointers and integers
+    that are multiples of 16 get tt.divisibility 16, integers equal to 1
+    become constants), as its JIT launcher computes them."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    constexpr_values = {k: v for k, v in kwargs.items() if k not in options}
+    signature, constexprs, divisible = {}, {}, []
+    positional = iter(args)
+    for param in kernel.params:
+        name = param.name
+        if name in constexpr_values:
+            signature[name], constexprs[name] = "constexpr", constexpr_values[name]
+            continue
+        value = next(positional)
+        kind, key = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+        if kind == "constexpr":
+            signature[name], constexprs[name] = "constexpr", key
+        else:
+            signature[name] = kind
+            if key == "D":
+                divisible.append(name)
+    return signature, constexprs, tuple(divisible), options.get("num_warps", 4), \
+        options.get("num_stages", 3)
+
+
+#: PTX instructions that make a main loop fast on sm_80/sm_90.
+PTX_PATTERNS = {
+    "mma.sync": r"\bmma\.sync\.aligned\.",
+    "wgmma": r"\bwgmma\.mma_async\.",
+    "ld.v4 (16 B)": r"\bld\.global(?:\.[\w:]+)*\.v(?:4\.[bfsu]32|2\.[bfsu]64|8\.[bfsu]16)\b",
+    "ld scalar 2 B": r"\bld\.global(?:\.[\w:]+)*\.[bu]16\b",
+    "cp.async 16 B": r"\bcp\.async\.c[ga]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]+\],\s*\[[^\]]+\],"
+                     r"\s*(?:16|0x10)\b",
+    "TMA": r"\bcp\.async\.bulk\.tensor\.",
+}
+
+
+def ptx_counts(ptx: str) -> dict:
+    """How many of each PTX_PATTERNS instruction the PTX holds."""
+    return {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_PATTERNS.items()}

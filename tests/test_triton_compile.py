@@ -192,7 +192,7 @@ def _attention_signature(t, pointers, scalars, flags):
     return signature
 
 
-_FLAGS = ("IS_VARLEN", "CAUSAL", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_D")
+_FLAGS = ("IS_VARLEN", "CAUSAL", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "D_MULTIPLE")
 _DIVISIBLE = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "PARTIAL", "stride_qt",
               "stride_kt", "stride_vt", "stride_ot", "stride_qb", "stride_kb", "stride_vb",
               "stride_ob", "stride_qh", "stride_kh", "stride_vh", "stride_oh")
@@ -219,7 +219,7 @@ def test_attention_forward_compiles(split, block_d, dtype, arch):
     signature = _attention_signature(TYPES[dtype][0], pointers, scalars, _FLAGS + ("SPLIT",))
     for varlen in (False, True):
         constexprs = dict(blocks, IS_VARLEN=varlen, CAUSAL=True, HAS_BIAS=True, SPLIT=split,
-                          BLOCK_D=block_d)
+                          BLOCK_D=block_d, D_MULTIPLE=16)
         check(attention.attention_forward_kernel, signature, constexprs, arch, warps, stages,
               _DIVISIBLE)
     if split:
@@ -248,5 +248,6 @@ def test_attention_backward_compiles(which, block_d, dtype, arch):
     signature = _attention_signature(TYPES[dtype][0], pointers, scalars, _FLAGS)
     kernel = (attention.attention_backward_kv_kernel if which == "kv"
               else attention.attention_backward_q_kernel)
-    constexprs = dict(blocks, IS_VARLEN=False, CAUSAL=True, HAS_BIAS=True, BLOCK_D=block_d)
+    constexprs = dict(blocks, IS_VARLEN=False, CAUSAL=True, HAS_BIAS=True, BLOCK_D=block_d,
+                      D_MULTIPLE=16)
     check(kernel, signature, constexprs, arch, warps, stages, _DIVISIBLE)

@@ -41,22 +41,24 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 
-#: torch release -> (exact version, Python it is tested with). The Pythons
-#: cover 3.10-3.12 (torch 2.15 needs 3.11 or newer); 2.11 with 3.12 is what
-#: GPU machines carry.
+#: torch release -> (exact version, Python it is tested with, extra pins of
+#: the test environment). The Pythons cover 3.10-3.12 (torch 2.15 needs 3.11
+#: or newer); 2.11 with 3.12 is what GPU machines carry. Triton 3.6's
+#: interpreter turns one-element arrays into Python ints, an error since
+#: NumPy 2.4: its environment keeps NumPy below that.
 RELEASES = {
-    "2.11": ("2.11.0", "3.12"),
-    "2.12": ("2.12.1", "3.10"),
-    "2.13": ("2.13.0", "3.11"),
-    "2.14": ("2.14.1", "3.11"),
-    "2.15": ("2.15.0", "3.11"),
+    "2.11": ("2.11.0", "3.12", ["numpy<2.4"]),
+    "2.12": ("2.12.1", "3.10", []),
+    "2.13": ("2.13.0", "3.11", []),
+    "2.14": ("2.14.1", "3.11", []),
+    "2.15": ("2.15.0", "3.11", []),
 }
 GPU_MACHINE_RELEASE = "2.11"
 #: What a test environment needs besides torch (constraints.txt's versions).
 TEST_TOOLS = ["pytest==9.2.0", "hypothesis==6.170.15"]
 #: Run against the installed package, from a folder outside the source tree.
 OP_TESTS = ["test_installed.py", "test_norms.py", "test_linear.py", "test_attention.py",
-            "test_triton_compile.py", "test_triton_interpreter.py"]
+            "test_triton_compile.py", "test_triton_ptx.py", "test_triton_interpreter.py"]
 
 
 def find_python(version: str) -> str | None:
@@ -144,7 +146,7 @@ def torch_of(python: str) -> str:
 
 
 def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool) -> dict:
-    version, python_version = RELEASES[release]
+    version, python_version, pins = RELEASES[release]
     folder = os.path.join(workdir, release)
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
@@ -161,7 +163,7 @@ def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool
         python = os.path.join(venv, "bin", "python")
         step.run("venv", [interpreter, "-m", "venv", venv])
         step.run("install torch + tools", [python, "-m", "pip", "install", "-q",
-                                           f"torch=={version}", *TEST_TOOLS])
+                                           f"torch=={version}", *TEST_TOOLS, *pins])
         installed_torch = torch_of(python)
         result["torch_installed"] = installed_torch
         gpu_machine = release == GPU_MACHINE_RELEASE
