@@ -41,7 +41,7 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages
 # of 64, hence the narrower tiles; tests/test_triton_compile.py checks every
 # one, and tools/torch_matrix.py runs it under each Triton).
 _FORWARD = {32: (128, 32, 8, 3), 64: (128, 64, 8, 3), 128: (128, 16, 8, 3), 256: (64, 16, 8, 2)}
-_DECODE = {32: (16, 64, 4, 3), 64: (16, 64, 4, 3), 128: (16, 32, 4, 3), 256: (16, 16, 4, 2)}
+_DECODE = {32: (16, 64, 4, 3), 64: (16, 64, 4, 3), 128: (16, 32, 4, 3), 256: (16, 16, 8, 2)}
 _BACKWARD_KV = {32: (64, 32, 4, 2), 64: (16, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 32, 8, 1)}
 _BACKWARD_Q = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2)}
 

@@ -37,7 +37,7 @@ def _config(bm, bn, bk, warps, stages, group=8):
 #: tests/test_triton_compile.py; 128 x 256 tiles and 128 x 128 on 4 warps spill
 #: once an activation's epilogue joins the accumulator, and were removed).
 CONFIGS = [
-    _config(128, 128, 32, 8, 4),
+    _config(128, 128, 64, 8, 3),  # 128 x 128 x 32 in 4 stages spilled on Triton 3.7
     _config(128, 64, 32, 4, 4),
     _config(64, 128, 32, 4, 4),
     _config(64, 64, 32, 4, 4),

@@ -34,7 +34,7 @@ STREAM_WARPS = 4
 #: sm_80/sm_90, with residual, weight and bias) spills a register, as
 #: tests/test_triton_compile.py checks; ptxas spills one register for some
 #: neighbouring choices.
-FORWARD_WARPS = {128: 1, 256: 2, 512: 4, 1024: 4, 2048: 8, 4096: 16, 8192: 8}
+FORWARD_WARPS = {128: 1, 256: 2, 512: 4, 1024: 4, 2048: 8, 4096: 16, 8192: 4}
 #: Programs of the backward (each sums its rows' parameter gradients).
 BACKWARD_PROGRAMS = 64
 

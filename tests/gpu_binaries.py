@@ -68,7 +68,27 @@ def compile_triton(kernel, signature: dict, constexprs: dict, arch: int, num_war
         f.flush()
         usage = resource_usage(f.name)
     assert len(usage) == 1, usage
-    return compiled, usage[0]
+    usage = usage[0]
+    # A stack frame is not always spills (a division's slow-path call keeps
+    # one on some Triton releases): ptxas says which.
+    usage["SPILL"] = spill_bytes(compiled.asm["ptx"], arch) if usage["STACK"] else 0
+    return compiled, usage
+
+
+def spill_bytes(ptx: str, arch: int) -> int:
+    """Bytes of spill stores plus loads that ptxas reports for this PTX."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    target = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.M)  # sm_90a where Triton uses wgmma
+    gpu_name = target.group(1) if target else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([ptxas if os.path.exists(ptxas) else "ptxas", "-v",
+                              f"--gpu-name={gpu_name}", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
 
 
 # -- the specialisations a launcher really produces ------------------------------------

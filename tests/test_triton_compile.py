@@ -27,7 +27,7 @@ TYPES = {"float16": ("fp16", 2), "bfloat16": ("bf16", 2)}
 def check(kernel, signature, constexprs, arch, num_warps, num_stages=3, divisible=()):
     compiled, usage = compile_triton(kernel, signature, constexprs, arch, num_warps, num_stages,
                                      divisible)
-    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, f"register spills: {usage}"
+    assert usage["LOCAL"] == 0 and usage["SPILL"] == 0, f"register spills: {usage}"
     assert usage["REG"] <= 255, usage
     assert compiled.metadata.shared <= SHARED_LIMIT[arch], compiled.metadata.shared
     report = os.environ.get("PYLLM_TRITON_RESOURCES")

@@ -175,7 +175,7 @@ def test_launched_specialisation_has_fast_instructions(key, arch):
                                      divisible)
     counts = ptx_counts(compiled.asm["ptx"])
     _report(kernel, arch, counts, usage, constexprs, dims)
-    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, f"register spills: {usage}"
+    assert usage["LOCAL"] == 0 and usage["SPILL"] == 0, f"register spills: {usage}"
     name = kernel.__name__
     if name in ("attention_combine_kernel", "column_sum_kernel"):
         return  # fp32 reductions of partial results: no tiles of the inputs
