@@ -19,7 +19,8 @@ __all__ = ["BuildMismatchError", "build_info", "load", "has_cuda_extension"]
 
 _REBUILD = ("Reinstall the pyllm wheel built for this torch, or rebuild from source against it: "
             "pip install --no-cache-dir --force-reinstall pyllm-<version>.tar.gz (the build "
-            "uses the installed torch)")
+            "uses the installed torch), or in a source tree "
+            "pip install --no-build-isolation --force-reinstall .")
 
 
 class BuildMismatchError(ImportError):
