@@ -97,6 +97,12 @@ def _multiple(x, MULTIPLE: tl.constexpr):
 
 
 @triton.jit
+def _multiples(batch, token, head, MULTIPLE: tl.constexpr):
+    """A tensor's (batch, token, head) strides through _multiple."""
+    return _multiple(batch, MULTIPLE), _multiple(token, MULTIPLE), _multiple(head, MULTIPLE)
+
+
+@triton.jit
 def _dot(a, b, acc):
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -118,18 +124,10 @@ def attention_forward_kernel(
     # launcher's _vector_multiple): 16-byte loads where head_dim is not a
     # multiple of 16 (40, 72, ...), which Triton's own specialisation misses.
     head_dim = _multiple(head_dim, D_MULTIPLE)
-    stride_qb = _multiple(stride_qb, D_MULTIPLE)
-    stride_qt = _multiple(stride_qt, D_MULTIPLE)
-    stride_qh = _multiple(stride_qh, D_MULTIPLE)
-    stride_kb = _multiple(stride_kb, D_MULTIPLE)
-    stride_kt = _multiple(stride_kt, D_MULTIPLE)
-    stride_kh = _multiple(stride_kh, D_MULTIPLE)
-    stride_vb = _multiple(stride_vb, D_MULTIPLE)
-    stride_vt = _multiple(stride_vt, D_MULTIPLE)
-    stride_vh = _multiple(stride_vh, D_MULTIPLE)
-    stride_ob = _multiple(stride_ob, D_MULTIPLE)
-    stride_ot = _multiple(stride_ot, D_MULTIPLE)
-    stride_oh = _multiple(stride_oh, D_MULTIPLE)
+    stride_qb, stride_qt, stride_qh = _multiples(stride_qb, stride_qt, stride_qh, D_MULTIPLE)
+    stride_kb, stride_kt, stride_kh = _multiples(stride_kb, stride_kt, stride_kh, D_MULTIPLE)
+    stride_vb, stride_vt, stride_vh = _multiples(stride_vb, stride_vt, stride_vh, D_MULTIPLE)
+    stride_ob, stride_ot, stride_oh = _multiples(stride_ob, stride_ot, stride_oh, D_MULTIPLE)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -272,18 +270,10 @@ def attention_backward_kv_kernel(
     # launcher's _vector_multiple): 16-byte loads where head_dim is not a
     # multiple of 16 (40, 72, ...), which Triton's own specialisation misses.
     head_dim = _multiple(head_dim, D_MULTIPLE)
-    stride_qb = _multiple(stride_qb, D_MULTIPLE)
-    stride_qt = _multiple(stride_qt, D_MULTIPLE)
-    stride_qh = _multiple(stride_qh, D_MULTIPLE)
-    stride_kb = _multiple(stride_kb, D_MULTIPLE)
-    stride_kt = _multiple(stride_kt, D_MULTIPLE)
-    stride_kh = _multiple(stride_kh, D_MULTIPLE)
-    stride_vb = _multiple(stride_vb, D_MULTIPLE)
-    stride_vt = _multiple(stride_vt, D_MULTIPLE)
-    stride_vh = _multiple(stride_vh, D_MULTIPLE)
-    stride_ob = _multiple(stride_ob, D_MULTIPLE)
-    stride_ot = _multiple(stride_ot, D_MULTIPLE)
-    stride_oh = _multiple(stride_oh, D_MULTIPLE)
+    stride_qb, stride_qt, stride_qh = _multiples(stride_qb, stride_qt, stride_qh, D_MULTIPLE)
+    stride_kb, stride_kt, stride_kh = _multiples(stride_kb, stride_kt, stride_kh, D_MULTIPLE)
+    stride_vb, stride_vt, stride_vh = _multiples(stride_vb, stride_vt, stride_vh, D_MULTIPLE)
+    stride_ob, stride_ot, stride_oh = _multiples(stride_ob, stride_ot, stride_oh, D_MULTIPLE)
     block_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -357,18 +347,10 @@ def attention_backward_q_kernel(
     # launcher's _vector_multiple): 16-byte loads where head_dim is not a
     # multiple of 16 (40, 72, ...), which Triton's own specialisation misses.
     head_dim = _multiple(head_dim, D_MULTIPLE)
-    stride_qb = _multiple(stride_qb, D_MULTIPLE)
-    stride_qt = _multiple(stride_qt, D_MULTIPLE)
-    stride_qh = _multiple(stride_qh, D_MULTIPLE)
-    stride_kb = _multiple(stride_kb, D_MULTIPLE)
-    stride_kt = _multiple(stride_kt, D_MULTIPLE)
-    stride_kh = _multiple(stride_kh, D_MULTIPLE)
-    stride_vb = _multiple(stride_vb, D_MULTIPLE)
-    stride_vt = _multiple(stride_vt, D_MULTIPLE)
-    stride_vh = _multiple(stride_vh, D_MULTIPLE)
-    stride_ob = _multiple(stride_ob, D_MULTIPLE)
-    stride_ot = _multiple(stride_ot, D_MULTIPLE)
-    stride_oh = _multiple(stride_oh, D_MULTIPLE)
+    stride_qb, stride_qt, stride_qh = _multiples(stride_qb, stride_qt, stride_qh, D_MULTIPLE)
+    stride_kb, stride_kt, stride_kh = _multiples(stride_kb, stride_kt, stride_kh, D_MULTIPLE)
+    stride_vb, stride_vt, stride_vh = _multiples(stride_vb, stride_vt, stride_vh, D_MULTIPLE)
+    stride_ob, stride_ot, stride_oh = _multiples(stride_ob, stride_ot, stride_oh, D_MULTIPLE)
     block_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
