@@ -79,3 +79,28 @@ def test_plots_are_pictures(tmp_path):
     (path,) = plot(rows, str(tmp_path))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_case_checked_at_smaller_sizes_without_compile(monkeypatch):
+    """check_dims: the float64 check runs at the smaller sizes, the timing at
+    the case's own (as the GPU suite's 16k-token attention); no torch.compile
+    row where compile_baseline is off."""
+    import io
+
+    from pyllm.benchmark import cases, runner
+
+    case = cases.Case("attention", "test", "2x96", (2, 96, 96, 4, 2, 16, True), mode="fwd+bwd",
+                      check_dims=(1, 33, 33, 4, 2, 16, True), compile_baseline=False)
+    monkeypatch.setitem(cases.SUITES, "gpu", [case])
+    truths = []
+    real_truth = cases.AttentionBench.truth
+    monkeypatch.setattr(cases.AttentionBench, "truth",
+                        lambda self, c, inputs: truths.append(c.dims) or real_truth(self, c,
+                                                                                    inputs))
+    rows = runner.run(ops=["attention"], dtypes=["float32"], suite="gpu", output_dir="",
+                      min_time=0.01, stream=io.StringIO())
+    assert truths and set(truths) == {case.check_dims}  # the truth only at check_dims
+    assert {r["implementation"] for r in rows} == {"pyllm:cpu", "torch:eager"}
+    assert all(r["status"] == "ok" and r["shape"] == case.shape_text() for r in rows)
+    ours = next(r for r in rows if r["implementation"] == "pyllm:cpu")
+    assert "speedup_vs_eager" in ours and "speedup_vs_compile" not in ours
