@@ -114,9 +114,15 @@ def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
+def _gelu(x):
+    # gelu(+inf) = +inf, as PyTorch computes it in float64 (its float32 CPU
+    # kernel gives NaN there).
+    return torch.where(torch.isposinf(x), x, F.gelu(x))
+
+
 ACTIVATIONS = {
     "none": lambda x: x,
-    "gelu": F.gelu,
+    "gelu": _gelu,
     "gelu_tanh": _gelu_tanh,
     "silu": F.silu,
 }
@@ -173,6 +179,9 @@ def _attention_one(q, k, v, causal, scale, bias):
         j = torch.arange(sk, device=q.device)[None, :]
         s = s.masked_fill(j > i + (sk - sq), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
+    # A score of +inf (an Inf in q or k) makes the row NaN, and its lse too:
+    # lse = +inf is kept for rows that see no key.
+    lse = lse.masked_fill(torch.isposinf(lse), float("nan"))
     empty = torch.isneginf(lse)  # rows that see no key at all
     p = torch.exp(s - lse.masked_fill(empty, 0.0)[..., None])
     p = p.masked_fill(empty[..., None], 0.0)

@@ -115,14 +115,22 @@ void decode(const AttentionForward& a) {
         const auto slice = [&](int64_t split) {
           return partial.data() + ((s * splits + split) * rows + r) * (D + 2);
         };
+        // A slice that saw no key keeps m = -inf and adds nothing; every
+        // other slice counts, one with a NaN m or l included (a NaN input
+        // shows in the row, as in PyTorch, instead of looking masked).
         float m = -kInf;
-        for (int64_t split = 0; split < splits; ++split)
-          if (slice(split)[D + 1] > 0.f) m = std::max(m, slice(split)[D]);
+        bool seen = false;
+        for (int64_t split = 0; split < splits; ++split) {
+          const float ms = slice(split)[D];
+          if (ms == -kInf) continue;
+          seen = true;
+          if (!std::isnan(m) && !(ms <= m)) m = ms;  // NaN sticks
+        }
         float l = 0.f;
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t split = 0; split < splits && m != -kInf; ++split) {
+        for (int64_t split = 0; split < splits && seen; ++split) {
           const float* p = slice(split);
-          if (!(p[D + 1] > 0.f)) continue;
+          if (p[D] == -kInf) continue;
           const float weight = std::exp2(p[D] - m);
           l += p[D + 1] * weight;
           for (int64_t d = 0; d < D; ++d) acc[d] += p[d] * weight;
@@ -132,14 +140,14 @@ void decode(const AttentionForward& a) {
                     (s * a.out.batch_stride + token * a.out.token_stride + h * a.out.head_stride) *
                         element;
         float* lse = a.lse.data + s * a.lse.batch_stride + h * a.lse.head_stride + token;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float inv = seen ? 1.f / l : 0.f;
         for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
         store_row(a.type, acc.data(), D, out);
         // Rounded once (see natural_lse in the kernels).
-        *lse = l > 0.f ? static_cast<float>((static_cast<double>(m) +
-                                             std::log2(static_cast<double>(l))) *
-                                            0.6931471805599453)
-                       : kInf;
+        *lse = seen ? static_cast<float>((static_cast<double>(m) +
+                                          std::log2(static_cast<double>(l))) *
+                                         0.6931471805599453)
+                    : kInf;
       }
     }
   });

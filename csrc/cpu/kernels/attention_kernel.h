@@ -611,8 +611,8 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
         add_bias(a.bias, s, r / lq, r % lq, j0, valid, buf);
         for (int64_t j = valid; j < kLanes; ++j) buf[j] = -kInf;
         const V sc = load(buf);
-        const float mx = reduce_max(sc);
-        const float m_new = mx > m[r] ? mx : m[r];
+        const float mx = reduce_max(sc);  // NaN if a score is NaN
+        const float m_new = (mx > m[r] || std::isnan(mx)) ? mx : m[r];
         if (m_new == -kInf) continue;
         const V pv = exp2(sub(sc, set1(m_new)));
         const float alpha = std::exp2(m[r] - m_new);

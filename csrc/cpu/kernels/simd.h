@@ -11,13 +11,15 @@
 //   arithmetic   add, sub, mul, div, fma (a*b+c), fnma (c-a*b), max, abs,
 //                select_negative, set1, zero,
 //                exp2 (2^x; exactly 0 for very negative x and -inf);
-//   reductions   reduce_add, reduce_max, and reduce_add_lanes (kLanes sums at once).
+//   reductions   reduce_add, reduce_max (NaN if any lane is NaN), and
+//                reduce_add_lanes (kLanes sums at once).
 // Everything has internal linkage, so the ISA variants never clash.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -60,13 +62,17 @@ static inline V select_negative(V z, V a, V b) {
 }
 static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
 static inline float reduce_add(V a) { return _mm512_reduce_add_ps(a); }
-static inline float reduce_max(V a) { return _mm512_reduce_max_ps(a); }
+static inline float reduce_max(V a) {
+  if (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q)) return std::numeric_limits<float>::quiet_NaN();
+  return _mm512_reduce_max_ps(a);
+}
 
 // 2^x: x = n + f with n = round(x), |f| <= 1/2, 2^f by its degree-7 Taylor
 // polynomial (truncation error 5e-9), 2^n by scalef. Inputs below -200
-// (and -inf) give exactly 0.
+// (and -inf) give exactly 0, +inf gives +inf, NaN stays NaN (max_ps and
+// min_ps return their second operand when either is NaN, so x goes second).
 static inline V exp2(V x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  x = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-200.f), x));
   const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const V f = _mm512_sub_ps(x, n);
   V p = _mm512_set1_ps(exp2_c7);
@@ -199,6 +205,8 @@ static inline float reduce_add(V a) {
   return _mm_cvtss_f32(s);
 }
 static inline float reduce_max(V a) {
+  if (_mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)))
+    return std::numeric_limits<float>::quiet_NaN();
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
@@ -206,9 +214,10 @@ static inline float reduce_max(V a) {
 }
 
 // 2^x as on AVX-512, with 2^n built in the exponent bits; x is clamped to
-// [-127, 127], and n = -127 makes exactly 0.
+// [-127, 128]: n = -127 makes exactly 0 and n = 128 makes +inf. NaN stays NaN
+// (x is the second operand of max_ps and min_ps, the one they return for NaN).
 static inline V exp2(V x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+  x = _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), x));
   const V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const V f = _mm256_sub_ps(x, n);
   V p = _mm256_set1_ps(exp2_c7);
@@ -317,7 +326,7 @@ static inline float reduce_add(V a) {
 }
 static inline float reduce_max(V a) {
   float m = a.v[0];
-  for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m;
+  for (int i = 1; i < 8; ++i) m = (a.v[i] > m || std::isnan(a.v[i])) && !std::isnan(m) ? a.v[i] : m;
   return m;
 }
 template <typename T>
