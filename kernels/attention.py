@@ -194,8 +194,10 @@ def attention_forward_kernel(
         tl.store(PARTIAL + row * stride + BLOCK_D, m_i)
         tl.store(PARTIAL + row * stride + BLOCK_D + 1, l_i)
     else:
-        seen = l_i > 0.0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        # l = 0 exactly when the row saw no key: zeros and lse = +inf. A NaN l
+        # (a NaN or infinite score) is not that: the row and lse are NaN.
+        seen = l_i != 0.0
+        out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("inf"))
         o_base = O + b64 * stride_ob + tl.cast(q_first, tl.int64) * stride_ot + h.to(tl.int64) * stride_oh
@@ -229,8 +231,8 @@ def attention_combine_kernel(PARTIAL, O, LSE, CU_Q, stride_ob, stride_ot, stride
         w = tl.math.exp2(tl.load(PARTIAL + rows * stride + BLOCK_D) - m_safe)
         l += tl.load(PARTIAL + rows * stride + BLOCK_D + 1) * w
         acc += tl.load(PARTIAL + rows[:, None] * stride + offs_d[None, :]) * w[:, None]
-    seen = l > 0.0
-    out = acc / tl.where(seen, l, 1.0)[:, None]
+    seen = l != 0.0  # NaN counts as seen, as in the forward kernel
+    out = tl.where(seen[:, None], acc / tl.where(seen, l, 1.0)[:, None], 0.0)
     lse = tl.where(seen, (m + tl.math.log2(tl.where(seen, l, 1.0))) * 0.6931471805599453,
                    float("inf"))
     m_ok = offs_m < len_q

@@ -177,23 +177,29 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_forward_ker
     } else {
       const int64_t h = R.head(row), token = g.first_q(R.s) + R.query(row);
       T* out = const_cast<T*>(token_row<T>(a.out, R.s, token, h));
-      const float inv = l_row[i] > 0.f ? 1.f / l_row[i] : 0.f;
+      // l = 0 exactly when the row saw no key: zeros and lse = +inf (as
+      // flash-attn). A NaN l (a NaN or infinite score) is not that: it makes
+      // the row and its lse NaN, as in PyTorch.
+      const bool seen = l_row[i] != 0.f;
+      const float inv = 1.f / l_row[i];
 #pragma unroll
       for (int j = 0; j < DT; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = 8 * j + 2 * (lane % 4) + e;
-          if (col < g.head_dim) out[col] = from_float<T>(o[j][2 * i + e] * inv);
+          if (col < g.head_dim) out[col] = from_float<T>(seen ? o[j][2 * i + e] * inv : 0.f);
         }
       if (lane % 4 == 0)
         a.lse.data[R.s * a.lse.batch_stride + h * a.lse.head_stride + token] =
-            l_row[i] > 0.f ? (m[i] + log2f(l_row[i])) * kLn2 : kInf;
+            seen ? (m[i] + log2f(l_row[i])) * kLn2 : kInf;
     }
   }
 }
 
-// Combines the decode partials of (sequence, head): m = max m_i over splits
-// with l_i > 0, l = sum l_i 2^(m_i - m), o = sum o_i 2^(m_i - m) / l.
+// Combines the decode partials of (sequence, head): m = max m_i over the
+// splits that saw a key (l_i != 0; a NaN l_i counts, and a NaN m_i sticks, so
+// that a NaN input shows in the row), l = sum l_i 2^(m_i - m),
+// o = sum o_i 2^(m_i - m) / l.
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_combine_kernel(AttentionForward a,
                                                                      const float* partial,
@@ -207,23 +213,28 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_combine_ker
       return partial + (((s * g.heads_kv + hk) * splits + split) * kBlockM + row) * (D + 2);
     };
     float m = -kInf;
-    for (int split = 0; split < splits; ++split)
-      if (slice(split)[D + 1] > 0.f) m = fmaxf(m, slice(split)[D]);
+    bool seen = false;
+    for (int split = 0; split < splits; ++split) {
+      if (slice(split)[D + 1] == 0.f) continue;
+      seen = true;
+      const float ms = slice(split)[D];
+      if (m == m && !(ms <= m)) m = ms;  // m == m: m is not NaN
+    }
     float l = 0.f;
-    for (int split = 0; split < splits && m != -kInf; ++split)
-      if (slice(split)[D + 1] > 0.f) l += slice(split)[D + 1] * exp2f(slice(split)[D] - m);
+    for (int split = 0; split < splits && seen; ++split)
+      if (slice(split)[D + 1] != 0.f) l += slice(split)[D + 1] * exp2f(slice(split)[D] - m);
     const int64_t token = g.first_q(s) + i;
     T* out = const_cast<T*>(token_row<T>(a.out, s, token, h));
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = 1.f / l;
     for (int64_t d = threadIdx.x; d < g.head_dim; d += kThreads) {
       float acc = 0.f;
-      for (int split = 0; split < splits && m != -kInf; ++split)
-        if (slice(split)[D + 1] > 0.f) acc += slice(split)[d] * exp2f(slice(split)[D] - m);
-      out[d] = from_float<T>(acc * inv);
+      for (int split = 0; split < splits && seen; ++split)
+        if (slice(split)[D + 1] != 0.f) acc += slice(split)[d] * exp2f(slice(split)[D] - m);
+      out[d] = from_float<T>(seen ? acc * inv : 0.f);
     }
     if (threadIdx.x == 0)
       a.lse.data[s * a.lse.batch_stride + h * a.lse.head_stride + token] =
-          l > 0.f ? (m + log2f(l)) * kLn2 : kInf;
+          seen ? (m + log2f(l)) * kLn2 : kInf;
   }
 }
 
