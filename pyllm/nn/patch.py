@@ -9,10 +9,18 @@ takes over the original's parameters (the same ``Parameter`` objects, so
 - ``torch.nn.Linear`` -> :class:`pyllm.nn.Linear`
 - Hugging Face's GPT-2 ``Conv1D`` (matched by class name and its
   ``nf``/``nx``/``weight`` attributes) -> :class:`pyllm.nn.Conv1D`
-- Hugging Face RMSNorm classes (``LlamaRMSNorm``, ``MistralRMSNorm``,
-  ``Qwen2RMSNorm``, ``GemmaRMSNorm`` excluded: it scales by ``1 + weight``),
-  matched by class name and their ``weight`` / ``variance_epsilon`` attributes
-  -> :class:`pyllm.nn.RMSNorm`.
+- Hugging Face RMSNorm classes (``LlamaRMSNorm``, ``Qwen3RMSNorm``, ...),
+  matched by a class name ending in ``RMSNorm`` with a 1-D ``weight`` and a
+  ``variance_epsilon`` or ``eps``, and kept only if a run of both on a random
+  input with random weights agrees (``GemmaRMSNorm``, which scales by
+  ``1 + weight``, does not) -> :class:`pyllm.nn.RMSNorm`.
+
+Never a changed output: subclasses of the torch classes (their forward may
+differ), modules with forward hooks, RMSNorm look-alikes that compute
+something else, and a model's attention when it passes what the kernels
+cannot honour (softcapping, sinks, a relative position bias:
+:func:`pyllm.nn.hf_attention.unsupported`) are left alone, each named in the
+report with the reason.
 
 A Hugging Face ``transformers`` model (one with ``set_attn_implementation``)
 also gets its attention routed to :func:`pyllm.attention` through the
@@ -60,7 +68,7 @@ def _from_rms_norm(m: nn.Module) -> RMSNorm:
 
 
 def _from_hf_rms_norm(m: nn.Module) -> RMSNorm:
-    new = RMSNorm(tuple(m.weight.shape), float(m.variance_epsilon), True, device="meta")
+    new = RMSNorm(tuple(m.weight.shape), _hf_eps(m), True, device="meta")
     return _adopt(new, m, ("weight",))
 
 
@@ -77,7 +85,6 @@ def _from_conv1d(m: nn.Module) -> Conv1D:
 _BY_TYPE = {nn.LayerNorm: _from_layer_norm, nn.Linear: _from_linear}
 if hasattr(nn, "RMSNorm"):
     _BY_TYPE[nn.RMSNorm] = _from_rms_norm
-_HF_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "PhiRMSNorm")
 
 
 def _converter(m: nn.Module):
@@ -87,9 +94,58 @@ def _converter(m: nn.Module):
             and isinstance(getattr(m, "weight", None), torch.Tensor)
             and tuple(m.weight.shape) == (m.nx, m.nf)):
         return _from_conv1d
-    if (type(m).__name__ in _HF_RMS_NORMS and hasattr(m, "variance_epsilon")
-            and isinstance(getattr(m, "weight", None), torch.Tensor)):
-        return _from_hf_rms_norm
+    if (type(m).__name__.endswith("RMSNorm") and _hf_eps(m) is not None
+            and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 1 and not isinstance(m, tuple(_BY_TYPE))):
+        return _from_hf_rms_norm  # kept only if it computes what pyllm's does (_same_as_original)
+    return None
+
+
+def _hf_eps(m: nn.Module) -> float | None:
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(m, name, None)
+        if isinstance(value, (float, int)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _left_alone(m: nn.Module) -> str | None:
+    """Why a module that looks like one pyllm replaces is not replaced (None:
+    it is not such a module)."""
+    cls = type(m)
+    for base in _BY_TYPE:
+        if isinstance(m, base) and cls is not base:
+            own = cls.forward is not base.forward
+            return (f"{cls.__name__} subclasses torch.nn.{base.__name__}"
+                    + (" with its own forward" if own else " (it may compute something else)"))
+    if cls.__name__.endswith("RMSNorm"):
+        return f"{cls.__name__} has no 1-D weight and eps that pyllm.nn.RMSNorm could take"
+    return None
+
+
+def _same_as_original(new: nn.Module, old: nn.Module) -> str | None:
+    """Runs the replacement and the original on a small random input (with
+    random weights in a copy): None if they agree, else why not. For classes
+    matched by name, whose code pyllm does not control."""
+    import copy
+
+    weight = old.weight
+    if weight.device.type == "meta" or weight.dim() != 1:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    n = weight.shape[0]
+    probe = copy.deepcopy(old).float()
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(n, generator=gen) + 1.0)
+        x = torch.randn(3, n, generator=gen).to(weight.device)
+        mine = copy.deepcopy(new).float()
+        mine.weight = nn.Parameter(probe.weight.detach().clone())
+        try:
+            want, got = probe(x), mine(x)
+        except Exception as e:  # noqa: BLE001 - any failure means: leave it alone
+            return f"{type(old).__name__} could not be compared ({type(e).__name__}: {e})"
+    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
+        return f"{type(old).__name__} computes something else than pyllm.nn.RMSNorm"
     return None
 
 
@@ -108,7 +164,12 @@ class PatchReport:
             counts[(old, new)] = counts.get((old, new), 0) + 1
         lines = [f"pyllm.patch: replaced {len(self.replaced)} modules"]
         lines += [f"  {n} x {old} -> {new}" for (old, new), n in sorted(counts.items())]
-        lines += [f"  kept {name}: {why}" for name, why in self.skipped]
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.skipped:
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            lines.append(f"  kept {shown}: {why}")
         return "\n".join(lines)
 
 
@@ -131,28 +192,54 @@ def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
     report = PatchReport()
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
+            if hasattr(child, _ORIGINAL):
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
             convert = _converter(child)
-            if convert is None or hasattr(child, _ORIGINAL):
+            if convert is None:
+                why = _left_alone(child)
+                if why is not None and not any(isinstance(child, t) for t in
+                                               (Linear, LayerNorm, RMSNorm, Conv1D)):
+                    report.skipped.append((name, why))
                 continue
             is_linear = convert in (_from_linear, _from_conv1d)
             if (is_linear and not linear) or (not is_linear and not norms):
                 continue
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
             if child._forward_hooks or child._forward_pre_hooks:
                 report.skipped.append((name, "has forward hooks"))
                 continue
             new = convert(child)
+            if convert is _from_hf_rms_norm:
+                why = _same_as_original(new, child)
+                if why is not None:
+                    report.skipped.append((name, why))
+                    continue
             setattr(parent, child_name, new)
             report.replaced.append((name, type(child).__name__, f"pyllm.nn.{type(new).__name__}"))
     if attention and hasattr(model, "set_attn_implementation") and hasattr(model, "config"):
-        from pyllm.nn import hf_attention
-        previous = getattr(model.config, "_attn_implementation", None)
-        if previous != hf_attention.IMPLEMENTATION and hf_attention.register():
-            model.set_attn_implementation(hf_attention.IMPLEMENTATION)
-            object.__setattr__(model, "_pyllm_original_attention", previous)
-            report.replaced.append(("attention", f"attn_implementation={previous}",
-                                    "pyllm.attention"))
+        _patch_attention(model, report)
     return report
+
+
+def _patch_attention(model: nn.Module, report: PatchReport) -> None:
+    from pyllm.nn import hf_attention
+
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous == hf_attention.IMPLEMENTATION or not hf_attention.register():
+        return
+    reasons = hf_attention.unsupported(model)
+    if reasons:
+        report.skipped.append((f"attention (attn_implementation={previous})",
+                               "; ".join(reasons)))
+        return
+    hf_attention.remember_original(model.config, previous)
+    model.set_attn_implementation(hf_attention.IMPLEMENTATION)
+    if getattr(model.config, "_attn_implementation", None) != hf_attention.IMPLEMENTATION:
+        report.skipped.append((f"attention (attn_implementation={previous})",
+                               "the model did not take another attention implementation"))
+        return
+    object.__setattr__(model, "_pyllm_original_attention", previous)
+    report.replaced.append(("attention", f"attn_implementation={previous}", "pyllm.attention"))
 
 
 def unpatch(model: nn.Module) -> int:

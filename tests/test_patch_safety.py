@@ -1,0 +1,196 @@
+"""pyllm.patch never changes a model's output: over the architectures of
+tests/hf_architectures.py (decoders and encoders, each with
+attn_implementation "eager" and "sdpa" where the model has it), the logits or
+hidden states of a left-padded batch, and greedy generation, are the same
+before and after patching; what the kernels cannot honour (softcapping, sinks,
+T5's relative bias, models outside transformers' attention registry, norms
+that compute something else) is left alone and named in the report. Also: the
+call-time fallbacks (output_attentions, attention dropout while training) and
+subclasses of the torch classes."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pyllm
+
+transformers = pytest.importorskip("transformers")
+
+from hf_architectures import ARCHITECTURES  # noqa: E402
+
+# What the report must say was left alone, per architecture.
+LEFT_ALONE = {
+    "gemma": ["GemmaRMSNorm computes something else"],
+    "gemma2-softcap": ["logit softcapping (softcap=", "Gemma2RMSNorm computes something else"],
+    "gemma3-sliding": ["Gemma3RMSNorm computes something else"],
+    "gpt-oss-sinks": ["attention sinks (s_aux)"],
+    "bloom-alibi": ["does not route its attention through transformers' AttentionInterface"],
+    "t5-encoder": ["a relative position bias (position_bias)"],
+}
+# Architectures whose attention pyllm takes over.
+ATTENTION_LEFT_ALONE = {"gemma2-softcap", "gpt-oss-sinks", "bloom-alibi", "t5-encoder"}
+
+
+def implementations(arch):
+    """The attn_implementations the architecture can be built with."""
+    found = []
+    for impl in ("eager", "sdpa"):
+        try:
+            arch.build(impl)
+        except ValueError:
+            continue
+        found.append(impl)
+    return found
+
+
+PARAMS = [(arch, impl) for arch in ARCHITECTURES for impl in implementations(arch)]
+
+
+def batch():
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    ids[1, :3] = 0
+    return ids, mask
+
+
+def run(model, arch, ids, mask):
+    if arch.model_type == "t5":
+        return model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if arch.decoder else out.last_hidden_state
+
+
+def close(after, before, keep):
+    a, b = after[keep], before[keep]
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() <= 1e-4 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("arch, impl", PARAMS, ids=lambda p: getattr(p, "name", p))
+def test_patch_keeps_outputs_and_generation(arch, impl):
+    model = arch.build(impl)
+    ids, mask = batch()
+    keep = mask.bool()
+    generate = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        before = run(model, arch, ids, mask)
+        tokens = model.generate(ids, **generate) if arch.decoder else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no call-time fallback here
+            report = pyllm.patch(model)
+            after = run(model, arch, ids, mask)
+            assert close(after, before, keep), (
+                f"{arch.name} ({impl}): patched output differs by "
+                f"{(after - before)[keep].abs().max().item():.3g}\n{report}")
+            if arch.decoder:
+                assert torch.equal(model.generate(ids, **generate), tokens), str(report)
+    text = str(report)
+    print(f"\n{arch.name} ({impl}):\n{text}")
+    for reason in LEFT_ALONE.get(arch.name, []):
+        assert reason in text, text
+    patched_attention = any(old.startswith("attn_implementation") for _, old, _ in report.replaced)
+    assert patched_attention == (arch.name not in ATTENTION_LEFT_ALONE), text
+    assert any(new == "pyllm.nn.Linear" for _, _, new in report.replaced), text
+    assert pyllm.unpatch(model) == len(report.replaced)
+
+
+@pytest.mark.parametrize("name", ["gemma2-softcap", "gpt-oss-sinks"])
+def test_the_left_alone_features_bite(name, monkeypatch):
+    """Forcing pyllm's attention on these models (which the patch refuses),
+    with the call-time fallback off, does change their output: the comparison
+    above would see a patch that ignored them."""
+    from pyllm.nn import hf_attention
+
+    arch = next(a for a in ARCHITECTURES if a.name == name)
+    model = arch.build("eager")
+    ids, mask = batch()
+    with torch.no_grad():
+        before = run(model, arch, ids, mask)
+        hf_attention.register()
+        model.set_attn_implementation("pyllm")
+        monkeypatch.setattr(hf_attention, "_UNHONOURED", {})  # the kernel ignores them
+        forced = run(model, arch, ids, mask)
+    assert not close(forced, before, mask.bool())
+
+
+def llama_arch():
+    return next(a for a in ARCHITECTURES if a.name == "llama")
+
+
+def test_output_attentions_falls_back_to_the_original_implementation():
+    arch = llama_arch()
+    model = arch.build("eager")
+    ids, mask = batch()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        pyllm.patch(model)
+        with pytest.warns(RuntimeWarning, match="output_attentions"):
+            got = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    keep = mask.bool()
+    assert close(got.logits, want.logits, keep)
+    for a, b in zip(got.attentions, want.attentions):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_attention_dropout_while_training_falls_back(impl):
+    arch = next(a for a in ARCHITECTURES if a.name == "bert")
+    model = arch.build(impl)
+    model.config.attention_probs_dropout_prob = 0.5
+    for m in model.modules():
+        if hasattr(m, "dropout_prob"):
+            m.dropout_prob = 0.5
+        if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
+            m.attention_dropout = 0.5
+    model.train()
+    ids, mask = batch()
+    torch.manual_seed(5)
+    want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    pyllm.patch(model)
+    torch.manual_seed(5)
+    with pytest.warns(RuntimeWarning, match="dropout"):
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert close(got, want, mask.bool())
+    model.eval()  # no dropout: the kernel, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_subclasses_and_look_alikes_are_left_alone_and_reported():
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class OnePlusRMSNorm(nn.Module):  # Gemma's kind: weight stored as an offset from 1
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(n))
+            self.eps = 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = ScaledLinear(8, 8)
+            self.norm = OnePlusRMSNorm(8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.norm(self.proj(x)))
+
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(3, 8)
+    before = model(x)
+    report = pyllm.patch(model)
+    assert torch.allclose(model(x), before, atol=1e-6)
+    assert [name for name, _, _ in report.replaced] == ["head"]
+    reasons = dict(report.skipped)
+    assert "ScaledLinear subclasses torch.nn.Linear with its own forward" in reasons["proj"]
+    assert "OnePlusRMSNorm computes something else" in reasons["norm"]
