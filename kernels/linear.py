@@ -14,6 +14,8 @@ Tile configurations are autotuned per (M bucket, N, K).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -191,6 +193,8 @@ def matmul(a, b, out, *, b2=None, bias=None, bias2=None, activation="none", epil
     N = b.shape[1]
     if M == 0 or N == 0:
         return out
+    # The biases are read with unit steps.
+    bias, bias2 = (t.contiguous() if t is not None else None for t in (bias, bias2))
     grad_strides = (grad.stride(0), grad.stride(1)) if grad is not None else (0, 0)
     args = (a, b, b2 if b2 is not None else b, bias if bias is not None else out,
             bias2 if bias2 is not None else out, out, out2 if out2 is not None else out,
@@ -213,7 +217,7 @@ def matmul(a, b, out, *, b2=None, bias=None, bias2=None, activation="none", epil
 def _rows(x):
     """(..., K) -> (M, K) with rows contiguous along K (the layout the
     configurations are compiled and checked for)."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # defined for K = 0 too
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 

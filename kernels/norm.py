@@ -14,6 +14,8 @@ the result does not depend on scheduling.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -251,12 +253,13 @@ def backward_config(n: int) -> dict:
 
 
 def _rows(x):
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def norm_forward(x, residual, weight, bias, eps, rms):
     """(y, sum or None, mean or None, rstd) of RMSNorm/LayerNorm of x (+ residual)."""
-    x = x.contiguous()
+    # The kernels index every tensor with unit steps along the row.
+    x, weight, bias = (t.contiguous() if t is not None else None for t in (x, weight, bias))
     n = x.shape[-1]
     rows = x.numel() // n
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -278,6 +281,7 @@ def norm_forward(x, residual, weight, bias, eps, rms):
 def norm_backward(grad_y, x, mean, rstd, weight, grad_sum, want_dx, want_dw, want_db, rms):
     """(dx, dw, db), each None unless wanted."""
     x, grad_y = x.contiguous(), grad_y.contiguous()
+    weight = weight.contiguous() if weight is not None else None
     n = x.shape[-1]
     rows = x.numel() // n
     want_params = want_dw or want_db

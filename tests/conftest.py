@@ -30,3 +30,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The number of hypothesis examples run (tests/properties.py), per op/backend."""
+    import sys
+
+    properties = sys.modules.get("properties")
+    if properties is None or not properties.EXAMPLES:
+        return
+    total = sum(properties.EXAMPLES.values())
+    terminalreporter.write_sep("-", f"hypothesis: {total} examples run (profile "
+                                    f"{properties.PROFILE})")
+    for name, n in sorted(properties.EXAMPLES.items()):
+        terminalreporter.write_line(f"  {name}: {n}")

@@ -70,7 +70,9 @@ def swiglu_backward(gy, x, wg, wu, bg, bu):
     dx = host_gemm(torch.cat([dgate, dup], 1), torch.cat([wg, wu], 0).t().contiguous())
     dwg = host_gemm(dgate.t().contiguous(), x.t().contiguous())
     dwu = host_gemm(dup.t().contiguous(), x.t().contiguous())
-    return dx, dwg, dwu, dgate.float().sum(0).to(bg.dtype), dup.float().sum(0).to(bu.dtype)
+    dbg = dgate.float().sum(0).to(bg.dtype) if bg is not None else None
+    dbu = dup.float().sum(0).to(bu.dtype) if bu is not None else None
+    return dx, dwg, dwu, dbg, dbu
 
 
 def autograd(fn, inputs, grad):

@@ -33,6 +33,14 @@ inline at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
 
+// (..., n) -> (rows, n) as a reshape (a view where possible); unlike
+// reshape({-1, n}) it is defined for n = 0 too.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) rows *= t.size(i);
+  return t.reshape({rows, t.size(-1)});
+}
+
 // x's shape without the last dimension: the shape of per-row statistics.
 inline std::vector<int64_t> row_shape(const at::Tensor& x) {
   return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);

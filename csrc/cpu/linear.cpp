@@ -49,7 +49,7 @@ Operand operand(const Tensor& t, bool transposed = false) {
 
 Tensor rows_of(const Tensor& x) {
   // (..., K) -> (M, K) with contiguous rows.
-  Tensor x2 = x.reshape({-1, x.size(-1)});
+  Tensor x2 = as_rows(x);
   return x2.stride(-1) == 1 ? x2 : x2.contiguous();
 }
 
@@ -66,11 +66,25 @@ GemmSkinnyFn skinny_kernel() {
 // Runs one GEMM, in parallel: the skinny path for a few rows of x @ W^T,
 // else tasks of whole column blocks (each packs its own panels), split by rows
 // too when there are too few column blocks for the threads.
-void run(const GemmArgs& g) {
-  if (g.M == 0 || g.N == 0) return;
+void run(const GemmArgs& args) {
+  if (args.M == 0 || args.N == 0) return;
+  GemmArgs g = args;
+  if (g.K == 0) {
+    // An empty sum: the product is zero, and the epilogue (bias, activation,
+    // gates) must still run. One column of zeros (zero bits are 0 in every
+    // element type, strides 0) makes the kernels run it.
+    static const uint32_t kZero = 0;
+    g.K = 1;
+    g.a = {&kZero, 0, 0, g.a.type};
+    g.b = {&kZero, 0, 0, g.b.type};
+    g.b2 = {&kZero, 0, 0, g.b2.type};
+  }
   const int64_t blocks = (g.N + kGemmColumnBlock - 1) / kGemmColumnBlock;
   const int64_t threads = at::get_num_threads();
-  const bool weight_rows = g.a.cs == 1 && g.b.rs == 1 &&
+  // The skinny kernels take x and W of one dtype, rows contiguous. (A
+  // one-column W, e.g. dX = dZ W with in_features 1, has rs == 1 in any
+  // layout, and dZ is fp32 after an activation: the types must be checked.)
+  const bool weight_rows = g.a.cs == 1 && g.b.rs == 1 && g.a.type == g.b.type &&
                            (g.epilogue != Epilogue::swiglu && g.epilogue != Epilogue::grad_swiglu
                                 ? true
                                 : g.b2.rs == 1);

@@ -49,7 +49,7 @@ void check_input(const char* op, const Tensor& x) {
 
 // [rows, last] with the last dimension contiguous (the kernel takes row strides).
 Tensor rows_of(const Tensor& t) {
-  Tensor r = t.reshape({-1, t.size(-1)});
+  Tensor r = as_rows(t);
   return r.stride(1) == 1 && r.stride(0) % 8 == 0 ? r : r.contiguous();
 }
 
@@ -137,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
   check_linear_params("linear_backward", x, weight_in, bias_in, &grad_y);
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor x2 = rows_of(x), weight = rows_of(weight_in), bias = float_bias(bias_in);
-  const Tensor gy = grad_y.reshape({-1, weight.size(0)}).contiguous();
+  const Tensor gy = as_rows(grad_y).contiguous();
   const Activation act = parse_activation(activation);
   Tensor dz = gy;
   if (act != Activation::none) {  // dz = grad_y * act'(x W^T + b)
@@ -168,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
   const Tensor w_gate = w_gate_in.contiguous(), w_up = w_up_in.contiguous();
   const Tensor b_gate = float_bias(b_gate_in), b_up = float_bias(b_up_in);
   const int64_t n = w_gate.size(0);
-  const Tensor gy = grad_y.reshape({-1, n}).contiguous();
+  const Tensor gy = as_rows(grad_y).contiguous();
   // [dgate | dup] side by side, from the recomputed products.
   Tensor dz = at::empty({x2.size(0), 2 * n}, x.options());
   Gemm g = plain();

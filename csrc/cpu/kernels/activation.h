@@ -28,7 +28,7 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 // and no cancellation in 1 - s where s is near 1): with r = 1 / (1 + e) the
 // pair is (r, e r) for z >= 0 and (e r, r) for z < 0.
 inline void sigmoid_pair(V z, V& s, V& one_minus_s) {
-  const V e = exp2(mul(abs(z), set1(-kLog2eAct)));
+  const V e = exp(sub(zero(), abs(z)));
   const V r = div(set1(1.f), add(set1(1.f), e));
   const V er = mul(e, r);
   s = select_negative(z, er, r);
@@ -55,7 +55,7 @@ inline V erfc_nonnegative(V x) {
   p = fma(p, t, set1(1.00002368f));
   p = fma(p, t, set1(-1.26551223f));
   const V exponent = sub(p, mul(x, x));
-  return mul(t, exp2(mul(exponent, set1(kLog2eAct))));
+  return mul(t, exp(exponent));
 }
 
 // Phi(z), the standard normal CDF.
@@ -101,7 +101,7 @@ inline V activate_derivative(Activation act, V z) {
       return fma(mul(add(z, z), mul(s, t)), du, s);
     }
     case Activation::gelu: {  // Phi(z) + z phi(z)
-      const V phi = mul(set1(kInvSqrt2Pi), exp2(mul(mul(z, z), set1(-0.5f * kLog2eAct))));
+      const V phi = mul(set1(kInvSqrt2Pi), exp(mul(mul(z, z), set1(-0.5f))));
       return fma(z, phi, normal_cdf(z));
     }
   }

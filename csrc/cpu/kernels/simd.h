@@ -10,7 +10,10 @@
 //                `count` variants for the tail of a row (count < kLanes);
 //   arithmetic   add, sub, mul, div, fma (a*b+c), fnma (c-a*b), max, abs,
 //                select_negative, set1, zero,
-//                exp2 (2^x; exactly 0 for very negative x and -inf);
+//                exp2 (2^x; exactly 0 for very negative x and -inf),
+//                exp (e^x with the argument reduced in two parts, for the
+//                activations: exp2(x log2 e) would round x log2 e first and
+//                lose |x| 2^-24 of relative accuracy);
 //   reductions   reduce_add, reduce_max (NaN if any lane is NaN), and
 //                reduce_add_lanes (kLanes sums at once).
 // Everything has internal linkage, so the ISA variants never clash.
@@ -41,6 +44,14 @@ constexpr float exp2_c4 = 0.009618129107628477f;
 constexpr float exp2_c5 = 0.0013333558146428443f;
 constexpr float exp2_c6 = 0.00015403530393381606f;
 constexpr float exp2_c7 = 1.525273380405984e-05f;
+// e^x = 2^n e^r, x = n ln2 + r, |r| <= ln2 / 2: ln2 in two parts (Cody-Waite;
+// n ln2_hi is exact for |n| < 2^15), and e^r by its degree-7 Taylor
+// polynomial (truncation error 6e-9 relative).
+constexpr float kExpLn2Hi = 0.693359375f;
+constexpr float kExpLn2Lo = -2.12194440e-4f;
+constexpr float kExpLog2e = 1.4426950408889634f;
+constexpr float exp_c2 = 0.5f, exp_c3 = 1.f / 6, exp_c4 = 1.f / 24, exp_c5 = 1.f / 120,
+                exp_c6 = 1.f / 720, exp_c7 = 1.f / 5040;
 
 #if defined(__AVX512F__)
 
@@ -83,6 +94,24 @@ static inline V exp2(V x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c2));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c1));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// e^x (see kExpLn2Hi); below -104 (and -inf) exactly 0, above 89 +inf, NaN stays NaN.
+static inline V exp(V x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
+  const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kExpLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kExpLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kExpLn2Lo), r);
+  V p = _mm512_set1_ps(exp_c7);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_c6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_c5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_c4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_c3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_c2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -232,6 +261,26 @@ static inline V exp2(V x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
+// e^x (see kExpLn2Hi), 2^n in the exponent bits with n in [-127, 128]: n =
+// -127 makes exactly 0 and n = 128 +inf; NaN stays NaN.
+static inline V exp(V x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.7f), _mm256_max_ps(_mm256_set1_ps(-88.1f), x));
+  const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kExpLog2e)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Lo), r);
+  V p = _mm256_set1_ps(exp_c7);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_c6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_c5));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_c4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_c3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_c2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
 // r[j] = reduce_add(x[j]) for the 8 vectors x, through horizontal adds.
 static inline V reduce_add_lanes(const V* x) {
   const V a = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
@@ -303,6 +352,11 @@ static inline V fnma(V a, V b, V c) {
 static inline V exp2(V x) {
   V r;
   for (int i = 0; i < 8; ++i) r.v[i] = std::exp2(x.v[i]);
+  return r;
+}
+static inline V exp(V x) {
+  V r;
+  for (int i = 0; i < 8; ++i) r.v[i] = std::exp(x.v[i]);
   return r;
 }
 static inline V abs(V a) {
