@@ -9,6 +9,10 @@
 #   make info    build, then `pyllm info`
 #   make matrix  pyllm built and tested against every supported torch (2.11-2.15),
 #                each in a fresh environment (tools/torch_matrix.py)
+#   make sanitize  pyllm._C and the host model of CUDA built with ASan+UBSan,
+#                the CPU op tests and the host-model tests run against them
+#                (tools/sanitize.py)
+#   make test-long the property-based tests with the long hypothesis profile
 #   make gpu-check OUT=DIR   the GPU acceptance run on a CUDA machine, with its
 #                own python and torch, no venv, no network (tools/gpu_check.py;
 #                GPU_CHECK_ARGS=--dry-run where there is no GPU)
@@ -25,7 +29,7 @@ CI_TORCH ?= 2.11 2.15
 MATRIX_TORCH ?= 2.11 2.12 2.13 2.14 2.15
 OUT ?= gpu-check
 
-.PHONY: setup build test bench info clean matrix gpu-check
+.PHONY: setup build test bench info clean matrix gpu-check sanitize test-long
 
 $(VENV)/.installed: pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +51,13 @@ test: build
 
 matrix: setup
 	$(PY) tools/torch_matrix.py $(MATRIX_TORCH)
+
+sanitize: setup
+	$(PY) tools/sanitize.py $(PYTEST_ARGS)
+
+test-long: build
+	PYLLM_HYPOTHESIS=long $(PY) -m pytest tests/test_properties.py tests/test_cuda_host_properties.py $(PYTEST_ARGS)
+	PYLLM_HYPOTHESIS=long TRITON_INTERPRET=1 $(PY) -m pytest tests/interpreter/test_triton_properties.py $(PYTEST_ARGS)
 
 gpu-check:
 	$(PYTHON) tools/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS)

@@ -19,6 +19,9 @@ Knobs (environment variables)
   PYLLM_FORCE_CUDA=1     build pyllm._C_cuda even where detection says no.
   PYLLM_SKIP_CUDA=1      never build pyllm._C_cuda.
   PYLLM_VERBOSE_BUILD=1  print every compiler command.
+  PYLLM_SANITIZE=1       build pyllm._C with AddressSanitizer and
+                         UndefinedBehaviorSanitizer (-O1, frame pointers, own
+                         object folder; for `make sanitize`, tools/sanitize.py).
   PYLLM_NO_LOCAL_VERSION=1  version without the "+cu130torch2.14" local part
                          (for an index that refuses local versions).
 
@@ -177,6 +180,12 @@ def want_cuda():
 CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fvisibility=hidden", "-DNDEBUG",
              "-Wall", "-Wno-unknown-pragmas"]
 NVCC_FLAGS = ["-O3", "-DNDEBUG", "-lineinfo", "--expt-relaxed-constexpr"]
+SANITIZE = env_flag("PYLLM_SANITIZE")
+SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                   "-fno-omit-frame-pointer", "-g1"]
+if SANITIZE:
+    # -O1 after -O3: the last one counts; NDEBUG stays (the asserts are the tests').
+    CXX_FLAGS = CXX_FLAGS + ["-O1"] + SANITIZER_FLAGS
 
 
 def headers():
@@ -203,7 +212,7 @@ def cpu_extension():
         sources=common,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": CXX_FLAGS},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + (SANITIZER_FLAGS if SANITIZE else []),
         depends=headers() + [p for group in isa_sources.values() for p in group],
     )
     ext.isa_sources = isa_sources
@@ -233,7 +242,7 @@ class BuildPyllm(BuildExtension):
         # Objects compiled against one torch are never reused for another.
         self.build_temp = os.path.join(
             ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}-"
-            f"{build_tag(torch.version.cuda is not None)}")
+            f"{build_tag(torch.version.cuda is not None)}{'-sanitize' if SANITIZE else ''}")
 
     def build_extension(self, ext):
         for suffix, sources in sorted(getattr(ext, "isa_sources", {}).items()):
@@ -301,6 +310,8 @@ def extensions():
     print(f"pyllm: MAX_JOBS={os.environ['MAX_JOBS']}", file=sys.stderr)
     exts = [cpu_extension()]
     build_cuda, why = want_cuda()
+    if SANITIZE:
+        build_cuda, why = False, "PYLLM_SANITIZE is set: the sanitized build is CPU-only"
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         print(f"pyllm: building pyllm._C_cuda for TORCH_CUDA_ARCH_LIST="

@@ -24,6 +24,12 @@ KERNEL_SOURCES = ["csrc/cuda/norm_kernel.cu", "csrc/cuda/gemm_kernel.cu",
 DRIVER = "tests/cuda_host/driver.cpp"
 FLAGS = ["-std=c++20", "-O2", "-g0", "-fPIC", "-pthread", "-DPYLLM_CUDA_HOST_MODEL_BUILD",
          "-I", MODEL_DIR, "-I", os.path.join(ROOT, "csrc"), "-Wall", "-Wno-unknown-pragmas"]
+# PYLLM_SANITIZE=1 (make sanitize, tools/sanitize.py): the host model built
+# with AddressSanitizer and UndefinedBehaviorSanitizer.
+SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                   "-fno-omit-frame-pointer", "-g1", "-O1"]
+if os.environ.get("PYLLM_SANITIZE") == "1":
+    FLAGS = FLAGS + SANITIZER_FLAGS
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 GUARD = 64  # elements each side
 
@@ -71,7 +77,8 @@ def build() -> str:
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"host-model build failed:\n{e.stderr[-6000:]}") from None
     tmp = lib + ".tmp"
-    subprocess.run([cxx, "-shared", "-pthread", *objects, "-o", tmp], check=True)
+    link = SANITIZER_FLAGS if os.environ.get("PYLLM_SANITIZE") == "1" else []
+    subprocess.run([cxx, "-shared", "-pthread", *link, *objects, "-o", tmp], check=True)
     os.replace(tmp, lib)
     return lib
 

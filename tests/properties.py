@@ -70,20 +70,30 @@ def _perturbed(inputs64, dtype, seed):
     return out
 
 
-def sensitivity(fn, inputs64, dtype, draws: int = 2) -> list[float]:
-    """Per result of ``fn`` (a list of float64 tensors): how far it moves when
-    the inputs are rounded once more in ``dtype``. Where a short sum cancels
-    (a bias gradient over a few rows, say), this is the noise every
-    implementation in ``dtype`` carries, and a single sample of PyTorch's own
-    error can fall far below it; the property tests add a few times this to
-    the rule's floor (:func:`check`)."""
-    base = fn(*inputs64)
+def sensitivity(fn, inputs64, dtype, grads, draws: int = 2) -> list[float]:
+    """Per result of ``fn(*inputs, grads=grads)`` (a list of float64 tensors:
+    outputs, then gradients for the output gradients ``grads``), the larger of
+
+    - how far it moves when the inputs are rounded once more in ``dtype``;
+    - eps32 times the result for the inputs' and gradients' magnitudes
+      (|x|, |W|, |dy|, ...): the size of the terms its sums add, and so the
+      rounding of those sums in float32 where they cancel (a bias gradient
+      over a few rows, say).
+
+    There a single sample of PyTorch's own error can fall far below the
+    rounding noise of any other order of sums; the property tests add a few
+    times this to the rule's floor (:func:`check`)."""
+    base = fn(*inputs64, grads=grads)
     worst = [0.0] * len(base)
     for seed in range(draws):
-        moved = fn(*_perturbed(inputs64, dtype, seed))
+        moved = fn(*_perturbed(inputs64, dtype, seed), grads=grads)
         worst = [max(w, max_error(m, b)) if b is not None else 0.0
                  for w, m, b in zip(worst, moved, base)]
-    return worst
+    magnitudes = fn(*[t.abs() if t is not None and t.is_floating_point() else t
+                      for t in inputs64], grads=[g.abs() for g in grads])
+    eps = torch.finfo(torch.float32).eps
+    return [max(w, eps * float(m.abs().max())) if m is not None and m.numel() else w
+            for w, m in zip(worst, magnitudes)]
 
 
 #: Roundings allowed on the way, in units of ``noise``: a blocked sum of K
@@ -186,12 +196,12 @@ def check_norm(op: str, call: dict, run) -> None:
     outs, grads = run(op, *inputs, eps, call["grads"])
     fused = op.startswith("add_")
 
-    def truth_all(*ts):
+    def truth_all(*ts, grads=call["grads"]):
         found = list(norm_truth(op, *ts, eps))
-        return found + _grads(lambda *u: norm_truth(op, *u, eps), ts, call["grads"])
+        return found + _grads(lambda *u: norm_truth(op, *u, eps), ts, grads)
 
     truth = truth_all(*_as64(inputs))
-    noise = sensitivity(truth_all, _as64(inputs), x.dtype)
+    noise = sensitivity(truth_all, _as64(inputs), x.dtype, call["grads"])
     first = 2 if fused else 1
     # dx = rstd (w g - xhat mean(w g xhat)) (- the mean's part for LayerNorm)
     # cancels along xhat, wholly for a short row (n = 1: LayerNorm's dx is 0,
@@ -287,12 +297,12 @@ def check_linear(op: str, call: dict, run) -> None:
     inputs, act = linear_inputs(op, call), call["activation"]
     y, grads = run(op, inputs, act, call["grad"])
 
-    def truth_all(*ts):
+    def truth_all(*ts, grads=(call["grad"],)):
         return [linear_truth(op, act, *ts)] + _grads(lambda *u: linear_truth(op, act, *u), ts,
-                                                     [call["grad"]])
+                                                     grads)
 
     truth = truth_all(*_as64(inputs))
-    noise = sensitivity(truth_all, _as64(inputs), inputs[0].dtype)
+    noise = sensitivity(truth_all, _as64(inputs), inputs[0].dtype, [call["grad"]])
     assert y.shape == truth[0].shape and y.dtype == inputs[0].dtype
     check(y, truth[0], linear_pytorch(op, act, *inputs), noise[0])
     theirs_g = _grads(lambda *ts: linear_pytorch(op, act, *ts), inputs, [call["grad"]])
@@ -411,15 +421,15 @@ def check_attention(call: dict, run) -> None:
     opts = dict(causal=call["causal"], scale=call["scale"], bias=call["bias"])
     out, grads = run(q, k, v, opts["causal"], opts["scale"], opts["bias"], call["grad"])
 
-    def truth_all(*ts):
+    def truth_all(*ts, grads=(call["grad"],)):
         return [_attention_truth(*ts, **opts)] + _grads(
-            lambda *u: _attention_truth(*u, **opts), ts, [call["grad"]])
+            lambda *u: _attention_truth(*u, **opts), ts, grads)
 
     inputs64 = [t.double() for t in (q, k, v)]
     truth = truth_all(*inputs64)
     lse = reference.attention(*inputs64, causal=opts["causal"], scale=opts["scale"],
                               bias=_float_bias(opts["bias"]))[1]
-    noise = _flash_backward_rounding(sensitivity(truth_all, inputs64, q.dtype), truth, lse,
+    noise = _flash_backward_rounding(sensitivity(truth_all, inputs64, q.dtype, [call["grad"]]), truth, lse,
                                      q, k, v, call["grad"], call["scale"])
     assert out.shape == q.shape and out.dtype == q.dtype
     check(out, truth[0], attention_pytorch(q, k, v, **opts), noise[0])
@@ -479,13 +489,13 @@ def check_varlen(call: dict, run) -> None:
     out, grads = run(q, k, v, cu_q, cu_k, causal, call["grad"])
     truth_fn = lambda *ts: reference.attention_varlen(*ts, cu_q, cu_k, causal=causal)[0]
 
-    def truth_all(*ts):
-        return [truth_fn(*ts)] + _grads(truth_fn, ts, [call["grad"]])
+    def truth_all(*ts, grads=(call["grad"],)):
+        return [truth_fn(*ts)] + _grads(truth_fn, ts, grads)
 
     inputs64 = [t.double() for t in (q, k, v)]
     truth = truth_all(*inputs64)
     lse = reference.attention_varlen(*inputs64, cu_q, cu_k, causal=causal)[1]
-    noise = _flash_backward_rounding(sensitivity(truth_all, inputs64, q.dtype), truth, lse,
+    noise = _flash_backward_rounding(sensitivity(truth_all, inputs64, q.dtype, [call["grad"]]), truth, lse,
                                      q, k, v, call["grad"], None)
     check(out, truth[0], _varlen_pytorch(q, k, v, cu_q, cu_k, causal), noise[0])
     theirs_g = _grads(lambda *ts: _varlen_pytorch(*ts, cu_q, cu_k, causal), (q, k, v),

@@ -1,0 +1,105 @@
+"""``make sanitize``: pyllm._C built with AddressSanitizer and
+UndefinedBehaviorSanitizer, and the CPU op tests and the host-model CUDA
+tests run against it.
+
+The sanitized library is built (``PYLLM_SANITIZE=1 setup.py build_ext``, its
+own object folder, CPU-only) into a staged copy of the package under
+``build/sanitize/``; pytest then imports that copy, with the ASan runtime
+preloaded (Python itself is not instrumented) and every finding fatal. The
+host model of CUDA (tests/cuda_host/) is compiled with the same sanitizers
+(PYLLM_SANITIZE=1 is read by tests/cuda_host_kernels.py). Leak detection is
+off: CPython and torch keep their allocations to the end by design.
+
+Usage: python tools/sanitize.py [pytest arguments...]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE = os.path.join(ROOT, "build", "sanitize")
+TESTS = [
+    "tests/test_norms.py", "tests/test_linear.py", "tests/test_attention.py",
+    "tests/test_nonfinite.py", "tests/test_properties.py", "tests/test_memory.py",
+    "tests/test_cuda_host_norms.py", "tests/test_cuda_host_linear.py",
+    "tests/test_cuda_host_attention.py", "tests/test_cuda_host_nonfinite.py",
+    "tests/test_cuda_host_properties.py",
+]
+# -k: the reference backend and compile tests exercise no library code of ours
+# beyond what the others do, and torch.compile under ASan is slow.
+DESELECT = "not torch_compile and not inductor"
+
+
+def runtime(name: str) -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or "g++"
+    path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if not os.path.isabs(path):
+        sys.exit(f"sanitize: the compiler has no {name} (install its sanitizer runtimes)")
+    return path
+
+
+def stage_package() -> None:
+    """A copy of the Python package (pyllm/ and kernels/ as pyllm.kernels)."""
+    target = os.path.join(STAGE, "pyllm")
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    ignore = shutil.ignore_patterns("*.so", "__pycache__", "_build_info.py")
+    shutil.copytree(os.path.join(ROOT, "pyllm"), target, ignore=ignore)
+    kernels = os.path.join(target, "kernels")
+    if os.path.exists(kernels):
+        shutil.rmtree(kernels)
+    shutil.copytree(os.path.join(ROOT, "kernels"), kernels, ignore=ignore)
+
+
+def build(env: dict) -> None:
+    started = time.time()
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", STAGE],
+                   cwd=ROOT, env={**env, "PYLLM_SANITIZE": "1"}, check=True)
+    print(f"sanitize: built the sanitized pyllm._C in {time.time() - started:.0f} s",
+          flush=True)
+
+
+def main(argv: list[str]) -> int:
+    os.makedirs(STAGE, exist_ok=True)
+    stage_package()
+    env = dict(os.environ)
+    build(env)
+    asan = runtime("libasan.so")
+    env.update({
+        "PYLLM_SANITIZE": "1",
+        "PYTHONPATH": os.pathsep.join([STAGE, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        # libstdc++ with it: ASan's __cxa_throw interceptor needs the real one
+        # loaded when it starts (python itself does not link libstdc++).
+        "LD_PRELOAD": f"{asan} {runtime('libstdc++.so.6')}",
+        # the staged copy, for the tests' own subprocesses too (tests/harness.py)
+        "PYLLM_EXPECT_PACKAGE_DIR": os.path.join(STAGE, "pyllm"),
+        # Leaks: CPython and torch free at exit by design. ODR and the
+        # allocator-mismatch check: torch's own libraries, not instrumented.
+        "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=1:"
+                        "detect_odr_violation=0:alloc_dealloc_mismatch=0:"
+                        "detect_stack_use_after_return=0",
+        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+        "TRITON_INTERPRET": "",  # the interpreter tests are not run here
+    })
+    check = ("import pyllm, pyllm._C as c; assert pyllm.__file__.startswith(%r), pyllm.__file__; "
+             "print('sanitize: pyllm from', pyllm.__file__, 'ISA', c.cpu_isa())" % STAGE)
+    # Run from the stage: the first entry of sys.path is the working folder.
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=STAGE)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               "--rootdir", ROOT, "-c", os.path.join(ROOT, "pyproject.toml"), "-k", DESELECT,
+               *(os.path.join(ROOT, t) for t in TESTS), *argv]
+    started = time.time()
+    result = subprocess.run(command, env=env, cwd=STAGE)
+    print(f"sanitize: pytest under ASan+UBSan finished with {result.returncode} in "
+          f"{time.time() - started:.0f} s", flush=True)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
