@@ -65,6 +65,46 @@ def build(env: dict) -> None:
           flush=True)
 
 
+CANARIES = {  # (what the report must say, source)
+    "heap-buffer-overflow": ("-fsanitize=address", r"""
+#include <cstdlib>
+extern "C" int pyllm_sanitize_canary(int i) {
+  int* p = static_cast<int*>(std::malloc(4 * sizeof(int)));
+  p[i] = 1;  // i = 4: one past the end
+  int r = p[0];
+  std::free(p);
+  return r;
+}
+"""),
+    "shift exponent": ("-fsanitize=undefined -fno-sanitize-recover=undefined", r"""
+extern "C" int pyllm_sanitize_canary(int i) {
+  return 1 << (10 * i);  // i = 4: a shift by 40 of a 32-bit int
+}
+"""),
+}
+
+
+def canary(env: dict) -> None:
+    """Proves the set-up reports what it should: a heap overflow (ASan) and an
+    undefined shift (UBSan) in libraries built like pyllm._C, called the same
+    way, must each abort with the sanitizer's report."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or "g++"
+    for i, (report, (flags, code)) in enumerate(CANARIES.items()):
+        source = os.path.join(STAGE, f"canary{i}.cpp")
+        lib = os.path.join(STAGE, f"libcanary{i}.so")
+        with open(source, "w") as f:
+            f.write(code)
+        subprocess.run([cxx, "-shared", "-fPIC", "-O1", *flags.split(), source, "-o", lib],
+                       check=True)
+        call = f"import ctypes; ctypes.CDLL({lib!r}).pyllm_sanitize_canary(4)"
+        result = subprocess.run([sys.executable, "-c", call], env=env, capture_output=True,
+                                text=True, cwd=STAGE)
+        if result.returncode == 0 or report not in result.stderr:
+            sys.exit(f"sanitize: the canary's {report} went unreported; the sanitizer set-up "
+                     f"is broken:\n{result.stderr[-2000:]}")
+        print(f"sanitize: the canary's {report} was reported (the set-up works)", flush=True)
+
+
 def main(argv: list[str]) -> int:
     os.makedirs(STAGE, exist_ok=True)
     stage_package()
@@ -89,6 +129,7 @@ def main(argv: list[str]) -> int:
     })
     check = ("import pyllm, pyllm._C as c; assert pyllm.__file__.startswith(%r), pyllm.__file__; "
              "print('sanitize: pyllm from', pyllm.__file__, 'ISA', c.cpu_isa())" % STAGE)
+    canary(env)
     # Run from the stage: the first entry of sys.path is the working folder.
     subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=STAGE)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
