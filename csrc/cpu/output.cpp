@@ -9,8 +9,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <map>
 #include <mutex>
-#include <unordered_map>
 #include <vector>
 
 #if defined(__linux__)
@@ -42,18 +42,21 @@ size_t default_limit() {
   return limit;
 }
 
-// Keeps freed large outputs for reuse, keyed by size (rounded up to 64 KiB):
-// a repeated op gets back memory whose pages are already mapped, instead of
-// fresh pages that fault in one by one at first write. Blocks are 2 MiB
-// aligned and advised to use transparent huge pages. The cached total is
-// capped (PYLLM_CPU_CACHE_MB, default 1/8 of RAM); beyond it, freed blocks go
-// back to the system. pyllm.empty_cache() releases everything cached.
+// Keeps freed large outputs for reuse, by size (rounded up to 64 KiB): a
+// repeated op gets back memory whose pages are already mapped, instead of
+// fresh pages that fault in one by one at first write. A request takes the
+// smallest cached block that fits with at most a quarter to spare, so that
+// outputs of varying sizes (a growing KV cache, ragged batches) share blocks
+// instead of each leaving one behind. Blocks are 2 MiB aligned and advised to
+// use transparent huge pages. The cached total is capped (PYLLM_CPU_CACHE_MB,
+// default 1/8 of RAM): past it, the blocks freed longest ago go back to the
+// system. pyllm.empty_cache() releases everything cached.
 class OutputAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t bytes) override {
     if (bytes < kCachedBytes) return c10::GetDefaultCPUAllocator()->allocate(bytes);
-    const size_t size = (bytes + kGranule - 1) / kGranule * kGranule;
-    void* p = take(size);
+    size_t size = (bytes + kGranule - 1) / kGranule * kGranule;
+    void* p = take(size);  // may enlarge `size` to the cached block's
     if (p == nullptr) p = fresh(size);
     return {p, new Block{this, p, size}, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -65,9 +68,9 @@ class OutputAllocator final : public c10::Allocator {
   size_t empty_cache() {
     std::lock_guard<std::mutex> lock(mutex_);
     size_t released = 0;
-    for (auto& [size, blocks] : free_) {
-      for (void* p : blocks) std::free(p);
-      released += size * blocks.size();
+    for (auto& [size, entry] : free_) {
+      std::free(entry.ptr);
+      released += size;
     }
     free_.clear();
     cached_ = 0;
@@ -92,26 +95,44 @@ class OutputAllocator final : public c10::Allocator {
     delete block;
   }
 
-  void* take(size_t size) {
+  struct Entry {
+    void* ptr;
+    uint64_t freed_at;  // give_back's count when it came back
+  };
+
+  // The smallest cached block of at least `size` bytes and at most a quarter
+  // more; `size` becomes its size.
+  void* take(size_t& size) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(size);
-    if (it == free_.end() || it->second.empty()) return nullptr;
-    void* p = it->second.back();
-    it->second.pop_back();
+    auto it = free_.lower_bound(size);
+    if (it == free_.end() || it->first > size + size / 4) return nullptr;
+    size = it->first;
+    void* p = it->second.ptr;
+    free_.erase(it);
     cached_ -= size;
     return p;
   }
 
   void give_back(void* p, size_t size) {
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_ + size <= limit_) {
-        free_[size].push_back(p);
+      if (size > limit_) {
+        evicted.push_back(p);
+      } else {
+        free_.emplace(size, Entry{p, ++clock_});
         cached_ += size;
-        return;
+        while (cached_ > limit_) {  // the oldest go (a scan: a few thousand blocks at most)
+          auto oldest = free_.begin();
+          for (auto it = free_.begin(); it != free_.end(); ++it)
+            if (it->second.freed_at < oldest->second.freed_at) oldest = it;
+          evicted.push_back(oldest->second.ptr);
+          cached_ -= oldest->first;
+          free_.erase(oldest);
+        }
       }
     }
-    std::free(p);
+    for (void* q : evicted) std::free(q);
   }
 
   static void* fresh(size_t size) {
@@ -130,8 +151,9 @@ class OutputAllocator final : public c10::Allocator {
   }
 
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
+  std::multimap<size_t, Entry> free_;  // by size
   size_t cached_ = 0;
+  uint64_t clock_ = 0;
   const size_t limit_ = default_limit();
 
  public:

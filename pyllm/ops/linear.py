@@ -10,6 +10,8 @@ autograd ``csrc/autograd/linear.cpp``; route ``pyllm/backend.py``; kernels
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pyllm import backend as _backend
@@ -46,11 +48,20 @@ def _check_bias(op, name, bias, x, out_features):
 
 
 def _check_sizes(op, x, out_features):
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    for what, count in (("x", x.numel()), ("the output", rows * out_features)):
+    """The CPU kernels index in 64 bits (tests/test_large_tensors.py); the GPU
+    GEMMs keep a 32-bit element count per operand, so on a CUDA device an
+    operand past 2**31 - 1 elements is refused here, before any memory is
+    touched."""
+    if x.device.type != "cuda":
+        return
+    rows = math.prod(x.shape[:-1])
+    k = x.shape[-1]
+    for what, count in (("x", rows * k), ("the output", rows * out_features),
+                        ("the weight", out_features * k)):
         if count > INT32_MAX:
             raise ValueError(f"{op}: {what} would have {count} elements, more than the 2**31 - 1 "
-                             f"that the kernels' 32-bit indexing allows")
+                             f"that the GPU kernels' 32-bit indexing allows (the CPU kernels "
+                             f"take it)")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
