@@ -251,3 +251,51 @@ def test_attention_backward_compiles(which, block_d, dtype, arch):
     constexprs = dict(blocks, IS_VARLEN=False, CAUSAL=True, HAS_BIAS=True, BLOCK_D=block_d,
                       D_MULTIPLE=16)
     check(kernel, signature, constexprs, arch, warps, stages, _DIVISIBLE)
+
+
+# -- 64-bit strides ------------------------------------------------------------------
+# Triton types an int argument by its value: a stride of 2**31 or more (a
+# slice of a KV cache whose batch entries are that far apart, an operand cut
+# from a buffer of more than 2**31 elements) arrives as i64. The kernels form
+# every base offset in 64 bits (program index .to(tl.int64) times the
+# stride), so these compile and index correctly; the CPU tests past 2**31
+# elements are in tests/test_large_tensors.py.
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_compiles_with_64bit_batch_strides(arch):
+    from pyllm.kernels import attention
+
+    config = attention.forward_config(128)
+    blocks, warps, stages = _launch(config)
+    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("O", "x"), ("LSE", "fp32"),
+                ("CU_Q", "i32"), ("CU_K", "i32"), ("PARTIAL", "fp32")]
+    scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
+               "scale_log2": "fp32", "keys_per_split": "i32"}
+    signature = _attention_signature("bf16", pointers, scalars, _FLAGS + ("SPLIT",))
+    for name in ("stride_qb", "stride_kb", "stride_vb", "stride_ob", "stride_bb", "stride_lb"):
+        signature[name] = "i64"
+    constexprs = dict(blocks, IS_VARLEN=False, CAUSAL=True, HAS_BIAS=True, SPLIT=False,
+                      BLOCK_D=128, D_MULTIPLE=16)
+    compiled, _ = compile_triton(attention.attention_forward_kernel, signature, constexprs, arch,
+                                 warps, stages, _DIVISIBLE)
+    assert "mul.wide" in compiled.asm["ptx"] or "mul.lo.s64" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gemm_compiles_with_64bit_row_strides(arch):
+    from pyllm.kernels import linear
+
+    config = linear.CONFIGS[0]
+    signature = _matmul_signature("bf16", GEMM_LAYOUTS["x @ W^T"])
+    for name in ("stride_am", "stride_bn", "stride_cm", "stride_gm"):
+        signature[name] = "i64"
+    constexprs = dict(config.kwargs, ACT=1, EPILOGUE=linear.STORE, HAS_BIAS=True,
+                      **{name: 1 for name in GEMM_LAYOUTS["x @ W^T"]})
+    # Compiles; its registers may spill (24 bytes on sm_90): the launchers
+    # never pass such strides (x and the output are made 2-D contiguous, a
+    # CUDA operand past 2**31 elements is refused), only a strided view cut
+    # from a larger buffer does, and that costs speed, not correctness.
+    compiled, usage = compile_triton(linear._matmul_kernel, signature, constexprs, arch,
+                                     config.num_warps, config.num_stages, ("A", "B", "C", "N", "K"))
+    assert compiled.metadata.shared <= SHARED_LIMIT[arch]
+    assert "mul.wide" in compiled.asm["ptx"] or "mul.lo.s64" in compiled.asm["ptx"]
