@@ -23,9 +23,11 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PIP_INSTALL := $(PIP) install --disable-pip-version-check -c constraints.txt
 
-# `make test` (CI) also runs the torch matrix on the oldest and newest
-# supported torch; `make test CI_TORCH=` skips it.
+# `make test` (CI) also runs the quick sanitizer run (`make test SANITIZE=`
+# skips it) and the torch matrix on the oldest and newest supported torch
+# (`make test CI_TORCH=` skips it).
 CI_TORCH ?= 2.11 2.15
+SANITIZE ?= --quick
 MATRIX_TORCH ?= 2.11 2.12 2.13 2.14 2.15
 OUT ?= gpu-check
 
@@ -47,6 +49,7 @@ build: setup
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(if $(strip $(SANITIZE)),$(PY) tools/sanitize.py $(SANITIZE))
 	$(if $(strip $(CI_TORCH)),$(PY) tools/torch_matrix.py $(CI_TORCH))
 
 matrix: setup

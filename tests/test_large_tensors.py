@@ -110,12 +110,25 @@ def test_attention_batch_past_limit():
     check_rule(out[pick], truth, pytorch_attention(q[pick], k[pick], v[pick], causal=True))
 
 
-def test_gpu_backends_refuse_before_touching_memory():
-    """On a CUDA device the GEMMs' 32-bit limit is a named error (meta
-    tensors stand in: nothing is allocated)."""
+class _OnCuda:
+    """Stands in for a CUDA tensor of a shape (nothing is allocated)."""
+
+    def __init__(self, *shape):
+        self.shape = torch.Size(shape)
+        self.device = torch.device("cuda")
+
+
+@pytest.mark.parametrize("shape, out_features, what", [
+    ((2**20 + 1, 2048), 8, "x"),
+    ((2**20, 16), 4096, "the output"),
+    ((2, 8192), LIMIT // 8192 + 3, "the weight"),
+])
+def test_gpu_backends_refuse_before_touching_memory(shape, out_features, what):
+    """On a CUDA device an operand of the GEMMs past 2**31 - 1 elements is a
+    named error, raised before any kernel runs."""
     from pyllm.ops.linear import _check_sizes
-    x = torch.empty(2, 8192, device="meta")
-    for out_features, what in ((LIMIT // 8192 + 3, "the weight"),):
-        fake = type("Cuda", (), {"device": torch.device("cuda"), "shape": x.shape})
-        with pytest.raises(ValueError, match=what):
-            _check_sizes("pyllm.linear", fake, out_features)
+    with pytest.raises(ValueError, match=f"{what} would have .* 32-bit"):
+        _check_sizes("pyllm.linear", _OnCuda(*shape), out_features)
+    _check_sizes("pyllm.linear", type("OnCpu", (), {"shape": torch.Size(shape),
+                                                    "device": torch.device("cpu")}),
+                 out_features)  # the CPU kernels take it

@@ -245,8 +245,6 @@ BAD = [
                           _t(2, dtype=torch.float16)), TypeError, "bias must be bfloat16, float32"),
     (lambda: pyllm.linear(_t(3, 4), _t(2, 4), None, "relu"), ValueError,
      "activation must be one of none, gelu, gelu_tanh, silu, got 'relu'"),
-    (lambda: pyllm.linear(torch.empty(2**20, 4096, device="meta"), torch.empty(4096, 4096, device="meta")),
-     ValueError, "32-bit"),
     (lambda: pyllm.linear(_t(3, 4).long(), _t(2, 4).long()), TypeError, "x must be float16"),
     (lambda: pyllm.linear(_t(3, 4), _t(2, 4), backend="gpu"), ValueError, "unknown backend 'gpu'"),
     (lambda: pyllm.swiglu(_t(3, 4), _t(2, 4), _t(3, 4)), ValueError,
