@@ -194,3 +194,16 @@ def test_subclasses_and_look_alikes_are_left_alone_and_reported():
     reasons = dict(report.skipped)
     assert "ScaledLinear subclasses torch.nn.Linear with its own forward" in reasons["proj"]
     assert "OnePlusRMSNorm computes something else" in reasons["norm"]
+
+
+def test_an_empty_model_on_the_meta_device_is_judged_too():
+    """Models built with empty weights (to load a checkpoint into later): the
+    RMSNorm run happens on the CPU, so Gemma's norms are still left alone."""
+    config = transformers.GemmaConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8)
+    with torch.device("meta"):
+        model = transformers.GemmaForCausalLM(config)
+    report = pyllm.patch(model)
+    assert "GemmaRMSNorm computes something else" in str(report)
+    assert not any(old == "GemmaRMSNorm" for _, old, _ in report.replaced)

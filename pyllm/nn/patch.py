@@ -130,16 +130,19 @@ def _same_as_original(new: nn.Module, old: nn.Module) -> str | None:
     import copy
 
     weight = old.weight
-    if weight.device.type == "meta" or weight.dim() != 1:
-        return None
     gen = torch.Generator().manual_seed(0)
     n = weight.shape[0]
-    probe = copy.deepcopy(old).float()
+    probe = copy.deepcopy(old)
+    device = weight.device
+    if device.type == "meta":  # an empty model: the probe runs on the CPU
+        device = torch.device("cpu")
+        probe = probe.to_empty(device=device)
+    probe = probe.float()
     with torch.no_grad():
         probe.weight.copy_(torch.randn(n, generator=gen) + 1.0)
-        x = torch.randn(3, n, generator=gen).to(weight.device)
-        mine = copy.deepcopy(new).float()
-        mine.weight = nn.Parameter(probe.weight.detach().clone())
+        x = torch.randn(3, n, generator=gen).to(device)
+        mine = RMSNorm((n,), new.eps, True, device=device)
+        mine.weight.copy_(probe.weight)
         try:
             want, got = probe(x), mine(x)
         except Exception as e:  # noqa: BLE001 - any failure means: leave it alone
