@@ -85,27 +85,36 @@ def rss():
         return int(f.read().split()[1]) * resource.getpagesize()
 random.seed(1)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Inputs are views of random pools (drawing fresh random numbers would cost
+# more than the calls); outputs are the ops' own, fresh each call.
+POOL = {dt: torch.randn(600 * 2048, dtype=dt) for dt in DTYPES}
+def randn(*shape, dtype, requires_grad=False):
+    n = 1
+    for s in shape:
+        n *= s
+    start = random.randint(0, POOL[dtype].numel() - n)
+    return POOL[dtype][start:start + n].view(shape).detach().requires_grad_(requires_grad)
 def call(op, big=False):
     dt = random.choice(DTYPES)
     grad = random.random() < 0.1
     r = (lambda lo, hi: hi) if big else random.randint
     if op in ("rms_norm", "layer_norm"):
-        x = torch.randn(r(1, 600), r(1, 2048), dtype=dt, requires_grad=grad)
+        x = randn(r(1, 600), r(1, 2048), dtype=dt, requires_grad=grad)
         y = getattr(pyllm, op)(x)
     elif op in ("add_rms_norm", "add_layer_norm"):
-        x = torch.randn(r(1, 600), r(1, 2048), dtype=dt, requires_grad=grad)
-        y = getattr(pyllm, op)(x, torch.randn_like(x))[0]
+        x = randn(r(1, 600), r(1, 2048), dtype=dt, requires_grad=grad)
+        y = getattr(pyllm, op)(x, randn(*x.shape, dtype=dt))[0]
     elif op == "linear":
-        x = torch.randn(r(1, 300), r(1, 300), dtype=dt, requires_grad=grad)
-        y = pyllm.linear(x, torch.randn(r(1, 900), x.shape[1], dtype=dt), None, "gelu")
+        x = randn(r(1, 300), r(1, 300), dtype=dt, requires_grad=grad)
+        y = pyllm.linear(x, randn(r(1, 900), x.shape[1], dtype=dt), None, "gelu")
     elif op == "swiglu":
-        x = torch.randn(r(1, 300), r(1, 300), dtype=dt, requires_grad=grad)
+        x = randn(r(1, 300), r(1, 300), dtype=dt, requires_grad=grad)
         n = r(1, 600)
-        y = pyllm.swiglu(x, torch.randn(n, x.shape[1], dtype=dt), torch.randn(n, x.shape[1], dtype=dt))
+        y = pyllm.swiglu(x, randn(n, x.shape[1], dtype=dt), randn(n, x.shape[1], dtype=dt))
     else:
         b, sq, sk, h, d = r(1, 2), r(1, 96), r(1, 128), r(1, 4), random.choice((16, 64, 128))
-        q = torch.randn(b, sq, h, d, dtype=dt, requires_grad=grad)
-        kv = torch.randn(b, sk, h, d, dtype=dt)
+        q = randn(b, sq, h, d, dtype=dt, requires_grad=grad)
+        kv = randn(b, sk, h, d, dtype=dt)
         y = pyllm.attention(q, kv, kv, causal=random.random() < 0.5)
     if grad:
         y.sum().backward()

@@ -30,18 +30,21 @@ TESTS = [
     "tests/test_cuda_host_attention.py", "tests/test_cuda_host_nonfinite.py",
     "tests/test_cuda_host_properties.py",
 ]
-# --quick (what `make test` runs): the op tests, the NaN/Inf tests and the
-# host model's norms and GEMM; the property tests and the host model's
-# attention (the slowest under ASan) only in the full run.
-QUICK_TESTS = [
-    "tests/test_norms.py", "tests/test_linear.py", "tests/test_attention.py",
-    "tests/test_nonfinite.py", "tests/test_memory.py", "tests/test_cuda_host_norms.py",
-    "tests/test_cuda_host_linear.py", "tests/test_cuda_host_nonfinite.py",
-]
-# -k: torch.compile under ASan is slow and runs no library code of ours that
-# the eager tests don't; the RSS test measures memory, which ASan's shadow
-# and quarantine inflate.
-DESELECT = "not torch_compile and not inductor and not rss"
+# --quick (what `make test` runs): per file a -k selection that reaches every
+# kernel in few tests: each CPU ISA path forced in a subprocess (norms,
+# linear, attention, NaN/Inf), the property tests (odd shapes, strides, empty
+# and one-element sizes) on the CPU kernels, and the host model's norm and
+# GEMM tests.
+QUICK_TESTS = {
+    "tests/test_norms.py": "isa", "tests/test_linear.py": "isa",
+    "tests/test_attention.py": "isa", "tests/test_nonfinite.py": "isa",
+    "tests/test_properties.py": "cpu",
+    "tests/test_cuda_host_norms.py": "float16", "tests/test_cuda_host_linear.py": "",
+}
+# -k: the reference backend and torch.compile run no library code of ours
+# that the other tests don't (and are slow under ASan); the RSS test measures
+# memory, which ASan's shadow and quarantine inflate.
+DESELECT = "not reference and not torch_compile and not inductor and not rss"
 
 
 def runtime(name: str) -> str:
@@ -143,11 +146,19 @@ def main(argv: list[str]) -> int:
     canary(env)
     # Run from the stage: the first entry of sys.path is the working folder.
     subprocess.run([sys.executable, "-c", check], env=env, check=True, cwd=STAGE)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               "--rootdir", ROOT, "-c", os.path.join(ROOT, "pyproject.toml"), "-k", DESELECT,
-               *(os.path.join(ROOT, t) for t in (QUICK_TESTS if quick else TESTS)), *argv]
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", ROOT,
+              "-c", os.path.join(ROOT, "pyproject.toml")]
+    if quick:
+        runs = [[*pytest, "-k", f"({select}) and {DESELECT}" if select else DESELECT,
+                 os.path.join(ROOT, test), *argv] for test, select in QUICK_TESTS.items()]
+    else:
+        runs = [[*pytest, "-k", DESELECT, *(os.path.join(ROOT, t) for t in TESTS), *argv]]
     started = time.time()
-    result = subprocess.run(command, env=env, cwd=STAGE)
+    result = subprocess.CompletedProcess([], 0)
+    for command in runs:
+        result = subprocess.run(command, env=env, cwd=STAGE)
+        if result.returncode != 0:
+            break
     print(f"sanitize: pytest under ASan+UBSan finished with {result.returncode} in "
           f"{time.time() - started:.0f} s", flush=True)
     return result.returncode

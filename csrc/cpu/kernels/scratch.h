@@ -18,9 +18,11 @@ struct Scratch {
   float* data = nullptr;
   int64_t size = 0;
 
-  // At least n floats, 64-byte aligned; the contents are not kept.
+  // At least n floats, 64-byte aligned, never null (n = 0 included: memset
+  // and memcpy must not get a null pointer even for 0 bytes); the contents
+  // are not kept.
   float* get(int64_t n) {
-    if (n > size) {
+    if (n > size || data == nullptr) {
       std::free(data);
       const int64_t bytes = ((n > 0 ? n : 1) * 4 + 63) / 64 * 64;
       data = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(bytes)));
