@@ -19,7 +19,7 @@ What transformers' attention modules pass, and what becomes of it:
 - not honoured, known only at call time (``output_attentions=True``, attention
   dropout while training, or one of the above after all): the call goes to
   the implementation the model had before the patch, with its own mask
-  format, and a warning says so once. The output is then the original one.
+  format, and a RuntimeWarning says so. The output is then the original one.
 """
 
 from __future__ import annotations
@@ -91,8 +91,7 @@ def _value_of(module, expr: ast.expr):
             and expr.value.id == "self"):
         if not hasattr(module, expr.attr):
             raise LookupError(expr.attr)
-        value = getattr(module, expr.attr)
-        return value
+        return getattr(module, expr.attr)
     raise LookupError(ast.unparse(expr))
 
 
@@ -110,7 +109,7 @@ def unsupported(model: torch.nn.Module) -> list[str]:
                 "AttentionInterface"]
     seen_classes: dict[type, list | None] = {}
     found = False
-    for name, module in model.named_modules():
+    for module in model.modules():
         cls = type(module)
         if cls not in seen_classes:
             seen_classes[cls] = _interface_call_keywords(cls)

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -78,42 +79,15 @@ static inline float reduce_max(V a) {
   return _mm512_reduce_max_ps(a);
 }
 
-// 2^x: x = n + f with n = round(x), |f| <= 1/2, 2^f by its degree-7 Taylor
-// polynomial (truncation error 5e-9), 2^n by scalef. Inputs below -200
-// (and -inf) give exactly 0, +inf gives +inf, NaN stays NaN (max_ps and
-// min_ps return their second operand when either is NaN, so x goes second).
-static inline V exp2(V x) {
-  x = _mm512_min_ps(_mm512_set1_ps(128.f), _mm512_max_ps(_mm512_set1_ps(-200.f), x));
-  const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const V f = _mm512_sub_ps(x, n);
-  V p = _mm512_set1_ps(exp2_c7);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c5));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c4));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c3));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c2));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_c1));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+// The pieces of exp2 and exp (written once, below): rounding to the nearest
+// integer, p 2^n by scalef, and the clamps: below kExp2Min 2^x is exactly 0
+// (scalef goes through the subnormals), at 128 it is +inf.
+static inline V min(V a, V b) { return _mm512_min_ps(a, b); }
+static inline V round_nearest(V x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
-
-// e^x (see kExpLn2Hi); below -104 (and -inf) exactly 0, above 89 +inf, NaN stays NaN.
-static inline V exp(V x) {
-  x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));
-  const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kExpLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kExpLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kExpLn2Lo), r);
-  V p = _mm512_set1_ps(exp_c7);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_c6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_c5));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_c4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_c3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(exp_c2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+static inline V times_pow2(V p, V n) { return _mm512_scalef_ps(p, n); }
+constexpr float kExp2Min = -200.f;
 
 // r[j] = reduce_add(x[j]) for the kLanes vectors x: sixteen horizontal sums
 // at once through a transpose-and-add tree (about 3 instructions per sum).
@@ -242,44 +216,19 @@ static inline float reduce_max(V a) {
   return _mm_cvtss_f32(s);
 }
 
-// 2^x as on AVX-512, with 2^n built in the exponent bits; x is clamped to
-// [-127, 128]: n = -127 makes exactly 0 and n = 128 makes +inf. NaN stays NaN
-// (x is the second operand of max_ps and min_ps, the one they return for NaN).
-static inline V exp2(V x) {
-  x = _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), x));
-  const V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const V f = _mm256_sub_ps(x, n);
-  V p = _mm256_set1_ps(exp2_c7);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c6));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c5));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c4));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c3));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c2));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_c1));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+// The pieces of exp2 and exp (written once, below), 2^n built in the
+// exponent bits: n is kept in [-127, 128], where n = -127 makes exactly 0 and
+// n = 128 makes +inf.
+static inline V min(V a, V b) { return _mm256_min_ps(a, b); }
+static inline V round_nearest(V x) {
+  return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline V times_pow2(V p, V n) {
+  const __m256i bits =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
-
-// e^x (see kExpLn2Hi), 2^n in the exponent bits with n in [-127, 128]: n =
-// -127 makes exactly 0 and n = 128 +inf; NaN stays NaN.
-static inline V exp(V x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.7f), _mm256_max_ps(_mm256_set1_ps(-88.1f), x));
-  const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kExpLog2e)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kExpLn2Lo), r);
-  V p = _mm256_set1_ps(exp_c7);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_c6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_c5));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_c4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_c3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(exp_c2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
+constexpr float kExp2Min = -127.f;
 
 // r[j] = reduce_add(x[j]) for the 8 vectors x, through horizontal adds.
 static inline V reduce_add_lanes(const V* x) {
@@ -394,6 +343,35 @@ static inline void store(T* p, V v) {
   for (int i = 0; i < 8; ++i) p[i] = from_f32<T>(v.v[i]);
 }
 
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// Clamps keep NaN: max and min return their second operand when either is
+// NaN, so x goes second.
+
+// 2^x: x = n + f with n = round(x), |f| <= 1/2, 2^f by its degree-7 Taylor
+// polynomial (truncation error 5e-9). Below kExp2Min (and -inf) exactly 0,
+// +inf gives +inf, NaN stays NaN.
+static inline V exp2(V x) {
+  x = min(set1(128.f), max(set1(kExp2Min), x));
+  const V n = round_nearest(x);
+  const V f = sub(x, n);
+  V p = set1(exp2_c7);
+  for (float c : {exp2_c6, exp2_c5, exp2_c4, exp2_c3, exp2_c2, exp2_c1, 1.f}) p = fma(p, f, set1(c));
+  return times_pow2(p, n);
+}
+
+// e^x (see kExpLn2Hi): the argument reduced in two parts, so that x log2 e is
+// never rounded as a whole. Clamped to where n = round(x log2 e) stays in
+// [kExp2Min, 128] (0 below, +inf above); NaN stays NaN.
+static inline V exp(V x) {
+  x = min(set1(88.7f), max(set1(kExp2Min * kExpLn2Hi), x));
+  const V n = round_nearest(mul(x, set1(kExpLog2e)));
+  const V r = fnma(n, set1(kExpLn2Lo), fnma(n, set1(kExpLn2Hi), x));
+  V p = set1(exp_c7);
+  for (float c : {exp_c6, exp_c5, exp_c4, exp_c3, exp_c2, 1.f, 1.f}) p = fma(p, r, set1(c));
+  return times_pow2(p, n);
+}
 #endif
 
 #if !defined(__AVX512F__)
