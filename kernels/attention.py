@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyllm.backend import triton_interpreting
-from pyllm.kernels.launch import on_device, register
+from pyllm.kernels.launch import interpreter_tiles, on_device, register
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -47,7 +46,7 @@ _BACKWARD_Q = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 2), 256:
 
 
 def _config(table: dict, block_d: int) -> dict:
-    if triton_interpreting():
+    if interpreter_tiles():
         return dict(_INTERPRETER_CONFIG)
     block_m, block_n, warps, stages = table[block_d]
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}

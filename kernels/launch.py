@@ -9,7 +9,7 @@ import torch
 
 from pyllm.backend import triton_interpreting
 
-__all__ = ["on_device", "register"]
+__all__ = ["on_device", "register", "shipped_configs", "shipped_config_index"]
 
 _LIB = torch.library.Library("pyllm", "IMPL")
 
@@ -26,3 +26,32 @@ def register(op: str, fn) -> None:
     _LIB.impl(op, fn, "CUDA")
     if triton_interpreting():
         _LIB.impl(op, fn, "CPU")
+
+
+_SHIPPED_INDEX: int | None = None
+
+
+@contextlib.contextmanager
+def shipped_configs(index: int = 0):
+    """Under the Triton interpreter, launches inside the block use the tile
+    configurations shipped for GPUs (for autotuned kernels, the ``index``-th
+    one, modulo their number) instead of the interpreter's small tiles: the
+    interpreter tests run each kernel's real tiling too. Nothing changes on
+    a GPU, where the shipped configurations always run."""
+    global _SHIPPED_INDEX
+    previous, _SHIPPED_INDEX = _SHIPPED_INDEX, index
+    try:
+        yield
+    finally:
+        _SHIPPED_INDEX = previous
+
+
+def shipped_config_index() -> int | None:
+    """The index set by :func:`shipped_configs` under the interpreter, else None."""
+    return _SHIPPED_INDEX if triton_interpreting() else None
+
+
+def interpreter_tiles() -> bool:
+    """Whether launches use the interpreter's small tiles (interpreting, and
+    not inside :func:`shipped_configs`)."""
+    return triton_interpreting() and _SHIPPED_INDEX is None

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import pyllm
-from harness import KERNEL_DTYPES, check_rule, generator, poisoned_outputs, randn, run_under_isa
+from harness import (ISAS, KERNEL_DTYPES, check_compiles_fullgraph, check_rule, generator,
+                     grads_of, poisoned_outputs, randn, run_under_isa)
 from pyllm import reference
 
 CPU_BACKENDS = ("cpu", "reference")
@@ -91,10 +92,6 @@ def test_forward(case, dtype, backend):
     check_lse(lse, t_lse)
 
 
-def grads_of(fn, tensors, grad):
-    leaves = [t.detach().requires_grad_() for t in tensors]
-    fn(*leaves).backward(grad.to(leaves[0].dtype))
-    return [t.grad for t in leaves]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -283,7 +280,7 @@ def test_thread_count():
     torch.testing.assert_close(one[4], two[4], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("isa", ("generic", "avx2", "avx512"))
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_cpu_isa_path(isa):
     """Each ISA variant (forced in a fresh process) meets the rule."""
     run_under_isa(isa, """
@@ -336,25 +333,9 @@ class _Layer(torch.nn.Module):
 
 def test_torch_compile_fullgraph():
     torch.manual_seed(0)
-    layer = _Layer()
-    graphs = []
+    check_compiles_fullgraph(_Layer(), torch.randn(2, 19, 64), {"attention": 1})
 
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
 
-    compiled = torch.compile(layer, fullgraph=True, backend=record)
-    x = torch.randn(2, 19, 64, requires_grad=True)
-    out = compiled(x)
-    out.sum().backward()
-    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.pyllm.attention.default) == 1
-    x2 = x.detach().clone().requires_grad_()
-    ref = layer(x2)
-    torch.testing.assert_close(out, ref)
-    ref.sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad)
-    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), ref)
 
 
 # -- bad input --------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from cuda_host_kernels import DTYPE_CODE, Guarded, check_launch, guarded_input, library, ptr
-from harness import check_rule, generator, randn
+from harness import as64, check_rule, generator, randn
 from pyllm import reference
-from test_linear import as64, make, pytorch_linear, pytorch_swiglu
+from test_linear import make, pytorch_linear, pytorch_swiglu
 
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}

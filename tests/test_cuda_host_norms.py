@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cuda_host_kernels import DTYPE_CODE, Guarded, check_launch, guarded_input, library, ptr
-from harness import KERNEL_DTYPES, check_rule, generator, randn
-from test_norms import Norm, as64, grads_of
+from harness import KERNEL_DTYPES, as64, check_rule, generator, grads_of, randn
+from test_norms import Norm
 
 OPS = ("rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm")
 # (7, 127): a warp per row, scalar; (127, 1000): a warp per row, vectorised

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import pyllm
-from harness import KERNEL_DTYPES, check_rule, generator, poisoned_outputs, randn, run_under_isa
+from harness import (ISAS, KERNEL_DTYPES, as64, check_compiles_fullgraph, check_rule, generator,
+                     grads_of, poisoned_outputs, randn, run_under_isa)
 from pyllm import reference
 
 CPU_BACKENDS = ("cpu", "reference")
@@ -36,8 +37,6 @@ def pytorch_swiglu(x, wg, wu, bg, bu):
     return F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu)
 
 
-def as64(*ts):
-    return [t.double() if t is not None else None for t in ts]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -87,11 +86,6 @@ def test_layouts(layout):
         check_rule(g, t, p, factor=3)
 
 
-def grads_of(fn, tensors, grad):
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
-    out = fn(*leaves)
-    out.backward(grad.to(out.dtype))
-    return [t.grad if t is not None else None for t in leaves]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -157,7 +151,7 @@ def test_thread_count_does_not_change_results():
         assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("isa", ("generic", "avx2", "avx512"))
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_cpu_isa_path(isa):
     """Each ISA variant (forced in a fresh process) meets the rule."""
     run_under_isa(isa, """
@@ -206,26 +200,9 @@ class _MLP(torch.nn.Module):
 
 def test_torch_compile_fullgraph():
     torch.manual_seed(0)
-    mlp = _MLP()
-    graphs = []
+    check_compiles_fullgraph(_MLP(), torch.randn(3, 5, 32), {"linear": 2, "swiglu": 1})
 
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
 
-    compiled = torch.compile(mlp, fullgraph=True, backend=record)
-    x = torch.randn(3, 5, 32, requires_grad=True)
-    out = compiled(x)
-    out.sum().backward()
-    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.pyllm.linear.default) == 2
-    assert targets.count(torch.ops.pyllm.swiglu.default) == 1
-    x2 = x.detach().clone().requires_grad_()
-    ref = mlp(x2)
-    torch.testing.assert_close(out, ref)
-    ref.sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad)
-    torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), ref)
 
 
 def _t(*shape, dtype=torch.float32):

@@ -11,12 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyllm
-from harness import KERNEL_DTYPES, check_rule, generator, randn
+from harness import KERNEL_DTYPES, as64, check_rule, generator, randn
 from pyllm import reference
 
 
-def as64(*ts):
-    return [t.double() if t is not None else None for t in ts]
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pyllm
-from harness import KERNEL_DTYPES, poisoned_outputs, run_under_isa
+from harness import ISAS, KERNEL_DTYPES, poisoned_outputs, run_under_isa
 from nonfinite import (attention_cases, bounds, check, linear_cases, norm_cases, run_pyllm)
 
 CASES = (attention_cases(KERNEL_DTYPES) + norm_cases(KERNEL_DTYPES) +
@@ -44,7 +44,7 @@ def test_a_nan_query_row_is_nan_not_masked():
     assert torch.isfinite(out[0, 2, 1]).all() and torch.isfinite(out[0, :2]).all()
 
 
-@pytest.mark.parametrize("isa", ("generic", "avx2", "avx512", "avx512_bf16"))
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_cpu_isa_path(isa):
     """Each ISA variant of the CPU kernels (forced in a fresh process) keeps the rule."""
     run_under_isa(isa, """

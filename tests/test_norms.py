@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import pyllm
-from harness import (KERNEL_DTYPES, ODD_SIZES, check_rule, generator, noncontiguous,
+from harness import (ISAS, as64, check_compiles_fullgraph, grads_of, KERNEL_DTYPES, ODD_SIZES, check_rule, generator, noncontiguous,
                      poisoned_outputs, randn, run_under_isa, transposed)
 from pyllm import reference
 
@@ -58,8 +58,6 @@ class Norm:
         return (y, total) if self.fused else (y,)
 
 
-def as64(*ts):
-    return tuple(t.double() if t is not None else None for t in ts)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -132,12 +130,6 @@ def test_default_eps_is_pytorchs():
     check_rule(y, reference.rms_norm(*as64(x, w), torch.finfo(torch.bfloat16).eps)[0], expected)
 
 
-def grads_of(fn, inputs, grads):
-    """Gradients of sum(out_i * grad_i) w.r.t. every tensor input (None stays None)."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-    outs = fn(*leaves)
-    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
-    return [t.grad if t is not None else None for t in leaves]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -200,7 +192,7 @@ def test_thread_count_does_not_change_results(op):
         assert (one is None and two is None) or torch.equal(one, two)
 
 
-@pytest.mark.parametrize("isa", ("generic", "avx2", "avx512"))
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_cpu_isa_path(isa):
     """Each ISA variant (forced in a fresh process) meets the rule, forward and
     backward, for every norm op and dtype."""
@@ -274,33 +266,12 @@ class _Block(torch.nn.Module):
 
 def test_torch_compile_fullgraph():
     torch.manual_seed(0)
-    model = _Block(64)
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(model, fullgraph=True, backend=recording_backend)
-    x = torch.randn(4, 9, 64, requires_grad=True)
-    out = compiled(x)
-    out.sum().backward()
-    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-    for op in OPS:
-        assert ops.count(getattr(torch.ops.pyllm, op).default) == 1, op
-    x2 = x.detach().clone().requires_grad_()
-    ref = model(x2)
-    torch.testing.assert_close(out, ref)
-    ref.sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad)
+    check_compiles_fullgraph(_Block(64), torch.randn(4, 9, 64), {op: 1 for op in OPS})
 
 
-def test_torch_compile_inductor():
-    torch.manual_seed(0)
-    model = _Block(64)
-    compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(4, 64)
-    torch.testing.assert_close(compiled(x), model(x))
+
+
+
 
 
 # -- bad input ----------------------------------------------------------------

@@ -6,7 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include "op_handle.h"
+#include "helpers.h"
 
 namespace pyllm::autograd {
 namespace {
@@ -26,21 +26,12 @@ using AttentionBackwardSig = std::tuple<Tensor, Tensor, Tensor>(
     double, bool);
 
 template <bool kTriton>
-std::string name(const char* op) {
-  return std::string("pyllm::") + op + (kTriton ? "_triton" : "");
-}
-
-optional<Tensor> absent_if_undefined(const Tensor& t) {
-  return t.defined() ? optional<Tensor>(t) : c10::nullopt;
-}
-
-template <bool kTriton>
 struct Attention : torch::autograd::Function<Attention<kTriton>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k,
                                const Tensor& v, const optional<Tensor>& cu_q,
                                const optional<Tensor>& cu_k, int64_t max_q, int64_t max_k,
                                const optional<Tensor>& bias, double scale, bool causal) {
-    static const auto op = typed_op<AttentionSig>(name<kTriton>("attention"));
+    static const auto op = typed_op<AttentionSig>(op_name<kTriton>("attention"));
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal);
     ctx->save_for_backward({q, k, v, out, lse, cu_q.value_or(Tensor()), cu_k.value_or(Tensor()),
@@ -54,7 +45,7 @@ struct Attention : torch::autograd::Function<Attention<kTriton>> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = typed_op<AttentionBackwardSig>(name<kTriton>("attention_backward"));
+    static const auto op = typed_op<AttentionBackwardSig>(op_name<kTriton>("attention_backward"));
     const variable_list s = ctx->get_saved_variables();
     require_kernel(op, s[0]);
     auto [dq, dk, dv] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], absent_if_undefined(s[5]),
@@ -73,7 +64,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                                      double scale, bool causal) {
   if (!at::GradMode::is_enabled() ||
       !(q.requires_grad() || k.requires_grad() || v.requires_grad())) {
-    static const auto op = typed_op<AttentionSig>(name<kTriton>("attention"));
+    static const auto op = typed_op<AttentionSig>(op_name<kTriton>("attention"));
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal);
   }

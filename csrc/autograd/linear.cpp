@@ -5,7 +5,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include "op_handle.h"
+#include "helpers.h"
 
 namespace pyllm::autograd {
 namespace {
@@ -26,21 +26,10 @@ using SwigluBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const optional<Tensor>&, std::array<bool, 5>);
 
 template <bool kTriton>
-std::string name(const char* op) {
-  return std::string("pyllm::") + op + (kTriton ? "_triton" : "");
-}
-
-optional<Tensor> absent_if_undefined(const Tensor& t) {
-  return t.defined() ? optional<Tensor>(t) : c10::nullopt;
-}
-
-bool wants_grad(const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); }
-
-template <bool kTriton>
 struct Linear : torch::autograd::Function<Linear<kTriton>> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const optional<Tensor>& bias, c10::string_view activation) {
-    static const auto op = typed_op<LinearSig>(name<kTriton>("linear"));
+    static const auto op = typed_op<LinearSig>(op_name<kTriton>("linear"));
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, weight, bias.value_or(Tensor())});
     ctx->saved_data["activation"] = std::string(activation);
@@ -48,7 +37,7 @@ struct Linear : torch::autograd::Function<Linear<kTriton>> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = typed_op<LinearBackwardSig>(name<kTriton>("linear_backward"));
+    static const auto op = typed_op<LinearBackwardSig>(op_name<kTriton>("linear_backward"));
     const variable_list s = ctx->get_saved_variables();
     require_kernel(op, s[0]);
     const std::string activation = ctx->saved_data["activation"].toStringRef();
@@ -64,14 +53,14 @@ struct Swiglu : torch::autograd::Function<Swiglu<kTriton>> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_gate,
                         const Tensor& w_up, const optional<Tensor>& b_gate,
                         const optional<Tensor>& b_up) {
-    static const auto op = typed_op<SwigluSig>(name<kTriton>("swiglu"));
+    static const auto op = typed_op<SwigluSig>(op_name<kTriton>("swiglu"));
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, w_gate, w_up, b_gate.value_or(Tensor()), b_up.value_or(Tensor())});
     return op.call(x, w_gate, w_up, b_gate, b_up);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = typed_op<SwigluBackwardSig>(name<kTriton>("swiglu_backward"));
+    static const auto op = typed_op<SwigluBackwardSig>(op_name<kTriton>("swiglu_backward"));
     const variable_list s = ctx->get_saved_variables();
     require_kernel(op, s[0]);
     auto [dx, dwg, dwu, dbg, dbu] =
@@ -88,7 +77,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bia
               c10::string_view activation) {
   if (!at::GradMode::is_enabled() ||
       !(x.requires_grad() || weight.requires_grad() || wants_grad(bias))) {
-    static const auto op = typed_op<LinearSig>(name<kTriton>("linear"));
+    static const auto op = typed_op<LinearSig>(op_name<kTriton>("linear"));
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(x, weight, bias, activation);
   }
@@ -100,7 +89,7 @@ Tensor swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
               const optional<Tensor>& b_gate, const optional<Tensor>& b_up) {
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || w_gate.requires_grad() ||
                                        w_up.requires_grad() || wants_grad(b_gate) || wants_grad(b_up))) {
-    static const auto op = typed_op<SwigluSig>(name<kTriton>("swiglu"));
+    static const auto op = typed_op<SwigluSig>(op_name<kTriton>("swiglu"));
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(x, w_gate, w_up, b_gate, b_up);
   }

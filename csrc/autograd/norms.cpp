@@ -13,7 +13,7 @@
 
 #include <type_traits>
 
-#include "op_handle.h"
+#include "helpers.h"
 
 namespace pyllm::autograd {
 namespace {
@@ -22,34 +22,6 @@ using at::Tensor;
 using c10::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// The op names of one backend: "" (C++ kernels) or "_triton".
-template <bool kTriton>
-struct Names {
-  static std::string of(const char* op) { return std::string("pyllm::") + op + (kTriton ? "_triton" : ""); }
-};
-
-Tensor undefined_if_absent(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
-
-// Whether the call needs an autograd node at all; when it doesn't, the ops
-// below skip torch::autograd::Function (its bookkeeping costs about a
-// microsecond, a fifth of a decode-sized norm).
-template <typename... Ts>
-bool needs_grad(const Ts&... ts) {
-  if (!at::GradMode::is_enabled()) return false;
-  const auto wants = [](const auto& t) {
-    if constexpr (std::is_same_v<std::decay_t<decltype(t)>, optional<Tensor>>) {
-      return t.has_value() && t->requires_grad();
-    } else {
-      return t.requires_grad();
-    }
-  };
-  return (wants(ts) || ...);
-}
-
-optional<Tensor> absent_if_undefined(const Tensor& t) {
-  return t.defined() ? optional<Tensor>(t) : c10::nullopt;
-}
 
 // -- RMSNorm ------------------------------------------------------------------
 
@@ -64,7 +36,7 @@ template <bool kTriton>
 std::tuple<Tensor, Tensor> rms_norm_grads(AutogradContext* ctx, const Tensor& grad_y,
                                           const Tensor& grad_sum, bool want_x, bool want_w) {
   static const auto backward =
-      typed_op<RmsNormBackwardSig>(Names<kTriton>::of("rms_norm_backward"));
+      typed_op<RmsNormBackwardSig>(op_name<kTriton>("rms_norm_backward"));
   const variable_list saved = ctx->get_saved_variables();
   const Tensor& normalised = saved[0];
   require_kernel(backward, normalised);
@@ -76,7 +48,7 @@ template <bool kTriton>
 struct RmsNorm : torch::autograd::Function<RmsNorm<kTriton>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
                                double eps) {
-    static const auto op = typed_op<RmsNormSig>(Names<kTriton>::of("rms_norm"));
+    static const auto op = typed_op<RmsNormSig>(op_name<kTriton>("rms_norm"));
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, rstd] = op.call(x, weight, eps);
     ctx->save_for_backward({x, undefined_if_absent(weight), rstd});
@@ -95,7 +67,7 @@ template <bool kTriton>
 struct AddRmsNorm : torch::autograd::Function<AddRmsNorm<kTriton>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& residual,
                                const optional<Tensor>& weight, double eps) {
-    static const auto op = typed_op<AddRmsNormSig>(Names<kTriton>::of("add_rms_norm"));
+    static const auto op = typed_op<AddRmsNormSig>(op_name<kTriton>("add_rms_norm"));
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, sum, rstd] = op.call(x, residual, weight, eps);
     ctx->save_for_backward({sum, undefined_if_absent(weight), rstd});
@@ -114,7 +86,7 @@ struct AddRmsNorm : torch::autograd::Function<AddRmsNorm<kTriton>> {
 template <bool kTriton>
 std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, const optional<Tensor>& weight, double eps) {
   if (!needs_grad(x, weight)) {
-    static const auto op = typed_op<RmsNormSig>(Names<kTriton>::of("rms_norm"));
+    static const auto op = typed_op<RmsNormSig>(op_name<kTriton>("rms_norm"));
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(x, weight, eps);
   }
@@ -126,7 +98,7 @@ template <bool kTriton>
 std::tuple<Tensor, Tensor, Tensor> add_rms_norm(const Tensor& x, const Tensor& residual,
                                                 const optional<Tensor>& weight, double eps) {
   if (!needs_grad(x, residual, weight)) {
-    static const auto op = typed_op<AddRmsNormSig>(Names<kTriton>::of("add_rms_norm"));
+    static const auto op = typed_op<AddRmsNormSig>(op_name<kTriton>("add_rms_norm"));
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(x, residual, weight, eps);
   }
@@ -150,7 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_grads(AutogradContext* ctx, const 
                                                     const Tensor& grad_sum,
                                                     std::array<bool, 3> mask) {
   static const auto backward =
-      typed_op<LayerNormBackwardSig>(Names<kTriton>::of("layer_norm_backward"));
+      typed_op<LayerNormBackwardSig>(op_name<kTriton>("layer_norm_backward"));
   const variable_list saved = ctx->get_saved_variables();
   require_kernel(backward, saved[0]);
   auto [gx, gw, gb] = backward.call(grad_y, saved[0], saved[2], saved[3],
@@ -170,7 +142,7 @@ template <bool kTriton>
 struct LayerNorm : torch::autograd::Function<LayerNorm<kTriton>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
                                const optional<Tensor>& bias, double eps) {
-    static const auto op = typed_op<LayerNormSig>(Names<kTriton>::of("layer_norm"));
+    static const auto op = typed_op<LayerNormSig>(op_name<kTriton>("layer_norm"));
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = op.call(x, weight, bias, eps);
     ctx->save_for_backward({x, undefined_if_absent(weight), mean, rstd});
@@ -194,7 +166,7 @@ struct AddLayerNorm : torch::autograd::Function<AddLayerNorm<kTriton>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& residual,
                                const optional<Tensor>& weight, const optional<Tensor>& bias,
                                double eps) {
-    static const auto op = typed_op<AddLayerNormSig>(Names<kTriton>::of("add_layer_norm"));
+    static const auto op = typed_op<AddLayerNormSig>(op_name<kTriton>("add_layer_norm"));
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, sum, mean, rstd] = op.call(x, residual, weight, bias, eps);
     ctx->save_for_backward({sum, undefined_if_absent(weight), mean, rstd});
@@ -217,7 +189,7 @@ template <bool kTriton>
 std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& x, const optional<Tensor>& weight,
                                               const optional<Tensor>& bias, double eps) {
   if (!needs_grad(x, weight, bias)) {
-    static const auto op = typed_op<LayerNormSig>(Names<kTriton>::of("layer_norm"));
+    static const auto op = typed_op<LayerNormSig>(op_name<kTriton>("layer_norm"));
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(x, weight, bias, eps);
   }
@@ -230,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm(const Tensor& x, const
                                                           const optional<Tensor>& weight,
                                                           const optional<Tensor>& bias, double eps) {
   if (!needs_grad(x, residual, weight, bias)) {
-    static const auto op = typed_op<AddLayerNormSig>(Names<kTriton>::of("add_layer_norm"));
+    static const auto op = typed_op<AddLayerNormSig>(op_name<kTriton>("add_layer_norm"));
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(x, residual, weight, bias, eps);
   }

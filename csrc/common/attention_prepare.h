@@ -135,8 +135,9 @@ inline Tensor new_lse(const Prepared& p, const Tensor& q) {
   return at::empty({p.g.batch, p.g.heads, p.g.seq_q}, options);
 }
 
-// The backward's own inputs, checked against q, with
-// delta = rowsum(grad_out * out) laid out like lse.
+// The backward's own inputs, checked against q; delta = rowsum(grad_out *
+// out) laid out like lse is left to the device (delta_like_lse lays it out), which sums it
+// the way its kernels sum dP.
 struct PreparedBackward {
   Tensor grad_out, out, lse, delta;
 };
@@ -158,9 +159,12 @@ inline PreparedBackward prepare_backward(const Prepared& p, const Tensor& q_in,
   b.grad_out = last_dim_contiguous(grad_out_in);
   b.out = last_dim_contiguous(out_in);
   b.lse = lse_in.contiguous();
-  b.delta = at::sum(at::mul(b.grad_out.to(at::kFloat), b.out.to(at::kFloat)), {-1});
-  b.delta = (p.varlen ? b.delta.t() : b.delta.permute({0, 2, 1})).contiguous();
   return b;
+}
+
+// rowsum(grad_out * out) of shape q.shape[:-1], laid out like lse.
+inline Tensor delta_like_lse(const Prepared& p, const Tensor& row_sums) {
+  return (p.varlen ? row_sums.t() : row_sums.permute({0, 2, 1})).contiguous();
 }
 
 // The backward kernels' arguments; grad_q/k/v shaped like q/k/v.

@@ -10,9 +10,23 @@
 #include <ATen/ops/sum.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <vector>
 
+#include "activation.h"
+
 namespace pyllm {
+
+inline Activation parse_activation(c10::string_view name) {
+  if (name == "none") return Activation::none;
+  if (name == "gelu") return Activation::gelu;
+  if (name == "gelu_tanh") return Activation::gelu_tanh;
+  if (name == "silu") return Activation::silu;
+  TORCH_CHECK_VALUE(false, "pyllm::linear: activation must be none, gelu, gelu_tanh or silu, got '",
+                    std::string(name), "'");
+  return Activation::none;
+}
+
 
 // x's shape with the last dimension replaced by n.
 inline std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {

@@ -174,6 +174,28 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
   return {out, lse};
 }
 
+// delta = rowsum(grad_out * out) summed as the kernels sum dP = grad_out . v
+// (from zero, one fused multiply-add per element, in order), so that dP -
+// delta is exactly zero where out is the value row a query sees alone (a
+// single visible key): the gradient is then exactly zero, as PyTorch's.
+Tensor kernel_ordered_delta(const Prepared& p, const PreparedBackward& b) {
+  const Tensor go = b.grad_out.to(at::kFloat).contiguous();
+  const Tensor o = b.out.to(at::kFloat).contiguous();
+  const int64_t D = go.size(-1), rows = D == 0 ? 0 : go.numel() / D;
+  Tensor delta = at::empty(go.sizes().slice(0, go.dim() - 1), go.options());
+  const float* x = go.data_ptr<float>();
+  const float* y = o.data_ptr<float>();
+  float* out = delta.data_ptr<float>();
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < D; ++i) acc = std::fma(x[r * D + i], y[r * D + i], acc);
+      out[r] = acc;
+    }
+  });
+  return delta_like_lse(p, delta);
+}
+
 std::tuple<Tensor, Tensor, Tensor> attention_backward(
     const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
     const Tensor& out_in, const Tensor& lse_in, const optional<Tensor>& cu_q,
@@ -182,7 +204,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
   Prepared p = prepare("attention_backward", c10::DeviceType::CPU, q_in, k_in, v_in, cu_q, cu_k,
                        max_q, max_k, bias, scale, causal);
   const AttentionGeometry& g = p.g;
-  const PreparedBackward inputs = prepare_backward(p, q_in, grad_out_in, out_in, lse_in);
+  PreparedBackward inputs = prepare_backward(p, q_in, grad_out_in, out_in, lse_in);
+  inputs.delta = kernel_ordered_delta(p, inputs);
   Tensor grad_q = empty_output(p.q.sizes(), p.q.options());
   Tensor grad_k = empty_output(p.k.sizes(), p.k.options());
   Tensor grad_v = empty_output(p.v.sizes(), p.v.options());

@@ -1,9 +1,10 @@
 // Run-time choice of the CPU instruction set.
 //
-// Kernels with ISA-specific code are compiled once per instruction set, each
-// source file with its own flags (files named *_avx2.cpp, *_avx512.cpp,
-// *_avx512bf16.cpp; see setup.py), and the dispatching code picks one with
-// active_isa(). The portable fallback (*_generic.cpp) runs everywhere.
+// Kernels with ISA-specific code are written once as a header
+// csrc/cpu/kernels/<name>_kernel.h over the SIMD layer (simd.h); setup.py
+// compiles it once per instruction set, in the namespace PYLLM_ISA names
+// (generic, avx2, avx512, avx512_bf16), each with that set's flags, and the
+// dispatching code picks one with active_isa(). generic runs everywhere.
 #pragma once
 
 namespace pyllm::cpu {

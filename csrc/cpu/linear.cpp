@@ -31,16 +31,6 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-Activation parse_activation(c10::string_view name) {
-  if (name == "none") return Activation::none;
-  if (name == "gelu") return Activation::gelu;
-  if (name == "gelu_tanh") return Activation::gelu_tanh;
-  if (name == "silu") return Activation::silu;
-  TORCH_CHECK_VALUE(false, "pyllm::linear: activation must be none, gelu, gelu_tanh or silu, got '",
-                    std::string(name), "'");
-  return Activation::none;
-}
-
 Operand operand(const Tensor& t, bool transposed = false) {
   // A 2-D tensor as (i, j); transposed: as (j, i).
   return {t.data_ptr(), transposed ? t.stride(1) : t.stride(0),

@@ -30,12 +30,13 @@ namespace {
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
 NormForwardFn forward_kernel() {
-  return pick_isa<NormForwardFn>(generic::norm_forward, avx2::norm_forward, avx512::norm_forward);
+  return pick_isa<NormForwardFn>(generic::norm_forward, avx2::norm_forward, avx512::norm_forward,
+                                 avx512_bf16::norm_forward);
 }
 
 NormBackwardFn backward_kernel() {
   return pick_isa<NormBackwardFn>(generic::norm_backward, avx2::norm_backward,
-                                  avx512::norm_backward);
+                                  avx512::norm_backward, avx512_bf16::norm_backward);
 }
 
 // The forward of all four ops. Returns y, sum (undefined without residual),
@@ -66,6 +67,7 @@ std::array<at::Tensor, 4> norm_forward(const char* op, bool rms, const at::Tenso
                          sum.defined() ? sum.data_ptr() : nullptr,
                          mean.defined() ? mean.data_ptr<float>() : nullptr,
                          rstd.data_ptr<float>(),
+                         rows,
                          n,
                          static_cast<float>(eps),
                          kernel_dtype(x, "x"),
@@ -104,6 +106,9 @@ std::array<at::Tensor, 3> norm_backward(const char* op, bool rms, const at::Tens
                           data_or_null(weight),
                           data_or_null(grad_sum),
                           grad_x.defined() ? grad_x.data_ptr() : nullptr,
+                          nullptr,
+                          nullptr,
+                          rows,
                           n,
                           kernel_dtype(x, "x"),
                           param_type,

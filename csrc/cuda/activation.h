@@ -2,11 +2,12 @@
 // in fp32. Names as in the linear op: none, gelu (erf), gelu_tanh, silu.
 #pragma once
 
+#include "../common/activation.h"
 #include "device.h"
 
 namespace pyllm::cuda {
 
-enum class Activation : int { none = 0, gelu = 1, gelu_tanh = 2, silu = 3 };
+using pyllm::Activation;
 
 constexpr float kSqrtHalf = 0.70710678118654752f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;

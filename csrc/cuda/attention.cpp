@@ -47,7 +47,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
   Prepared p = prepare("attention_backward", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k,
                        max_q, max_k, bias, scale, causal);
   check_tensor_core_dtype("attention_backward", "q, k, v", p.q);
-  const PreparedBackward inputs = prepare_backward(p, q_in, grad_out_in, out_in, lse_in);
+  PreparedBackward inputs = prepare_backward(p, q_in, grad_out_in, out_in, lse_in);
+  inputs.delta = delta_like_lse(
+      p, at::sum(at::mul(inputs.grad_out.to(at::kFloat), inputs.out.to(at::kFloat)), {-1}));
   Tensor grad_q = at::empty(p.q.sizes(), p.q.options());
   Tensor grad_k = at::empty(p.k.sizes(), p.k.options());
   Tensor grad_v = at::empty(p.v.sizes(), p.v.options());

@@ -31,16 +31,6 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-Activation parse_activation(c10::string_view name) {
-  if (name == "none") return Activation::none;
-  if (name == "gelu") return Activation::gelu;
-  if (name == "gelu_tanh") return Activation::gelu_tanh;
-  if (name == "silu") return Activation::silu;
-  TORCH_CHECK_VALUE(false, "pyllm::linear: activation must be none, gelu, gelu_tanh or silu, got ",
-                    name);
-  return Activation::none;
-}
-
 void check_input(const char* op, const Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.is_cuda(), "pyllm::", op,
                     " (CUDA kernel): x must be a CUDA tensor with at least one dimension");

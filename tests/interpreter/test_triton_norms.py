@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import pyllm
-from harness import check_rule, generator, noncontiguous, poisoned_outputs, randn
-from test_norms import OPS, Norm, as64, grads_of
+from harness import as64, check_rule, generator, grads_of, noncontiguous, poisoned_outputs, randn
+from test_norms import OPS, Norm
 
 INTERPRETED_DTYPES = (torch.float32, torch.float16)
 # Odd sizes, and a row longer than one register block (streamed in blocks).

@@ -1,6 +1,6 @@
 // Attention CPU kernels: the interface between the operator
-// (csrc/cpu/attention.cpp) and the per-ISA variants
-// (attention_{generic,avx2,avx512,avx512bf16}.cpp). Raw pointers, sizes and
+// (csrc/cpu/attention.cpp) and the per-ISA variants of attention_kernel.h
+// (setup.py compiles one per instruction set). Raw pointers, sizes and
 // strides only; the caller has checked shapes.
 //
 // The argument structs are shared with the CUDA kernels (common/attention_args.h).

@@ -1,5 +1,6 @@
 // GEMM CPU kernels: the interface between the operators (csrc/cpu/linear.cpp)
-// and the per-ISA variants (gemm_{generic,avx2,avx512,avx512bf16}.cpp).
+// and the per-ISA variants of gemm_kernel.h (setup.py compiles one per
+// instruction set).
 //
 // C[M][N] = A[M][K] . B[K][N], each operand given by its strides (so that
 // x @ W^T, dz @ W and dz^T @ x are all the same kernel), with the epilogue
@@ -9,11 +10,12 @@
 
 #include <cstdint>
 
+#include "../../common/activation.h"
 #include "scalar.h"
 
 namespace pyllm::cpu {
 
-enum class Activation : int { none = 0, gelu = 1, gelu_tanh = 2, silu = 3 };
+using pyllm::Activation;
 
 // Element (i, j) at data + i * rs + j * cs (in elements).
 struct Operand {

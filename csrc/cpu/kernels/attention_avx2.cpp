@@ -1,3 +1,0 @@
-// Attention kernels built with the avx2 flags (see setup.py).
-#define PYLLM_ISA avx2
-#include "attention_kernel.h"

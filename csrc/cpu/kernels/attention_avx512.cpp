@@ -1,3 +1,0 @@
-// Attention kernels built with the avx512 flags (see setup.py).
-#define PYLLM_ISA avx512
-#include "attention_kernel.h"

@@ -1,3 +1,0 @@
-// Attention kernels built with the avx512 + avx512bf16 flags (see setup.py).
-#define PYLLM_ISA avx512_bf16
-#include "attention_kernel.h"

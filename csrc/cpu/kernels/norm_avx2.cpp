@@ -1,3 +1,0 @@
-// LayerNorm / RMSNorm kernels built with the avx2 flags (see setup.py).
-#define PYLLM_ISA avx2
-#include "norm_kernel.h"
