@@ -95,6 +95,18 @@ TORCH_LIBRARY(pyllm, m) {
   PYLLM_DEF(m, "swiglu_backward",
             "(Tensor grad_y, Tensor x, Tensor weight_gate, Tensor weight_up, Tensor? bias_gate,"
             " Tensor? bias_up, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  m.set_python_module("pyllm.ops.rotary");
+  // Rotary position embedding, in place on q (batch, seq, heads, head_dim)
+  // and k (batch, seq, heads_kv, head_dim), head_dim contiguous: the first
+  // rotary_dim = 2 * cos.size(1) elements of every head of token (b, s) are
+  // rotated by the angles of position positions[b, s] (int64, (batch, seq)),
+  // cos/sin float32 (max_positions, rotary_dim / 2); pairs (i, i + rotary_dim
+  // / 2) (GPT-NeoX) or (2i, 2i + 1) (interleaved, GPT-J). conjugate rotates
+  // by minus the angle (the backward). Computed in float32, rounded once.
+  PYLLM_DEF(m, "rotary",
+            "(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor positions,"
+            " bool interleaved, bool conjugate) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {

@@ -32,6 +32,7 @@ from pyllm.ops.attention import attention, attention_varlen  # noqa: E402
 from pyllm.ops.layer_norm import add_layer_norm, layer_norm  # noqa: E402
 from pyllm.ops.linear import linear, swiglu  # noqa: E402
 from pyllm.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
+from pyllm.ops.rotary import rotary, rotary_tables  # noqa: E402
 from pyllm import nn  # noqa: E402
 from pyllm.nn import patch, unpatch  # noqa: E402
 
@@ -61,6 +62,8 @@ __all__ = [
     "current_backend",
     "empty_cache",
     "rms_norm",
+    "rotary",
+    "rotary_tables",
     "swiglu",
     "unpatch",
     "use_backend",

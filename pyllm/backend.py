@@ -37,6 +37,7 @@ import os
 import torch
 
 from pyllm import _extension, reference
+from pyllm.ops.registry import OPS
 
 __all__ = [
     "BACKENDS",
@@ -59,20 +60,7 @@ DEFAULT_ORDER = {
 }
 
 ANY = "any device"
-_KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 _REFERENCE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-
-#: The routed ops: the dtypes their kernels take, and the function of
-#: pyllm.reference with the op's signature (default: the op's name).
-OPS = {
-    "rms_norm": {"dtypes": _KERNEL_DTYPES},
-    "add_rms_norm": {"dtypes": _KERNEL_DTYPES},
-    "layer_norm": {"dtypes": _KERNEL_DTYPES},
-    "add_layer_norm": {"dtypes": _KERNEL_DTYPES},
-    "attention": {"dtypes": _KERNEL_DTYPES, "reference": "attention_op"},
-    "linear": {"dtypes": _KERNEL_DTYPES},
-    "swiglu": {"dtypes": _KERNEL_DTYPES},
-}
 
 
 class BackendError(RuntimeError):
@@ -174,7 +162,7 @@ def refresh() -> None:
             "cpu": (_kernel_devices(f"pyllm::{op}", ("cpu",)), native),
             "cuda": (_kernel_devices(f"pyllm::{op}", ("cuda",)), native),
             "triton": (_kernel_devices(f"pyllm::{op}_triton", ("cuda", "cpu")), triton_op),
-            "reference": ((ANY,), getattr(reference, OPS[op].get("reference", op))),
+            "reference": ((ANY,), getattr(reference, OPS[op]["reference"])),
         }
         for name, (devices, fn) in candidates.items():
             kernels[(op, name)] = devices

@@ -278,3 +278,41 @@ def attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         return attention(q, k, v, causal=causal, scale=scale, bias=bias)
     return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
                             bias=bias)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *,
+           interleaved: bool = False, conjugate: bool = False) -> torch.Tensor:
+    """Rotary position embedding of ``x`` (a new tensor).
+
+    Args:
+        x: ``(batch, seq, heads, head_dim)``.
+        cos, sin: ``(max_positions, rotary_dim // 2)``, ``rotary_dim <= head_dim``.
+        positions: ``(batch, seq)`` integers in ``[0, max_positions)``.
+        interleaved: pairs ``(2i, 2i + 1)`` (GPT-J) instead of ``(i, i +
+            rotary_dim // 2)`` (GPT-NeoX, LLaMA).
+        conjugate: rotate by minus the angle.
+
+    Returns ``x`` rotated, ``x.dtype``: computed in float64 for float64 input,
+    else float32, rounded once; the last ``head_dim - rotary_dim`` elements of
+    every head unchanged.
+    """
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    half = cos.shape[-1]
+    c = cos.to(ct)[positions][:, :, None, :]  # (batch, seq, 1, half)
+    s = sin.to(ct)[positions][:, :, None, :]
+    if conjugate:
+        s = -s
+    rot = x[..., :2 * half].to(ct)
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+    y1, y2 = x1 * c - x2 * s, x2 * c + x1 * s
+    y = torch.stack([y1, y2], dim=-1).flatten(-2) if interleaved else torch.cat([y1, y2], dim=-1)
+    return torch.cat([y.to(x.dtype), x[..., 2 * half:]], dim=-1)
+
+
+def rotary_op(q, k, cos, sin, positions, interleaved, conjugate):
+    """pyllm::rotary's signature: q and k rotated in place by :func:`rotary`."""
+    for x in (q, k):
+        x.copy_(rotary(x, cos, sin, positions, interleaved=interleaved, conjugate=conjugate))

@@ -9,6 +9,7 @@ writes (guards changed) and reads (NaN reaching an output).
 """
 
 import ctypes
+import glob
 import hashlib
 import os
 import shutil
@@ -19,8 +20,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join(ROOT, "tests", "cuda_host")
-KERNEL_SOURCES = ["csrc/cuda/norm_kernel.cu", "csrc/cuda/gemm_kernel.cu",
-                  "csrc/cuda/attention_forward_kernel.cu", "csrc/cuda/attention_backward_kernel.cu"]
+# Every kernel source (csrc/cuda/*.cu; the operator files, *.cpp, include torch).
+KERNEL_SOURCES = sorted(os.path.relpath(p, ROOT) for p in
+                        glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 DRIVER = "tests/cuda_host/driver.cpp"
 FLAGS = ["-std=c++20", "-O2", "-g0", "-fPIC", "-pthread", "-DPYLLM_CUDA_HOST_MODEL_BUILD",
          "-I", MODEL_DIR, "-I", os.path.join(ROOT, "csrc"), "-Wall", "-Wno-unknown-pragmas"]

@@ -65,8 +65,9 @@ def grads_of(fn, tensors, grads) -> list:
 
 
 def check_compiles_fullgraph(module: torch.nn.Module, x: torch.Tensor, ops: dict) -> None:
-    """``torch.compile(module, fullgraph=True)`` traces one graph in which each
-    ``torch.ops.pyllm.<op>`` of ``ops`` appears the given number of times, and
+    """``torch.compile(module, fullgraph=True)`` traces one graph in which (with
+    its subgraphs) each ``torch.ops.pyllm.<op>`` of ``ops`` appears the given
+    number of times, and
     gives the eager module's output and input gradient (with a recording
     backend, then with inductor)."""
     graphs = []
@@ -80,7 +81,9 @@ def check_compiles_fullgraph(module: torch.nn.Module, x: torch.Tensor, ops: dict
     out = torch.compile(module, fullgraph=True, backend=record)(x)
     out.sum().backward()
     assert len(graphs) == 1, f"{len(graphs)} graphs"
-    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    # the graph and its subgraphs (an autograd.Function's forward and backward)
+    targets = [n.target for m in graphs[0].modules() if isinstance(m, torch.fx.GraphModule)
+               for n in m.graph.nodes if n.op == "call_function"]
     for op, count in ops.items():
         found = targets.count(getattr(torch.ops.pyllm, op).default)
         assert found == count, f"pyllm::{op} appears {found} times in the graph, not {count}"

@@ -180,3 +180,25 @@ def test_swiglu(shape, dtype, backend):
     pt = grads_of(theirs, (x, wg, wu, bg, bu), grad)
     for g, t, p in zip(ours, exact, pt):
         check_rule(g, t, p, factor=3, what=f"swiglu {backend} grad")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "interleaved"])
+@pytest.mark.parametrize("shape", [(4, 2048, 32, 8, 128, 128), (1, 8192, 16, 16, 80, 32)],
+                         ids=str)
+def test_rotary(shape, interleaved, dtype, backend):
+    require("rotary", backend)
+    from test_rotary import pytorch_rotary
+
+    b, s, h, hkv, d, rd = shape
+    q, k = randn(b, s, h, d, dtype=dtype), randn(b, s, hkv, d, dtype=dtype, seed=1)
+    cos, sin = (t.cuda() for t in pyllm.rotary_tables(rd, 16384, 500000.0))
+    pos = torch.randint(0, 16384, (b, s), device="cuda", generator=torch.Generator("cuda"))
+    q2, k2 = q.clone(), k.clone()
+    pyllm.rotary(q2, k2, cos, sin, pos, interleaved=interleaved, backend=backend)
+    for name, ours, x in (("q", q2, q), ("k", k2, k)):
+        truth = reference.rotary(x.double(), cos.double(), sin.double(), pos,
+                                 interleaved=interleaved)
+        check_rule(ours, truth, pytorch_rotary(x, cos, sin, pos, interleaved),
+                   what=f"rotary {name} {backend}")

@@ -14,11 +14,12 @@ from pyllm.models import LlamaForCausalLM
 transformers = pytest.importorskip("transformers")
 
 
-def hf_llama(tie=False):
+def hf_llama(tie=False, rope=None, max_positions=128):
+    extra = {"rope_parameters": {"rope_theta": 10000.0, **rope}} if rope else {}
     config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=150,
                                       num_hidden_layers=2, num_attention_heads=8,
-                                      num_key_value_heads=2, max_position_embeddings=128,
-                                      tie_word_embeddings=tie)
+                                      num_key_value_heads=2, max_position_embeddings=max_positions,
+                                      tie_word_embeddings=tie, **extra)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -32,6 +33,25 @@ def test_logits_and_gradients_match_hugging_face(tie):
     hf = hf_llama(tie)
     ours = LlamaForCausalLM.from_hf(hf)
     ids, mask = prompts()
+    target = torch.randint(0, 97, ids.shape, generator=torch.Generator().manual_seed(4))
+    check_against_hf(ours, hf, lambda m: m(ids, mask),
+                     lambda m: m(ids, attention_mask=mask).logits, mask.bool(), target)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 4},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4},
+], ids=lambda r: r["rope_type"])
+def test_scaled_rotary_matches_hugging_face(rope):
+    """The rope scaling types run on pyllm.rotary's kernel and give HF's logits
+    (dynamic NTK past max_position_embeddings: prompts longer than 8)."""
+    hf = hf_llama(rope=rope, max_positions=8)
+    ours = LlamaForCausalLM.from_hf(hf)
+    ids, mask = prompts()
+    assert ids.shape[1] > 8
     target = torch.randint(0, 97, ids.shape, generator=torch.Generator().manual_seed(4))
     check_against_hf(ours, hf, lambda m: m(ids, mask),
                      lambda m: m(ids, attention_mask=mask).logits, mask.bool(), target)

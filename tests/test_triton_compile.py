@@ -281,3 +281,35 @@ def test_attention_compiles_with_64bit_batch_strides(arch):
     compiled, _ = compile_triton(attention.attention_forward_kernel, signature, constexprs, arch,
                                  warps, stages, _DIVISIBLE)
     assert "mul.wide" in compiled.asm["ptx"] or "mul.lo.s64" in compiled.asm["ptx"]
+
+
+# -- rotary ------------------------------------------------------------------------
+
+def rotary_configs():
+    from pyllm.kernels.rotary import launch_config
+
+    seen = set()
+    for heads in (1, 2, 8, 32, 64):
+        for half in (1, 16, 32, 48, 64, 128):
+            config = launch_config(heads, half)
+            key = tuple(sorted(config.items()))
+            if key not in seen:
+                seen.add(key)
+                yield config
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", list(TYPES))
+@pytest.mark.parametrize("config", list(rotary_configs()), ids=_ids)
+def test_rotary_compiles(config, dtype, arch):
+    from pyllm.kernels.rotary import rotary_kernel
+
+    t = TYPES[dtype][0]
+    signature = {"X": f"*{t}", "COS": "*fp32", "SIN": "*fp32", "POS": "*i64", "stride_b": "i64",
+                 "stride_s": "i64", "stride_h": "i64", "seq": "i32", "heads": "i32", "half": "i32",
+                 "max_positions": "i32", "INTERLEAVED": "constexpr", "CONJUGATE": "constexpr",
+                 "BLOCK_H": "constexpr", "BLOCK_P": "constexpr"}
+    for interleaved in (False, True):
+        constexprs = {"INTERLEAVED": interleaved, "CONJUGATE": interleaved,
+                      "BLOCK_H": config["BLOCK_H"], "BLOCK_P": config["BLOCK_P"]}
+        check(rotary_kernel, signature, constexprs, arch, config["num_warps"], num_stages=1)

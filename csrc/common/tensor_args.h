@@ -113,3 +113,50 @@ inline DType check_norm_backward_args(const char* op, c10::DeviceType device_typ
 }
 
 }  // namespace pyllm
+
+#include "rotary_args.h"
+
+namespace pyllm {
+
+// pyllm::rotary's arguments checked for memory safety (the user-facing
+// checks are in pyllm/ops/rotary.py) and turned into the kernels' Rotary.
+// Positions outside [0, max_positions) are left to the kernels, which never
+// read the tables there.
+inline Rotary check_rotary_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                const at::Tensor& sin, const at::Tensor& positions,
+                                bool interleaved, bool conjugate, c10::DeviceType device_type) {
+  const char* op = "pyllm::rotary";
+  for (const at::Tensor* t : {&q, &k}) {
+    TORCH_CHECK_VALUE(t->dim() == 4 && t->device().type() == device_type, op,
+                      ": q and k must be 4-D (batch, seq, heads, head_dim) on the kernel's device");
+    TORCH_CHECK_VALUE(t->size(3) <= 1 || t->stride(3) == 1, op,
+                      ": q and k must have a contiguous head_dim");
+  }
+  TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type() && k.device() == q.device() &&
+                        k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+                    op, ": k must match q in dtype, device, batch, seq and head_dim");
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                          t->device() == q.device() && t->sizes() == cos.sizes(),
+                      op, ": cos and sin must be contiguous float32 (max_positions, half) on q's "
+                      "device");
+  }
+  TORCH_CHECK_VALUE(cos.size(1) >= 1 && 2 * cos.size(1) <= q.size(3), op,
+                    ": 2 x cos.size(1) must be between 2 and head_dim");
+  TORCH_CHECK_VALUE(positions.dim() == 2 && positions.scalar_type() == at::kLong &&
+                        positions.is_contiguous() && positions.device() == q.device() &&
+                        positions.size(0) == q.size(0) && positions.size(1) == q.size(1),
+                    op, ": positions must be contiguous int64 (batch, seq) on q's device");
+  const auto tensor = [](const at::Tensor& t) {
+    return RotaryTensor{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.size(2)};
+  };
+  return Rotary{tensor(q),          tensor(k),
+                cos.data_ptr<float>(), sin.data_ptr<float>(),
+                positions.data_ptr<int64_t>(),
+                q.size(0),          q.size(1),
+                q.size(3),          cos.size(1),
+                cos.size(0),        kernel_dtype(q, "q"),
+                interleaved,        conjugate};
+}
+
+}  // namespace pyllm

@@ -34,21 +34,30 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
+    #: transformers' rope scaling (rope_type default, linear, dynamic, llama3,
+    #: yarn and their keys); None: plain rotary embeddings.
+    rope_parameters: dict | None = None
+    max_position_embeddings: int | None = None
 
     @classmethod
     def from_hf(cls, config) -> "LlamaConfig":
         """From a ``transformers.LlamaConfig`` (or any object with its
-        attributes); a ``rope_type`` other than the default (e.g. scaled
-        rotary embeddings) raises ``NotImplementedError``."""
-        rope = getattr(config, "rope_parameters", None) or {}
+        attributes); its rope scaling (default, linear, dynamic, llama3, yarn)
+        is kept; another ``rope_type`` (longrope) raises ``NotImplementedError``."""
+        from pyllm.ops.rotary import ROPE_TYPES
+
+        rope = dict(getattr(config, "rope_parameters", None) or {})
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        if rope.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"pyllm LlamaConfig: rope_type {rope['rope_type']!r} is not "
-                                      "supported (only the default rotary embedding)")
+        kind = rope.get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise NotImplementedError(f"pyllm LlamaConfig: rope_type {kind!r} is not supported "
+                                      f"(supported: {', '.join(ROPE_TYPES)})")
         return cls(config.vocab_size, config.hidden_size, config.intermediate_size,
                    config.num_hidden_layers, config.num_attention_heads,
                    getattr(config, "num_key_value_heads", None), getattr(config, "head_dim", None),
-                   config.rms_norm_eps, float(theta), bool(config.tie_word_embeddings))
+                   config.rms_norm_eps, float(theta), bool(config.tie_word_embeddings),
+                   rope if kind != "default" else None,
+                   getattr(config, "max_position_embeddings", None))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -59,7 +68,9 @@ class LlamaDecoderLayer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **factory)
         self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                                   head_dim=c.head_dim, rope_base=c.rope_theta, **factory)
+                                   head_dim=c.head_dim, rope_base=c.rope_theta,
+                                   rope_parameters=c.rope_parameters,
+                                   max_position_embeddings=c.max_position_embeddings, **factory)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **factory)
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, **factory)
 

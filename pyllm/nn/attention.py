@@ -19,34 +19,85 @@ __all__ = ["Attention", "KVCache", "MultiheadAttention", "RotaryEmbedding"]
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding, the "rotate half" layout of GPT-NeoX/Llama:
-    ``x * cos + rotate_half(x) * sin`` with ``inv_freq = base^(-2i/d)``.
+    """Rotary position embedding on :func:`pyllm.rotary` (the fused kernel).
 
     Args:
-        head_dim: even; base: the frequency base (10000 by default).
+        head_dim: the heads' width; base: the frequency base (``rope_theta``).
+        rotary_dim: the rotated part of each head (even; default head_dim:
+            partial rotary below it).
+        rope_parameters: transformers' scaling (``rope_type`` default, linear,
+            dynamic, llama3 or yarn, and its keys; see
+            :func:`pyllm.ops.rotary.rotary_inv_freq`).
+        max_position_embeddings: the model's (dynamic and yarn need it).
+        interleaved: GPT-J pairs ``(2i, 2i + 1)`` instead of GPT-NeoX/LLaMA's
+            ``(i, i + rotary_dim / 2)``.
 
-    ``forward(x, positions)``: x ``(batch, seq, heads, head_dim)``, positions
-    ``(seq,)`` or ``(batch, seq)`` integers; returns x rotated, x's dtype
-    (angles computed in float32).
+    ``rotate(q, k, positions)`` rotates q ``(batch, seq, heads, head_dim)``
+    and k in place (one kernel) and returns them; ``forward(x, positions)``
+    returns x rotated (a new tensor). positions: ``(seq,)`` or ``(batch, seq)``
+    integers. The cos/sin tables are computed once per length (float32) and
+    kept.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0, device=None):
+    def __init__(self, head_dim: int, base: float = 10000.0, device=None, *,
+                 rotary_dim: int | None = None, rope_parameters: dict | None = None,
+                 max_position_embeddings: int | None = None, interleaved: bool = False):
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"pyllm.nn.RotaryEmbedding: head_dim must be even, got {head_dim}")
-        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-                             / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if rotary_dim % 2 or not 2 <= rotary_dim <= head_dim:
+            raise ValueError(f"pyllm.nn.RotaryEmbedding: rotary_dim must be even and between 2 "
+                             f"and head_dim {head_dim}, got {rotary_dim}")
+        from pyllm.ops.rotary import rotary_inv_freq
+
+        self.rotary_dim, self.base, self.interleaved = rotary_dim, base, interleaved
+        self.rope_parameters = dict(rope_parameters or {})
+        self.max_position_embeddings = max_position_embeddings
+        inv_freq, self.attention_factor = rotary_inv_freq(
+            rotary_dim, base, self.rope_parameters, max_position_embeddings=max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self._tables: dict = {}
+
+    def _dynamic(self) -> bool:
+        kind = self.rope_parameters.get("rope_type", self.rope_parameters.get("type", "default"))
+        return kind == "dynamic"
+
+    def tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) ``(>= length, rotary_dim // 2)`` float32 on ``device``."""
+        dynamic = self._dynamic() and length > (self.max_position_embeddings or 0)
+        size = length if dynamic else max(256, 1 << max(length - 1, 0).bit_length())
+        key = (size, str(device), dynamic)
+        found = self._tables.get(key)
+        if found is None:
+            from pyllm.ops.rotary import rotary_tables
+
+            if not dynamic:
+                self._tables = {k: v for k, v in self._tables.items() if k[2]}  # one static size kept
+            if dynamic or self.inv_freq.device.type == "meta":
+                found = rotary_tables(self.rotary_dim, size, self.base, self.rope_parameters,
+                                      max_position_embeddings=self.max_position_embeddings,
+                                      device=device)
+            else:
+                angles = torch.arange(size, dtype=torch.float32, device=device)[:, None] * \
+                    self.inv_freq.to(device)[None, :]
+                found = (angles.cos() * self.attention_factor, angles.sin() * self.attention_factor)
+            self._tables[key] = found
+        return found
+
+    def _length(self, positions: torch.Tensor) -> int:
+        return int(positions.max()) + 1 if positions.numel() else 1
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               length: int | None = None):
+        """q and k rotated in place; ``length`` (> every position), when known,
+        spares reading the positions' maximum."""
+        cos, sin = self.tables(length or self._length(positions), q.device)
+        return pyllm.rotary(q, k, cos, sin, positions, interleaved=self.interleaved)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(x.device)
-        angles = torch.cat([angles, angles], dim=-1)  # (..., seq, head_dim)
-        if angles.dim() == 2:
-            angles = angles[None]
-        cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+        cos, sin = self.tables(self._length(positions), x.device)
+        none = x[..., :0, :]
+        return pyllm.rotary(x, none, cos, sin, positions, interleaved=self.interleaved,
+                            inplace=False)[0]
 
 
 class KVCache:
@@ -88,7 +139,9 @@ class Attention(nn.Module):
         num_kv_heads: key/value heads, dividing num_heads (default num_heads).
         bias: biases on q/k/v projections; ``out_bias`` on o_proj (default: bias).
         causal: causal self-attention (bottom-right aligned with a cache).
-        rope_base: rotary embeddings with this base, or None for none.
+        rope_base: rotary embeddings with this base, or None for none;
+            ``rope_parameters``, ``rotary_dim``, ``max_position_embeddings``:
+            their scaling and partial rotary (:class:`RotaryEmbedding`).
         kv_size: width of the cross-attention context (default hidden_size).
         device, dtype: of the parameters.
 
@@ -105,7 +158,8 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, *,
                  head_dim: int | None = None, bias: bool = False, out_bias: bool | None = None,
                  causal: bool = True, rope_base: float | None = None, kv_size: int | None = None,
-                 device=None, dtype=None):
+                 rope_parameters: dict | None = None, rotary_dim: int | None = None,
+                 max_position_embeddings: int | None = None, device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
@@ -121,7 +175,10 @@ class Attention(nn.Module):
         self.v_proj = Linear(kv_size, num_kv_heads * self.head_dim, bias, **factory)
         self.o_proj = Linear(num_heads * self.head_dim, hidden_size,
                              bias if out_bias is None else out_bias, **factory)
-        self.rotary = RotaryEmbedding(self.head_dim, rope_base, device) if rope_base else None
+        self.rotary = RotaryEmbedding(
+            self.head_dim, rope_base, device, rotary_dim=rotary_dim,
+            rope_parameters=rope_parameters,
+            max_position_embeddings=max_position_embeddings) if rope_base else None
 
     def new_cache(self, batch: int, max_tokens: int, *, dtype=None, device=None) -> KVCache:
         """A :class:`KVCache` for this module (parameters' dtype/device by default)."""
@@ -138,10 +195,11 @@ class Attention(nn.Module):
         k = self.k_proj(source).view(b, source.shape[1], self.num_kv_heads, self.head_dim)
         v = self.v_proj(source).view(b, source.shape[1], self.num_kv_heads, self.head_dim)
         if self.rotary is not None and context is None:
+            length = None
             if positions is None:
                 start = cache.length if cache is not None else 0
-                positions = torch.arange(start, start + s, device=x.device)
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
+                positions, length = torch.arange(start, start + s, device=x.device), start + s
+            q, k = self.rotary.rotate(q, k, positions, length)
         if cache is not None:
             k, v = cache.append(k, v)
         causal = self.causal and context is None

@@ -5,4 +5,5 @@ documented public function, and the fake kernels and autograd formula that it
 registers for ``pyllm::<op>`` and ``pyllm::<op>_triton`` when imported.
 """
 
-from pyllm.ops import attention, layer_norm, linear, rms_norm  # noqa: F401
+# (in the order `pyllm info` lists them)
+from pyllm.ops import rms_norm, layer_norm, attention, linear, rotary  # noqa: F401,I001

@@ -15,6 +15,7 @@ import math
 import torch
 
 from pyllm import backend as _backend
+from pyllm.ops.registry import declare
 from pyllm.checks import INT32_MAX, check_float, check_tensor
 
 __all__ = ["attention", "attention_varlen", "MAX_HEAD_DIM"]
@@ -205,6 +206,5 @@ def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqle
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
-for _suffix in ("", "_triton"):
-    torch.library.register_fake(f"pyllm::attention{_suffix}", _attention_fake)
-    torch.library.register_fake(f"pyllm::attention_backward{_suffix}", _attention_backward_fake)
+declare("attention", fake=_attention_fake, reference="attention_op",
+        helpers={"attention_backward": _attention_backward_fake})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from pyllm import backend as _backend
+from pyllm.ops.registry import declare
 from pyllm.ops.norm_args import check_norm_args
 
 __all__ = ["layer_norm", "add_layer_norm"]
@@ -94,7 +95,6 @@ def _layer_norm_backward_fake(grad_y, x, mean, rstd, weight, grad_sum, output_ma
             _like(param) if output_mask[2] else None)
 
 
-for _suffix in ("", "_triton"):
-    torch.library.register_fake(f"pyllm::layer_norm{_suffix}", _layer_norm_fake)
-    torch.library.register_fake(f"pyllm::add_layer_norm{_suffix}", _add_layer_norm_fake)
-    torch.library.register_fake(f"pyllm::layer_norm_backward{_suffix}", _layer_norm_backward_fake)
+declare("layer_norm", fake=_layer_norm_fake,
+        helpers={"layer_norm_backward": _layer_norm_backward_fake})
+declare("add_layer_norm", fake=_add_layer_norm_fake)

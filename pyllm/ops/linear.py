@@ -15,6 +15,7 @@ import math
 import torch
 
 from pyllm import backend as _backend
+from pyllm.ops.registry import declare
 from pyllm.checks import INT32_MAX, check_tensor
 
 __all__ = ["ACTIVATIONS", "linear", "swiglu"]
@@ -148,8 +149,5 @@ def _swiglu_backward_fake(grad_y, x, weight_gate, weight_up, bias_gate, bias_up,
                  for t, wanted in zip(tensors, output_mask))
 
 
-for _suffix in ("", "_triton"):
-    torch.library.register_fake(f"pyllm::linear{_suffix}", _linear_fake)
-    torch.library.register_fake(f"pyllm::swiglu{_suffix}", _swiglu_fake)
-    torch.library.register_fake(f"pyllm::linear_backward{_suffix}", _linear_backward_fake)
-    torch.library.register_fake(f"pyllm::swiglu_backward{_suffix}", _swiglu_backward_fake)
+declare("linear", fake=_linear_fake, helpers={"linear_backward": _linear_backward_fake})
+declare("swiglu", fake=_swiglu_fake, helpers={"swiglu_backward": _swiglu_backward_fake})

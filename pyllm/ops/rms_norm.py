@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from pyllm import backend as _backend
+from pyllm.ops.registry import declare
 from pyllm.ops.norm_args import check_norm_args
 
 __all__ = ["rms_norm", "add_rms_norm"]
@@ -94,7 +95,5 @@ def _rms_norm_backward_fake(grad_y, x, rstd, weight, grad_sum, output_mask):
             _like(weight) if output_mask[1] else None)
 
 
-for _suffix in ("", "_triton"):
-    torch.library.register_fake(f"pyllm::rms_norm{_suffix}", _rms_norm_fake)
-    torch.library.register_fake(f"pyllm::add_rms_norm{_suffix}", _add_rms_norm_fake)
-    torch.library.register_fake(f"pyllm::rms_norm_backward{_suffix}", _rms_norm_backward_fake)
+declare("rms_norm", fake=_rms_norm_fake, helpers={"rms_norm_backward": _rms_norm_backward_fake})
+declare("add_rms_norm", fake=_add_rms_norm_fake)

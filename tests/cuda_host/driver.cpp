@@ -7,6 +7,7 @@
 #include "cuda/attention_kernel.h"
 #include "cuda/gemm_kernel.h"
 #include "cuda/norm_kernel.h"
+#include "cuda/rotary_kernel.h"
 
 using namespace pyllm;
 using namespace pyllm::cuda;
@@ -101,6 +102,18 @@ int host_attention_backward(const int64_t* g, const int32_t* cu_q, const int32_t
                             delta,
                             static_cast<DType>(type)};
   return launch_attention_backward(a, nullptr);
+}
+
+// Rotary embedding, in place on q and k. tensors: (batch, seq, head) strides
+// and heads of q then k; sizes: batch, seq, head_dim, half, max_positions.
+int host_rotary(void* q, void* k, const int64_t* tensors, const float* cos, const float* sin,
+                const int64_t* positions, const int64_t* sizes, int type, int interleaved,
+                int conjugate) {
+  const Rotary r{RotaryTensor{q, tensors[0], tensors[1], tensors[2], tensors[3]},
+                 RotaryTensor{k, tensors[4], tensors[5], tensors[6], tensors[7]},
+                 cos, sin, positions, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4],
+                 static_cast<DType>(type), interleaved != 0, conjugate != 0};
+  return launch_rotary(r, nullptr);
 }
 
 }  // extern "C"
