@@ -254,8 +254,55 @@ class LinearBench(OpBench):
         return (2 if self.op == "swiglu" else 1) * 2 * m * n * k
 
 
+class RotaryBench(OpBench):
+    """pyllm.rotary of q and k (new outputs, as transformers' apply_rotary_pos_emb
+    returns: ``inplace=False``) against transformers' composition in the input
+    dtype (cos/sin gathered by position and cast, rotate_half). Only q's result
+    is compared; both are computed by both."""
+
+    op = "rotary"
+    dim_names = ("batch", "seq", "heads", "heads_kv", "head_dim")
+    max_positions = 8192
+
+    def inputs(self, case, dtype, device, gen):
+        b, s, h, hkv, d = case.dims
+        q = torch.randn(b, s, h, d, generator=gen).to(device=device, dtype=dtype)
+        k = torch.randn(b, s, hkv, d, generator=gen).to(device=device, dtype=dtype)
+        cos, sin = (t.to(device) for t in pyllm.rotary_tables(d, self.max_positions, 500000.0))
+        positions = torch.randint(0, self.max_positions, (b, s), generator=gen).to(device)
+        return q, k, cos, sin, positions
+
+    def pyllm(self, case, backend):
+        def run(q, k, cos, sin, positions):
+            return pyllm.rotary(q, k, cos, sin, positions, inplace=False, backend=backend)[0]
+        return run
+
+    def eager(self, case):
+        def run(q, k, cos, sin, positions):
+            c, s = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+            c, s = torch.cat([c, c], -1).to(q.dtype), torch.cat([s, s], -1).to(q.dtype)
+
+            def rotate_half(x):
+                half = x.shape[-1] // 2
+                return torch.cat([-x[..., half:], x[..., :half]], -1)
+            out_q = q * c + rotate_half(q) * s
+            out_k = k * c + rotate_half(k) * s  # noqa: F841 (computed, as pyllm's)
+            return out_q
+        return run
+
+    def truth(self, case, inputs):
+        q, _, cos, sin, positions = inputs
+        return reference.rotary(q.double(), cos.double(), sin.double(), positions)
+
+    def bytes_moved(self, case, dtype):
+        b, s, h, hkv, d = case.dims
+        # q and k read and written once, a cos and a sin row per token (float32)
+        return b * s * (2 * (h + hkv) * d * _size(dtype) + d * 4)
+
+
 NORM_OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
 BENCHES = {op: NormBench(op) for op in NORM_OPS}
+BENCHES["rotary"] = RotaryBench()
 BENCHES["attention"] = AttentionBench()
 BENCHES["linear"] = LinearBench("linear")
 BENCHES["swiglu"] = LinearBench("swiglu")
@@ -295,6 +342,9 @@ CASES += [
     Case("linear", "large", "decode 16", (16, 4096, 4096, "silu")),
     Case("swiglu", "llama-1b", "mlp 256", (256, 2048, 8192, "silu")),
     Case("swiglu", "llama-1b", "decode 1", (1, 2048, 8192, "silu")),
+    Case("rotary", "llama-1b", "prefill 2048", (1, 2048, 32, 4, 64), quick=True),
+    Case("rotary", "llama-8b", "prefill 1024", (1, 1024, 32, 8, 128)),
+    Case("rotary", "llama-8b", "decode 8", (8, 1, 32, 8, 128)),
 ]
 
 # Training: forward and backward (gradients of every input).
