@@ -2,10 +2,7 @@
 registrations (fake kernels) of ``pyllm::attention`` and
 ``pyllm::attention_backward``.
 
-The op's stations: schema ``csrc/ops.cpp``; validation and fake kernels here;
-autograd ``csrc/autograd/attention.cpp``; route ``pyllm/backend.py``; kernels
-``csrc/cpu/attention.cpp``; truth ``pyllm.reference.attention``; tests
-``tests/test_attention.py``.
+How an op is wired, file by file: CONTRIBUTING.md ("Adding an op").
 """
 
 from __future__ import annotations

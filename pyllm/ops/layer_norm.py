@@ -2,10 +2,7 @@
 registrations of ``pyllm::layer_norm``, ``pyllm::add_layer_norm`` and
 ``pyllm::layer_norm_backward``.
 
-The op's stations: schema ``csrc/ops.cpp``; validation
-(``pyllm/ops/norm_args.py``), fake kernels here, autograd ``csrc/autograd/norms.cpp``; route
-``pyllm/backend.py``; kernels ``csrc/cpu/norms.cpp``; truth
-``pyllm.reference.layer_norm``; tests ``tests/test_norms.py``.
+How an op is wired, file by file: CONTRIBUTING.md ("Adding an op").
 """
 
 from __future__ import annotations

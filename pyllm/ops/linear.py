@@ -2,10 +2,7 @@
 Python registrations (fake kernels) of ``pyllm::linear``, ``pyllm::swiglu``
 and their backward ops.
 
-The op's stations: schema ``csrc/ops.cpp``; validation and fake kernels here;
-autograd ``csrc/autograd/linear.cpp``; route ``pyllm/backend.py``; kernels
-``csrc/cpu/linear.cpp`` (``csrc/cpu/kernels/gemm_kernel.h``); truth
-``pyllm.reference.linear`` / ``swiglu``; tests ``tests/test_linear.py``.
+How an op is wired, file by file: CONTRIBUTING.md ("Adding an op").
 """
 
 from __future__ import annotations

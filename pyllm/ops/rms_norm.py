@@ -1,11 +1,7 @@
 """RMSNorm: :func:`rms_norm`, :func:`add_rms_norm` and the Python registrations
 of ``pyllm::rms_norm``, ``pyllm::add_rms_norm`` and ``pyllm::rms_norm_backward``.
 
-The op's stations: schema ``csrc/ops.cpp``; validation
-(``pyllm/ops/norm_args.py``), fake kernels here, autograd ``csrc/autograd/norms.cpp``; route
-``pyllm/backend.py``; kernels ``csrc/cpu/norms.cpp``, ``csrc/cuda/rms_norm.cpp``,
-``kernels/rms_norm.py``; truth ``pyllm.reference.rms_norm``; tests
-``tests/test_norms.py``.
+How an op is wired, file by file: CONTRIBUTING.md ("Adding an op").
 """
 
 from __future__ import annotations
