@@ -15,8 +15,8 @@ import torch
 
 import pyllm
 from cuda_host_kernels import DTYPE_CODE, Guarded, check_launch, library
-from harness import (KERNEL_DTYPES, check_compiles_fullgraph, check_rule, generator, noncontiguous,
-                     poisoned_outputs, randn)
+from harness import (ISAS, KERNEL_DTYPES, check_compiles_fullgraph, check_rule, generator,
+                     noncontiguous, poisoned_outputs, randn, run_under_isa)
 from pyllm import reference
 
 CPU_BACKENDS = ("cpu", "reference", "cuda-host")
@@ -296,3 +296,18 @@ def test_noncontiguous_head_dim_is_copied_back():
     out, _ = pyllm.rotary(q, k, cos, sin)
     torch.testing.assert_close(q, expect, rtol=1e-6, atol=1e-6)
     assert out is q
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_cpu_isa_path(isa):
+    """Each ISA variant of the CPU kernel (forced in a fresh process) meets the rule."""
+    run_under_isa(isa, """
+        import torch
+        import test_rotary as t
+        for dtype in t.KERNEL_DTYPES:
+            for case in t.CASES:
+                for interleaved in (False, True):
+                    t.test_forward(case, dtype, interleaved, "cpu")
+            t.test_backward(t.CASES[2], dtype, True, "cpu")
+        t.test_positions_forms_and_layouts("cpu")
+    """)

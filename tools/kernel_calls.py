@@ -91,6 +91,20 @@ def _calls(device, dtype):
         return grads(pyllm.swiglu(xl, wg, wu, backend=be), [xl, wg, wu])
     yield "swiglu", "swiglu", swiglu
 
+    qr, kr = randn(3, 29, 8, 96), randn(3, 29, 2, 96)
+    cos, sin = (t.to(device) for t in pyllm.rotary_tables(64, 128))
+
+    def rotary(interleaved):
+        def run(be):
+            for t in (qr, kr):
+                t.grad = None
+            q, k = pyllm.rotary(qr * 1, kr * 1, cos, sin, offset=50, interleaved=interleaved,
+                                backend=be)
+            return grads(q + k.repeat_interleave(4, 2), [qr, kr])
+        return run
+    yield "rotary partial", "rotary", rotary(False)
+    yield "rotary interleaved", "rotary", rotary(True)
+
 
 def serves(op: str, backend: str, device: str) -> bool:
     """Whether ``backend`` has a kernel for ``op`` that runs on ``device`` here
