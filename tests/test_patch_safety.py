@@ -8,6 +8,7 @@ that compute something else) is left alone and named in the report. Also: the
 call-time fallbacks (output_attentions, attention dropout while training) and
 subclasses of the torch classes."""
 
+import sys
 import warnings
 
 import pytest
@@ -31,6 +32,11 @@ LEFT_ALONE = {
 }
 # Architectures whose attention pyllm takes over.
 ATTENTION_LEFT_ALONE = {"gemma2-softcap", "gpt-oss-sinks", "bloom-alibi", "t5-encoder"}
+#: Models whose apply_rotary_pos_emb is LLaMA's: their rotary runs on pyllm.rotary.
+ROTARY_PATCHED = {"llama", "mistral-sliding", "qwen2", "qwen3", "gemma", "gemma2-softcap",
+                  "gemma3-sliding", "starcoder2-sliding"}
+#: Rotary of another form (partial, interleaved, other layouts): left alone, reported.
+ROTARY_LEFT_ALONE = {"phi3", "gpt-neox", "olmo2", "gpt-oss-sinks"}
 
 
 def implementations(arch):
@@ -94,7 +100,49 @@ def test_patch_keeps_outputs_and_generation(arch, impl):
     patched_attention = any(old.startswith("attn_implementation") for _, old, _ in report.replaced)
     assert patched_attention == (arch.name not in ATTENTION_LEFT_ALONE), text
     assert any(new == "pyllm.nn.Linear" for _, _, new in report.replaced), text
+    patched_rotary = any(new == "pyllm.rotary" for _, _, new in report.replaced)
+    assert patched_rotary == (arch.name in ROTARY_PATCHED), text
+    assert ("rotary left as is" in text) == (arch.name in ROTARY_LEFT_ALONE), text
     assert pyllm.unpatch(model) == len(report.replaced)
+    module = sys.modules[type(model).__module__]
+    assert not hasattr(getattr(module, "apply_rotary_pos_emb", None), "_pyllm_original")
+
+
+def test_patched_rotary_runs_the_kernel_and_falls_back(monkeypatch):
+    """A patched LLaMA's rotary goes through pyllm.rotary (training too: same
+    loss and gradients as unpatched); a call the kernel can't take (cos of
+    another width) goes to the original function."""
+    from transformers.models.llama import modeling_llama
+
+    arch = next(a for a in ARCHITECTURES if a.name == "llama")
+    model = arch.build("sdpa")
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    loss0 = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss0.backward()
+    grads0 = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    original = modeling_llama.apply_rotary_pos_emb
+    pyllm.patch(model, linear=False, norms=False, attention=False)
+    calls = []
+    real = pyllm.rotary
+    monkeypatch.setattr(pyllm, "rotary", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loss1 = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss1.backward()
+    assert len(calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if n in grads0:
+            torch.testing.assert_close(p.grad, grads0[n], rtol=1e-4, atol=1e-6)
+    swapped = modeling_llama.apply_rotary_pos_emb
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    cos, sin = torch.randn(1, 3, 4), torch.randn(1, 3, 4)  # half width: not a layout it takes
+    calls.clear()
+    with pytest.raises(RuntimeError):  # what the original itself does with these
+        swapped(q, k, cos, sin)
+    assert not calls
+    pyllm.unpatch(model)
+    assert modeling_llama.apply_rotary_pos_emb is original
 
 
 @pytest.mark.parametrize("name", ["gemma2-softcap", "gpt-oss-sinks"])

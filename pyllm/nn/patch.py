@@ -177,7 +177,7 @@ class PatchReport:
 
 
 def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
-          attention: bool = True) -> PatchReport:
+          attention: bool = True, rotary: bool = True) -> PatchReport:
     """Replaces, in place, every supported submodule of ``model`` with its
     pyllm counterpart sharing the same parameters.
 
@@ -188,6 +188,9 @@ def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
         norms: replace LayerNorm / RMSNorm modules.
         attention: for a ``transformers`` model, select the "pyllm" attention
             implementation.
+        rotary: for a ``transformers`` model whose modeling module has LLaMA's
+            ``apply_rotary_pos_emb``, run it on :func:`pyllm.rotary`
+            (:mod:`pyllm.nn.hf_rotary`; that module's models process-wide).
 
     Returns:
         A :class:`PatchReport` (``print`` it for a summary).
@@ -221,6 +224,13 @@ def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
             report.replaced.append((name, type(child).__name__, f"pyllm.nn.{type(new).__name__}"))
     if attention and hasattr(model, "set_attn_implementation") and hasattr(model, "config"):
         _patch_attention(model, report)
+    if rotary and hasattr(model, "config") and "_pyllm_rotary_modules" not in model.__dict__:
+        from pyllm.nn import hf_rotary
+
+        swapped, skipped = hf_rotary.patch(model)
+        report.replaced += [(f"{name}.apply_rotary_pos_emb", "apply_rotary_pos_emb",
+                             "pyllm.rotary") for name in swapped]
+        report.skipped += skipped
     return report
 
 
@@ -255,6 +265,9 @@ def unpatch(model: nn.Module) -> int:
             if original is not None:
                 setattr(parent, child_name, original)
                 restored += 1
+    from pyllm.nn import hf_rotary
+
+    restored += hf_rotary.unpatch(model)
     previous = model.__dict__.pop("_pyllm_original_attention", None)
     if previous is not None:
         model.set_attn_implementation(previous)

@@ -245,6 +245,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         q4, k4 = q4.clone(), k4.clone()
     pos = _positions(op, q4, positions, cu_seqlens, offset)
     copies = [t.contiguous() if t.stride(-1) != 1 and t.shape[-1] > 1 else t for t in (q4, k4)]
+    cos, sin = (t.contiguous() if isinstance(t, torch.Tensor) else t for t in (cos, sin))
     _check(op, copies[0], copies[1], cos, sin, pos)
     fn = _backend.route("rotary", q4, backend)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
