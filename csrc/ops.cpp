@@ -107,6 +107,19 @@ TORCH_LIBRARY(pyllm, m) {
   PYLLM_DEF(m, "rotary",
             "(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor positions,"
             " bool interleaved, bool conjugate) -> ()");
+
+  m.set_python_module("pyllm.ops.cross_entropy");
+  // Cross-entropy of each row of logits (rows, vocab), vocab contiguous,
+  // against target (rows,) int64, with z = softcap * tanh(logits / softcap)
+  // when softcap > 0: loss_i = lse_i - (1 - label_smoothing) z_it -
+  // label_smoothing mean_j z_ij + z_loss lse_i^2, lse_i = logsumexp_j z_ij,
+  // all in float32; rows whose target is ignore_index give 0. Returns (loss
+  // float32 (rows,), lse float32 (rows,), grad): grad (rows, vocab) in logits'
+  // dtype = d loss_i / d logits_i when want_grad (else empty), zero rows where
+  // ignored.
+  PYLLM_DEF(m, "cross_entropy",
+            "(Tensor logits, Tensor target, int ignore_index, float label_smoothing,"
+            " float z_loss, float softcap, bool want_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {

@@ -33,6 +33,7 @@ from pyllm.ops.layer_norm import add_layer_norm, layer_norm  # noqa: E402
 from pyllm.ops.linear import linear, swiglu  # noqa: E402
 from pyllm.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from pyllm.ops.rotary import rotary, rotary_tables  # noqa: E402
+from pyllm.ops.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402
 from pyllm import nn  # noqa: E402
 from pyllm.nn import patch, unpatch  # noqa: E402
 
@@ -52,8 +53,10 @@ __all__ = [
     "add_rms_norm",
     "attention",
     "attention_varlen",
+    "cross_entropy",
     "layer_norm",
     "linear",
+    "linear_cross_entropy",
     "nn",
     "patch",
     "backend",

@@ -32,6 +32,10 @@ __all__ = [
     "attention",
     "attention_varlen",
     "attention_op",
+    "rotary",
+    "rotary_op",
+    "cross_entropy_rows",
+    "cross_entropy_op",
 ]
 
 
@@ -316,3 +320,50 @@ def rotary_op(q, k, cos, sin, positions, interleaved, conjugate):
     """pyllm::rotary's signature: q and k rotated in place by :func:`rotary`."""
     for x in (q, k):
         x.copy_(rotary(x, cos, sin, positions, interleaved=interleaved, conjugate=conjugate))
+
+
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
+                       label_smoothing: float = 0.0, z_loss: float = 0.0,
+                       softcap: float | None = None):
+    """Per-row cross-entropy (differentiable, plain autograd).
+
+    Args:
+        logits: ``(rows, vocab)``; target: ``(rows,)`` integers, ``ignore_index``
+            marking rows without a loss.
+        label_smoothing: PyTorch's: the target distribution is ``1 -
+            label_smoothing`` on the target plus ``label_smoothing / vocab``
+            everywhere.
+        z_loss: adds ``z_loss * lse**2`` (PaLM's z-loss).
+        softcap: logits become ``softcap * tanh(logits / softcap)`` first (Gemma 2).
+
+    Returns ``(loss, lse)``, each ``(rows,)`` in float32 (float64 for float64
+    logits); ignored rows give 0 and 0.
+    """
+    ct = _compute_dtype(logits.dtype)
+    z = logits.to(ct)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target)).long()
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z - lse[:, None]
+    nll = -logp.gather(1, safe[:, None])[:, 0]
+    loss = (1 - label_smoothing) * nll + z_loss * lse * lse
+    if label_smoothing:  # (not 0 x inf where a logit is -inf)
+        loss = loss - label_smoothing * logp.mean(-1)
+    zero = torch.zeros((), dtype=ct, device=logits.device)
+    return torch.where(keep, loss, zero), torch.where(keep, lse, zero)
+
+
+def cross_entropy_op(logits, target, ignore_index, label_smoothing, z_loss, softcap, want_grad):
+    """pyllm::cross_entropy's signature: (loss, lse, grad of each row's loss)."""
+    leaf = logits.detach().requires_grad_(want_grad)
+    with torch.enable_grad():
+        loss, lse = cross_entropy_rows(leaf, target, ignore_index=ignore_index,
+                                       label_smoothing=label_smoothing, z_loss=z_loss,
+                                       softcap=softcap or None)
+        loss, lse = _stat(loss, logits.dtype), _stat(lse, logits.dtype)
+        if not want_grad:
+            return loss.detach(), lse.detach(), logits.new_empty(0)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    return loss.detach(), lse.detach(), grad.to(logits.dtype)

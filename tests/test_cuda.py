@@ -202,3 +202,28 @@ def test_rotary(shape, interleaved, dtype, backend):
                                  interleaved=interleaved)
         check_rule(ours, truth, pytorch_rotary(x, cos, sin, pos, interleaved),
                    what=f"rotary {name} {backend}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_cross_entropy(options, dtype, backend):
+    require("cross_entropy", backend)
+    import test_cross_entropy as cases
+
+    rows, vocab = 4096, 128256
+    logits = randn(rows, vocab, dtype=dtype, scale=3.0)
+    target = torch.randint(0, vocab, (rows,), device="cuda")
+    target[::7] = -100
+    kw = cases.OPTIONS[options]
+    leaf = logits.detach().requires_grad_()
+    loss = pyllm.cross_entropy(leaf, target, backend=backend, **kw)
+    loss.backward()
+    exact = logits.double().requires_grad_()
+    truth = cases.truth_loss(exact, target, **kw)
+    truth.backward()
+    mine = logits.detach().requires_grad_()
+    theirs = cases.pytorch_loss(mine, target, **kw)
+    theirs.backward()
+    check_rule(loss.float(), truth, theirs.float(), what=f"cross_entropy {backend}")
+    check_rule(leaf.grad, exact.grad, mine.grad, factor=3, what=f"cross_entropy {backend} grad")

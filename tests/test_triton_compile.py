@@ -313,3 +313,23 @@ def test_rotary_compiles(config, dtype, arch):
         constexprs = {"INTERLEAVED": interleaved, "CONJUGATE": interleaved,
                       "BLOCK_H": config["BLOCK_H"], "BLOCK_P": config["BLOCK_P"]}
         check(rotary_kernel, signature, constexprs, arch, config["num_warps"], num_stages=1)
+
+
+# -- cross-entropy -----------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", list(TYPES))
+@pytest.mark.parametrize("vocab", [7, 1000, 128256])
+def test_cross_entropy_compiles(vocab, dtype, arch):
+    from pyllm.kernels.cross_entropy import cross_entropy_kernel, launch_config
+
+    t = TYPES[dtype][0]
+    config = launch_config(vocab)
+    signature = {"LOGITS": f"*{t}", "TARGET": "*i64", "LOSS": "*fp32", "LSE": "*fp32",
+                 "GRAD": f"*{t}", "stride": "i64", "vocab": "i32", "ignore_index": "i64",
+                 "smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32",
+                 "WANT_GRAD": "constexpr", "CAPPED": "constexpr", "BLOCK": "constexpr"}
+    for want_grad, capped in ((True, False), (True, True), (False, False)):
+        constexprs = {"WANT_GRAD": want_grad, "CAPPED": capped, "BLOCK": config["BLOCK"]}
+        check(cross_entropy_kernel, signature, constexprs, arch, config["num_warps"],
+              num_stages=1)

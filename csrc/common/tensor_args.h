@@ -160,3 +160,50 @@ inline Rotary check_rotary_args(const at::Tensor& q, const at::Tensor& k, const 
 }
 
 }  // namespace pyllm
+
+#include "cross_entropy_args.h"
+
+namespace pyllm {
+
+// pyllm::cross_entropy's arguments checked for memory safety (the user-facing
+// checks are in pyllm/ops/cross_entropy.py), its outputs allocated with
+// `empty`, and the kernels' CrossEntropy. A target outside [0, vocab) other
+// than ignore_index is left to the kernels: a NaN loss, nothing read there.
+template <typename Empty>
+inline CrossEntropy check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
+                                             int64_t ignore_index, double label_smoothing,
+                                             double z_loss, double softcap, bool want_grad,
+                                             c10::DeviceType device_type, Empty empty,
+                                             at::Tensor& loss, at::Tensor& lse,
+                                             at::Tensor& grad) {
+  const char* op = "pyllm::cross_entropy";
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.device().type() == device_type, op,
+                    ": logits must be 2-D (rows, vocab) on the kernel's device");
+  TORCH_CHECK_VALUE(logits.size(1) >= 1 && (logits.size(1) == 1 || logits.stride(1) == 1), op,
+                    ": logits must have a contiguous vocab dimension of at least 1");
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.scalar_type() == at::kLong &&
+                        target.is_contiguous() && target.size(0) == logits.size(0) &&
+                        target.device() == logits.device(),
+                    op, ": target must be contiguous int64 (rows,) on logits' device");
+  const auto stats = logits.options().dtype(at::kFloat);
+  loss = empty(std::vector<int64_t>{logits.size(0)}, stats);
+  lse = empty(std::vector<int64_t>{logits.size(0)}, stats);
+  grad = want_grad ? empty(logits.sizes().vec(), logits.options())
+                   : empty(std::vector<int64_t>{0}, logits.options());
+  const int64_t stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+  return CrossEntropy{logits.data_ptr(),
+                      target.data_ptr<int64_t>(),
+                      loss.data_ptr<float>(),
+                      lse.data_ptr<float>(),
+                      want_grad ? grad.data_ptr() : nullptr,
+                      logits.size(0),
+                      logits.size(1),
+                      stride,
+                      ignore_index,
+                      static_cast<float>(label_smoothing),
+                      static_cast<float>(z_loss),
+                      static_cast<float>(softcap),
+                      kernel_dtype(logits, "logits")};
+}
+
+}  // namespace pyllm

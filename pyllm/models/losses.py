@@ -1,12 +1,27 @@
 """Training losses for the models: next-token (causal LM) and masked-LM
-cross-entropy, computed in float32 whatever the logits' dtype."""
+cross-entropy on :func:`pyllm.cross_entropy` (float32 inside whatever the
+logits' dtype), and the causal LM loss fused with the LM head
+(:func:`pyllm.linear_cross_entropy`: no ``tokens x vocab`` logits)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["causal_lm_loss", "masked_lm_loss"]
+import pyllm
+
+__all__ = ["causal_lm_loss", "causal_lm_loss_fused", "masked_lm_loss"]
+
+
+def _targets(input_ids, attention_mask):
+    targets = input_ids[:, 1:]
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
+    return targets.reshape(-1)
+
+
+def _mean(per_row: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows not ignored, float32."""
+    return per_row.sum() / (targets != -100).sum()
 
 
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
@@ -17,11 +32,25 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
     attention_mask ``(batch, seq)`` 1/0: padded targets are left out.
     Returns a float32 scalar.
     """
-    targets = input_ids[:, 1:]
-    if attention_mask is not None:
-        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                           targets.reshape(-1), ignore_index=-100)
+    targets = _targets(input_ids, attention_mask)
+    rows = pyllm.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets,
+                               reduction="none")
+    return _mean(rows, targets)
+
+
+def causal_lm_loss_fused(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`causal_lm_loss` of ``logits = hidden @ weight.T (+ bias)``
+    without the logits: the LM head and the loss in chunks of tokens.
+
+    hidden ``(batch, seq, hidden)`` (the final norm's output); weight
+    ``(vocab, hidden)``. Returns a float32 scalar.
+    """
+    targets = _targets(input_ids, attention_mask)
+    rows = pyllm.linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight,
+                                      targets, bias, reduction="none")
+    return _mean(rows, targets)
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -30,5 +59,6 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits ``(batch, seq, vocab)``; labels ``(batch, seq)`` int64 (the
     original token where masked, -100 elsewhere). Returns a float32 scalar.
     """
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=-100)
+    targets = labels.reshape(-1)
+    return _mean(pyllm.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
+                                     reduction="none"), targets)

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cuda/attention_kernel.h"
+#include "cuda/cross_entropy_kernel.h"
 #include "cuda/gemm_kernel.h"
 #include "cuda/norm_kernel.h"
 #include "cuda/rotary_kernel.h"
@@ -114,6 +115,15 @@ int host_rotary(void* q, void* k, const int64_t* tensors, const float* cos, cons
                  cos, sin, positions, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4],
                  static_cast<DType>(type), interleaved != 0, conjugate != 0};
   return launch_rotary(r, nullptr);
+}
+
+// Cross-entropy: sizes rows, vocab, logits_stride, ignore_index; grad may be null.
+int host_cross_entropy(const void* logits, const int64_t* target, float* loss, float* lse,
+                       void* grad, const int64_t* sizes, float label_smoothing, float z_loss,
+                       float softcap, int type) {
+  const CrossEntropy a{logits, target, loss, lse, grad, sizes[0], sizes[1], sizes[2], sizes[3],
+                       label_smoothing, z_loss, softcap, static_cast<DType>(type)};
+  return launch_cross_entropy(a, nullptr);
 }
 
 }  // extern "C"
