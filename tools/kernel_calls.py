@@ -105,6 +105,17 @@ def _calls(device, dtype):
     yield "rotary partial", "rotary", rotary(False)
     yield "rotary interleaved", "rotary", rotary(True)
 
+    logits = randn(19, 3001, scale=3.0)
+    labels = torch.randint(0, 3001, (19,), generator=g).to(device)
+    labels[4] = -100
+
+    def cross_entropy(be):
+        logits.grad = None
+        loss = pyllm.cross_entropy(logits, labels, label_smoothing=0.1, z_loss=1e-3, softcap=20.0,
+                                   backend=be)
+        return grads(loss, [logits])
+    yield "cross_entropy", "cross_entropy", cross_entropy
+
 
 def serves(op: str, backend: str, device: str) -> bool:
     """Whether ``backend`` has a kernel for ``op`` that runs on ``device`` here

@@ -28,7 +28,7 @@ TESTS = [
     "tests/test_nonfinite.py", "tests/test_properties.py", "tests/test_memory.py",
     "tests/test_cuda_host_norms.py", "tests/test_cuda_host_linear.py",
     "tests/test_cuda_host_attention.py", "tests/test_cuda_host_nonfinite.py",
-    "tests/test_cuda_host_properties.py", "tests/test_rotary.py",
+    "tests/test_cuda_host_properties.py", "tests/test_rotary.py", "tests/test_cross_entropy.py",
 ]
 # --quick (what `make test` runs): per file a -k selection that reaches every
 # kernel in few tests: each CPU ISA path forced in a subprocess (norms,
@@ -41,6 +41,7 @@ QUICK_TESTS = {
     "tests/test_properties.py": "cpu",
     "tests/test_cuda_host_norms.py": "float16", "tests/test_cuda_host_linear.py": "",
     "tests/test_rotary.py": "isa or (forward and float16)",
+    "tests/test_cross_entropy.py": "isa or (float16 and all and mean)",
 }
 # -k: the reference backend and torch.compile run no library code of ours
 # that the other tests don't (and are slow under ASan); the RSS test measures

@@ -300,8 +300,63 @@ class RotaryBench(OpBench):
         return b * s * (2 * (h + hkv) * d * _size(dtype) + d * 4)
 
 
+class CrossEntropyBench(OpBench):
+    """pyllm.cross_entropy on logits, or pyllm.linear_cross_entropy on the LM
+    head's input and weight, against F.cross_entropy (after F.linear): the
+    unfused composition a training step runs. Mean over the rows, 1 in 8
+    ignored."""
+
+    dim_names = ("rows", "hidden", "vocab")
+    routed = "cross_entropy"
+    backward_factor = 3.0
+
+    def __init__(self, op: str):
+        self.op = op
+        self.fused = op == "linear_cross_entropy"
+
+    def inputs(self, case, dtype, device, gen):
+        rows, hidden, vocab = case.dims
+        target = torch.randint(0, vocab, (rows,), generator=gen)
+        target[::8] = -100
+        target = target.to(device)
+        if not self.fused:
+            return (torch.randn(rows, vocab, generator=gen) * 2).to(device=device, dtype=dtype), \
+                target
+        h = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype)
+        w = (torch.randn(vocab, hidden, generator=gen) * hidden ** -0.5 * 2).to(device=device,
+                                                                               dtype=dtype)
+        return h, w, target
+
+    def pyllm(self, case, backend):
+        if self.fused:
+            return lambda h, w, t: pyllm.linear_cross_entropy(h, w, t, backend=backend)
+        return lambda x, t: pyllm.cross_entropy(x, t, backend=backend)
+
+    def eager(self, case):
+        if self.fused:
+            return lambda h, w, t: F.cross_entropy(F.linear(h, w), t)
+        return lambda x, t: F.cross_entropy(x, t)
+
+    def truth(self, case, inputs):
+        if self.fused:
+            h, w, t = inputs  # (the runner hands every input over in float64)
+            return F.cross_entropy(F.linear(h.double(), w.double()), t.long())
+        x, t = inputs
+        return F.cross_entropy(x.double(), t.long())
+
+    def bytes_moved(self, case, dtype):
+        rows, hidden, vocab = case.dims
+        return 0 if self.fused else 2 * rows * vocab * _size(dtype)
+
+    def flops(self, case):
+        rows, hidden, vocab = case.dims
+        return 2 * rows * hidden * vocab if self.fused else 0
+
+
 NORM_OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
 BENCHES = {op: NormBench(op) for op in NORM_OPS}
+BENCHES["cross_entropy"] = CrossEntropyBench("cross_entropy")
+BENCHES["linear_cross_entropy"] = CrossEntropyBench("linear_cross_entropy")
 BENCHES["rotary"] = RotaryBench()
 BENCHES["attention"] = AttentionBench()
 BENCHES["linear"] = LinearBench("linear")
@@ -357,6 +412,12 @@ CASES += [
     Case("attention", "bert-base", "8x128", (8, 128, 128, 12, 12, 64, False), mode="fwd+bwd"),
     Case("linear", "gpt2", "mlp up 512", (512, 768, 3072, "gelu_tanh"), mode="fwd+bwd"),
     Case("swiglu", "llama-1b", "mlp 256", (256, 2048, 2048, "silu"), mode="fwd+bwd"),
+    Case("cross_entropy", "llama-3", "1024 tokens", (1024, 0, 128256), mode="fwd+bwd",
+         quick=True, check_dims=(64, 0, 128256)),
+    Case("linear_cross_entropy", "llama-1b", "1024 tokens", (1024, 2048, 32000),
+         mode="fwd+bwd", quick=True, check_dims=(128, 2048, 32000)),
+    Case("linear_cross_entropy", "llama-3-1b", "2048 tokens", (2048, 2048, 128256),
+         mode="fwd+bwd", check_dims=(64, 2048, 128256)),
 ]
 
 

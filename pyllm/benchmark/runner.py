@@ -62,7 +62,9 @@ def git_commit() -> str | None:
 def pyllm_backends_for(op: str, device_type: str, requested: list[str] | None) -> list[str]:
     """The backends to time: those requested, else every kernel backend that
     serves this device here (the reference backend only when asked for)."""
-    served = backend_module.op_table()[op]
+    # an op built on another routed op is timed on that op's backends
+    served = backend_module.op_table()[BENCHES[op].routed if hasattr(BENCHES[op], "routed")
+                                       else op]
     usable = [b for b, devices in served.items()
               if device_type in devices.split(", ") or devices == backend_module.ANY]
     if requested:
@@ -158,8 +160,9 @@ def _run_case(case: Case, dtype_name: str, device: str, device_type: str, backen
         grad = torch.randn(eager(*first).shape, generator=gen).to(device=device, dtype=dtype)
         check_grad = grad if check_case is case else torch.randn(
             eager(*check).shape, generator=gen).to(device=device, dtype=dtype)
-        exact_inputs = differentiable(tuple(t.double() if isinstance(t, torch.Tensor) else t
-                                             for t in check))
+        exact_inputs = differentiable(tuple(
+            t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in check))
         truths = forward_backward(lambda *t: bench.truth(check_case, t),
                                   check_grad.double())(*exact_inputs)
         wrap = (lambda fn: forward_backward(fn, grad))
