@@ -109,10 +109,13 @@ def test_patch_keeps_outputs_and_generation(arch, impl):
 
 
 def test_patched_rotary_runs_the_kernel_and_falls_back(monkeypatch):
-    """A patched LLaMA's rotary goes through pyllm.rotary (training too: same
-    loss and gradients as unpatched); a call the kernel can't take (cos of
-    another width) goes to the original function."""
+    """A patched LLaMA's rotary goes through pyllm.rotary and its training
+    loss through pyllm.cross_entropy (same loss and gradients as unpatched);
+    a rotary call the kernel can't take (cos of another width) goes to the
+    original function."""
     from transformers.models.llama import modeling_llama
+
+    from pyllm.nn import hf_loss
 
     arch = next(a for a in ARCHITECTURES if a.name == "llama")
     model = arch.build("sdpa")
@@ -123,7 +126,8 @@ def test_patched_rotary_runs_the_kernel_and_falls_back(monkeypatch):
     grads0 = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     original = modeling_llama.apply_rotary_pos_emb
-    pyllm.patch(model, linear=False, norms=False, attention=False)
+    report = pyllm.patch(model, linear=False, norms=False, attention=False)
+    assert model.loss_function is hf_loss.causal_lm_loss, str(report)
     calls = []
     real = pyllm.rotary
     monkeypatch.setattr(pyllm, "rotary", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -143,6 +147,7 @@ def test_patched_rotary_runs_the_kernel_and_falls_back(monkeypatch):
     assert not calls
     pyllm.unpatch(model)
     assert modeling_llama.apply_rotary_pos_emb is original
+    assert model.loss_function is not hf_loss.causal_lm_loss
 
 
 @pytest.mark.parametrize("name", ["gemma2-softcap", "gpt-oss-sinks"])

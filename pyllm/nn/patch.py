@@ -177,7 +177,7 @@ class PatchReport:
 
 
 def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
-          attention: bool = True, rotary: bool = True) -> PatchReport:
+          attention: bool = True, rotary: bool = True, loss: bool = True) -> PatchReport:
     """Replaces, in place, every supported submodule of ``model`` with its
     pyllm counterpart sharing the same parameters.
 
@@ -191,6 +191,9 @@ def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
         rotary: for a ``transformers`` model whose modeling module has LLaMA's
             ``apply_rotary_pos_emb``, run it on :func:`pyllm.rotary`
             (:mod:`pyllm.nn.hf_rotary`; that module's models process-wide).
+        loss: for a ``transformers`` causal LM whose loss function is
+            ``ForCausalLMLoss``, compute its training loss with
+            :func:`pyllm.cross_entropy` (:mod:`pyllm.nn.hf_loss`).
 
     Returns:
         A :class:`PatchReport` (``print`` it for a summary).
@@ -231,6 +234,14 @@ def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
         report.replaced += [(f"{name}.apply_rotary_pos_emb", "apply_rotary_pos_emb",
                              "pyllm.rotary") for name in swapped]
         report.skipped += skipped
+    if loss and hasattr(model, "config") and type(model).__name__.endswith("ForCausalLM"):
+        from pyllm.nn import hf_loss
+
+        patched, why = hf_loss.patch(model)
+        if patched:
+            report.replaced.append(("loss_function", "ForCausalLMLoss", "pyllm.cross_entropy"))
+        elif why is not None:
+            report.skipped.append(("loss_function", why))
     return report
 
 
@@ -268,6 +279,9 @@ def unpatch(model: nn.Module) -> int:
     from pyllm.nn import hf_rotary
 
     restored += hf_rotary.unpatch(model)
+    from pyllm.nn import hf_loss
+
+    restored += hf_loss.unpatch(model)
     previous = model.__dict__.pop("_pyllm_original_attention", None)
     if previous is not None:
         model.set_attn_implementation(previous)
