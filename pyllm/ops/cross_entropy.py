@@ -19,8 +19,10 @@ __all__ = ["cross_entropy", "linear_cross_entropy", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
 _TARGET_DTYPES = (torch.int64, torch.int32)
-#: linear_cross_entropy's chunk: about this many logits (elements) at a time.
-CHUNK_ELEMENTS = 1 << 24
+#: linear_cross_entropy's chunk: at most an eighth of the rows (so that its
+#: logits stay under an eighth of the unfused ones), at least this many rows
+#: (small GEMMs run below the machine's rate), all rows when that covers them.
+CHUNK_MIN_ROWS = 1024
 
 
 def _options(op, ignore_index, label_smoothing, reduction, z_loss, softcap):
@@ -131,7 +133,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
 def _chunk_rows(rows: int, vocab: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    return max(1, min(rows, CHUNK_ELEMENTS // max(vocab, 1)))
+    return max(1, min(rows, max(CHUNK_MIN_ROWS, -(-rows // 8))))
 
 
 def _chunks(rows, size):
@@ -180,8 +182,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for g, dtype in zip(grads, (grads[0].dtype if grads[0] is not None else None,
                                     *ctx.dtypes)):
             if g is not None and scale is not None:
-                g = g * scale if g.dtype == torch.float32 else (g.float() * scale).to(g.dtype)
-            out.append(None if g is None else g.to(dtype))
+                # a fresh tensor (the saved ones stay as they are, for a second
+                # backward), in one pass where the dtype is already the final one
+                g = (g * scale.to(g.dtype)).to(dtype)
+            elif g is not None:
+                g = g.to(dtype)
+            out.append(g)
         return (*out, None, None, None, None, None, None, None, None)
 
 
@@ -193,12 +199,15 @@ def _chunked(hidden, weight, bias, target, options, chunk, fn, want, grad_out):
     """Losses of every row, and the gradients selected by ``want`` (hidden,
     weight, bias), each row's scaled by ``grad_out[row]`` when given."""
     rows, vocab = hidden.shape[0], weight.shape[0]
+    chunks = _chunks(rows, chunk)
     loss = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if want[0] else None
+    # one chunk: grad_weight is one product, as the unfused composition's
+    single = len(chunks) == 1
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-        if want[1] else None
+        if want[1] and not single else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if want[2] else None
-    for s, e in _chunks(rows, chunk):
+    for s, e in chunks:
         h = hidden[s:e]
         loss[s:e], _, g = fn(F.linear(h, weight, bias), target[s:e], *options, any(want))
         if not any(want):
@@ -207,7 +216,11 @@ def _chunked(hidden, weight, bias, target, options, chunk, fn, want, grad_out):
             g = (g.float() * grad_out[s:e].float()[:, None]).to(g.dtype)
         if grad_hidden is not None:
             torch.mm(g, weight, out=grad_hidden[s:e])
-        if grad_weight is not None:
+        if want[1] and single:
+            grad_weight = torch.mm(g.t(), h)
+        elif grad_weight is not None and g.dtype == torch.float32:
+            grad_weight.addmm_(g.t(), h)
+        elif grad_weight is not None:
             for v0 in range(0, vocab, WEIGHT_BLOCK):  # low-precision partials, added in float32
                 v1 = min(vocab, v0 + WEIGHT_BLOCK)
                 grad_weight[v0:v1] += torch.mm(g[:, v0:v1].t(), h)
@@ -234,7 +247,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         target, ignore_index, label_smoothing, reduction, z_loss, softcap,
             backend: as :func:`cross_entropy` (the backend runs the loss kernel;
             the GEMMs are PyTorch's, accumulating in float32).
-        chunk_size: rows per chunk; default: about 16M logits per chunk.
+        chunk_size: rows per chunk; default: an eighth of the rows, at least
+            1024 (all of them when fewer).
 
     Returns the loss as :func:`cross_entropy`. Differentiable in hidden,
     weight and bias: for mean and sum the gradients are computed during the
