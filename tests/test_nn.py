@@ -149,13 +149,15 @@ def test_patched_hugging_face_llama_gives_the_same_logits():
         report = pyllm.patch(model)
         after = model(ids).logits
     kinds = {old for _, old, _ in report.replaced}
-    assert kinds == {"Linear", "LlamaRMSNorm", "attn_implementation=sdpa"}, report
+    assert kinds == {"Linear", "LlamaRMSNorm", "attn_implementation=sdpa",
+                     "apply_rotary_pos_emb", "ForCausalLMLoss"}, report
     assert model.config._attn_implementation == "pyllm"
     # 2 layers x (4 attention + 3 MLP projections + 2 norms) + final norm + lm_head + attention
-    assert len(report.replaced) == 2 * 9 + 3
+    # + rotary + loss
+    assert len(report.replaced) == 2 * 9 + 5
     with torch.no_grad():
         model64 = transformers.LlamaForCausalLM(config).double().eval()
-        assert pyllm.unpatch(model) == 2 * 9 + 3
+        assert pyllm.unpatch(model) == 2 * 9 + 5
         assert model.config._attn_implementation == "sdpa"
         model64.load_state_dict(model.state_dict())
         truth = model64(ids).logits

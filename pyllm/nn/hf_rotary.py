@@ -55,7 +55,9 @@ def _canonical():
         from transformers.models.llama import modeling_llama
     except ImportError:
         return None
-    return _body(modeling_llama.apply_rotary_pos_emb), _body(modeling_llama.rotate_half)
+    fn = modeling_llama.apply_rotary_pos_emb
+    fn = getattr(fn, "_pyllm_original", fn)  # LLaMA's own, swapped or not
+    return _body(fn), _body(modeling_llama.rotate_half)
 
 
 def _is_llamas(module) -> bool:
@@ -150,18 +152,19 @@ def patch(model: torch.nn.Module) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def unpatch(model: torch.nn.Module) -> int:
-    """Puts back the original functions that ``model``'s patch swapped, once no
-    other patched model uses them; returns how many were put back."""
-    restored = 0
+    """Releases ``model``'s use of the swapped functions, putting each original
+    back once no other patched model uses it; returns how many the model
+    released (one per modeling module, as its patch report counted)."""
+    released = 0
     for name in model.__dict__.pop("_pyllm_rotary_modules", []):
         entry = _SWAPPED.get(name)
         if entry is None:
             continue
+        released += 1
         entry[1] -= 1
         if entry[1] == 0:
             module = sys.modules.get(name)
             if module is not None:
                 module.apply_rotary_pos_emb = entry[0]
             del _SWAPPED[name]
-            restored += 1
-    return restored
+    return released
