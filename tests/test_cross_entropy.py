@@ -278,3 +278,27 @@ def test_every_cpu_isa_path(isa):
                     t.test_cross_entropy(shape, dtype, options, "mean", "cpu")
         t.test_nan_like_pytorch("cpu")
     """)
+
+
+@pytest.mark.parametrize("how", ["mean", "num_items_in_batch", "shift_labels"])
+def test_patched_loss_function_equals_transformers(how):
+    """pyllm.nn.hf_loss.causal_lm_loss (what pyllm.patch gives a causal LM)
+    against transformers' ForCausalLMLoss, loss and gradient, with each way
+    transformers calls it."""
+    loss_utils = pytest.importorskip("transformers.loss.loss_utils")
+    from pyllm.nn.hf_loss import causal_lm_loss
+
+    gen = generator("hf loss function", how)
+    logits = randn((2, 7, 30), torch.bfloat16, gen=gen, scale=2.0)
+    labels = torch.randint(0, 30, (2, 7), generator=gen)
+    labels[0, :2] = -100
+    kw = {}
+    if how == "num_items_in_batch":
+        kw["num_items_in_batch"] = torch.tensor(9)
+    if how == "shift_labels":
+        kw["shift_labels"] = torch.roll(labels, -1, 1)
+    ours, g_ours = grads(lambda x: causal_lm_loss(x, labels, 30, **kw), logits, torch.tensor(1.0))
+    want, g_want = grads(lambda x: loss_utils.ForCausalLMLoss(x, labels, 30, **kw), logits,
+                         torch.tensor(1.0))
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours.float(), g_want.float(), rtol=1e-2, atol=1e-4)
