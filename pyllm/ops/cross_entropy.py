@@ -183,8 +183,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                     *ctx.dtypes)):
             if g is not None and scale is not None:
                 # a fresh tensor (the saved ones stay as they are, for a second
-                # backward), in one pass where the dtype is already the final one
-                g = (g * scale.to(g.dtype)).to(dtype)
+                # backward), scaled in place; a float32 sum is narrowed first,
+                # so no second float32 copy of grad_weight is ever made
+                g = g * scale.to(g.dtype) if g.dtype == dtype else g.to(dtype).mul_(scale.to(dtype))
             elif g is not None:
                 g = g.to(dtype)
             out.append(g)
