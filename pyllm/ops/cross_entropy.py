@@ -78,7 +78,9 @@ class _CrossEntropy(torch.autograd.Function):
             scale = grad_out.float()[:, None]
         else:
             scale = grad_out.float() * ctx.factor
-        return (grad.float() * scale).to(grad.dtype), None, None, None, None, None, None, None
+        # one pass in the gradient's dtype (a float32 copy of a (rows, vocab)
+        # gradient would cost more than the loss itself)
+        return grad * scale.to(grad.dtype), None, None, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
