@@ -161,21 +161,24 @@ inline Rotary check_rotary_args(const at::Tensor& q, const at::Tensor& k, const 
 
 }  // namespace pyllm
 
+#include <ATen/ops/empty.h>
+
 #include "cross_entropy_args.h"
 
 namespace pyllm {
 
 // pyllm::cross_entropy's arguments checked for memory safety (the user-facing
-// checks are in pyllm/ops/cross_entropy.py), its outputs allocated with
-// `empty`, and the kernels' CrossEntropy. A target outside [0, vocab) other
+// checks are in pyllm/ops/cross_entropy.py), its outputs (loss, lse, grad)
+// allocated, and the kernels' CrossEntropy. A target outside [0, vocab) other
 // than ignore_index is left to the kernels: a NaN loss, nothing read there.
-template <typename Empty>
 inline CrossEntropy check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
                                              int64_t ignore_index, double label_smoothing,
                                              double z_loss, double softcap, bool want_grad,
-                                             c10::DeviceType device_type, Empty empty,
-                                             at::Tensor& loss, at::Tensor& lse,
-                                             at::Tensor& grad) {
+                                             c10::DeviceType device_type, at::Tensor& loss,
+                                             at::Tensor& lse, at::Tensor& grad) {
+  const auto empty = [](std::vector<int64_t> shape, at::TensorOptions options) {
+    return at::empty(shape, options);
+  };
   const char* op = "pyllm::cross_entropy";
   TORCH_CHECK_VALUE(logits.dim() == 2 && logits.device().type() == device_type, op,
                     ": logits must be 2-D (rows, vocab) on the kernel's device");

@@ -33,12 +33,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy(
     const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, bool want_grad) {
   at::Tensor loss, lse, grad;
-  const auto empty = [](std::vector<int64_t> shape, at::TensorOptions options) {
-    return at::empty(shape, options);
-  };
   const CrossEntropy a =
       check_cross_entropy_args(logits, target, ignore_index, label_smoothing, z_loss, softcap,
-                               want_grad, c10::DeviceType::CPU, empty, loss, lse, grad);
+                               want_grad, c10::DeviceType::CPU, loss, lse, grad);
   for (int64_t r = 0; r < a.rows; ++r) {
     const int64_t t = a.target[r];
     TORCH_CHECK_VALUE(t == ignore_index || (t >= 0 && t < a.vocab),

@@ -22,12 +22,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy(
     double label_smoothing, double z_loss, double softcap, bool want_grad) {
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor loss, lse, grad;
-  const auto empty = [](std::vector<int64_t> shape, at::TensorOptions options) {
-    return at::empty(shape, options);
-  };
   const CrossEntropy a =
       check_cross_entropy_args(logits, target, ignore_index, label_smoothing, z_loss, softcap,
-                               want_grad, c10::DeviceType::CUDA, empty, loss, lse, grad);
+                               want_grad, c10::DeviceType::CUDA, loss, lse, grad);
   C10_CUDA_CHECK(launch_cross_entropy(a, c10::cuda::getCurrentCUDAStream()));
   return {loss, lse, grad};
 }
