@@ -29,9 +29,13 @@ def rotary_kernel(X, COS, SIN, POS, stride_b, stride_s, stride_h, seq, heads, ha
     in_table = (pos >= 0) & (pos < max_positions)
     i = tl.arange(0, BLOCK_P)
     pair_ok = i < half
-    row = pos * half
-    c = tl.load(COS + row + i, mask=pair_ok & in_table, other=float("nan"))
-    sn = tl.load(SIN + row + i, mask=pair_ok & in_table, other=float("nan"))
+    # row 0 read for a position outside the tables, its values replaced by NaN
+    # (a scalar condition in a load's mask is refused by Triton 3.9's interpreter)
+    row = tl.where(in_table, pos, 0) * half
+    c = tl.load(COS + row + i, mask=pair_ok, other=0.0)
+    sn = tl.load(SIN + row + i, mask=pair_ok, other=0.0)
+    c = tl.where(in_table, c, float("nan"))
+    sn = tl.where(in_table, sn, float("nan"))
     if CONJUGATE:
         sn = -sn
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
