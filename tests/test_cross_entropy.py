@@ -209,6 +209,8 @@ def test_bad_input():
         pyllm.cross_entropy(logits, target.float())
     with pytest.raises(ValueError, match="one entry per row"):
         pyllm.cross_entropy(logits, target[:3])
+    with pytest.raises(ValueError, match="without the last"):  # F.cross_entropy's (N, C, d)
+        pyllm.cross_entropy(torch.randn(2, 10, 3), torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="reduction must be one of"):
         pyllm.cross_entropy(logits, target, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing must be in"):

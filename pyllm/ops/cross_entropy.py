@@ -119,6 +119,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
         logits2 = logits2.contiguous()
     if logits2.shape[-1] == 0:
         raise ValueError(f"{op}: logits must have at least one class")
+    if logits.dim() > 2 and tuple(target.shape) != tuple(logits.shape[:-1]):
+        # classes are the last dimension here, not dim 1 as in F.cross_entropy
+        raise ValueError(f"{op}: target must have logits' shape without the last (class) "
+                         f"dimension, {tuple(logits.shape[:-1])}, got {tuple(target.shape)}")
     target = _check_target(op, target.reshape(-1) if target.dim() > 1 else target,
                            logits2.shape[0], logits.device)
     fn = _backend.route("cross_entropy", logits2, backend)
