@@ -75,12 +75,12 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         if ctx.factor is None:  # reduction none: each row's own upstream gradient
-            scale = grad_out.float()[:, None]
+            scaled = (grad.float() * grad_out.float()[:, None]).to(grad.dtype)
         else:
-            scale = grad_out.float() * ctx.factor
-        # one pass in the gradient's dtype (a float32 copy of a (rows, vocab)
-        # gradient would cost more than the loss itself)
-        return grad * scale.to(grad.dtype), None, None, None, None, None, None, None
+            # a float32 0-dim factor: one pass in the gradient's dtype, the
+            # product computed in float32 and rounded once
+            scaled = grad * (grad_out.float() * ctx.factor)
+        return scaled, None, None, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
@@ -191,7 +191,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # a fresh tensor (the saved ones stay as they are, for a second
                 # backward), scaled in place; a float32 sum is narrowed first,
                 # so no second float32 copy of grad_weight is ever made
-                g = g * scale.to(g.dtype) if g.dtype == dtype else g.to(dtype).mul_(scale.to(dtype))
+                g = g * scale if g.dtype == dtype else g.to(dtype).mul_(scale)
             elif g is not None:
                 g = g.to(dtype)
             out.append(g)
