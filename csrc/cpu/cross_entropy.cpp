@@ -17,15 +17,7 @@
 namespace pyllm::cpu {
 
 using CrossEntropyFn = void (*)(const CrossEntropy&, int64_t begin, int64_t end);
-#define PYLLM_DECLARE_CROSS_ENTROPY(isa)                  \
-  namespace isa {                                         \
-  void cross_entropy(const CrossEntropy&, int64_t, int64_t); \
-  }
-PYLLM_DECLARE_CROSS_ENTROPY(generic)
-PYLLM_DECLARE_CROSS_ENTROPY(avx2)
-PYLLM_DECLARE_CROSS_ENTROPY(avx512)
-PYLLM_DECLARE_CROSS_ENTROPY(avx512_bf16)
-#undef PYLLM_DECLARE_CROSS_ENTROPY
+PYLLM_DECLARE_ISA_VARIANTS(void cross_entropy(const CrossEntropy&, int64_t, int64_t))
 
 namespace {
 

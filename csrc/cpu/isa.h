@@ -21,6 +21,14 @@ Isa active_isa();
 
 const char* isa_name(Isa isa);
 
+// Declares a kernel's four ISA variants (one per namespace), e.g.
+//   PYLLM_DECLARE_ISA_VARIANTS(void rotary(const Rotary&, int64_t, int64_t));
+#define PYLLM_DECLARE_ISA_VARIANTS(...)        \
+  namespace generic { __VA_ARGS__; }           \
+  namespace avx2 { __VA_ARGS__; }              \
+  namespace avx512 { __VA_ARGS__; }            \
+  namespace avx512_bf16 { __VA_ARGS__; }
+
 // Picks the variant for the active ISA; a variant may be null when no code of
 // that ISA exists for a kernel, and then the next lower one runs.
 template <typename Fn>

@@ -13,15 +13,7 @@
 namespace pyllm::cpu {
 
 using RotaryFn = void (*)(const Rotary&, int64_t begin, int64_t end);
-#define PYLLM_DECLARE_ROTARY(isa) \
-  namespace isa {                 \
-  void rotary(const Rotary&, int64_t, int64_t); \
-  }
-PYLLM_DECLARE_ROTARY(generic)
-PYLLM_DECLARE_ROTARY(avx2)
-PYLLM_DECLARE_ROTARY(avx512)
-PYLLM_DECLARE_ROTARY(avx512_bf16)
-#undef PYLLM_DECLARE_ROTARY
+PYLLM_DECLARE_ISA_VARIANTS(void rotary(const Rotary&, int64_t, int64_t))
 
 namespace {
 
