@@ -1,9 +1,9 @@
 """Peak extra memory of one loss step (forward + backward) of the LM head and
 cross-entropy: pyllm.linear_cross_entropy against the unfused F.linear +
 F.cross_entropy, each measured the same way in a fresh process: the peak
-resident set (ru_maxrss) during the step minus the resident set before it,
-inputs and weights already allocated (the gradients, which both must produce,
-are counted in both).
+resident set during the step (VmHWM, its high-water mark reset once the
+inputs and weights are allocated) minus the resident set before it (the
+gradients, which both must produce, are counted in both).
 
     .venv/bin/python bench/linear_cross_entropy_memory.py [--rows 8192 --hidden 2048
         --vocab 128256 --dtype bfloat16]
@@ -17,21 +17,25 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch, torch.nn.functional as F
 import pyllm
 rows, hidden, vocab, dtype, which = json.loads(sys.argv[1])
 dtype = getattr(torch, dtype)
 g = torch.Generator().manual_seed(0)
-h = torch.randn(rows, hidden, generator=g).to(dtype).requires_grad_()
-w = (torch.randn(vocab, hidden, generator=g) * hidden ** -0.5).to(dtype).requires_grad_()
+h = torch.randn(rows, hidden, generator=g, dtype=dtype).requires_grad_()
+w = torch.randn(vocab, hidden, generator=g, dtype=dtype).mul_(hidden ** -0.5).requires_grad_()
 t = torch.randint(0, vocab, (rows,), generator=g)
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
 
-before = rss()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the high-water mark restarts from the resident set now
+before = status("VmRSS")
 start = time.perf_counter()
 if which == "fused":
     loss = pyllm.linear_cross_entropy(h, w, t)
@@ -39,7 +43,7 @@ else:
     loss = F.cross_entropy(F.linear(h, w), t)
 loss.backward()
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"which": which, "peak_extra_bytes": peak - before, "seconds": seconds,
                   "loss": float(loss)}))
 """

@@ -172,6 +172,65 @@ def test_linear_cross_entropy(shape, dtype, bias, reduction, backend):
         check_rule(o, e, p, factor=3, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_linear_cross_entropy_many_chunks(dtype):
+    """63 chunks: grad_weight, accumulated in its own dtype and rounded once
+    per chunk, still meets the rule."""
+    rows, hidden, vocab = 1000, 48, 300
+    gen = generator("flce chunks", dtype)
+    h = randn((rows, hidden), dtype, gen=gen)
+    w = randn((vocab, hidden), dtype, gen=gen, scale=hidden ** -0.5 * 3)
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    target[::9] = -100
+
+    def run(loss_fn, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = loss_fn(*leaves)
+        out.backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    ours = run(lambda a, b: pyllm.linear_cross_entropy(a, b, target, chunk_size=16), [h, w])
+    exact = run(lambda a, b: F.cross_entropy(F.linear(a, b), target), [h.double(), w.double()])
+    theirs = run(lambda a, b: F.cross_entropy(F.linear(a, b), target), [h, w])
+    check_rule(ours[0].float(), exact[0], theirs[0].float(), what="loss")
+    for name, o, e, p in zip(("hidden", "weight"), ours[1:], exact[1:], theirs[1:]):
+        check_rule(o, e, p, factor=3, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["cross_entropy", "linear_cross_entropy"])
+def test_every_row_ignored_like_pytorch(fused):
+    """Mean over no rows: the loss is NaN and the gradients are 0, as PyTorch's."""
+    gen = generator("all ignored", fused)
+    h, w = randn((5, 8), gen=gen), randn((11, 8), gen=gen)
+    target = torch.full((5,), -100)
+
+    def run(loss_fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (h, w)]
+        out = loss_fn(*leaves)
+        out.backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    ours = run(lambda a, b: pyllm.linear_cross_entropy(a, b, target) if fused
+               else pyllm.cross_entropy(F.linear(a, b), target))
+    theirs = run(lambda a, b: F.cross_entropy(F.linear(a, b), target))
+    assert ours[0].isnan() and theirs[0].isnan()
+    for o, t in zip(ours[1:], theirs[1:]):
+        assert torch.equal(o, t) and not o.isnan().any()
+
+
+def test_linear_cross_entropy_hands_its_gradients_over_once():
+    """The gradients computed in the forward are scaled in place and handed
+    over (no copy of grad_weight); a second backward raises, naming why."""
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    loss = pyllm.linear_cross_entropy(h, w, torch.arange(6))
+    loss.backward(retain_graph=True)
+    first = w.grad.clone()
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    torch.testing.assert_close(w.grad, first)
+
+
 def test_noncontiguous_and_3d_logits():
     logits, target, _ = make((12, 50), torch.float32, "layout")
     strided = noncontiguous(logits)

@@ -19,10 +19,6 @@ __all__ = ["cross_entropy", "linear_cross_entropy", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
 _TARGET_DTYPES = (torch.int64, torch.int32)
-#: linear_cross_entropy's chunk: at most an eighth of the rows (so that its
-#: logits stay under an eighth of the unfused ones), at least this many rows
-#: (small GEMMs run below the machine's rate), all rows when that covers them.
-CHUNK_MIN_ROWS = 1024
 
 
 def _options(op, ignore_index, label_smoothing, reduction, z_loss, softcap):
@@ -52,6 +48,13 @@ def _check_target(op, target, rows, device):
     return target.long().contiguous()
 
 
+def _mean_factor(target, ignore_index):
+    """``1 / (rows not ignored)`` as a float32 0-dim tensor, 0 when every row is
+    ignored (the mean is then NaN and, as in PyTorch, the gradient is 0)."""
+    count = (target != ignore_index).sum().float()
+    return torch.where(count > 0, 1.0 / count.clamp(min=1.0), torch.zeros_like(count))
+
+
 def _reduce(loss, target, ignore_index, reduction):
     """(reduced loss, the factor d reduced / d loss_i for mean/sum)."""
     if reduction == "none":
@@ -59,7 +62,7 @@ def _reduce(loss, target, ignore_index, reduction):
     if reduction == "sum":
         return loss.sum(), 1.0
     count = (target != ignore_index).sum()
-    return loss.sum() / count, 1.0 / count
+    return loss.sum() / count, _mean_factor(target, ignore_index)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -136,23 +139,31 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
 
 # -- linear + cross-entropy, chunked ----------------------------------------------------
 
-def _chunk_rows(rows: int, vocab: int, chunk_size: int | None) -> int:
+#: linear_cross_entropy's chunk: a 32nd of the rows (its logits and their
+#: gradient, the only tokens x vocab buffers, stay under a 16th of the unfused
+#: logits; grad_weight is rounded once per chunk, at most 32 times), at least
+#: this many rows (smaller GEMMs run below the machine's rate), all rows when
+#: that covers them.
+CHUNK_MIN_ROWS = 256
+MAX_CHUNKS = 32
+
+
+def _chunk_rows(rows: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    return max(1, min(rows, max(CHUNK_MIN_ROWS, -(-rows // 8))))
-
-
-def _chunks(rows, size):
-    return [(s, min(rows, s + size)) for s in range(0, rows, size)]
+    return max(1, min(rows, max(CHUNK_MIN_ROWS, -(-rows // MAX_CHUNKS))))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward: per chunk of rows the logits, the rows' losses and (mean, sum)
-    their gradients, turned at once into the chunk's grad_hidden and added to
-    grad_weight and grad_bias (float32): the backward only scales them.
-    Reduction none: the forward computes losses only; the backward recomputes
-    each chunk's logits with the rows' own upstream gradients (grad_weight
-    depends on them, so nothing can be computed ahead)."""
+    """Mean and sum: the forward computes, per chunk of rows, the logits, the
+    rows' losses and their gradient (already scaled by the reduction's factor),
+    and turns that at once into the chunk's grad_hidden and a term of
+    grad_weight and grad_bias, accumulated in their own dtype; the backward
+    only scales these by the upstream gradient, in place, and hands them over
+    (no second copy of grad_weight is ever made; a second backward through the
+    same loss raises). Reduction none: the forward computes the losses only;
+    the backward recomputes each chunk's logits with the rows' own upstream
+    gradients (grad_weight depends on them, so nothing can be computed ahead)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, softcap,
@@ -160,16 +171,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need = ctx.needs_input_grad
         ctx.reduction, ctx.chunk, ctx.fn = reduction, chunk, fn
         ctx.options = (ignore_index, smoothing, z_loss, softcap)
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         want = (need[0], need[1], bias is not None and need[2])
         eager = reduction != "none" and any(want)
+        factor = None
+        if eager and reduction == "mean":
+            factor = _mean_factor(target, ignore_index)
+            if factor.device.type != "cpu" and not torch.compiler.is_compiling():
+                # a CPU scalar multiplies in float32 on every device; a device
+                # one would be rounded to the gradient's dtype first
+                factor = factor.cpu()
         loss, grads = _chunked(hidden, weight, bias, target, ctx.options, chunk, fn,
-                               want if eager else (False, False, False), None)
-        out, ctx.factor = _reduce(loss, target, ignore_index, reduction)
+                               want if eager else (False, False, False), factor)
+        out, _ = _reduce(loss, target, ignore_index, reduction)
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, target)
             return loss
-        ctx.save_for_backward(*grads)
+        # kept on ctx, not saved: the backward hands these very tensors over
+        ctx.grads = list(grads)
         return out.to(hidden.dtype)
 
     @staticmethod
@@ -180,59 +198,59 @@ class _LinearCrossEntropy(torch.autograd.Function):
             want = (need[0], need[1], bias is not None and need[2])
             _, grads = _chunked(hidden, weight, bias, target, ctx.options, ctx.chunk, ctx.fn,
                                 want, grad_out)
-            scale = None
         else:
-            grads = ctx.saved_tensors
-            scale = grad_out.float() * ctx.factor
-        out = []
-        for g, dtype in zip(grads, (grads[0].dtype if grads[0] is not None else None,
-                                    *ctx.dtypes)):
-            if g is not None and scale is not None:
-                # a fresh tensor (the saved ones stay as they are, for a second
-                # backward), scaled in place; a float32 sum is narrowed first,
-                # so no second float32 copy of grad_weight is ever made
-                g = g * scale if g.dtype == dtype else g.to(dtype).mul_(scale)
-            elif g is not None:
-                g = g.to(dtype)
-            out.append(g)
-        return (*out, None, None, None, None, None, None, None, None)
+            grads = getattr(ctx, "grads", None)
+            if grads is None:
+                raise RuntimeError(
+                    "pyllm.linear_cross_entropy: its gradients are computed in the forward and "
+                    "handed over by the first backward; a second backward through the same "
+                    "loss (retain_graph) is not supported: compute the loss again")
+            ctx.grads = None
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_out)  # in place: grad_weight is never copied
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
-#: Vocabulary rows per block of the grad_weight product (its temporary).
-WEIGHT_BLOCK = 8192
-
-
-def _chunked(hidden, weight, bias, target, options, chunk, fn, want, grad_out):
+def _chunked(hidden, weight, bias, target, options, chunk, fn, want, scale):
     """Losses of every row, and the gradients selected by ``want`` (hidden,
-    weight, bias), each row's scaled by ``grad_out[row]`` when given."""
+    weight, bias), in their inputs' dtypes. ``scale``: None, a float32 0-dim
+    factor of every row's gradient (the mean's), or ``(rows,)`` (each row's
+    upstream gradient, for reduction none). The logits of a chunk live in one
+    buffer reused by every chunk; grad_weight accumulates in weight's dtype,
+    each chunk's GEMM adding in float32 and rounding once."""
     rows, vocab = hidden.shape[0], weight.shape[0]
-    chunks = _chunks(rows, chunk)
     loss = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if want[0] else None
-    # one chunk: grad_weight is one product, as the unfused composition's
-    single = len(chunks) == 1
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-        if want[1] and not single else None
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) \
+        if want[0] else None
+    grad_weight = None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if want[2] else None
-    for s, e in chunks:
-        h = hidden[s:e]
-        loss[s:e], _, g = fn(F.linear(h, weight, bias), target[s:e], *options, any(want))
+    buffer = hidden.new_empty((min(rows, chunk), vocab))
+    for s in range(0, rows, chunk):
+        e = min(rows, s + chunk)
+        h, logits = hidden[s:e], buffer[:e - s]
+        if bias is not None:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        else:
+            torch.mm(h, weight.t(), out=logits)
+        loss[s:e], _, g = fn(logits, target[s:e], *options, any(want))
         if not any(want):
             continue
-        if grad_out is not None:
-            g = (g.float() * grad_out[s:e].float()[:, None]).to(g.dtype)
+        if scale is not None:  # in float32, rounded once
+            g.mul_(scale[s:e, None] if scale.dim() else scale)
         if grad_hidden is not None:
             torch.mm(g, weight, out=grad_hidden[s:e])
-        if want[1] and single:
+        if want[1] and grad_weight is None:
             grad_weight = torch.mm(g.t(), h)
-        elif grad_weight is not None and g.dtype == torch.float32:
+        elif want[1]:
             grad_weight.addmm_(g.t(), h)
-        elif grad_weight is not None:
-            for v0 in range(0, vocab, WEIGHT_BLOCK):  # low-precision partials, added in float32
-                v1 = min(vocab, v0 + WEIGHT_BLOCK)
-                grad_weight[v0:v1] += torch.mm(g[:, v0:v1].t(), h)
         if grad_bias is not None:
-            grad_bias += g.float().sum(0)
+            grad_bias += g.sum(0, dtype=torch.float32)
+        del g
+    if grad_weight is None and want[1]:  # no rows
+        grad_weight = torch.zeros_like(weight)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
     return loss, (grad_hidden, grad_weight, grad_bias)
 
 
@@ -254,13 +272,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         target, ignore_index, label_smoothing, reduction, z_loss, softcap,
             backend: as :func:`cross_entropy` (the backend runs the loss kernel;
             the GEMMs are PyTorch's, accumulating in float32).
-        chunk_size: rows per chunk; default: an eighth of the rows, at least
-            1024 (all of them when fewer).
+        chunk_size: rows per chunk; default: a 32nd of the rows, at least
+            256 (all of them when fewer). Peak extra memory: grad_weight and
+            grad_hidden plus two ``(chunk, vocab)`` buffers.
 
     Returns the loss as :func:`cross_entropy`. Differentiable in hidden,
     weight and bias: for mean and sum the gradients are computed during the
-    forward (grad_weight accumulated in float32); for none the backward
-    recomputes each chunk's logits with the rows' own upstream gradients.
+    forward (grad_weight accumulated in weight's dtype, each chunk's GEMM
+    adding its term in float32 and rounding once) and handed over by the
+    backward, so a second backward through the same loss raises; for none
+    the backward recomputes each chunk's logits with the rows' own upstream
+    gradients.
     """
     op = "pyllm.linear_cross_entropy"
     check_tensor(op, "hidden", hidden, min_dim=1)
@@ -282,7 +304,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     target = _check_target(op, target.reshape(-1) if target.dim() > 1 else target,
                            hidden2.shape[0], hidden.device)
-    chunk = _chunk_rows(hidden2.shape[0], weight.shape[0], chunk_size)
+    chunk = _chunk_rows(hidden2.shape[0], chunk_size)
     probe = hidden2.new_empty((0, weight.shape[0]))
     fn = _backend.route("cross_entropy", probe, backend)
     return _LinearCrossEntropy.apply(hidden2, weight, bias, target, ignore_index, smoothing,
