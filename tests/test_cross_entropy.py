@@ -363,3 +363,76 @@ def test_patched_loss_function_equals_transformers(how):
                          torch.tensor(1.0))
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_ours.float(), g_want.float(), rtol=1e-2, atol=1e-4)
+
+
+def _tiny_causal_lm(arch, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    }[arch]
+    if arch == "gpt2":
+        config = config_cls(vocab_size=211, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    else:
+        config = config_cls(vocab_size=211, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=8)
+    torch.manual_seed(0)
+    return model_cls(config).to(dtype).train()
+
+
+@pytest.mark.parametrize("how", ["mean", "num_items_in_batch", "autocast"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_lm_head_patch(arch, how):
+    """pyllm.patch(model, fused_lm_head=True): in training with labels the
+    loss comes from pyllm.linear_cross_entropy (logits None) and equals the
+    unpatched model's, as does every parameter's gradient; in eval mode the
+    model is the unpatched one's, logits included; unpatch removes it."""
+    import copy
+
+    model = _tiny_causal_lm(arch)
+    fused = copy.deepcopy(model)
+    report = pyllm.patch(fused, linear=False, norms=False, attention=False, rotary=False,
+                         fused_lm_head=True)
+    assert ("forward (training with labels)", "lm_head + loss",
+            "pyllm.linear_cross_entropy") in report.replaced, str(report)
+    gen = generator("fused head", arch, how)
+    ids = torch.randint(0, 211, (3, 13), generator=gen)
+    labels = ids.clone()
+    labels[1, :5] = -100
+    kw = {"num_items_in_batch": torch.tensor(25)} if how == "num_items_in_batch" else {}
+
+    def step(m):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+            out = m(input_ids=ids, labels=labels, **kw)
+        out.loss.backward()
+        return out, {n: p.grad for n, p in m.named_parameters()}
+
+    (want, g_want), (got, g_got) = step(model), step(fused)
+    assert got.logits is None and want.logits is not None
+    assert got.loss.dtype == want.loss.dtype == torch.float32
+    tol = dict(rtol=2e-2, atol=2e-3) if how == "autocast" else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.loss, want.loss, **tol)
+    for name, g in g_want.items():
+        torch.testing.assert_close(g_got[name], g, **tol, msg=lambda m: f"grad {name}: {m}")
+    fused.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids, labels=labels).logits,
+                                   model(input_ids=ids, labels=labels).logits)
+    assert pyllm.unpatch(fused) == 2 and "forward" not in fused.__dict__  # + loss_function
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
+def test_fused_lm_head_left_alone(arch):
+    """A causal LM whose forward is not LLaMA's (GPT-2's head, Gemma 2's
+    softcapped logits) keeps its own forward, and the report says why."""
+    model = _tiny_causal_lm(arch)
+    report = pyllm.patch(model, linear=False, norms=False, attention=False, rotary=False,
+                         loss=False, fused_lm_head=True)
+    assert "forward" not in model.__dict__
+    assert any(name == "lm_head" and "not LLaMA's" in why for name, why in report.skipped), \
+        str(report)

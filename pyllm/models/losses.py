@@ -42,15 +42,18 @@ def causal_lm_loss_fused(hidden: torch.Tensor, weight: torch.Tensor, input_ids: 
                          attention_mask: torch.Tensor | None = None,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`causal_lm_loss` of ``logits = hidden @ weight.T (+ bias)``
-    without the logits: the LM head and the loss in chunks of tokens.
+    without the logits: the LM head and the loss in chunks of tokens
+    (:func:`pyllm.linear_cross_entropy`).
 
     hidden ``(batch, seq, hidden)`` (the final norm's output); weight
     ``(vocab, hidden)``. Returns a float32 scalar.
     """
-    targets = _targets(input_ids, attention_mask)
-    rows = pyllm.linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight,
-                                      targets, bias, reduction="none")
-    return _mean(rows, targets)
+    # every position predicts the next token; the last one nothing (ignored),
+    # so hidden is used as it is, not sliced into a copy
+    targets = torch.nn.functional.pad(_targets(input_ids, attention_mask).view(
+        input_ids.shape[0], -1), (0, 1), value=-100).reshape(-1)
+    return pyllm.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets,
+                                      bias, out_dtype=torch.float32)
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

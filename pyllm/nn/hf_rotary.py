@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import inspect
 import sys
+import textwrap
 
 import torch
 
@@ -38,7 +39,7 @@ _SWAPPED: dict[str, list] = {}
 def _body(fn) -> str | None:
     """The function's AST without docstring and decorators (None if unreadable)."""
     try:
-        tree = ast.parse(inspect.getsource(inspect.unwrap(fn)).strip()).body[0]
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))).body[0]
     except (OSError, TypeError, SyntaxError, IndexError):
         return None
     if not isinstance(tree, ast.FunctionDef):

@@ -177,7 +177,8 @@ class PatchReport:
 
 
 def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
-          attention: bool = True, rotary: bool = True, loss: bool = True) -> PatchReport:
+          attention: bool = True, rotary: bool = True, loss: bool = True,
+          fused_lm_head: bool = False) -> PatchReport:
     """Replaces, in place, every supported submodule of ``model`` with its
     pyllm counterpart sharing the same parameters.
 
@@ -194,6 +195,12 @@ def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
         loss: for a ``transformers`` causal LM whose loss function is
             ``ForCausalLMLoss``, compute its training loss with
             :func:`pyllm.cross_entropy` (:mod:`pyllm.nn.hf_loss`).
+        fused_lm_head: opt-in, for a ``transformers`` causal LM whose forward
+            is LLaMA's: in training mode with labels, the LM head and the loss
+            fused (:func:`pyllm.linear_cross_entropy`, no ``tokens x vocab``
+            logits) and the output's ``logits`` None
+            (:mod:`pyllm.nn.hf_lm_head`). The only option that changes an
+            output, hence off by default.
 
     Returns:
         A :class:`PatchReport` (``print`` it for a summary).
@@ -242,6 +249,17 @@ def patch(model: nn.Module, *, linear: bool = True, norms: bool = True,
             report.replaced.append(("loss_function", "ForCausalLMLoss", "pyllm.cross_entropy"))
         elif why is not None:
             report.skipped.append(("loss_function", why))
+    if fused_lm_head and hasattr(model, "config") and hasattr(model, "lm_head"):
+        from pyllm.nn import hf_lm_head
+
+        patched, why = hf_lm_head.patch(model)
+        if patched:
+            report.replaced.append(("forward (training with labels)", "lm_head + loss",
+                                    "pyllm.linear_cross_entropy"))
+        elif why is not None:
+            report.skipped.append(("lm_head", why))
+    elif fused_lm_head:
+        report.skipped.append(("lm_head", "not a transformers model with an lm_head"))
     return report
 
 
@@ -282,6 +300,9 @@ def unpatch(model: nn.Module) -> int:
     from pyllm.nn import hf_loss
 
     restored += hf_loss.unpatch(model)
+    from pyllm.nn import hf_lm_head
+
+    restored += hf_lm_head.unpatch(model)
     previous = model.__dict__.pop("_pyllm_original_attention", None)
     if previous is not None:
         model.set_attn_implementation(previous)

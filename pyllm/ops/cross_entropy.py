@@ -167,7 +167,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, softcap,
-                reduction, chunk, fn):
+                reduction, chunk, fn, out_dtype):
         need = ctx.needs_input_grad
         ctx.reduction, ctx.chunk, ctx.fn = reduction, chunk, fn
         ctx.options = (ignore_index, smoothing, z_loss, softcap)
@@ -188,7 +188,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return loss
         # kept on ctx, not saved: the backward hands these very tensors over
         ctx.grads = list(grads)
-        return out.to(hidden.dtype)
+        return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -206,10 +206,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     "handed over by the first backward; a second backward through the same "
                     "loss (retain_graph) is not supported: compute the loss again")
             ctx.grads = None
+            unit = (grad_out.device.type == "cpu" and not torch.compiler.is_compiling()
+                    and float(grad_out) == 1.0)  # loss.backward(): nothing to scale
             for g in grads:
-                if g is not None:
+                if g is not None and not unit:
                     g.mul_(grad_out)  # in place: grad_weight is never copied
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _chunked(hidden, weight, bias, target, options, chunk, fn, want, scale):
@@ -258,7 +260,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                          bias: torch.Tensor | None = None, *, ignore_index: int = -100,
                          label_smoothing: float = 0.0, reduction: str = "mean",
                          z_loss: float = 0.0, softcap: float | None = None,
-                         chunk_size: int | None = None,
+                         chunk_size: int | None = None, out_dtype: torch.dtype | None = None,
                          backend: str | None = None) -> torch.Tensor:
     """The LM head and the cross-entropy fused: ``cross_entropy(hidden @
     weight.T + bias, target)`` computed a chunk of rows at a time, so that the
@@ -275,6 +277,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         chunk_size: rows per chunk; default: a 32nd of the rows, at least
             256 (all of them when fewer). Peak extra memory: grad_weight and
             grad_hidden plus two ``(chunk, vocab)`` buffers.
+        out_dtype: dtype of a mean or sum loss: hidden's by default (as
+            ``F.cross_entropy(F.linear(...))``; float32 under ``torch.autocast``,
+            where hidden, weight and bias are cast to autocast's dtype), or
+            float32 as transformers' losses (the sum is float32 inside
+            either way).
 
     Returns the loss as :func:`cross_entropy`. Differentiable in hidden,
     weight and bias: for mean and sum the gradients are computed during the
@@ -285,6 +292,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     gradients.
     """
     op = "pyllm.linear_cross_entropy"
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # as F.linear (in autocast's dtype) + F.cross_entropy (float32) under autocast
+        device = hidden.device.type
+        low = torch.get_autocast_dtype(device)
+        cast = lambda t: t.to(low) if isinstance(t, torch.Tensor) and t.is_floating_point() \
+            else t  # noqa: E731
+        with torch.autocast(device, enabled=False):
+            return linear_cross_entropy(
+                cast(hidden), cast(weight), target, cast(bias), ignore_index=ignore_index,
+                label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss,
+                softcap=softcap, chunk_size=chunk_size, out_dtype=out_dtype or torch.float32,
+                backend=backend)
     check_tensor(op, "hidden", hidden, min_dim=1)
     check_tensor(op, "weight", weight, dim=2)
     check_tensor(op, "bias", bias, dim=1, optional=True)
@@ -307,8 +326,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     chunk = _chunk_rows(hidden2.shape[0], chunk_size)
     probe = hidden2.new_empty((0, weight.shape[0]))
     fn = _backend.route("cross_entropy", probe, backend)
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
+                                      and out_dtype.is_floating_point):
+        raise TypeError(f"{op}: out_dtype must be a floating torch.dtype or None, got "
+                        f"{out_dtype!r}")
     return _LinearCrossEntropy.apply(hidden2, weight, bias, target, ignore_index, smoothing,
-                                     z_loss, softcap, reduction, chunk, fn)
+                                     z_loss, softcap, reduction, chunk, fn,
+                                     out_dtype or hidden.dtype)
 
 
 # -- fake kernel (torch.compile / FakeTensor) ---------------------------------
