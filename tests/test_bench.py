@@ -30,9 +30,11 @@ def test_bench_quick_smoke(tmp_path):
     assert all("speedup_vs_eager" in r for r in rows if r["implementation"] == "pyllm:cpu")
     assert list(tmp_path.glob("*.csv"))
     assert {p.name for p in tmp_path.glob("*.png")} == {"plot-rms_norm.png", "plot-attention.png"}
-    # Comparing a run with itself: no change, exit 0.
+    # --compare end to end against that run (the mechanics only: a threshold no
+    # timing can cross, since a loaded machine can slow a quick run tenfold;
+    # the rule itself is tested on fixed rows below).
     again = run_bench("--quick", "--ops", "rms_norm", "--dtype", "float32", "--output", "",
-                      "--compare", str(path), "--threshold", "10")
+                      "--compare", str(path), "--threshold", "1e9")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "rows compared" in again.stdout
 
