@@ -50,7 +50,7 @@ build: setup
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(if $(strip $(SANITIZE)),$(PY) tools/sanitize.py $(SANITIZE))
-	$(if $(strip $(CI_TORCH)),$(PY) tools/torch_matrix.py $(CI_TORCH))
+	$(if $(strip $(CI_TORCH)),$(PY) tools/torch_matrix.py --ci $(CI_TORCH))
 
 matrix: setup
 	$(PY) tools/torch_matrix.py $(MATRIX_TORCH)

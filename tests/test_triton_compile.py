@@ -288,9 +288,9 @@ def test_attention_compiles_with_64bit_batch_strides(arch):
 def rotary_configs():
     from pyllm.kernels.rotary import launch_config
 
-    seen = set()
-    for heads in (1, 2, 8, 32, 64):
-        for half in (1, 16, 32, 48, 64, 128):
+    seen = set()  # the narrowest and widest tiles (an elementwise kernel: no spills between)
+    for heads in (1, 64):
+        for half in (1, 128):
             config = launch_config(heads, half)
             key = tuple(sorted(config.items()))
             if key not in seen:
