@@ -7,6 +7,11 @@ query head h reads kv head h // (heads / heads_kv), nothing repeated. Causal
 masks are aligned to the bottom-right (query i sees keys j <= i + len_k -
 len_q). head_dim is padded to a power of two inside the kernels, masked.
 
+Variants: a sliding window (query i sees keys i + offset - window_left ..
+i + offset + window_right; WINDOW_LEFT / WINDOW_RIGHT say which edges exist,
+causal is window_right = 0; key blocks outside every row's window are skipped,
+not masked) and Gemma 2's softcap (scores softcap * tanh(s / softcap)).
+
 Forward: a program per (query block, head, sequence) walks the key blocks with
 an online softmax in fp32 (exp2 of log2-scaled scores): no seq_q x seq_k
 matrix. A query that sees no key gives zeros and lse = +inf.
@@ -24,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pyllm.kernels.cross_entropy import _tanh_and_derivative
 from pyllm.kernels.launch import interpreter_tiles, on_device, register
 
 LOG2E = 1.4426950408889634
@@ -109,13 +115,36 @@ def _dot(a, b, acc):
 
 
 @triton.jit
+def _scores(q, k, scale, softcap, SOFTCAP: tl.constexpr):
+    """(scores in log2 units, d score / d (q.k scale)) of a tile: q.k scale,
+    softcapped when SOFTCAP."""
+    s = _dot(q, k, tl.zeros([q.shape[0], k.shape[1]], dtype=tl.float32))
+    if SOFTCAP:
+        t, slope = _tanh_and_derivative(s * scale / softcap)
+        return softcap * t * 1.4426950408889634, slope
+    return s * (scale * 1.4426950408889634), 1.0
+
+
+@triton.jit
+def _window(visible, offs_m, n, offset, window_left, window_right, WINDOW_LEFT: tl.constexpr,
+            WINDOW_RIGHT: tl.constexpr):
+    """visible & (query m sees key n) under the window's edges."""
+    if WINDOW_RIGHT:
+        visible = visible & (n[None, :] <= offs_m[:, None] + offset + window_right)
+    if WINDOW_LEFT:
+        visible = visible & (n[None, :] >= offs_m[:, None] + offset - window_left)
+    return visible
+
+
+@triton.jit
 def attention_forward_kernel(
         Q, K, V, BIAS, O, LSE, CU_Q, CU_K, PARTIAL,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
         stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
-        seq_q, seq_k, group, head_dim, scale_log2, keys_per_split,
-        IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        seq_q, seq_k, group, head_dim, scale, keys_per_split, window_left, window_right, softcap,
+        IS_VARLEN: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+        SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, D_MULTIPLE: tl.constexpr):
     # Program: (query block, or key split when SPLIT), head, sequence.
@@ -147,8 +176,10 @@ def attention_forward_kernel(
     d_ok = offs_d < head_dim
     m_ok = offs_m < len_q
     offset = len_k - len_q
-    if CAUSAL:
-        k_hi = tl.minimum(k_hi, (block_m + 1) * BLOCK_M + offset)
+    if WINDOW_RIGHT:  # the block's last query sees up to its key + window_right
+        k_hi = tl.minimum(k_hi, (block_m + 1) * BLOCK_M + offset + window_right)
+    if WINDOW_LEFT:  # its first query from key - window_left on
+        k_lo = tl.maximum(k_lo, block_m * BLOCK_M + offset - window_left)
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + tl.cast(q_first, tl.int64) * stride_qt + h.to(tl.int64) * stride_qh
     k_base = K + b64 * stride_kb + tl.cast(k_first, tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
@@ -165,13 +196,12 @@ def attention_forward_kernel(
         n_ok = n < k_hi
         k = tl.load(k_base + n[None, :] * stride_kt + offs_d[:, None],
                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        s = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)) * scale_log2
+        s, _ = _scores(q, k, scale, softcap, SOFTCAP)
         if HAS_BIAS:
             s += tl.load(bias_base + offs_m[:, None] * stride_bq + n[None, :] * stride_bk,
                          mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
-        visible = n_ok[None, :]
-        if CAUSAL:
-            visible = visible & (n[None, :] <= offs_m[:, None] + offset)
+        visible = _window(n_ok[None, :], offs_m, n, offset, window_left, window_right, WINDOW_LEFT,
+                          WINDOW_RIGHT)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen nothing keeps m = -inf: exponents against 0 then.
@@ -242,16 +272,17 @@ def attention_combine_kernel(PARTIAL, O, LSE, CU_Q, stride_ob, stride_ot, stride
 
 
 @triton.jit
-def _probabilities(q, k, bias_ptrs, bias_mask, lse, offs_m, n, m_ok, n_ok, offset, scale_log2,
-                   HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
-    """P[m][n] = exp(s - lse) recomputed for a (queries x keys) tile."""
-    s = _dot(q, k, tl.zeros([q.shape[0], k.shape[1]], dtype=tl.float32)) * scale_log2
+def _probabilities(q, k, bias_ptrs, bias_mask, lse, offs_m, n, m_ok, n_ok, offset, scale,
+                   window_left, window_right, softcap, HAS_BIAS: tl.constexpr,
+                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
+    """(P[m][n] = exp(s - lse) recomputed for a (queries x keys) tile, and
+    d s / d (q.k scale): the softcap's 1 - tanh^2, or 1)."""
+    s, slope = _scores(q, k, scale, softcap, SOFTCAP)
     if HAS_BIAS:
         s += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32) * 1.4426950408889634
-    visible = m_ok[:, None] & n_ok[None, :]
-    if CAUSAL:
-        visible = visible & (n[None, :] <= offs_m[:, None] + offset)
-    return tl.where(visible, tl.math.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+    visible = _window(m_ok[:, None] & n_ok[None, :], offs_m, n, offset, window_left, window_right,
+                      WINDOW_LEFT, WINDOW_RIGHT)
+    return tl.where(visible, tl.math.exp2(s - lse[:, None] * 1.4426950408889634), 0.0), slope
 
 
 @triton.jit
@@ -260,8 +291,9 @@ def attention_backward_kv_kernel(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
         stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
-        seq_q, seq_k, group, head_dim, scale, scale_log2,
-        IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        seq_q, seq_k, group, head_dim, scale, window_left, window_right, softcap,
+        IS_VARLEN: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+        SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         D_MULTIPLE: tl.constexpr):
     """dK, dV for key block program_id(0) of kv head program_id(1), sequence
@@ -295,16 +327,20 @@ def attention_backward_kv_kernel(
     v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Queries that see any of these keys: t + offset >= first key (causal).
+    # Queries that see any of these keys: t + offset + window_right >= the
+    # first key, t + offset - window_left <= the last.
     m_lo = 0
-    if CAUSAL:
-        m_lo = tl.maximum(block_n * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+    m_hi = len_q
+    if WINDOW_RIGHT:
+        m_lo = tl.maximum(block_n * BLOCK_N - offset - window_right, 0) // BLOCK_M * BLOCK_M
+    if WINDOW_LEFT:
+        m_hi = tl.minimum(len_q, (block_n + 1) * BLOCK_N - offset + window_left)
     for h in range(hk * group, (hk + 1) * group):
         h64 = tl.cast(h, tl.int64)
         q_base = Q + b64 * stride_qb + tl.cast(q_first, tl.int64) * stride_qt + h64 * stride_qh
         do_base = DO + b64 * stride_ob + tl.cast(q_first, tl.int64) * stride_ot + h64 * stride_oh
         stat = b64 * stride_lb + h64 * stride_lh + q_first
-        for start in range(m_lo, len_q, BLOCK_M):
+        for start in range(m_lo, m_hi, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < len_q
             q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
@@ -317,11 +353,13 @@ def attention_backward_kv_kernel(
             if HAS_BIAS:
                 bias_ptrs = BIAS + b64 * stride_bb + h64 * stride_bh + offs_m[:, None] * stride_bq + \
                     offs_n[None, :] * stride_bk
-            p = _probabilities(q, tl.trans(k), bias_ptrs, m_ok[:, None] & n_ok[None, :], lse,
-                               offs_m, offs_n, m_ok, n_ok, offset, scale_log2, HAS_BIAS, CAUSAL)
+            p, slope = _probabilities(q, tl.trans(k), bias_ptrs, m_ok[:, None] & n_ok[None, :],
+                                      lse, offs_m, offs_n, m_ok, n_ok, offset, scale, window_left,
+                                      window_right, softcap, HAS_BIAS, WINDOW_LEFT, WINDOW_RIGHT,
+                                      SOFTCAP)
             dv = _dot(tl.trans(p).to(do.dtype), do, dv)
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-            ds = p * (dp - delta[:, None]) * scale
+            ds = p * (dp - delta[:, None]) * scale * slope
             dk = _dot(tl.trans(ds).to(q.dtype), q, dk)
     store_mask = n_ok[:, None] & d_ok[None, :]
     dk_base = DK + b64 * stride_kb + tl.cast(k_first, tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
@@ -338,8 +376,9 @@ def attention_backward_q_kernel(
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
         stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
-        seq_q, seq_k, group, head_dim, scale, scale_log2,
-        IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        seq_q, seq_k, group, head_dim, scale, window_left, window_right, softcap,
+        IS_VARLEN: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+        SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         D_MULTIPLE: tl.constexpr):
     """dQ for query block program_id(0) of head program_id(1), sequence
@@ -378,10 +417,13 @@ def attention_backward_q_kernel(
     lse = tl.load(LSE + stat + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + stat + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_lo = 0
     k_hi = len_k
-    if CAUSAL:
-        k_hi = tl.minimum(len_k, (block_m + 1) * BLOCK_M + offset)
-    for start in range(0, k_hi, BLOCK_N):
+    if WINDOW_RIGHT:
+        k_hi = tl.minimum(len_k, (block_m + 1) * BLOCK_M + offset + window_right)
+    if WINDOW_LEFT:
+        k_lo = tl.maximum(0, block_m * BLOCK_M + offset - window_left)
+    for start in range(k_lo, k_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < len_k
         kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -391,10 +433,12 @@ def attention_backward_q_kernel(
         if HAS_BIAS:
             bias_ptrs = BIAS + b64 * stride_bb + h64 * stride_bh + offs_m[:, None] * stride_bq + \
                 offs_n[None, :] * stride_bk
-        p = _probabilities(q, tl.trans(k), bias_ptrs, m_ok[:, None] & n_ok[None, :], lse, offs_m,
-                           offs_n, m_ok, n_ok, offset, scale_log2, HAS_BIAS, CAUSAL)
+        p, slope = _probabilities(q, tl.trans(k), bias_ptrs, m_ok[:, None] & n_ok[None, :], lse,
+                                  offs_m, offs_n, m_ok, n_ok, offset, scale, window_left,
+                                  window_right, softcap, HAS_BIAS, WINDOW_LEFT, WINDOW_RIGHT,
+                                  SOFTCAP)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
-        ds = p * (dp - delta[:, None]) * scale
+        ds = p * (dp - delta[:, None]) * scale * slope
         dq = _dot(ds.to(k.dtype), k, dq)
     dq_base = DQ + b64 * stride_qb + tl.cast(q_first, tl.int64) * stride_qt + h64 * stride_qh
     tl.store(dq_base + offs_m[:, None] * stride_qt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -445,8 +489,16 @@ def _bias(bias, batch, heads, seq_q, seq_k):
     return bias.expand(batch, heads, seq_q, seq_k) if bias is not None else None
 
 
+def _variant(causal, window_left, window_right, softcap):
+    """(runtime window/softcap arguments, their constexpr flags)."""
+    right = 0 if causal else int(window_right)
+    args = (int(window_left), right, float(softcap) if softcap > 0 else 1.0)
+    flags = dict(WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=right >= 0, SOFTCAP=softcap > 0)
+    return args, flags
+
+
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
-              causal):
+              causal, window_left=-1, window_right=-1, softcap=0.0):
     """The pyllm::attention_triton implementation: (out, lse) as pyllm::attention."""
     q, k, v = _head_last(q), _head_last(k), _head_last(v)
     varlen, batch, seq_q, seq_k, heads, group, head_dim = _geometry(
@@ -462,9 +514,9 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
     cu_k = cu_seqlens_k if varlen else lse
     common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
               *_strides(out, varlen), *_bias_strides(bias), *_lse_strides(lse, varlen, heads, seq_q))
-    flags = dict(IS_VARLEN=varlen, CAUSAL=bool(causal), HAS_BIAS=bias is not None, BLOCK_D=block_d,
-                 D_MULTIPLE=_vector_multiple(head_dim, q, k, v, out))
-    scale_log2 = scale * LOG2E
+    variant, variant_flags = _variant(causal, window_left, window_right, softcap)
+    flags = dict(IS_VARLEN=varlen, HAS_BIAS=bias is not None, BLOCK_D=block_d,
+                 D_MULTIPLE=_vector_multiple(head_dim, q, k, v, out), **variant_flags)
     with on_device(q):
         if seq_q <= DECODE_MAX_QUERIES:
             config = decode_config(block_d)
@@ -479,7 +531,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
                                   dtype=torch.float32, device=q.device)
             attention_forward_kernel[(splits, heads, batch)](
                 q, k, v, bias if bias is not None else q, out, lse, cu_q, cu_k, partial, *common,
-                seq_q, seq_k, group, head_dim, scale_log2, per_split, SPLIT=True, **flags,
+                seq_q, seq_k, group, head_dim, scale, per_split, *variant, SPLIT=True, **flags,
                 **config)
             attention_combine_kernel[(1, heads, batch)](
                 partial, out, lse, cu_q, *_strides(out, varlen),
@@ -490,12 +542,14 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
             grid = (triton.cdiv(seq_q, config["BLOCK_M"]), heads, batch)
             attention_forward_kernel[grid](
                 q, k, v, bias if bias is not None else q, out, lse, cu_q, cu_k, lse, *common,
-                seq_q, seq_k, group, head_dim, scale_log2, 0, SPLIT=False, **flags, **config)
+                seq_q, seq_k, group, head_dim, scale, 0, *variant, SPLIT=False, **flags,
+                **config)
     return out, lse
 
 
 def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                       max_seqlen_k, bias, scale, causal):
+                       max_seqlen_k, bias, scale, causal, window_left=-1, window_right=-1,
+                       softcap=0.0):
     """The pyllm::attention_backward_triton implementation: (dq, dk, dv)."""
     # Contiguous: the gradients are written with their inputs' strides, and
     # grad_out with out's.
@@ -516,10 +570,11 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     cu_k = cu_seqlens_k if varlen else lse
     common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
               *_strides(grad_out, varlen), *_bias_strides(bias),
-              *_lse_strides(lse, varlen, heads, seq_q), seq_q, seq_k, group, head_dim, scale,
-              scale * LOG2E)
-    flags = dict(IS_VARLEN=varlen, CAUSAL=bool(causal), HAS_BIAS=bias is not None,
-                 BLOCK_D=block_d, D_MULTIPLE=_vector_multiple(head_dim, q, k, v, grad_out))
+              *_lse_strides(lse, varlen, heads, seq_q), seq_q, seq_k, group, head_dim, scale)
+    variant, variant_flags = _variant(causal, window_left, window_right, softcap)
+    common = (*common, *variant)
+    flags = dict(IS_VARLEN=varlen, HAS_BIAS=bias is not None, BLOCK_D=block_d,
+                 D_MULTIPLE=_vector_multiple(head_dim, q, k, v, grad_out), **variant_flags)
     bias_arg = bias if bias is not None else q
     kv_config, q_config = backward_kv_config(block_d), backward_q_config(block_d)
     with on_device(q):

@@ -171,17 +171,21 @@ def swiglu(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
     return (F.silu(gate) * up).to(x.dtype)
 
 
-def _attention_one(q, k, v, causal, scale, bias):
+def _attention_one(q, k, v, causal, scale, bias, window=(-1, -1), softcap=0.0):
     """q: (h, sq, d), k/v: (h, sk, d) already expanded to q's heads; bias (h, sq, sk) or None."""
     s = (q @ k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     if bias is not None:
         s = s + bias
     sq, sk = q.shape[-2], k.shape[-2]
-    if causal:
-        # Bottom-right aligned: query i sees keys j <= i + (sk - sq).
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(sk, device=q.device)[None, :]
-        s = s.masked_fill(j > i + (sk - sq), float("-inf"))
+    left, right = window[0], 0 if causal else window[1]
+    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)  # bottom-right aligned
+    j = torch.arange(sk, device=q.device)[None, :]
+    if right >= 0:  # query i sees keys j <= i + (sk - sq) + right
+        s = s.masked_fill(j > i + right, float("-inf"))
+    if left >= 0:
+        s = s.masked_fill(j < i - left, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     # A score of +inf (an Inf in q or k) makes the row NaN, and its lse too:
     # lse = +inf is kept for rows that see no key.
@@ -199,7 +203,8 @@ def _expand_kv(k, heads):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: float | None = None, bias: torch.Tensor | None = None):
+              scale: float | None = None, bias: torch.Tensor | None = None,
+              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0):
     """Scaled dot-product attention.
 
     Args:
@@ -211,6 +216,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         bias: additive, broadcastable to ``(batch, heads, seq_q, seq_k)``
             (``-inf`` masks a position).
+        window_size: ``(left, right)``: query ``i`` sees keys ``i + seq_k -
+            seq_q - left <= j <= i + seq_k - seq_q + right`` (-1: unbounded;
+            causal is right = 0).
+        softcap: > 0: scores ``softcap * tanh(scores / softcap)`` before the bias.
 
     Returns:
         ``(out, lse)``: ``out`` ``(batch, seq_q, heads, head_dim)`` in ``q.dtype``;
@@ -227,14 +236,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     bf = None
     if bias is not None:
         bf = bias.to(ct).expand(b, h, sq, k.shape[1])
-    out, lse = _attention_one(qf, kf, vf, causal, scale, bf)
+    out, lse = _attention_one(qf, kf, vf, causal, scale, bf, window_size, softcap)
     return out.transpose(1, 2).to(q.dtype), _stat(lse, q.dtype)
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *,
                      causal: bool = False, scale: float | None = None,
-                     bias: torch.Tensor | None = None):
+                     bias: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+                     softcap: float = 0.0):
     """Attention over a batch of sequences of different lengths, packed.
 
     Args:
@@ -268,20 +278,21 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         bi = None
         if full_bias is not None:
             bi = full_bias[i, :, :qs.shape[1], :ks.shape[1]]
-        o, l = _attention_one(qs, ks, vs, causal, scale, bi)
+        o, l = _attention_one(qs, ks, vs, causal, scale, bi, window_size, softcap)
         out[cq[i]:cq[i + 1]] = o.transpose(0, 1)
         lse[:, cq[i]:cq[i + 1]] = l
     return out.to(q.dtype), _stat(lse, q.dtype)
 
 
 def attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
-                 causal):
+                 causal, window_left=-1, window_right=-1, softcap=0.0):
     """:func:`attention` or :func:`attention_varlen` with the arguments of the
     ``pyllm::attention`` op (the reference backend's implementation of it)."""
+    variant = dict(window_size=(window_left, window_right), softcap=softcap)
     if cu_seqlens_q is None:
-        return attention(q, k, v, causal=causal, scale=scale, bias=bias)
+        return attention(q, k, v, causal=causal, scale=scale, bias=bias, **variant)
     return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
-                            bias=bias)
+                            bias=bias, **variant)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *,

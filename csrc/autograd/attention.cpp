@@ -19,27 +19,32 @@ using torch::autograd::variable_list;
 using AttentionSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                 const optional<Tensor>&, const optional<Tensor>&,
                                                 int64_t, int64_t, const optional<Tensor>&, double,
-                                                bool);
+                                                bool, int64_t, int64_t, double);
 using AttentionBackwardSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const optional<Tensor>&, const optional<Tensor>&, int64_t, int64_t, const optional<Tensor>&,
-    double, bool);
+    double, bool, int64_t, int64_t, double);
 
 template <bool kTriton>
 struct Attention : torch::autograd::Function<Attention<kTriton>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k,
                                const Tensor& v, const optional<Tensor>& cu_q,
                                const optional<Tensor>& cu_k, int64_t max_q, int64_t max_k,
-                               const optional<Tensor>& bias, double scale, bool causal) {
+                               const optional<Tensor>& bias, double scale, bool causal,
+                               int64_t window_left, int64_t window_right, double softcap) {
     static const auto op = typed_op<AttentionSig>(op_name<kTriton>("attention"));
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal);
+    auto [out, lse] = op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal,
+                              window_left, window_right, softcap);
     ctx->save_for_backward({q, k, v, out, lse, cu_q.value_or(Tensor()), cu_k.value_or(Tensor()),
                             bias.value_or(Tensor())});
     ctx->saved_data["max_q"] = max_q;
     ctx->saved_data["max_k"] = max_k;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["softcap"] = softcap;
     ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
@@ -52,8 +57,12 @@ struct Attention : torch::autograd::Function<Attention<kTriton>> {
                                 absent_if_undefined(s[6]), ctx->saved_data["max_q"].toInt(),
                                 ctx->saved_data["max_k"].toInt(), absent_if_undefined(s[7]),
                                 ctx->saved_data["scale"].toDouble(),
-                                ctx->saved_data["causal"].toBool());
-    return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+                                ctx->saved_data["causal"].toBool(),
+                                ctx->saved_data["window_left"].toInt(),
+                                ctx->saved_data["window_right"].toInt(),
+                                ctx->saved_data["softcap"].toDouble());
+    return {dq,       dk,       dv,       Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -61,14 +70,17 @@ template <bool kTriton>
 std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                      const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
-                                     double scale, bool causal) {
+                                     double scale, bool causal, int64_t window_left,
+                                     int64_t window_right, double softcap) {
   if (!at::GradMode::is_enabled() ||
       !(q.requires_grad() || k.requires_grad() || v.requires_grad())) {
     static const auto op = typed_op<AttentionSig>(op_name<kTriton>("attention"));
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal);
+    return op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal, window_left,
+                   window_right, softcap);
   }
-  auto out = Attention<kTriton>::apply(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal);
+  auto out = Attention<kTriton>::apply(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal,
+                                       window_left, window_right, softcap);
   return {out[0], out[1]};
 }
 

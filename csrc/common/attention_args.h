@@ -32,11 +32,39 @@ struct AttentionGeometry {
   const int32_t* cu_k;
   float scale;
   bool causal;  // bottom-right aligned: query t sees keys j <= t + len_k - len_q
+  // Sliding window, flash-attn's window_size (-1: unbounded on that side):
+  // query t sees keys j with t + shift - window_left <= j <= t + shift +
+  // window_right, shift = len_k - len_q. causal is window_right = 0 (the
+  // operators set it so; the CUDA kernels still read causal).
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  float softcap = 0.f;  // > 0: scores become softcap * tanh(scores / softcap)
 
   PYLLM_HOST_DEVICE int64_t len_q(int64_t s) const { return cu_q ? cu_q[s + 1] - cu_q[s] : seq_q; }
   PYLLM_HOST_DEVICE int64_t len_k(int64_t s) const { return cu_k ? cu_k[s + 1] - cu_k[s] : seq_k; }
   PYLLM_HOST_DEVICE int64_t first_q(int64_t s) const { return cu_q ? cu_q[s] : 0; }
   PYLLM_HOST_DEVICE int64_t first_k(int64_t s) const { return cu_k ? cu_k[s] : 0; }
+  // The keys query t may see, [key_lo, key_hi) (clamped to [0, len_k]; empty
+  // when key_hi <= key_lo), shift = len_k - len_q of its sequence.
+  PYLLM_HOST_DEVICE int64_t key_lo(int64_t t, int64_t shift) const {
+    const int64_t lo = window_left < 0 ? 0 : t + shift - window_left;
+    return lo < 0 ? 0 : lo;
+  }
+  PYLLM_HOST_DEVICE int64_t key_hi(int64_t t, int64_t shift, int64_t len_k) const {
+    if (window_right < 0) return len_k;
+    const int64_t hi = t + shift + window_right + 1;
+    return hi < 0 ? 0 : (hi > len_k ? len_k : hi);
+  }
+  // The queries that see any of keys [k_begin, k_end): [query_lo, query_hi).
+  PYLLM_HOST_DEVICE int64_t query_lo(int64_t k_begin, int64_t shift) const {
+    const int64_t lo = window_right < 0 ? 0 : k_begin - shift - window_right;
+    return lo < 0 ? 0 : lo;
+  }
+  PYLLM_HOST_DEVICE int64_t query_hi(int64_t k_end, int64_t shift, int64_t len_q) const {
+    if (window_left < 0) return len_q;
+    const int64_t hi = k_end - shift + window_left;
+    return hi < 0 ? 0 : (hi > len_q ? len_q : hi);
+  }
 };
 
 // Where a [token][head][dim] tensor's elements are.

@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "attention_args.h"
 #include "tensor_args.h"
@@ -39,7 +40,8 @@ inline Prepared prepare(const char* op, c10::DeviceType device_type, const Tenso
                         const Tensor& k_in, const Tensor& v_in,
                         const optional<Tensor>& cu_q_in, const optional<Tensor>& cu_k_in,
                         int64_t max_q, int64_t max_k, const optional<Tensor>& bias_in,
-                        double scale, bool causal) {
+                        double scale, bool causal, int64_t window_left = -1,
+                        int64_t window_right = -1, double softcap = 0.0) {
   const bool varlen = cu_q_in.has_value();
   TORCH_CHECK_VALUE(varlen == cu_k_in.has_value(), "pyllm::", op,
                     ": give both cu_seqlens_q and cu_seqlens_k, or neither");
@@ -70,6 +72,14 @@ inline Prepared prepare(const char* op, c10::DeviceType device_type, const Tenso
   TORCH_CHECK_VALUE(k_in.sizes() == v_in.sizes(), "pyllm::", op, ": k and v must have one shape");
   g.scale = static_cast<float>(scale);
   g.causal = causal;
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "pyllm::", op,
+                    ": window sizes must be -1 (unbounded) or >= 0, got (", window_left, ", ",
+                    window_right, ")");
+  TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), "pyllm::", op,
+                    ": softcap must be a finite number >= 0 (0: none), got ", softcap);
+  g.window_left = window_left;
+  g.window_right = causal ? 0 : window_right;
+  g.softcap = static_cast<float>(softcap);
   g.cu_q = g.cu_k = nullptr;
   if (varlen) {
     p.cu_q = cu_q_in->contiguous();

@@ -80,6 +80,23 @@ def _check_bias(op, bias, q, full_shape):
     return bias
 
 
+def _check_variant(op, causal, window_size, softcap):
+    """(window_left, window_right, softcap) as the op takes them."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
+            isinstance(w, int) and not isinstance(w, bool) for w in window_size):
+        raise TypeError(f"{op}: window_size must be a pair of ints (left, right), got "
+                        f"{window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"{op}: window_size entries must be -1 (unbounded) or >= 0, got "
+                         f"{tuple(window_size)}")
+    if causal and right not in (-1, 0):
+        raise ValueError(f"{op}: causal is window_size[1] = 0; got causal=True with "
+                         f"window_size {tuple(window_size)}")
+    softcap = check_float(op, "softcap", softcap, minimum=0.0)
+    return int(left), int(right), float(softcap)
+
+
 def _check_index_range(op, what, tokens, heads, head_dim):
     if tokens * heads * head_dim > INT32_MAX:
         raise ValueError(f"{op}: {what} has {tokens} x {heads} x {head_dim} elements per "
@@ -89,6 +106,7 @@ def _check_index_range(op, what, tokens, heads, head_dim):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, bias: torch.Tensor | None = None,
+              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
               return_lse: bool = False, backend: str | None = None):
     """Scaled dot-product attention, FlashAttention-style (no seq_q x seq_k matrix).
 
@@ -108,6 +126,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         bias: additive float (q's dtype or float32, ``-inf`` masks) or bool
             (True = attend) mask, broadcastable to ``(batch, heads, seq_q,
             seq_k)``; it gets no gradient.
+        window_size: ``(left, right)`` sliding window, as flash-attn: query
+            ``i`` sees keys ``i + seq_k - seq_q - left .. i + seq_k - seq_q +
+            right``; -1 leaves that side unbounded; causal is ``right = 0``
+            (Mistral, Gemma 2/3, gpt-oss: ``(W - 1, 0)`` for a window of W
+            keys). Key blocks outside every query's window are skipped: the
+            cost grows with ``seq x window``.
+        softcap: Gemma 2's attention softcapping: scores become ``softcap *
+            tanh(scores / softcap)`` (before the bias); 0 = none.
         return_lse: also return the log-sum-exp of the scaled scores.
         backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
@@ -127,8 +153,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _check_index_range(op, "k", seq_k, k.shape[2], head_dim)
     scale = _check_scale(op, scale, head_dim)
     bias = _check_bias(op, bias, q, (batch, heads, seq_q, seq_k))
+    variant = _check_variant(op, causal, window_size, softcap)
     fn = _backend.route("attention", q, backend)
-    out, lse = fn(q, k, v, None, None, seq_q, seq_k, bias, scale, bool(causal))
+    out, lse = fn(q, k, v, None, None, seq_q, seq_k, bias, scale, bool(causal), *variant)
     return (out, lse) if return_lse else out
 
 
@@ -136,7 +163,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                      max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *,
                      causal: bool = False, scale: float | None = None,
-                     bias: torch.Tensor | None = None, return_lse: bool = False,
+                     bias: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+                     softcap: float = 0.0, return_lse: bool = False,
                      backend: str | None = None):
     """Attention over a batch of sequences of different lengths, packed without padding
     (as ``flash_attn_varlen_func``).
@@ -147,7 +175,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             cumulative lengths from 0: sequence ``i`` is rows ``cu[i]:cu[i+1]``.
             A sequence may be empty.
         max_seqlen_q, max_seqlen_k: the longest lengths (computed when None).
-        causal, scale, return_lse, backend: as :func:`attention`, per sequence.
+        causal, scale, window_size, softcap, return_lse, backend: as
+            :func:`attention`, per sequence.
         bias: broadcastable to ``(batch, heads, max_seqlen_q, max_seqlen_k)``;
             sequence ``i`` uses its top-left ``(len_q_i, len_k_i)`` corner.
 
@@ -177,9 +206,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_index_range(op, "k", max_seqlen_k, k.shape[1], head_dim)
     scale = _check_scale(op, scale, head_dim)
     bias = _check_bias(op, bias, q, (batch, heads, max_seqlen_q, max_seqlen_k))
+    variant = _check_variant(op, causal, window_size, softcap)
     fn = _backend.route("attention", q, backend)
     out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bias,
-                  scale, bool(causal))
+                  scale, bool(causal), *variant)
     return (out, lse) if return_lse else out
 
 
@@ -192,14 +222,15 @@ def _lse_shape(q, cu_seqlens_q):
 
 
 def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
-                    causal):
+                    causal, window_left=-1, window_right=-1, softcap=0.0):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32, device=q.device)
     return out, lse
 
 
 def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                             max_seqlen_q, max_seqlen_k, bias, scale, causal):
+                             max_seqlen_q, max_seqlen_k, bias, scale, causal, window_left=-1,
+                             window_right=-1, softcap=0.0):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 

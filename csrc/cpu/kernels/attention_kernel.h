@@ -193,14 +193,43 @@ inline float natural_lse(float m, float l) {
                             0.6931471805599453);
 }
 
-// -- forward ------------------------------------------------------------------------
+// -- softcapping ----------------------------------------------------------------------
 
-// The number of keys of block [j0, j0 + bk) that query i may see.
-inline int64_t visible(const AttentionGeometry& g, int64_t offset, int64_t i, int64_t j0,
-                       int64_t bk) {
-  if (!g.causal) return bk;
-  return imax(0, imin(bk, i + offset + 1 - j0));
+// Gemma 2's softcap: a score s (natural units, scaled) becomes softcap
+// tanh(s / softcap). tanh(x) = sign(x) (1 - e) / (1 + e), e = e^(-2|x|):
+// absolute error about 1e-7; NaN stays NaN, +-inf gives +-1.
+inline V tanh_v(V x) {
+  const V e = exp(mul(abs(x), set1(-2.f)));
+  const V t = div(sub(set1(1.f), e), add(set1(1.f), e));
+  return select_negative(x, sub(zero(), t), t);
 }
+
+// The scores of a row, raw dot products in, log2 units out (scaled, and
+// softcapped when the geometry asks for it).
+struct ScoreTransform {
+  V scale2, inner, outer;
+  bool cap;
+  explicit ScoreTransform(const AttentionGeometry& g)
+      : scale2(set1(g.scale * kLog2e)),
+        inner(set1(g.softcap > 0.f ? g.scale / g.softcap : 0.f)),
+        outer(set1(g.softcap * kLog2e)),
+        cap(g.softcap > 0.f) {}
+  V operator()(V raw) const { return cap ? mul(outer, tanh_v(mul(raw, inner))) : mul(raw, scale2); }
+};
+
+// The backward's score in natural units from a raw dot product, and d score
+// / d (raw * scale) (1 - tanh^2 under a softcap, else 1).
+inline float natural_score(const AttentionGeometry& g, float raw, float& slope) {
+  if (g.softcap > 0.f) {
+    const float th = std::tanh(raw * (g.scale / g.softcap));
+    slope = 1.f - th * th;
+    return g.softcap * th;
+  }
+  slope = 1.f;
+  return raw * g.scale;
+}
+
+// -- forward ------------------------------------------------------------------------
 
 // Rows of a block of tokens of one head as fp32, for a matrix product: where
 // the tokens are fp32 with a head_dim of whole tiles they are used in place
@@ -229,12 +258,12 @@ inline void softmax_block(const AttentionForward& a, int64_t s, int64_t h, int64
                           float* l, float* alpha, float* o, int64_t Dp) {
   const AttentionGeometry& g = a.g;
   constexpr int64_t BQ = kAttentionBlockQ;
-  const V cv = set1(g.scale * kLog2e);
+  const ScoreTransform transform(g);
   V mx[kAttentionBlockQ / kLanes];
   for (auto& v : mx) v = set1(-kInf);
   for (int64_t j = 0; j < bk; ++j) {
     float* row = st + j * BQ;
-    for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, mul(load(row + i), cv));
+    for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, transform(load(row + i)));
     if (a.bias.data != nullptr) {
       if (a.bias.q_stride == 0) {
         float b = 0.f;
@@ -245,10 +274,14 @@ inline void softmax_block(const AttentionForward& a, int64_t s, int64_t h, int64
         for (int64_t i = 0; i < bq; ++i) add_bias(a.bias, s, h, q_begin + i, j0 + j, 1, row + i);
       }
     }
-    if (g.causal) {
-      const int64_t first = imin(BQ, imax(0, j0 + j - offset - q_begin));
+    // key j0 + j is seen by queries key - offset - right .. key - offset + left
+    if (g.window_right >= 0) {
+      const int64_t first = imin(BQ, imax(0, j0 + j - offset - g.window_right - q_begin));
       for (int64_t i = 0; i < first; ++i) row[i] = -kInf;
     }
+    if (g.window_left >= 0)
+      for (int64_t i = imax(0, j0 + j - offset + g.window_left + 1 - q_begin); i < BQ; ++i)
+        row[i] = -kInf;
     for (int64_t v = 0; v < BQ / kLanes; ++v) mx[v] = max(mx[v], load(row + v * kLanes));
   }
   // Online softmax across the key rows, per query column.
@@ -312,8 +345,10 @@ void forward_task(const AttentionForward& a, int64_t s, int64_t h, int64_t q_beg
     m[i] = -kInf;
     l[i] = 0.f;
   }
-  const int64_t k_stop = g.causal ? imax(0, imin(lk, q_end - 1 + offset + 1)) : lk;
-  for (int64_t j0 = 0; j0 < k_stop; j0 += BK) {
+  // the keys any of these queries sees: a sliding window skips the others
+  const int64_t k_start = g.key_lo(q_begin, offset);
+  const int64_t k_stop = imax(k_start, g.key_hi(q_end - 1, offset, lk));
+  for (int64_t j0 = k_start; j0 < k_stop; j0 += BK) {
     const int64_t bk = imin(BK, k_stop - j0);
     int64_t k_stride, v_stride;
     const float* krows = rows_f32<T>(a.k, fk + j0, s, hk, bk, D, kb, D, bk, k_stride);
@@ -468,8 +503,9 @@ void forward_task_bf16(const AttentionForward& a, int64_t s, int64_t h, int64_t 
     m[i] = -kInf;
     l[i] = 0.f;
   }
-  const int64_t k_stop = g.causal ? imax(0, imin(lk, q_end - 1 + offset + 1)) : lk;
-  for (int64_t j0 = 0; j0 < k_stop; j0 += BK) {
+  const int64_t k_start = g.key_lo(q_begin, offset);
+  const int64_t k_stop = imax(k_start, g.key_hi(q_end - 1, offset, lk));
+  for (int64_t j0 = k_start; j0 < k_stop; j0 += BK) {
     const int64_t bk = imin(BK, k_stop - j0);
     const uint32_t* krows;
     int64_t k_stride;
@@ -539,19 +575,24 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
   float* o = w.e.get(rows * Dv);
   float* m = w.f.get(rows);
   float* l = w.g.get(rows);
-  float* limit = w.h.get(rows + 2 * kLanes);  // per row: keys < limit are visible
-  float* buf = limit + rows;                   // kLanes scores, then kLanes probabilities
-  const float c = g.scale * kLog2e;
-  int64_t k_stop = k_begin;
+  int64_t* limit = reinterpret_cast<int64_t*>(w.h.get(4 * rows + 2 * kLanes));
+  int64_t* start = limit + rows;  // per row: keys [start, limit) are visible
+  float* buf = reinterpret_cast<float*>(start + rows);  // kLanes scores, then probabilities
+  const ScoreTransform transform(g);
+  int64_t k_stop = k_begin, k_first = k_end;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t h = r / lq, i = r % lq;
     load_f32(token<T>(a.q, fq, s, i, h), D, q + r * Dv, Dv);
-    const int64_t stop = g.causal ? imin(k_end, i + offset + 1) : k_end;
-    limit[r] = static_cast<float>(stop);
-    k_stop = imax(k_stop, stop);
+    start[r] = imax(k_begin, g.key_lo(i, offset));
+    limit[r] = imax(start[r], imin(k_end, g.key_hi(i, offset, lk)));
+    if (limit[r] > start[r]) {
+      k_stop = imax(k_stop, limit[r]);
+      k_first = imin(k_first, start[r]);
+    }
     m[r] = -kInf;
     l[r] = 0.f;
   }
+  k_first = imin(k_first, k_stop);
   std::memset(o, 0, sizeof(float) * rows * Dv);
   // Keys go by chunks of kLanes, kv head by kv head; a head's K and V rows
   // of the chunk are converted to fp32 in L1 (fp32 rows whose length is a
@@ -574,11 +615,11 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
   float* zeros = w.d.get(Dv);  // the rows past the last key of a partial chunk
   std::memset(zeros, 0, sizeof(float) * Dv);
   for (int64_t hk = 0; hk < g.heads_kv; ++hk)
-    for (int64_t j0 = k_begin; j0 < imin(k_stop, k_begin + kPrefetchKeys); j0 += kLanes)
+    for (int64_t j0 = k_first; j0 < imin(k_stop, k_first + kPrefetchKeys); j0 += kLanes)
       prefetch(j0, hk);
   const float* kh[kLanes];
   const float* vh[kLanes];
-  for (int64_t j0 = k_begin; j0 < k_stop; j0 += kLanes) {
+  for (int64_t j0 = k_first; j0 < k_stop; j0 += kLanes) {
     const int64_t n = imin(kLanes, k_stop - j0);
     for (int64_t hk = 0; hk < g.heads_kv; ++hk) {
       prefetch(j0 + kPrefetchKeys, hk);
@@ -596,8 +637,9 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
         }
       }
       for (int64_t r = hk * group * lq; r < (hk + 1) * group * lq; ++r) {
-        const int64_t valid = imax(0, imin(n, static_cast<int64_t>(limit[r]) - j0));
-        if (valid == 0) continue;
+        const int64_t valid = imax(0, imin(n, limit[r] - j0));
+        const int64_t skip = imax(0, start[r] - j0);  // keys before the window
+        if (valid <= skip) continue;
         const float* qr = q + r * Dv;
         V parts[kLanes];
         for (int j = 0; j < kLanes; ++j) parts[j] = zero();
@@ -607,8 +649,9 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
         }
         // Scaled after the dot product, as the prefill and backward kernels
         // do, so that the lse the backward reads matches its recomputed scores.
-        store(buf, mul(reduce_add_lanes(parts), set1(c)));
+        store(buf, transform(reduce_add_lanes(parts)));
         add_bias(a.bias, s, r / lq, r % lq, j0, valid, buf);
+        for (int64_t j = 0; j < skip; ++j) buf[j] = -kInf;
         for (int64_t j = valid; j < kLanes; ++j) buf[j] = -kInf;
         const V sc = load(buf);
         const float mx = reduce_max(sc);  // NaN if a score is NaN
@@ -670,13 +713,14 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
     load_f32(token<T>(a.k, fk, s, k_begin + j, hk), D, kb + j * D, D);
     load_f32(token<T>(a.v, fk, s, k_begin + j, hk), D, vb + j * D, D);
   }
-  // Queries that see any of these keys: causal, t + offset >= k_begin.
-  const int64_t t_first = g.causal ? imax(0, k_begin - offset) : 0;
+  // The queries that see any of these keys (causal or a window: not all).
+  const int64_t t_first = g.query_lo(k_begin, offset);
+  const int64_t t_stop = g.query_hi(k_end, offset, lq);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const float* lse = stat_row(a.lse, g, s, h);
     const float* delta = a.delta + s * a.lse.batch_stride + h * a.lse.head_stride + fq;
-    for (int64_t t0 = t_first; t0 < lq; t0 += BQ) {
-      const int64_t bq = imin(BQ, lq - t0);
+    for (int64_t t0 = t_first; t0 < t_stop; t0 += BQ) {
+      const int64_t bq = imin(BQ, t_stop - t0);
       pack_transposed<T>(a.q, fq + t0, s, h, bq, D, qt, BQ);
       pack_transposed<T>(a.grad_out, fq + t0, s, h, bq, D, dot, BQ);
       pack_rows<T>(a.q, fq + t0, s, h, bq, D, qr, Dp, bq);
@@ -687,8 +731,9 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
         float* prow = pt + j * BQ;
         float* dprow = dpt + j * BQ;
         for (int64_t i = 0; i < BQ; ++i) {
-          const int64_t t = t0 + i;
-          const bool seen = i < bq && (!g.causal || k_begin + j <= t + offset);
+          const int64_t t = t0 + i, key = k_begin + j;
+          const bool seen =
+              i < bq && key >= g.key_lo(t, offset) && key < g.key_hi(t, offset, lk);
           if (!seen) {
             prow[i] = 0.f;
             dprow[i] = 0.f;
@@ -696,11 +741,12 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
           }
           // Natural units until after the subtraction of lse: both are large,
           // their difference small, and scaling first would round both.
-          float sv = prow[i] * g.scale;
-          if (a.bias.data != nullptr) add_bias(a.bias, s, h, t, k_begin + j, 1, &sv, 1.f);
+          float slope;
+          float sv = natural_score(g, prow[i], slope);
+          if (a.bias.data != nullptr) add_bias(a.bias, s, h, t, key, 1, &sv, 1.f);
           const float p = std::isinf(lse[t]) ? 0.f : std::exp2((sv - lse[t]) * kLog2e);
           prow[i] = p;
-          dprow[i] = p * (dprow[i] - delta[t]) * g.scale;  // dS, natural units
+          dprow[i] = p * (dprow[i] - delta[t]) * g.scale * slope;  // dS, natural units
         }
       }
       gemm<true>(bk, Dp, bq, pt, BQ, 1, dor, Dp, dv, Dp);   // dV += P^T dO
@@ -737,8 +783,10 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
   }
   const float* lse = stat_row(a.lse, g, s, h);
   const float* delta = a.delta + s * a.lse.batch_stride + h * a.lse.head_stride + fq;
-  const int64_t k_stop = g.causal ? imax(0, imin(lk, q_end - 1 + offset + 1)) : lk;
-  for (int64_t j0 = 0; j0 < k_stop; j0 += BK) {
+  const int64_t k_start = g.key_lo(q_begin, offset);
+  const int64_t k_stop = imax(k_start, g.key_hi(q_end - 1, offset, lk));
+  float slope[kAttentionBlockK];
+  for (int64_t j0 = k_start; j0 < k_stop; j0 += BK) {
     const int64_t bk = imin(BK, k_stop - j0);
     pack_transposed<T>(a.k, fk + j0, s, hk, bk, D, kt, BK);
     pack_transposed<T>(a.v, fk + j0, s, hk, bk, D, vt, BK);
@@ -747,16 +795,22 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
     gemm<false>(bq, BK, D, dout, D, 1, vt, BK, dp, BK);   // dP
     for (int64_t i = 0; i < bq; ++i) {
       const int64_t t = q_begin + i;
-      const int64_t valid = visible(g, offset, t, j0, bk);
+      // the keys of this block that query t sees: [first, valid)
+      const int64_t first = imin(bk, imax(0, g.key_lo(t, offset) - j0));
+      const int64_t valid = imax(first, imin(bk, g.key_hi(t, offset, lk) - j0));
       float* srow = sc + i * BK;
       float* dprow = dp + i * BK;
       // Natural units until after the subtraction of lse (see backward_kv_task).
-      for (int64_t j = 0; j < BK; ++j) srow[j] = j < valid ? srow[j] * g.scale : 0.f;
-      add_bias(a.bias, s, h, t, j0, valid, srow, 1.f);
       for (int64_t j = 0; j < BK; ++j) {
-        const float p =
-            (j < valid && !std::isinf(lse[t])) ? std::exp2((srow[j] - lse[t]) * kLog2e) : 0.f;
-        dprow[j] = p * (dprow[j] - delta[t]) * g.scale;  // dS, natural units
+        slope[j] = 1.f;
+        srow[j] = j >= first && j < valid ? natural_score(g, srow[j], slope[j]) : 0.f;
+      }
+      add_bias(a.bias, s, h, t, j0 + first, valid - first, srow + first, 1.f);
+      for (int64_t j = 0; j < BK; ++j) {
+        const bool seen = j >= first && j < valid && !std::isinf(lse[t]);
+        const float p = seen ? std::exp2((srow[j] - lse[t]) * kLog2e) : 0.f;
+        // dS, natural units (0 * a NaN dP stays NaN, as in PyTorch's composition)
+        dprow[j] = p * (dprow[j] - delta[t]) * g.scale * slope[j];
       }
     }
     gemm<true>(bq, Dp, BK, dp, BK, 1, kr, Dp, dq, Dp);  // dQ += dS K
