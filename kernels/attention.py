@@ -68,14 +68,23 @@ def decode_config(block_d: int) -> dict:
     return _config(_DECODE, max(32, block_d))
 
 
-def backward_kv_config(block_d: int) -> dict:
-    """Launch parameters of the dK/dV kernel (BLOCK_N keys per program)."""
-    return _config(_BACKWARD_KV, max(32, block_d))
+def backward_kv_config(block_d: int, softcap: bool = False) -> dict:
+    """Launch parameters of the dK/dV kernel (BLOCK_N keys per program); under
+    a softcap at most 32 queries per block (64 spills on sm_80)."""
+    config = _config(_BACKWARD_KV, max(32, block_d))
+    if softcap and not interpreter_tiles():
+        config["BLOCK_M"] = min(config["BLOCK_M"], 32)
+    return config
 
 
-def backward_q_config(block_d: int) -> dict:
-    """Launch parameters of the dQ kernel (BLOCK_M queries per program)."""
-    return _config(_BACKWARD_Q, max(32, block_d))
+def backward_q_config(block_d: int, softcap: bool = False) -> dict:
+    """Launch parameters of the dQ kernel (BLOCK_M queries per program); a
+    softcap's tanh and its derivative need narrower key blocks (64 spills
+    on sm_80)."""
+    config = _config(_BACKWARD_Q, max(32, block_d))
+    if softcap and not interpreter_tiles():
+        config["BLOCK_N"] = min(config["BLOCK_N"], 32)
+    return config
 
 
 @triton.jit
@@ -119,10 +128,13 @@ def _scores(q, k, scale, softcap, SOFTCAP: tl.constexpr):
     """(scores in log2 units, d score / d (q.k scale)) of a tile: q.k scale,
     softcapped when SOFTCAP."""
     s = _dot(q, k, tl.zeros([q.shape[0], k.shape[1]], dtype=tl.float32))
-    if SOFTCAP:
+    if SOFTCAP:  # (one return statement: the compiler wants one return type)
         t, slope = _tanh_and_derivative(s * scale / softcap)
-        return softcap * t * 1.4426950408889634, slope
-    return s * (scale * 1.4426950408889634), 1.0
+        s = softcap * t * 1.4426950408889634
+    else:
+        s = s * (scale * 1.4426950408889634)
+        slope = tl.full(s.shape, 1.0, tl.float32)
+    return s, slope
 
 
 @triton.jit
@@ -576,7 +588,8 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     flags = dict(IS_VARLEN=varlen, HAS_BIAS=bias is not None, BLOCK_D=block_d,
                  D_MULTIPLE=_vector_multiple(head_dim, q, k, v, grad_out), **variant_flags)
     bias_arg = bias if bias is not None else q
-    kv_config, q_config = backward_kv_config(block_d), backward_q_config(block_d)
+    kv_config = backward_kv_config(block_d, softcap > 0)
+    q_config = backward_q_config(block_d, softcap > 0)
     with on_device(q):
         attention_backward_kv_kernel[(triton.cdiv(max(seq_k, 1), kv_config["BLOCK_N"]),
                                       heads // group, batch)](

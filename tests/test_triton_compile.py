@@ -192,7 +192,12 @@ def _attention_signature(t, pointers, scalars, flags):
     return signature
 
 
-_FLAGS = ("IS_VARLEN", "CAUSAL", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "D_MULTIPLE")
+_FLAGS = ("IS_VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP", "HAS_BIAS", "BLOCK_M", "BLOCK_N",
+          "BLOCK_D", "D_MULTIPLE")
+#: Every variant at once (a window on both sides, softcap, a bias): the most
+#: registers any call needs, the case the no-spill check must hold for.
+_VARIANT = dict(WINDOW_LEFT=True, WINDOW_RIGHT=True, SOFTCAP=True, HAS_BIAS=True)
+_VARIANT_SCALARS = {"window_left": "i32", "window_right": "i32", "softcap": "fp32"}
 _DIVISIBLE = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "PARTIAL", "stride_qt",
               "stride_kt", "stride_vt", "stride_ot", "stride_qb", "stride_kb", "stride_vb",
               "stride_ob", "stride_qh", "stride_kh", "stride_vh", "stride_oh")
@@ -215,11 +220,11 @@ def test_attention_forward_compiles(split, block_d, dtype, arch):
     pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("O", "x"), ("LSE", "fp32"),
                 ("CU_Q", "i32"), ("CU_K", "i32"), ("PARTIAL", "fp32")]
     scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
-               "scale_log2": "fp32", "keys_per_split": "i32"}
+               "scale": "fp32", "keys_per_split": "i32", **_VARIANT_SCALARS}
     signature = _attention_signature(TYPES[dtype][0], pointers, scalars, _FLAGS + ("SPLIT",))
     for varlen in (False, True):
-        constexprs = dict(blocks, IS_VARLEN=varlen, CAUSAL=True, HAS_BIAS=True, SPLIT=split,
-                          BLOCK_D=block_d, D_MULTIPLE=16)
+        constexprs = dict(blocks, IS_VARLEN=varlen, SPLIT=split, BLOCK_D=block_d, D_MULTIPLE=16,
+                          **_VARIANT)
         check(attention.attention_forward_kernel, signature, constexprs, arch, warps, stages,
               _DIVISIBLE)
     if split:
@@ -238,18 +243,27 @@ def test_attention_forward_compiles(split, block_d, dtype, arch):
 def test_attention_backward_compiles(which, block_d, dtype, arch):
     from pyllm.kernels import attention
 
-    config = (attention.backward_kv_config if which == "kv" else attention.backward_q_config)(block_d)
+    # the tiles differ under a softcap: each set compiled with what it serves
+    tiles = attention.backward_kv_config if which == "kv" else attention.backward_q_config
+    configs = [(tiles(block_d), False), (tiles(block_d, softcap=True), True)]
+    for config, softcap in configs:
+        _check_attention_backward(which, block_d, dtype, arch, config, softcap)
+
+
+def _check_attention_backward(which, block_d, dtype, arch, config, softcap):
+    from pyllm.kernels import attention
+
     blocks, warps, stages = _launch(config)
     grads = [("DK", "x"), ("DV", "x")] if which == "kv" else [("DQ", "x")]
     pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("DO", "x"), ("BIAS", "x"), ("LSE", "fp32"),
                 ("DELTA", "fp32"), *grads, ("CU_Q", "i32"), ("CU_K", "i32")]
     scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
-               "scale": "fp32", "scale_log2": "fp32"}
+               "scale": "fp32", **_VARIANT_SCALARS}
     signature = _attention_signature(TYPES[dtype][0], pointers, scalars, _FLAGS)
     kernel = (attention.attention_backward_kv_kernel if which == "kv"
               else attention.attention_backward_q_kernel)
-    constexprs = dict(blocks, IS_VARLEN=False, CAUSAL=True, HAS_BIAS=True, BLOCK_D=block_d,
-                      D_MULTIPLE=16)
+    constexprs = dict(blocks, IS_VARLEN=False, BLOCK_D=block_d, D_MULTIPLE=16,
+                      **dict(_VARIANT, SOFTCAP=softcap))
     check(kernel, signature, constexprs, arch, warps, stages, _DIVISIBLE)
 
 
@@ -272,12 +286,12 @@ def test_attention_compiles_with_64bit_batch_strides(arch):
     pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("O", "x"), ("LSE", "fp32"),
                 ("CU_Q", "i32"), ("CU_K", "i32"), ("PARTIAL", "fp32")]
     scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
-               "scale_log2": "fp32", "keys_per_split": "i32"}
+               "scale": "fp32", "keys_per_split": "i32", **_VARIANT_SCALARS}
     signature = _attention_signature("bf16", pointers, scalars, _FLAGS + ("SPLIT",))
     for name in ("stride_qb", "stride_kb", "stride_vb", "stride_ob", "stride_bb", "stride_lb"):
         signature[name] = "i64"
-    constexprs = dict(blocks, IS_VARLEN=False, CAUSAL=True, HAS_BIAS=True, SPLIT=False,
-                      BLOCK_D=128, D_MULTIPLE=16)
+    constexprs = dict(blocks, IS_VARLEN=False, WINDOW_LEFT=False, WINDOW_RIGHT=True,
+                      SOFTCAP=False, HAS_BIAS=True, SPLIT=False, BLOCK_D=128, D_MULTIPLE=16)
     compiled, _ = compile_triton(attention.attention_forward_kernel, signature, constexprs, arch,
                                  warps, stages, _DIVISIBLE)
     assert "mul.wide" in compiled.asm["ptx"] or "mul.lo.s64" in compiled.asm["ptx"]
