@@ -2,8 +2,9 @@
 softcap, alone and together with causal, GQA, varlen, decode and a bias,
 against the float64 reference under the harness rule (PyTorch's own answer:
 the same composition in the dtype under test), forward and backward, on the
-CPU kernel and the reference backend; the Triton kernels run these tests in
-the interpreter (tests/interpreter/test_triton_attention_variants.py)."""
+CPU kernel, the reference backend and the CUDA kernels run on the host
+("cuda-host", fp16/bf16); the Triton kernels run these tests in the
+interpreter (tests/interpreter/test_triton_attention_variants.py)."""
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ from pyllm import reference
 from test_attention import check_lse, cumulative
 
 CPU_BACKENDS = ("cpu", "reference")
+#: the CUDA kernels run on the host (tests/cuda_host/, every buffer guarded)
+HOST = "cuda-host"
+GPU_DTYPES = (torch.float16, torch.bfloat16)
 
 # (batch, seq_q, seq_k, heads, heads_kv, head_dim)
 SHAPES = [
@@ -55,10 +59,10 @@ def composed(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, bias=None
     if bias is not None:
         s = s + bias.to(s.dtype)
     sq, sk = q.shape[1], k.shape[1]
-    i = torch.arange(sq)[:, None] + (sk - sq)
-    j = torch.arange(sk)[None, :]
+    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=q.device)[None, :]
     left, right = window_size[0], 0 if causal else window_size[1]
-    hidden = torch.zeros(sq, sk, dtype=torch.bool)
+    hidden = torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
     if right >= 0:
         hidden |= j > i + right
     if left >= 0:
@@ -71,8 +75,11 @@ def truth(q, k, v, **kw):
     return reference.attention(q.double(), k.double(), v.double(), **kw)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+BACKEND_DTYPES = [(b, d) for b in CPU_BACKENDS for d in KERNEL_DTYPES] + \
+    [(HOST, d) for d in GPU_DTYPES]
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=str)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_and_backward(shape, variant, dtype, backend):
@@ -80,13 +87,20 @@ def test_forward_and_backward(shape, variant, dtype, backend):
     kw = dict(causal=causal, window_size=window, softcap=cap)
     # under a softcap, larger scores than unit normals, so that the cap bites
     q, k, v = make(shape, dtype, variant, q_scale=3.0 if cap else 1.0)
-    with poisoned_outputs():
-        out, lse = pyllm.attention(q, k, v, return_lse=True, backend=backend, **kw)
+    grad = randn(q.shape, dtype, gen=generator("variant grad", shape, variant, dtype))
+    if backend == HOST:
+        from test_cuda_host_attention import HostAttention
+
+        call = HostAttention(q, k, v, causal=causal, window_size=window, softcap=cap)
+        out, lse = call.forward()
+        ours = call.backward(out, lse, grad)
+    else:
+        with poisoned_outputs():
+            out, lse = pyllm.attention(q, k, v, return_lse=True, backend=backend, **kw)
+        ours = grads_of(lambda *t: pyllm.attention(*t, backend=backend, **kw), (q, k, v), grad)
     t_out, t_lse = truth(q, k, v, **kw)
     check_rule(out, t_out, composed(q, k, v, **kw))
     check_lse(lse, t_lse)
-    grad = randn(q.shape, dtype, gen=generator("variant grad", shape, variant, dtype))
-    ours = grads_of(lambda *t: pyllm.attention(*t, backend=backend, **kw), (q, k, v), grad)
     exact = grads_of(lambda *t: reference.attention(*t, **kw)[0], [t.double() for t in (q, k, v)],
                      grad)
     theirs = grads_of(lambda *t: composed(*t, **kw), (q, k, v), grad)
@@ -200,3 +214,28 @@ def test_opcheck_and_compile():
     q, k, v = (t.detach() for t in (q, k, v))
     torch.testing.assert_close(fn(q, k, v), pyllm.attention(q, k, v, causal=True,
                                                             window_size=(4, 0), softcap=5.0))
+
+
+def test_varlen_on_the_cuda_kernels():
+    """The CUDA kernels (on the host) with a window and a softcap over packed
+    sequences of different lengths, fp16, against the float64 reference."""
+    from test_cuda_host_attention import HostAttention
+
+    lq, lk = [5, 0, 70, 33], [9, 4, 70, 100]
+    gen = generator("variant varlen host")
+    q, k, v = (randn((sum(lq), 4, 48), torch.float16, gen=gen, scale=3.0),
+               randn((sum(lk), 2, 48), torch.float16, gen=gen),
+               randn((sum(lk), 2, 48), torch.float16, gen=gen))
+    cu_q, cu_k = cumulative(lq), cumulative(lk)
+    kw = dict(causal=True, window_size=(23, 0), softcap=3.0)
+    call = HostAttention(q, k, v, cu_q, cu_k, causal=True, window_size=(23, 0), softcap=3.0)
+    out, lse = call.forward()
+    grad = randn(q.shape, torch.float16, gen=gen)
+    ours = call.backward(out, lse, grad)
+    t_out, t_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, **kw)
+    torch.testing.assert_close(out.double(), t_out, rtol=1e-2, atol=4e-3)
+    check_lse(lse, t_lse)
+    exact = grads_of(lambda *t: reference.attention_varlen(*t, cu_q, cu_k, **kw)[0],
+                     [t.double() for t in (q, k, v)], grad)
+    for name, g, t in zip("qkv", ours, exact):
+        torch.testing.assert_close(g.double(), t, rtol=2e-2, atol=1e-2, msg=f"grad {name}")

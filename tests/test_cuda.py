@@ -103,6 +103,32 @@ def test_attention(case, dtype, backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["sliding", "window", "softcap-causal", "all"])
+@pytest.mark.parametrize("shape", [(2, 2048, 2048, 16, 4, 128), (2, 4, 4096, 16, 4, 64)], ids=str)
+def test_attention_variants(shape, variant, dtype, backend):
+    """Sliding windows and softcap (tests/test_attention_variants.py) on the device."""
+    require("attention", backend)
+    from test_attention_variants import VARIANTS, composed
+
+    causal, window, cap = VARIANTS[variant]
+    kw = dict(causal=causal, window_size=window, softcap=cap)
+    b, sq, sk, h, hkv, d = shape
+    q, k, v = randn(b, sq, h, d, dtype=dtype, scale=3.0), \
+        randn(b, sk, hkv, d, dtype=dtype, seed=1), randn(b, sk, hkv, d, dtype=dtype, seed=2)
+    grad = randn(b, sq, h, d, dtype=dtype, seed=3)
+    with poisoned_outputs():
+        out = pyllm.attention(q, k, v, backend=backend, **kw)
+    truth = reference.attention(*as64(q, k, v), **kw)[0]
+    check_rule(out, truth, composed(q, k, v, **kw), what=f"attention {variant} {backend}")
+    ours = grads_of(lambda *t: pyllm.attention(*t, backend=backend, **kw), (q, k, v), grad)
+    exact = grads_of(lambda *t: reference.attention(*t, **kw)[0], as64(q, k, v), grad)
+    theirs = grads_of(lambda *t: composed(*t, **kw), (q, k, v), grad)
+    for g, t, p, n in zip(ours, exact, theirs, flash_backward_noise(q, k, v, grad)):
+        check_rule(g, t, p, factor=3, what=f"attention {variant} {backend} grad", noise=n)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(4096, 4096, 4096), (1000, 3000, 777), (8, 4096, 4096)], ids=str)
 @pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "silu"])
 def test_linear(shape, dtype, act, backend):

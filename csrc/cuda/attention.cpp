@@ -18,15 +18,6 @@
 namespace pyllm::cuda {
 namespace {
 
-// The CUDA kernels do causal (window_right = 0) but not yet a sliding
-// window's left edge, a right edge past the diagonal or softcapping.
-void check_variant(const char* op, const AttentionGeometry& g) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      g.window_left < 0 && (g.window_right < 0 || g.causal) && g.softcap == 0.f, "pyllm::", op,
-      ": the cuda backend does not do sliding windows or softcap yet (window (", g.window_left,
-      ", ", g.window_right, "), softcap ", g.softcap, "); use backend='triton'");
-}
-
 std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                      const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
@@ -35,7 +26,6 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
   const c10::cuda::CUDAGuard guard(q_in.device());
   Prepared p = prepare("attention", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k, max_q,
                        max_k, bias, scale, causal, window_left, window_right, softcap);
-  check_variant("attention", p.g);
   check_tensor_core_dtype("attention", "q, k, v", p.q);
   const AttentionGeometry& g = p.g;
   Tensor out = at::empty(p.q.sizes(), p.q.options());
@@ -57,7 +47,6 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
   const c10::cuda::CUDAGuard guard(q_in.device());
   Prepared p = prepare("attention_backward", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k,
                        max_q, max_k, bias, scale, causal, window_left, window_right, softcap);
-  check_variant("attention_backward", p.g);
   check_tensor_core_dtype("attention_backward", "q, k, v", p.q);
   PreparedBackward inputs = prepare_backward(p, q_in, grad_out_in, out_in, lse_in);
   inputs.delta = delta_like_lse(

@@ -24,13 +24,23 @@ template <int D>
 constexpr int kBackwardQueries = D < 128 ? 64 : 32;
 
 // log2-domain probability of (row, key) from the saved lse; 0 when masked.
+// slope: d score / d (q.k scale), the softcap's 1 - tanh^2 (else 1).
 __device__ __forceinline__ float probability(const AttentionBackward& a, float score, int64_t s,
                                             int64_t h, int64_t query, int64_t key, int64_t lq,
-                                            int64_t lk, float lse) {
-  const bool masked =
-      query >= lq || key >= lk || (a.g.causal && key > query + (lk - lq)) || lse == kInf;
+                                            int64_t lk, float lse, float& slope) {
+  const AttentionGeometry& g = a.g;
+  const bool masked = query >= lq || key >= lk || key < g.key_lo(query, lk - lq) ||
+                      key >= g.key_hi(query, lk - lq, lk) || lse == kInf;
+  slope = 1.f;
   if (masked) return 0.f;
-  float v = score * a.g.scale * kLog2e;
+  float v;
+  if (g.softcap > 0.f) {
+    const float th = tanhf(score * (g.scale / g.softcap));
+    slope = 1.f - th * th;
+    v = g.softcap * th * kLog2e;
+  } else {
+    v = score * g.scale * kLog2e;
+  }
   if (a.bias.data != nullptr) v += kLog2e * bias_at(a.bias, s, h, query, key);
   return exp2f(v - lse * kLog2e);
 }
@@ -90,12 +100,12 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_backward_kv
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float dk[SLICE / 8][4] = {}, dv[SLICE / 8][4] = {};
-  // Causal: query i sees key j when j <= i + shift, so these keys are seen
-  // from query k0 - shift on.
-  const int64_t q_first = g.causal ? std::max<int64_t>(0, k0 - shift) / BQ * BQ : 0;
+  // The queries that see any of these keys (causal or a window: not all).
+  const int64_t q_first = g.query_lo(k0, shift) / BQ * BQ;
+  const int64_t q_stop = g.query_hi(std::min<int64_t>(k0 + kBlockM, lk), shift, lq);
   for (int64_t hg = 0; hg < group; ++hg) {
     const int64_t h = hk * group + hg;
-    for (int64_t q0 = q_first; q0 < lq; q0 += BQ) {
+    for (int64_t q0 = q_first; q0 < q_stop; q0 += BQ) {
       load_rows<T, D, ROW, ASYNC>(sq, BQ, g.head_dim,
                                   token_rows<T>(a.q, s, first_q + q0, first_q + lq, h, BQ));
       load_rows<T, D, ROW, ASYNC>(sdo, BQ, g.head_dim,
@@ -115,10 +125,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_backward_kv
           const int64_t token = g.first_q(s) + query;
           const bool valid = query < lq;
           const float lse = valid ? row_stat(a.lse.data, a.lse, s, h, token) : kInf;
-          const float p = probability(a, st[j][e], s, h, query, key, lq, lk, lse);
+          float slope;
+          const float p = probability(a, st[j][e], s, h, query, key, lq, lk, lse, slope);
           const float delta = valid ? row_stat(a.delta, a.lse, s, h, token) : 0.f;
           st[j][e] = p;
-          dpt[j][e] = p * (dpt[j][e] - delta);
+          dpt[j][e] = p * (dpt[j][e] - delta) * slope;
         }
       uint32_t pf[BQ / 16][4], dsf[BQ / 16][4];
       to_a_fragments<T, BQ / 8>(st, pf);
@@ -169,11 +180,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_backward_q_
     lse[i] = query < lq ? row_stat(a.lse.data, a.lse, s, h, token) : kInf;
     delta[i] = query < lq ? row_stat(a.delta, a.lse, s, h, token) : 0.f;
   }
-  const int64_t k_end =
-      g.causal ? std::max<int64_t>(0, std::min<int64_t>(lk, std::min(q0 + kBlockM, lq) + shift))
-               : lk;
+  // The keys any of these queries sees (aligned to BN from the first).
+  const int64_t k_start = g.key_lo(q0, shift) / BN * BN;
+  const int64_t k_end = g.key_hi(std::min<int64_t>(q0 + kBlockM, lq) - 1, shift, lk);
   float dq[SLICE / 8][4] = {};
-  for (int64_t k0 = 0; k0 < k_end; k0 += BN) {
+  for (int64_t k0 = k_start; k0 < k_end; k0 += BN) {
     load_rows<T, D, ROW, ASYNC>(sk, BN, g.head_dim,
                                 token_rows<T>(a.k, s, first_k + k0, first_k + lk, hk, BN));
     load_rows<T, D, ROW, ASYNC>(sv, BN, g.head_dim,
@@ -190,8 +201,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_backward_q_
       for (int e = 0; e < 4; ++e) {
         const int64_t query = q0 + 16 * warp + lane / 4 + 8 * (e / 2);
         const int64_t key = k0 + 8 * j + 2 * (lane % 4) + e % 2;
-        const float p = probability(a, sc[j][e], s, h, query, key, lq, lk, lse[e / 2]);
-        dp[j][e] = p * (dp[j][e] - delta[e / 2]);
+        float slope;
+        const float p = probability(a, sc[j][e], s, h, query, key, lq, lk, lse[e / 2], slope);
+        dp[j][e] = p * (dp[j][e] - delta[e / 2]) * slope;
       }
     uint32_t dsf[BN / 16][4];
     to_a_fragments<T, BN / 8>(dp, dsf);

@@ -72,12 +72,12 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_forward_ker
     if (rows_of.r0 >= rows_of.lq) return;
   }
   const ForwardRows& R = rows_of;
-  const int64_t shift = R.lk - R.lq;  // causal: query i sees keys j <= i + shift
-  int64_t k_end = k_hi;
-  if (g.causal) {
-    const int64_t last = DECODE ? R.lq - 1 : std::min<int64_t>(R.r0 + kBlockM, R.lq) - 1;
-    k_end = std::max<int64_t>(k_lo, std::min<int64_t>(k_hi, last + shift + 1));
-  }
+  const int64_t shift = R.lk - R.lq;  // query i sees keys key_lo(i) .. key_hi(i) - 1
+  // The keys any row of this CTA sees: a window skips the others.
+  const int64_t first = DECODE ? 0 : R.r0;
+  const int64_t last = DECODE ? R.lq - 1 : std::min<int64_t>(R.r0 + kBlockM, R.lq) - 1;
+  k_lo = std::max<int64_t>(k_lo, g.key_lo(first, shift));
+  const int64_t k_end = std::max<int64_t>(k_lo, std::min<int64_t>(k_hi, g.key_hi(last, shift, R.lk)));
   const int64_t blocks = (k_end - k_lo + BN - 1) / BN;
 
   RowMap<T> q_rows;
@@ -121,9 +121,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_forward_ker
       for (int e = 0; e < 4; ++e) {
         const int64_t row = R.r0 + 16 * warp + lane / 4 + 8 * (e / 2);
         const int64_t key = k_lo + block * BN + 8 * j + 2 * (lane % 4) + e % 2;
-        float v = s[j][e] * scale;
+        float v = g.softcap > 0.f ? g.softcap * kLog2e * tanhf(s[j][e] * (g.scale / g.softcap))
+                                  : s[j][e] * scale;
         bool masked = key >= k_end || row >= R.rows;
-        if (!masked && g.causal) masked = key > R.query(row) + shift;
+        if (!masked)
+          masked = key < g.key_lo(R.query(row), shift) || key >= g.key_hi(R.query(row), shift, R.lk);
         if (!masked && a.bias.data != nullptr)
           v += kLog2e * bias_at(a.bias, R.s, R.head(row), R.query(row), key);
         s[j][e] = masked ? -kInf : v;

@@ -48,13 +48,18 @@ int host_gemm(const void* a, const void* b, const void* b2, const float* bias, c
   return launch_gemm(g, nullptr);
 }
 
-// Attention. geometry: batch, heads, heads_kv, head_dim, seq_q, seq_k;
-// token_strides: (batch, token, head) strides of q, k, v, out (and for the
-// backward grad_out, grad_q, grad_k, grad_v); lse_strides: (batch, head);
-// bias_strides: (batch, head, q, k).
+// Attention. geometry: batch, heads, heads_kv, head_dim, seq_q, seq_k,
+// window_left, window_right (-1: unbounded; causal sets the right one to 0,
+// as the operators do); token_strides: (batch, token, head) strides of q, k,
+// v, out (and for the backward grad_out, grad_q, grad_k, grad_v);
+// lse_strides: (batch, head); bias_strides: (batch, head, q, k).
 static AttentionGeometry geometry(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
-                                  float scale, int causal) {
-  return AttentionGeometry{g[0], g[1], g[2], g[3], g[4], g[5], cu_q, cu_k, scale, causal != 0};
+                                  float scale, float softcap, int causal) {
+  AttentionGeometry out{g[0], g[1], g[2], g[3], g[4], g[5], cu_q, cu_k, scale, causal != 0};
+  out.window_left = g[6];
+  out.window_right = causal != 0 ? 0 : g[7];
+  out.softcap = softcap;
+  return out;
 }
 
 static TokenLayout tokens(const void* data, const int64_t* strides) {
@@ -62,15 +67,15 @@ static TokenLayout tokens(const void* data, const int64_t* strides) {
 }
 
 int64_t host_attention_forward_workspace(const int64_t* g) {
-  return attention_forward_workspace(geometry(g, nullptr, nullptr, 1.f, 0));
+  return attention_forward_workspace(geometry(g, nullptr, nullptr, 1.f, 0.f, 0));
 }
 
 int host_attention_forward(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
-                           float scale, int causal, int type, const void* q, const void* k,
+                           float scale, float softcap, int causal, int type, const void* q, const void* k,
                            const void* v, void* out, const int64_t* token_strides, float* lse,
                            const int64_t* lse_strides, const void* bias, int bias_type,
                            const int64_t* bias_strides, float* workspace) {
-  const AttentionForward a{geometry(g, cu_q, cu_k, scale, causal),
+  const AttentionForward a{geometry(g, cu_q, cu_k, scale, softcap, causal),
                            tokens(q, token_strides),
                            tokens(k, token_strides + 3),
                            tokens(v, token_strides + 6),
@@ -83,12 +88,12 @@ int host_attention_forward(const int64_t* g, const int32_t* cu_q, const int32_t*
 }
 
 int host_attention_backward(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
-                            float scale, int causal, int type, const void* q, const void* k,
+                            float scale, float softcap, int causal, int type, const void* q, const void* k,
                             const void* v, const void* out, const void* grad_out, void* grad_q,
                             void* grad_k, void* grad_v, const int64_t* token_strides,
                             const float* lse, const float* delta, const int64_t* lse_strides,
                             const void* bias, int bias_type, const int64_t* bias_strides) {
-  const AttentionBackward a{geometry(g, cu_q, cu_k, scale, causal),
+  const AttentionBackward a{geometry(g, cu_q, cu_k, scale, softcap, causal),
                             tokens(q, token_strides),
                             tokens(k, token_strides + 3),
                             tokens(v, token_strides + 6),
