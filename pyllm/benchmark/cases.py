@@ -208,6 +208,62 @@ class AttentionBench(OpBench):
         return full // 2 if causal and sq == sk else full
 
 
+class WindowAttentionBench(AttentionBench):
+    """pyllm.attention with a causal sliding window of W keys (and a softcap)
+    against the same attention given to SDPA as a dense mask (the softcap
+    composed in PyTorch, which SDPA lacks): what a model without window
+    support runs. The kernels skip key blocks outside the window, so their
+    time grows with seq x W, the dense mask's with seq^2."""
+
+    op = "attention_window"
+    routed = "attention"
+    dim_names = ("batch", "seq", "heads", "heads_kv", "head_dim", "window", "softcap")
+
+    def inputs(self, case, dtype, device, gen):
+        b, s, h, hkv, d, _, _ = case.dims
+        return super().inputs(Case("attention", "", "", (b, s, s, h, hkv, d, True)), dtype, device,
+                              gen)
+
+    def _kw(self, case):
+        window, softcap = case.dims[5], case.dims[6]
+        return dict(causal=True, window_size=(window - 1, 0), softcap=float(softcap))
+
+    def pyllm(self, case, backend):
+        kw = self._kw(case)
+        return lambda q, k, v: pyllm.attention(q, k, v, backend=backend, **kw)
+
+    def eager(self, case):
+        window, softcap = case.dims[5], case.dims[6]
+
+        def run(q, k, v):
+            group = q.shape[2] // k.shape[2]
+            k = k.repeat_interleave(group, 2) if group > 1 else k
+            v = v.repeat_interleave(group, 2) if group > 1 else v
+            s = q.shape[1]
+            i = torch.arange(s, device=q.device)[:, None]
+            j = torch.arange(s, device=q.device)[None, :]
+            band = (j <= i) & (j > i - window)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if not softcap:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=band).transpose(1, 2)
+            scores = softcap * torch.tanh((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 / softcap)
+            p = torch.softmax(scores.masked_fill(~band, float("-inf")), dim=-1)
+            return (p @ v).transpose(1, 2)
+        return run
+
+    def truth(self, case, inputs):
+        q, k, v = (t.double() for t in inputs)
+        return reference.attention(q, k, v, **self._kw(case))[0]
+
+    def bytes_moved(self, case, dtype):
+        b, s, h, hkv, d, _, _ = case.dims
+        return (2 * b * s * h * d + 2 * b * s * hkv * d) * _size(dtype)
+
+    def flops(self, case):
+        b, s, h, hkv, d, window, _ = case.dims
+        return 4 * b * h * d * sum(min(i + 1, window) for i in range(s))
+
+
 class LinearBench(OpBench):
     """pyllm.linear / swiglu against F.linear followed by the activation."""
 
@@ -359,6 +415,7 @@ BENCHES["cross_entropy"] = CrossEntropyBench("cross_entropy")
 BENCHES["linear_cross_entropy"] = CrossEntropyBench("linear_cross_entropy")
 BENCHES["rotary"] = RotaryBench()
 BENCHES["attention"] = AttentionBench()
+BENCHES["attention_window"] = WindowAttentionBench()
 BENCHES["linear"] = LinearBench("linear")
 BENCHES["swiglu"] = LinearBench("swiglu")
 
@@ -383,6 +440,10 @@ CASES += [
     Case("attention", "gpt2", "2048 full", (1, 2048, 2048, 12, 12, 64, False)),
     Case("attention", "llama-1b", "prefill 1024", (1, 1024, 1024, 32, 8, 64, True)),
     Case("attention", "gpt2", "decode 2048", (1, 1, 2048, 12, 12, 64, True), quick=True),
+    *(Case("attention_window", "mistral-like", f"W512 S{s // 1024}k", (1, s, 8, 2, 64, 512, 0),
+           compile_baseline=False) for s in (2048, 4096, 8192)),
+    Case("attention_window", "gemma2-like", "W512 S4k softcap 50", (1, 4096, 8, 4, 64, 512, 50),
+         compile_baseline=False),
     Case("attention", "gpt2", "decode 8192", (1, 1, 8192, 12, 12, 64, True)),
     Case("attention", "llama-1b", "decode 4096", (1, 1, 4096, 32, 8, 64, True)),
 ]
