@@ -43,11 +43,13 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages
 # and sm_90 in fp16 and bf16, with bias, causal and varlen, without register
 # spills on every Triton that torch 2.11-2.15 pin (3.6-3.9: Triton 3.9 spilled
 # at 128 x 32 keys for head_dim 128, 64 x 32 for 256 and 32 x 32 for the dK/dV
-# of 64, hence the narrower tiles; tests/test_triton_compile.py checks every
-# one, and tools/torch_matrix.py runs it under each Triton).
+# of 64, hence the narrower tiles; with the window and softcap code, the
+# dK/dV of 32 spilled at 64 x 32 under 3.9 and 32 x 32 under 3.8: 16 x 16;
+# tests/test_triton_compile.py checks every one, and tools/torch_matrix.py
+# runs it under each Triton).
 _FORWARD = {32: (128, 32, 8, 3), 64: (128, 64, 8, 3), 128: (128, 16, 8, 3), 256: (64, 16, 8, 2)}
 _DECODE = {32: (16, 64, 4, 3), 64: (16, 64, 4, 3), 128: (16, 32, 4, 3), 256: (16, 16, 8, 2)}
-_BACKWARD_KV = {32: (64, 32, 4, 2), 64: (16, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 32, 8, 1)}
+_BACKWARD_KV = {32: (16, 16, 4, 2), 64: (16, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 32, 8, 1)}
 _BACKWARD_Q = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2)}
 
 
@@ -68,13 +70,23 @@ def decode_config(block_d: int) -> dict:
     return _config(_DECODE, max(32, block_d))
 
 
-def backward_kv_config(block_d: int, softcap: bool = False) -> dict:
-    """Launch parameters of the dK/dV kernel (BLOCK_N keys per program); under
-    a softcap at most 32 queries per block (64 spills on sm_80)."""
-    config = _config(_BACKWARD_KV, max(32, block_d))
-    if softcap and not interpreter_tiles():
-        config["BLOCK_M"] = min(config["BLOCK_M"], 32)
-    return config
+#: dK/dV tiles under a window's left edge, a right edge past the diagonal or a
+#: softcap (their masks and tanh cost registers: the causal tiles spill there,
+#: at head_dim 64 on sm_90 and 128 on sm_80 with Triton 3.6, 32 on sm_80 with
+#: 3.8); at head_dim 32 with a softcap 16 x 32 (16 x 16 spills with Triton 3.6,
+#: 16 x 32 without a softcap with 3.9). tests/test_triton_compile.py checks
+#: each under the Triton it runs with, tools/torch_matrix.py under each.
+_BACKWARD_KV_VARIANT = {32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 4, 2),
+                        256: (32, 32, 8, 1)}
+_BACKWARD_KV_SOFTCAP = {**_BACKWARD_KV_VARIANT, 32: (16, 32, 4, 2)}
+
+
+def backward_kv_config(block_d: int, variant: bool = False, softcap: bool = False) -> dict:
+    """Launch parameters of the dK/dV kernel (BLOCK_N keys per program);
+    ``variant``: a sliding window or a softcap, ``softcap``: a softcap
+    (narrower tiles)."""
+    table = _BACKWARD_KV_SOFTCAP if softcap else _BACKWARD_KV_VARIANT if variant else _BACKWARD_KV
+    return _config(table, max(32, block_d))
 
 
 def backward_q_config(block_d: int, softcap: bool = False) -> dict:
@@ -588,7 +600,8 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     flags = dict(IS_VARLEN=varlen, HAS_BIAS=bias is not None, BLOCK_D=block_d,
                  D_MULTIPLE=_vector_multiple(head_dim, q, k, v, grad_out), **variant_flags)
     bias_arg = bias if bias is not None else q
-    kv_config = backward_kv_config(block_d, softcap > 0)
+    variant = window_left >= 0 or (window_right >= 0 and not causal) or softcap > 0
+    kv_config = backward_kv_config(block_d, variant, softcap > 0)
     q_config = backward_q_config(block_d, softcap > 0)
     with on_device(q):
         attention_backward_kv_kernel[(triton.cdiv(max(seq_k, 1), kv_config["BLOCK_N"]),

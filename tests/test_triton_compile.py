@@ -243,14 +243,21 @@ def test_attention_forward_compiles(split, block_d, dtype, arch):
 def test_attention_backward_compiles(which, block_d, dtype, arch):
     from pyllm.kernels import attention
 
-    # the tiles differ under a softcap: each set compiled with what it serves
-    tiles = attention.backward_kv_config if which == "kv" else attention.backward_q_config
-    configs = [(tiles(block_d), False), (tiles(block_d, softcap=True), True)]
-    for config, softcap in configs:
-        _check_attention_backward(which, block_d, dtype, arch, config, softcap)
+    # each tile set compiled with every variant it serves
+    causal = dict(WINDOW_LEFT=False, WINDOW_RIGHT=True, SOFTCAP=False, HAS_BIAS=True)
+    windows = dict(_VARIANT, SOFTCAP=False)
+    if which == "kv":  # narrower tiles under any window or softcap
+        configs = [(attention.backward_kv_config(block_d), causal),
+                   (attention.backward_kv_config(block_d, variant=True), windows),
+                   (attention.backward_kv_config(block_d, variant=True, softcap=True), _VARIANT)]
+    else:  # narrower tiles under a softcap
+        configs = [(attention.backward_q_config(block_d), windows),
+                   (attention.backward_q_config(block_d, softcap=True), _VARIANT)]
+    for config, flags in configs:
+        _check_attention_backward(which, block_d, dtype, arch, config, flags)
 
 
-def _check_attention_backward(which, block_d, dtype, arch, config, softcap):
+def _check_attention_backward(which, block_d, dtype, arch, config, flags):
     from pyllm.kernels import attention
 
     blocks, warps, stages = _launch(config)
@@ -262,8 +269,7 @@ def _check_attention_backward(which, block_d, dtype, arch, config, softcap):
     signature = _attention_signature(TYPES[dtype][0], pointers, scalars, _FLAGS)
     kernel = (attention.attention_backward_kv_kernel if which == "kv"
               else attention.attention_backward_q_kernel)
-    constexprs = dict(blocks, IS_VARLEN=False, BLOCK_D=block_d, D_MULTIPLE=16,
-                      **dict(_VARIANT, SOFTCAP=softcap))
+    constexprs = dict(blocks, IS_VARLEN=False, BLOCK_D=block_d, D_MULTIPLE=16, **flags)
     check(kernel, signature, constexprs, arch, warps, stages, _DIVISIBLE)
 
 
