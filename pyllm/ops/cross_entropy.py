@@ -148,9 +148,11 @@ CHUNK_MIN_ROWS = 256
 MAX_CHUNKS = 32
 
 
-def _chunk_rows(rows: int, chunk_size: int | None) -> int:
+def _chunk_rows(rows: int, hidden: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return max(1, int(chunk_size))
+    if 2 * rows <= hidden:  # all the logits and their gradient fit in grad_weight's size
+        return max(1, rows)
     return max(1, min(rows, max(CHUNK_MIN_ROWS, -(-rows // MAX_CHUNKS))))
 
 
@@ -275,7 +277,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
             backend: as :func:`cross_entropy` (the backend runs the loss kernel;
             the GEMMs are PyTorch's, accumulating in float32).
         chunk_size: rows per chunk; default: a 32nd of the rows, at least
-            256 (all of them when fewer). Peak extra memory: grad_weight and
+            256 (all of them when fewer, or when there are at most hidden / 2:
+            their logits and gradient then take no more than grad_weight). Peak extra memory: grad_weight and
             grad_hidden plus two ``(chunk, vocab)`` buffers.
         out_dtype: dtype of a mean or sum loss: hidden's by default (as
             ``F.cross_entropy(F.linear(...))``; float32 under ``torch.autocast``,
@@ -323,7 +326,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     target = _check_target(op, target.reshape(-1) if target.dim() > 1 else target,
                            hidden2.shape[0], hidden.device)
-    chunk = _chunk_rows(hidden2.shape[0], chunk_size)
+    chunk = _chunk_rows(hidden2.shape[0], hidden2.shape[1], chunk_size)
     probe = hidden2.new_empty((0, weight.shape[0]))
     fn = _backend.route("cross_entropy", probe, backend)
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
