@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import pyllm
+from pyllm.nn.hf_rotary import _body
 
 __all__ = ["patch", "unpatch"]
 
@@ -33,8 +34,6 @@ def _llamas_forward_body():
         from transformers.models.llama import modeling_llama
     except ImportError:
         return None
-    from pyllm.nn.hf_rotary import _body
-
     return _body(modeling_llama.LlamaForCausalLM.forward)
 
 
@@ -55,8 +54,6 @@ def _head(model):
 
 
 def _why_not(model) -> str | None:
-    from pyllm.nn.hf_rotary import _body
-
     canonical = _llamas_forward_body()
     if canonical is None:
         return "transformers' LLaMA is not importable"

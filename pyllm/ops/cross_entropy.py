@@ -48,10 +48,11 @@ def _check_target(op, target, rows, device):
     return target.long().contiguous()
 
 
-def _mean_factor(target, ignore_index):
-    """``1 / (rows not ignored)`` as a float32 0-dim tensor, 0 when every row is
-    ignored (the mean is then NaN and, as in PyTorch, the gradient is 0)."""
-    count = (target != ignore_index).sum().float()
+def _mean_factor(count):
+    """``1 / count`` (the rows not ignored, a 0-dim tensor) in float32, 0 when
+    every row is ignored (the mean is then NaN and, as in PyTorch, the
+    gradient is 0)."""
+    count = count.float()
     return torch.where(count > 0, 1.0 / count.clamp(min=1.0), torch.zeros_like(count))
 
 
@@ -62,7 +63,7 @@ def _reduce(loss, target, ignore_index, reduction):
     if reduction == "sum":
         return loss.sum(), 1.0
     count = (target != ignore_index).sum()
-    return loss.sum() / count, _mean_factor(target, ignore_index)
+    return loss.sum() / count, _mean_factor(count)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -177,7 +178,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         eager = reduction != "none" and any(want)
         factor = None
         if eager and reduction == "mean":
-            factor = _mean_factor(target, ignore_index)
+            factor = _mean_factor((target != ignore_index).sum())
             if factor.device.type != "cpu" and not torch.compiler.is_compiling():
                 # a CPU scalar multiplies in float32 on every device; a device
                 # one would be rounded to the gradient's dtype first
