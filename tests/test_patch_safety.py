@@ -25,14 +25,14 @@ from hf_architectures import ARCHITECTURES  # noqa: E402
 # What the report must say was left alone, per architecture.
 LEFT_ALONE = {
     "gemma": ["GemmaRMSNorm computes something else"],
-    "gemma2-softcap": ["logit softcapping (softcap=", "Gemma2RMSNorm computes something else"],
+    "gemma2-softcap": ["Gemma2RMSNorm computes something else"],
     "gemma3-sliding": ["Gemma3RMSNorm computes something else"],
     "gpt-oss-sinks": ["attention sinks (s_aux)"],
     "bloom-alibi": ["does not route its attention through transformers' AttentionInterface"],
     "t5-encoder": ["a relative position bias (position_bias)"],
 }
 # Architectures whose attention pyllm takes over.
-ATTENTION_LEFT_ALONE = {"gemma2-softcap", "gpt-oss-sinks", "bloom-alibi", "t5-encoder"}
+ATTENTION_LEFT_ALONE = {"gpt-oss-sinks", "bloom-alibi", "t5-encoder"}
 #: Models whose apply_rotary_pos_emb is LLaMA's: their rotary runs on pyllm.rotary.
 ROTARY_PATCHED = {"llama", "mistral-sliding", "qwen2", "qwen3", "gemma", "gemma2-softcap",
                   "gemma3-sliding", "starcoder2-sliding"}
@@ -153,7 +153,7 @@ def test_patched_rotary_runs_the_kernel_and_falls_back(monkeypatch):
     assert model.loss_function is not hf_loss.causal_lm_loss
 
 
-@pytest.mark.parametrize("name", ["gemma2-softcap", "gpt-oss-sinks"])
+@pytest.mark.parametrize("name", ["gpt-oss-sinks"])
 def test_the_left_alone_features_bite(name, monkeypatch):
     """Forcing pyllm's attention on these models (which the patch refuses),
     with the call-time fallback off, does change their output: the comparison
@@ -170,6 +170,104 @@ def test_the_left_alone_features_bite(name, monkeypatch):
         monkeypatch.setattr(hf_attention, "_UNHONOURED", {})  # the kernel ignores them
         forced = run(model, arch, ids, mask)
     assert not close(forced, before, mask.bool())
+
+
+#: Architectures with sliding-window layers whose modules pass the window.
+WINDOWED = ["mistral-sliding", "gemma2-softcap", "gemma3-sliding", "starcoder2-sliding"]
+
+
+def unpadded():
+    """Two sequences of 12 tokens, no padding: longer than the window (4)."""
+    return torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+
+
+def generations(model, ids):
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    return [model.generate(ids, **settings),
+            model.generate(ids, cache_implementation="static", **settings)]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", WINDOWED)
+def test_sliding_window_runs_in_the_kernel(name, impl, monkeypatch):
+    """With no padding, a sliding-window layer's mask is left out and the
+    kernel applies the window (and Gemma 2's softcap under eager): the
+    logits, and greedy tokens with a dynamic and a static cache, are the
+    unpatched model's; the kernel was called with a window and no mask."""
+    from pyllm.nn import hf_attention
+
+    arch = next(a for a in ARCHITECTURES if a.name == name)
+    model = arch.build(impl)
+    ids = unpadded()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        tokens = generations(model, ids)
+        report = pyllm.patch(model)
+        assert hf_attention.window_in_kernel(model), str(report)
+        calls = []
+        real = pyllm.attention
+
+        def spy(*args, **kwargs):
+            calls.append((kwargs.get("bias") is None, kwargs.get("window_size"),
+                          kwargs.get("softcap")))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pyllm, "attention", spy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            after = model(input_ids=ids).logits
+            assert close(after, before, torch.ones_like(ids, dtype=torch.bool)), (
+                f"differs by {(after - before).abs().max().item():.3g}\n{report}")
+            assert any(no_mask and window == (3, 0) for no_mask, window, _ in calls), calls
+            if name == "gemma2-softcap":
+                assert {cap for *_, cap in calls} == {0.0 if impl == "sdpa" else 2.0}, calls
+                assert ("sdpa ignores it" in str(report)) == (impl == "sdpa"), str(report)
+            for got, want in zip(generations(model, ids), tokens):
+                assert torch.equal(got, want), str(report)
+        # The test has power: the same run without the window (or without
+        # the softcap) changes the logits.
+        monkeypatch.setattr(pyllm, "attention",
+                            lambda *a, **k: real(*a, **{**k, "window_size": (-1, -1)}))
+        assert not close(model(input_ids=ids).logits, before, torch.ones_like(ids, dtype=torch.bool))
+        if name == "gemma2-softcap" and impl == "eager":
+            monkeypatch.setattr(pyllm, "attention", lambda *a, **k: real(*a, **{**k, "softcap": 0.0}))
+            assert not close(model(input_ids=ids).logits, before,
+                             torch.ones_like(ids, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3"])
+def test_static_cache_prefill_is_causal_from_the_top_left(name):
+    """A static cache's prefill gets no mask and more keys (the cache's
+    length) than queries: causal from the top-left corner, as sdpa's
+    is_causal. Greedy tokens with a static cache are the unpatched ones."""
+    arch = next(a for a in ARCHITECTURES if a.name == name)
+    model = arch.build("sdpa")
+    ids = unpadded()
+    with torch.no_grad():
+        tokens = generations(model, ids)
+        report = pyllm.patch(model)
+        for got, want in zip(generations(model, ids), tokens):
+            assert torch.equal(got, want), str(report)
+
+
+def test_a_window_the_modules_do_not_pass_keeps_the_mask():
+    """A sliding-window model whose attention modules pass no window (or
+    another one) keeps transformers' dense mask: window_in_kernel is False,
+    and the patched logits are still the unpatched ones."""
+    from pyllm.nn import hf_attention
+
+    arch = next(a for a in ARCHITECTURES if a.name == "gemma2-softcap")
+    model = arch.build("eager")
+    for module in model.modules():
+        if getattr(module, "sliding_window", None) is not None:
+            module.sliding_window = 5  # not the config's 4
+    ids = unpadded()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        pyllm.patch(model)
+        assert not hf_attention.window_in_kernel(model)
+        after = model(input_ids=ids).logits
+    assert close(after, before, torch.ones_like(ids, dtype=torch.bool))
 
 
 def llama_arch():

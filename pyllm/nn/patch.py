@@ -275,6 +275,7 @@ def _patch_attention(model: nn.Module, report: PatchReport) -> None:
                                "; ".join(reasons)))
         return
     hf_attention.remember_original(model.config, previous)
+    hf_attention.remember_window_in_kernel(model)
     model.set_attn_implementation(hf_attention.IMPLEMENTATION)
     if getattr(model.config, "_attn_implementation", None) != hf_attention.IMPLEMENTATION:
         report.skipped.append((f"attention (attn_implementation={previous})",
@@ -282,6 +283,9 @@ def _patch_attention(model: nn.Module, report: PatchReport) -> None:
         return
     object.__setattr__(model, "_pyllm_original_attention", previous)
     report.replaced.append(("attention", f"attn_implementation={previous}", "pyllm.attention"))
+    ignored = hf_attention.softcap_ignored(model)
+    if ignored is not None:
+        report.skipped.append(("attention softcap", ignored))
 
 
 def unpatch(model: nn.Module) -> int:
