@@ -171,8 +171,9 @@ def swiglu(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
     return (F.silu(gate) * up).to(x.dtype)
 
 
-def _attention_one(q, k, v, causal, scale, bias, window=(-1, -1), softcap=0.0):
-    """q: (h, sq, d), k/v: (h, sk, d) already expanded to q's heads; bias (h, sq, sk) or None."""
+def _attention_one(q, k, v, causal, scale, bias, window=(-1, -1), softcap=0.0, sinks=None):
+    """q: (h, sq, d), k/v: (h, sk, d) already expanded to q's heads; bias (h, sq, sk) or None;
+    sinks (h,) or None: one more logit per row, with a zero value."""
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
@@ -186,7 +187,11 @@ def _attention_one(q, k, v, causal, scale, bias, window=(-1, -1), softcap=0.0):
         s = s.masked_fill(j > i + right, float("-inf"))
     if left >= 0:
         s = s.masked_fill(j < i - left, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
+    if sinks is None:
+        lse = torch.logsumexp(s, dim=-1)
+    else:
+        column = sinks.to(s.dtype).view(-1, 1, 1).expand(*s.shape[:-1], 1)
+        lse = torch.logsumexp(torch.cat([s, column], dim=-1), dim=-1)
     # A score of +inf (an Inf in q or k) makes the row NaN, and its lse too:
     # lse = +inf is kept for rows that see no key.
     lse = lse.masked_fill(torch.isposinf(lse), float("nan"))
@@ -204,7 +209,8 @@ def _expand_kv(k, heads):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, bias: torch.Tensor | None = None,
-              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0):
+              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              sinks: torch.Tensor | None = None):
     """Scaled dot-product attention.
 
     Args:
@@ -220,6 +226,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             seq_q - left <= j <= i + seq_k - seq_q + right`` (-1: unbounded;
             causal is right = 0).
         softcap: > 0: scores ``softcap * tanh(scores / softcap)`` before the bias.
+        sinks: ``(heads,)``: a logit per head that joins every row's softmax
+            with a zero value (gpt-oss); ``lse`` includes it.
 
     Returns:
         ``(out, lse)``: ``out`` ``(batch, seq_q, heads, head_dim)`` in ``q.dtype``;
@@ -236,7 +244,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     bf = None
     if bias is not None:
         bf = bias.to(ct).expand(b, h, sq, k.shape[1])
-    out, lse = _attention_one(qf, kf, vf, causal, scale, bf, window_size, softcap)
+    out, lse = _attention_one(qf, kf, vf, causal, scale, bf, window_size, softcap,
+                              None if sinks is None else sinks.to(ct))
     return out.transpose(1, 2).to(q.dtype), _stat(lse, q.dtype)
 
 
@@ -244,7 +253,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *,
                      causal: bool = False, scale: float | None = None,
                      bias: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
-                     softcap: float = 0.0):
+                     softcap: float = 0.0, sinks: torch.Tensor | None = None):
     """Attention over a batch of sequences of different lengths, packed.
 
     Args:
@@ -278,17 +287,19 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         bi = None
         if full_bias is not None:
             bi = full_bias[i, :, :qs.shape[1], :ks.shape[1]]
-        o, l = _attention_one(qs, ks, vs, causal, scale, bi, window_size, softcap)
+        o, l = _attention_one(qs, ks, vs, causal, scale, bi, window_size, softcap,
+                              None if sinks is None else sinks.to(ct))
         out[cq[i]:cq[i + 1]] = o.transpose(0, 1)
         lse[:, cq[i]:cq[i + 1]] = l
     return out.to(q.dtype), _stat(lse, q.dtype)
 
 
 def attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
-                 causal, window_left=-1, window_right=-1, softcap=0.0):
+                 causal, window_left=-1, window_right=-1, softcap=0.0, sinks=None):
     """:func:`attention` or :func:`attention_varlen` with the arguments of the
-    ``pyllm::attention`` op (the reference backend's implementation of it)."""
-    variant = dict(window_size=(window_left, window_right), softcap=softcap)
+    ``pyllm::attention`` op (the reference backend's implementation of it),
+    and the sinks that the kernels' callers fold in (pyllm.ops.attention_sinks)."""
+    variant = dict(window_size=(window_left, window_right), softcap=softcap, sinks=sinks)
     if cu_seqlens_q is None:
         return attention(q, k, v, causal=causal, scale=scale, bias=bias, **variant)
     return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,

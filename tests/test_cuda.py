@@ -129,6 +129,37 @@ def test_attention_variants(shape, variant, dtype, backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["causal", "all"])
+@pytest.mark.parametrize("shape", [(2, 1000, 1000, 16, 4, 64), (2, 4, 4096, 16, 4, 64)], ids=str)
+def test_attention_sinks(shape, variant, dtype, backend):
+    """Attention sinks (tests/test_attention_sinks.py) on the device: out and
+    the gradients of q, k, v and the sinks."""
+    require("attention", backend)
+    from test_attention_sinks import VARIANTS, composed
+
+    causal, window, cap = VARIANTS[variant]
+    kw = dict(causal=causal, window_size=window, softcap=cap)
+    b, sq, sk, h, hkv, d = shape
+    q, k, v = randn(b, sq, h, d, dtype=dtype, scale=3.0), \
+        randn(b, sk, hkv, d, dtype=dtype, seed=1), randn(b, sk, hkv, d, dtype=dtype, seed=2)
+    sinks = randn(h, dtype=torch.float32, seed=4) * 2 + 1
+    grad = randn(b, sq, h, d, dtype=dtype, seed=3)
+    with poisoned_outputs():
+        out = pyllm.attention(q, k, v, sinks=sinks, backend=backend, **kw)
+    truth = reference.attention(*as64(q, k, v), sinks=sinks.double(), **kw)[0]
+    check_rule(out, truth, composed(q, k, v, sinks, **kw), what=f"sinks {variant} {backend}")
+    ours = grads_of(lambda *t: pyllm.attention(*t[:3], sinks=t[3], backend=backend, **kw),
+                    (q, k, v, sinks), grad)
+    exact = grads_of(lambda *t: reference.attention(*t[:3], sinks=t[3], **kw)[0],
+                     as64(q, k, v, sinks), grad)
+    theirs = grads_of(lambda *t: composed(*t, **kw), (q, k, v, sinks), grad)
+    noise = flash_backward_noise(q, k, v, grad) + [0.0]
+    for g, t, p, n in zip(ours, exact, theirs, noise):
+        check_rule(g, t, p, factor=3, what=f"sinks {variant} {backend} grad", noise=n)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(4096, 4096, 4096), (1000, 3000, 777), (8, 4096, 4096)], ids=str)
 @pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "silu"])
 def test_linear(shape, dtype, act, backend):

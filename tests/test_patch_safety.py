@@ -27,12 +27,11 @@ LEFT_ALONE = {
     "gemma": ["GemmaRMSNorm computes something else"],
     "gemma2-softcap": ["Gemma2RMSNorm computes something else"],
     "gemma3-sliding": ["Gemma3RMSNorm computes something else"],
-    "gpt-oss-sinks": ["attention sinks (s_aux)"],
     "bloom-alibi": ["does not route its attention through transformers' AttentionInterface"],
     "t5-encoder": ["a relative position bias (position_bias)"],
 }
 # Architectures whose attention pyllm takes over.
-ATTENTION_LEFT_ALONE = {"gpt-oss-sinks", "bloom-alibi", "t5-encoder"}
+ATTENTION_LEFT_ALONE = {"bloom-alibi", "t5-encoder"}
 #: Models whose apply_rotary_pos_emb is LLaMA's: their rotary runs on pyllm.rotary.
 ROTARY_PATCHED = {"llama", "mistral-sliding", "qwen2", "qwen3", "gemma", "gemma2-softcap",
                   "gemma3-sliding", "starcoder2-sliding"}
@@ -153,27 +152,28 @@ def test_patched_rotary_runs_the_kernel_and_falls_back(monkeypatch):
     assert model.loss_function is not hf_loss.causal_lm_loss
 
 
-@pytest.mark.parametrize("name", ["gpt-oss-sinks"])
-def test_the_left_alone_features_bite(name, monkeypatch):
-    """Forcing pyllm's attention on these models (which the patch refuses),
-    with the call-time fallback off, does change their output: the comparison
-    above would see a patch that ignored them."""
-    from pyllm.nn import hf_attention
-
+@pytest.mark.parametrize("name, feature, off", [("gpt-oss-sinks", "sinks", None),
+                                                 ("gemma2-softcap", "softcap", 0.0)])
+def test_the_honoured_features_bite(name, feature, off, monkeypatch):
+    """The patched model with the kernel told to ignore the sinks (or the
+    softcap) gives other logits: the comparison above would see a patch
+    that ignored them."""
     arch = next(a for a in ARCHITECTURES if a.name == name)
     model = arch.build("eager")
     ids, mask = batch()
     with torch.no_grad():
         before = run(model, arch, ids, mask)
-        hf_attention.register()
-        model.set_attn_implementation("pyllm")
-        monkeypatch.setattr(hf_attention, "_UNHONOURED", {})  # the kernel ignores them
+        pyllm.patch(model)
+        assert close(run(model, arch, ids, mask), before, mask.bool())
+        real = pyllm.attention
+        monkeypatch.setattr(pyllm, "attention", lambda *a, **k: real(*a, **{**k, feature: off}))
         forced = run(model, arch, ids, mask)
     assert not close(forced, before, mask.bool())
 
 
 #: Architectures with sliding-window layers whose modules pass the window.
-WINDOWED = ["mistral-sliding", "gemma2-softcap", "gemma3-sliding", "starcoder2-sliding"]
+WINDOWED = ["mistral-sliding", "gemma2-softcap", "gemma3-sliding", "starcoder2-sliding",
+            "gpt-oss-sinks"]
 
 
 def unpadded():
@@ -187,8 +187,11 @@ def generations(model, ids):
             model.generate(ids, cache_implementation="static", **settings)]
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("name", WINDOWED)
+WINDOWED_PARAMS = [(arch.name, impl) for arch in ARCHITECTURES if arch.name in WINDOWED
+                   for impl in implementations(arch)]
+
+
+@pytest.mark.parametrize("name, impl", WINDOWED_PARAMS)
 def test_sliding_window_runs_in_the_kernel(name, impl, monkeypatch):
     """With no padding, a sliding-window layer's mask is left out and the
     kernel applies the window (and Gemma 2's softcap under eager): the
@@ -248,6 +251,35 @@ def test_static_cache_prefill_is_causal_from_the_top_left(name):
         report = pyllm.patch(model)
         for got, want in zip(generations(model, ids), tokens):
             assert torch.equal(got, want), str(report)
+
+
+def test_sinks_train_as_unpatched():
+    """gpt-oss in training mode: the loss and every parameter's gradient (the
+    sinks' among them) are the unpatched model's."""
+    arch = next(a for a in ARCHITECTURES if a.name == "gpt-oss-sinks")
+    model = arch.build("eager").train()
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}
+
+    loss0, grads0 = loss_and_grads()
+    assert any(n.endswith("sinks") and g.abs().max() > 0 for n, g in grads0.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no call-time fallback
+        report = pyllm.patch(model)
+        loss1, grads1 = loss_and_grads()
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert grads1.keys() == grads0.keys(), str(report)
+    for n in grads0:
+        scale = grads0[n].abs().max().item()
+        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-4, atol=1e-5 * max(1.0, scale),
+                                   msg=n)
 
 
 def test_a_window_the_modules_do_not_pass_keeps_the_mask():

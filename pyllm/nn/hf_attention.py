@@ -12,7 +12,8 @@ What transformers' attention modules pass, and what becomes of it:
   ``scaling``, ``is_causal``, ``dropout`` = 0, ``softcap`` (logit softcapping,
   in the kernel; but a model patched from ``sdpa``, which ignores it, keeps
   computing without it, so that patching changes no output),
-  ``sliding_window`` (in the kernel, its tiles skipped);
+  ``sliding_window`` (in the kernel, its tiles skipped), ``s_aux``
+  (gpt-oss's attention sinks, folded around the kernel, with their gradient);
   ignored because the mask already says it: the packed-sequence arguments
   (``cu_seq_lens_*``, ``max_length_*``, ``position_ids``);
 - the sliding window's mask: where every attention module of the model passes
@@ -22,8 +23,8 @@ What transformers' attention modules pass, and what becomes of it:
   the kernel applies the window; otherwise the dense mask is built as by
   ``sdpa_mask``;
 - not honoured, found at patch time (the attention is then left alone and
-  the patch report says why): ``s_aux`` (attention sinks), ``position_bias``
-  (T5's relative bias), any argument this module does not know;
+  the patch report says why): ``position_bias`` (T5's relative bias), any
+  argument this module does not know;
 - not honoured, known only at call time (``output_attentions=True``, attention
   dropout while training, or one of the above after all): the call goes to
   the implementation the model had before the patch, with its own mask
@@ -51,12 +52,11 @@ _registered = False
 
 #: Arguments whose value never changes what the kernel must compute here, or
 #: that the kernel honours whatever their value.
-_IGNORED = frozenset({"sliding_window", "softcap", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+_IGNORED = frozenset({"sliding_window", "softcap", "s_aux", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
                       "max_length_k", "position_ids", "is_causal", "scaling", "dropout",
                       "output_attentions", "attention_mask", "query", "key", "value"})
 #: Arguments the kernels cannot honour when they are not None.
-_UNHONOURED = {"s_aux": "attention sinks (s_aux)",
-               "position_bias": "a relative position bias (position_bias)",
+_UNHONOURED = {"position_bias": "a relative position bias (position_bias)",
                "head_mask": "a head mask (head_mask)"}
 
 # id(config) -> the attn_implementation it had before the patch (for
@@ -342,7 +342,8 @@ def pyllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         softcap = None  # as the model computed before the patch
     out = pyllm.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                           causal=causal, scale=scaling, bias=attention_mask, window_size=window,
-                          softcap=float(softcap) if softcap is not None else 0.0)
+                          softcap=float(softcap) if softcap is not None else 0.0,
+                          sinks=kwargs.get("s_aux"))
     return out, None
 
 

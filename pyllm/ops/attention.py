@@ -12,6 +12,7 @@ import math
 import torch
 
 from pyllm import backend as _backend
+from pyllm.ops.attention_sinks import attention_with_sinks, check_sinks
 from pyllm.ops.registry import declare
 from pyllm.checks import INT32_MAX, check_float, check_tensor
 
@@ -107,7 +108,8 @@ def _check_index_range(op, what, tokens, heads, head_dim):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, bias: torch.Tensor | None = None,
               window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-              return_lse: bool = False, backend: str | None = None):
+              sinks: torch.Tensor | None = None, return_lse: bool = False,
+              backend: str | None = None):
     """Scaled dot-product attention, FlashAttention-style (no seq_q x seq_k matrix).
 
     ``softmax(q k^T * scale + bias) v`` per head, over every key, or over
@@ -134,6 +136,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             cost grows with ``seq x window``.
         softcap: Gemma 2's attention softcapping: scores become ``softcap *
             tanh(scores / softcap)`` (before the bias); 0 = none.
+        sinks: attention sinks (gpt-oss's ``s_aux``): ``(heads,)``, any float
+            dtype, a logit per head that joins every query's softmax with a
+            zero value (not scaled); differentiable. ``lse`` then includes it.
         return_lse: also return the log-sum-exp of the scaled scores.
         backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
@@ -141,7 +146,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         ``out``: ``(batch, seq_q, heads, head_dim)``, q's dtype; with
         ``return_lse``, ``(out, lse)`` with ``lse`` ``(batch, heads, seq_q)``
         float32. A query that sees no key (all masked) gives zeros and
-        ``lse = +inf``. Differentiable in q, k and v.
+        ``lse = +inf`` (``lse = sink`` with sinks). Differentiable in q, k and v.
     """
     op = "pyllm.attention"
     _check_qkv(op, q, k, v, 4)
@@ -154,8 +159,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     scale = _check_scale(op, scale, head_dim)
     bias = _check_bias(op, bias, q, (batch, heads, seq_q, seq_k))
     variant = _check_variant(op, causal, window_size, softcap)
+    sinks = check_sinks(op, sinks, q, heads)
     fn = _backend.route("attention", q, backend)
-    out, lse = fn(q, k, v, None, None, seq_q, seq_k, bias, scale, bool(causal), *variant)
+    args = (None, None, seq_q, seq_k, bias, scale, bool(causal), *variant)
+    if sinks is None:
+        out, lse = fn(q, k, v, *args)
+    else:
+        out, lse = attention_with_sinks(fn, q, k, v, sinks, args)
     return (out, lse) if return_lse else out
 
 
@@ -164,8 +174,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, *,
                      causal: bool = False, scale: float | None = None,
                      bias: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
-                     softcap: float = 0.0, return_lse: bool = False,
-                     backend: str | None = None):
+                     softcap: float = 0.0, sinks: torch.Tensor | None = None,
+                     return_lse: bool = False, backend: str | None = None):
     """Attention over a batch of sequences of different lengths, packed without padding
     (as ``flash_attn_varlen_func``).
 
@@ -175,7 +185,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             cumulative lengths from 0: sequence ``i`` is rows ``cu[i]:cu[i+1]``.
             A sequence may be empty.
         max_seqlen_q, max_seqlen_k: the longest lengths (computed when None).
-        causal, scale, window_size, softcap, return_lse, backend: as
+        causal, scale, window_size, softcap, sinks, return_lse, backend: as
             :func:`attention`, per sequence.
         bias: broadcastable to ``(batch, heads, max_seqlen_q, max_seqlen_k)``;
             sequence ``i`` uses its top-left ``(len_q_i, len_k_i)`` corner.
@@ -207,9 +217,14 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = _check_scale(op, scale, head_dim)
     bias = _check_bias(op, bias, q, (batch, heads, max_seqlen_q, max_seqlen_k))
     variant = _check_variant(op, causal, window_size, softcap)
+    sinks = check_sinks(op, sinks, q, heads)
     fn = _backend.route("attention", q, backend)
-    out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bias,
-                  scale, bool(causal), *variant)
+    args = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bias, scale,
+            bool(causal), *variant)
+    if sinks is None:
+        out, lse = fn(q, k, v, *args)
+    else:
+        out, lse = attention_with_sinks(fn, q, k, v, sinks, args)
     return (out, lse) if return_lse else out
 
 
