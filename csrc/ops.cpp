@@ -65,20 +65,23 @@ TORCH_LIBRARY(pyllm, m) {
   // additive, broadcastable to (batch, heads, seq_q, seq_k). causal: aligned
   // to the bottom-right. window_left/right: a sliding window (flash-attn's
   // window_size, -1 unbounded; causal is window_right = 0). softcap > 0:
-  // scores softcap * tanh(scores / softcap) before the bias. Returns (out
-  // like q, lse float32: dense (batch, heads, seq_q), varlen (heads,
-  // total_q)); a query that sees no key gives zeros and lse = +inf.
+  // scores softcap * tanh(scores / softcap) before the bias. alibi_slopes:
+  // float32 (heads,) or (batch, heads), -slope * |i + seq_k - seq_q - j|
+  // added to query i's score of key j (flash-attn's). Returns (out like q,
+  // lse float32: dense (batch, heads, seq_q), varlen (heads, total_q)); a
+  // query that sees no key gives zeros and lse = +inf.
   PYLLM_DEF(m, "attention",
             "(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
             " int max_seqlen_q, int max_seqlen_k, Tensor? bias, float scale, bool causal,"
-            " int window_left=-1, int window_right=-1, float softcap=0.) -> (Tensor, Tensor)");
+            " int window_left=-1, int window_right=-1, float softcap=0.,"
+            " Tensor? alibi_slopes=None) -> (Tensor, Tensor)");
   // Gradients (dq, dk, dv) of attention from its out and lse. The bias gets
   // no gradient.
   PYLLM_DEF(m, "attention_backward",
             "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
             " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,"
             " Tensor? bias, float scale, bool causal, int window_left=-1, int window_right=-1,"
-            " float softcap=0.) -> (Tensor, Tensor, Tensor)");
+            " float softcap=0., Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)");
 
   m.set_python_module("pyllm.ops.linear");
   // y = act(x @ weight^T + bias), the epilogue fused: x (..., in), weight

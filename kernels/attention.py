@@ -65,9 +65,9 @@ def forward_config(block_d: int) -> dict:
     return _config(_FORWARD, max(32, block_d))
 
 
-def decode_config(block_d: int) -> dict:
-    """Launch parameters of the split-KV decode forward."""
-    return _config(_DECODE, max(32, block_d))
+def decode_config(block_d: int, alibi: bool = False) -> dict:
+    """Launch parameters of the split-KV decode forward (``alibi``: under ALiBi)."""
+    return _config(_DECODE_ALIBI if alibi else _DECODE, max(32, block_d))
 
 
 #: dK/dV tiles under a window's left edge, a right edge past the diagonal or a
@@ -79,13 +79,23 @@ def decode_config(block_d: int) -> dict:
 _BACKWARD_KV_VARIANT = {32: (16, 16, 4, 2), 64: (16, 16, 4, 2), 128: (16, 16, 4, 2),
                         256: (32, 32, 8, 1)}
 _BACKWARD_KV_SOFTCAP = {**_BACKWARD_KV_VARIANT, 32: (16, 32, 4, 2)}
+#: Under ALiBi (alone or with a window and a softcap; its distance term costs
+#: registers too): the variant tiles spilled at head_dim 32 on sm_90 (Triton
+#: 3.8) and 64 on sm_80 (3.6, where 16 x 32 spills in the causal case too);
+#: one pipeline stage for 32 and 64. The split-KV decode at head_dim 128
+#: spilled on sm_90 under 3.9 with 32 keys a block: 16.
+_BACKWARD_KV_ALIBI = {32: (32, 16, 4, 1), 64: (16, 32, 4, 1), 128: (16, 16, 4, 2),
+                      256: (32, 32, 8, 1)}
+_DECODE_ALIBI = {**_DECODE, 128: (16, 16, 4, 3)}
 
 
-def backward_kv_config(block_d: int, variant: bool = False, softcap: bool = False) -> dict:
+def backward_kv_config(block_d: int, variant: bool = False, softcap: bool = False,
+                       alibi: bool = False) -> dict:
     """Launch parameters of the dK/dV kernel (BLOCK_N keys per program);
-    ``variant``: a sliding window or a softcap, ``softcap``: a softcap
-    (narrower tiles)."""
-    table = _BACKWARD_KV_SOFTCAP if softcap else _BACKWARD_KV_VARIANT if variant else _BACKWARD_KV
+    ``variant``: a sliding window or a softcap, ``softcap``: a softcap,
+    ``alibi``: ALiBi, with or without the others (narrower tiles)."""
+    table = (_BACKWARD_KV_ALIBI if alibi else _BACKWARD_KV_SOFTCAP if softcap
+             else _BACKWARD_KV_VARIANT if variant else _BACKWARD_KV)
     return _config(table, max(32, block_d))
 
 
@@ -161,14 +171,32 @@ def _window(visible, offs_m, n, offset, window_left, window_right, WINDOW_LEFT: 
 
 
 @triton.jit
+def _alibi_slope(ALIBI, b64, alibi_stride, h, HAS_ALIBI: tl.constexpr):
+    """The ALiBi slope of (sequence, head) in log2 units (0 without ALiBi)."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b64 * alibi_stride + h) * 1.4426950408889634
+    return slope
+
+
+@triton.jit
+def _alibi(s, slope, offs_m, n, offset):
+    """Scores (log2 units) of queries offs_m x keys n less slope * |query +
+    offset - key| (ALiBi)."""
+    distance = (offs_m[:, None] + offset - n[None, :]).to(tl.float32)
+    return s - slope * tl.abs(distance)
+
+
+@triton.jit
 def attention_forward_kernel(
-        Q, K, V, BIAS, O, LSE, CU_Q, CU_K, PARTIAL,
+        Q, K, V, BIAS, ALIBI, O, LSE, CU_Q, CU_K, PARTIAL,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
         stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
         seq_q, seq_k, group, head_dim, scale, keys_per_split, window_left, window_right, softcap,
+        alibi_stride,
         IS_VARLEN: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-        SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, D_MULTIPLE: tl.constexpr):
     # Program: (query block, or key split when SPLIT), head, sequence.
@@ -215,6 +243,7 @@ def attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias_base = BIAS + b64 * stride_bb + h.to(tl.int64) * stride_bh
+    alibi = _alibi_slope(ALIBI, b64, alibi_stride, h, HAS_ALIBI)
     for start in range(k_lo, k_hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < k_hi
@@ -224,6 +253,8 @@ def attention_forward_kernel(
         if HAS_BIAS:
             s += tl.load(bias_base + offs_m[:, None] * stride_bq + n[None, :] * stride_bk,
                          mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+        if HAS_ALIBI:
+            s = _alibi(s, alibi, offs_m, n, offset)
         visible = _window(n_ok[None, :], offs_m, n, offset, window_left, window_right, WINDOW_LEFT,
                           WINDOW_RIGHT)
         s = tl.where(visible, s, float("-inf"))
@@ -297,13 +328,16 @@ def attention_combine_kernel(PARTIAL, O, LSE, CU_Q, stride_ob, stride_ot, stride
 
 @triton.jit
 def _probabilities(q, k, bias_ptrs, bias_mask, lse, offs_m, n, m_ok, n_ok, offset, scale,
-                   window_left, window_right, softcap, HAS_BIAS: tl.constexpr,
-                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
+                   window_left, window_right, softcap, alibi, HAS_BIAS: tl.constexpr,
+                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr):
     """(P[m][n] = exp(s - lse) recomputed for a (queries x keys) tile, and
     d s / d (q.k scale): the softcap's 1 - tanh^2, or 1)."""
     s, slope = _scores(q, k, scale, softcap, SOFTCAP)
     if HAS_BIAS:
         s += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_ALIBI:
+        s = _alibi(s, alibi, offs_m, n, offset)
     visible = _window(m_ok[:, None] & n_ok[None, :], offs_m, n, offset, window_left, window_right,
                       WINDOW_LEFT, WINDOW_RIGHT)
     return tl.where(visible, tl.math.exp2(s - lse[:, None] * 1.4426950408889634), 0.0), slope
@@ -311,13 +345,13 @@ def _probabilities(q, k, bias_ptrs, bias_mask, lse, offs_m, n, m_ok, n_ok, offse
 
 @triton.jit
 def attention_backward_kv_kernel(
-        Q, K, V, DO, BIAS, LSE, DELTA, DK, DV, CU_Q, CU_K,
+        Q, K, V, DO, BIAS, ALIBI, LSE, DELTA, DK, DV, CU_Q, CU_K,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
         stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
-        seq_q, seq_k, group, head_dim, scale, window_left, window_right, softcap,
+        seq_q, seq_k, group, head_dim, scale, window_left, window_right, softcap, alibi_stride,
         IS_VARLEN: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-        SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         D_MULTIPLE: tl.constexpr):
     """dK, dV for key block program_id(0) of kv head program_id(1), sequence
@@ -364,6 +398,7 @@ def attention_backward_kv_kernel(
         q_base = Q + b64 * stride_qb + tl.cast(q_first, tl.int64) * stride_qt + h64 * stride_qh
         do_base = DO + b64 * stride_ob + tl.cast(q_first, tl.int64) * stride_ot + h64 * stride_oh
         stat = b64 * stride_lb + h64 * stride_lh + q_first
+        alibi = _alibi_slope(ALIBI, b64, alibi_stride, h64, HAS_ALIBI)
         for start in range(m_lo, m_hi, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < len_q
@@ -379,8 +414,8 @@ def attention_backward_kv_kernel(
                     offs_n[None, :] * stride_bk
             p, slope = _probabilities(q, tl.trans(k), bias_ptrs, m_ok[:, None] & n_ok[None, :],
                                       lse, offs_m, offs_n, m_ok, n_ok, offset, scale, window_left,
-                                      window_right, softcap, HAS_BIAS, WINDOW_LEFT, WINDOW_RIGHT,
-                                      SOFTCAP)
+                                      window_right, softcap, alibi, HAS_BIAS, WINDOW_LEFT,
+                                      WINDOW_RIGHT, SOFTCAP, HAS_ALIBI)
             dv = _dot(tl.trans(p).to(do.dtype), do, dv)
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
             ds = p * (dp - delta[:, None]) * scale * slope
@@ -396,13 +431,13 @@ def attention_backward_kv_kernel(
 
 @triton.jit
 def attention_backward_q_kernel(
-        Q, K, V, DO, BIAS, LSE, DELTA, DQ, CU_Q, CU_K,
+        Q, K, V, DO, BIAS, ALIBI, LSE, DELTA, DQ, CU_Q, CU_K,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
         stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
-        seq_q, seq_k, group, head_dim, scale, window_left, window_right, softcap,
+        seq_q, seq_k, group, head_dim, scale, window_left, window_right, softcap, alibi_stride,
         IS_VARLEN: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-        SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         D_MULTIPLE: tl.constexpr):
     """dQ for query block program_id(0) of head program_id(1), sequence
@@ -441,6 +476,7 @@ def attention_backward_q_kernel(
     lse = tl.load(LSE + stat + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + stat + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    alibi = _alibi_slope(ALIBI, b64, alibi_stride, h64, HAS_ALIBI)
     k_lo = 0
     k_hi = len_k
     if WINDOW_RIGHT:
@@ -459,8 +495,8 @@ def attention_backward_q_kernel(
                 offs_n[None, :] * stride_bk
         p, slope = _probabilities(q, tl.trans(k), bias_ptrs, m_ok[:, None] & n_ok[None, :], lse,
                                   offs_m, offs_n, m_ok, n_ok, offset, scale, window_left,
-                                  window_right, softcap, HAS_BIAS, WINDOW_LEFT, WINDOW_RIGHT,
-                                  SOFTCAP)
+                                  window_right, softcap, alibi, HAS_BIAS, WINDOW_LEFT,
+                                  WINDOW_RIGHT, SOFTCAP, HAS_ALIBI)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
         ds = p * (dp - delta[:, None]) * scale * slope
         dq = _dot(ds.to(k.dtype), k, dq)
@@ -513,16 +549,31 @@ def _bias(bias, batch, heads, seq_q, seq_k):
     return bias.expand(batch, heads, seq_q, seq_k) if bias is not None else None
 
 
-def _variant(causal, window_left, window_right, softcap):
-    """(runtime window/softcap arguments, their constexpr flags)."""
+def _variant(causal, window_left, window_right, softcap, alibi):
+    """(runtime window/softcap/ALiBi arguments, their constexpr flags)."""
     right = 0 if causal else int(window_right)
-    args = (int(window_left), right, float(softcap) if softcap > 0 else 1.0)
-    flags = dict(WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=right >= 0, SOFTCAP=softcap > 0)
+    alibi_stride = alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0
+    args = (int(window_left), right, float(softcap) if softcap > 0 else 1.0, alibi_stride)
+    flags = dict(WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=right >= 0, SOFTCAP=softcap > 0,
+                 HAS_ALIBI=alibi is not None)
     return args, flags
 
 
+def _alibi_slopes(alibi, q, batch, heads):
+    """ALiBi slopes as the kernels read them: float32 (heads,) or (batch,
+    heads), contiguous (checked as the C++ operators check them)."""
+    if alibi is None:
+        return None
+    if alibi.dtype != torch.float32 or alibi.device != q.device or alibi.shape not in (
+            (heads,), (batch, heads)):
+        raise ValueError(f"pyllm::attention_triton: alibi_slopes must be float32 (heads,) = "
+                         f"({heads},) or (batch, heads) = ({batch}, {heads}) on {q.device}, got "
+                         f"{alibi.dtype} {tuple(alibi.shape)} on {alibi.device}")
+    return alibi.contiguous()
+
+
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
-              causal, window_left=-1, window_right=-1, softcap=0.0):
+              causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
     """The pyllm::attention_triton implementation: (out, lse) as pyllm::attention."""
     q, k, v = _head_last(q), _head_last(k), _head_last(v)
     varlen, batch, seq_q, seq_k, heads, group, head_dim = _geometry(
@@ -534,16 +585,18 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
         return out, lse
     block_d = max(16, triton.next_power_of_2(head_dim))
     bias = _bias(bias, batch, heads, seq_q, seq_k)
+    alibi = _alibi_slopes(alibi_slopes, q, batch, heads)
+    alibi_arg = alibi if alibi is not None else lse  # a never-read placeholder
     cu_q = cu_seqlens_q if varlen else lse  # a never-read placeholder when dense
     cu_k = cu_seqlens_k if varlen else lse
     common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
               *_strides(out, varlen), *_bias_strides(bias), *_lse_strides(lse, varlen, heads, seq_q))
-    variant, variant_flags = _variant(causal, window_left, window_right, softcap)
+    variant, variant_flags = _variant(causal, window_left, window_right, softcap, alibi)
     flags = dict(IS_VARLEN=varlen, HAS_BIAS=bias is not None, BLOCK_D=block_d,
                  D_MULTIPLE=_vector_multiple(head_dim, q, k, v, out), **variant_flags)
     with on_device(q):
         if seq_q <= DECODE_MAX_QUERIES:
-            config = decode_config(block_d)
+            config = decode_config(block_d, alibi is not None)
             block_n = config["BLOCK_N"]
             # Splits: enough programs to fill the device, each at least 256 keys.
             programs = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -554,7 +607,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
             partial = torch.empty((batch, heads, splits, config["BLOCK_M"], block_d + 2),
                                   dtype=torch.float32, device=q.device)
             attention_forward_kernel[(splits, heads, batch)](
-                q, k, v, bias if bias is not None else q, out, lse, cu_q, cu_k, partial, *common,
+                q, k, v, bias if bias is not None else q, alibi_arg, out, lse, cu_q, cu_k, partial, *common,
                 seq_q, seq_k, group, head_dim, scale, per_split, *variant, SPLIT=True, **flags,
                 **config)
             attention_combine_kernel[(1, heads, batch)](
@@ -565,7 +618,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
             config = forward_config(block_d)
             grid = (triton.cdiv(seq_q, config["BLOCK_M"]), heads, batch)
             attention_forward_kernel[grid](
-                q, k, v, bias if bias is not None else q, out, lse, cu_q, cu_k, lse, *common,
+                q, k, v, bias if bias is not None else q, alibi_arg, out, lse, cu_q, cu_k, lse, *common,
                 seq_q, seq_k, group, head_dim, scale, 0, *variant, SPLIT=False, **flags,
                 **config)
     return out, lse
@@ -573,7 +626,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
 
 def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                        max_seqlen_k, bias, scale, causal, window_left=-1, window_right=-1,
-                       softcap=0.0):
+                       softcap=0.0, alibi_slopes=None):
     """The pyllm::attention_backward_triton implementation: (dq, dk, dv)."""
     # Contiguous: the gradients are written with their inputs' strides, and
     # grad_out with out's.
@@ -590,27 +643,29 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         return dq, dk, dv
     block_d = max(16, triton.next_power_of_2(head_dim))
     bias = _bias(bias, batch, heads, seq_q, seq_k)
+    alibi = _alibi_slopes(alibi_slopes, q, batch, heads)
+    alibi_arg = alibi if alibi is not None else lse  # a never-read placeholder
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
     common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
               *_strides(grad_out, varlen), *_bias_strides(bias),
               *_lse_strides(lse, varlen, heads, seq_q), seq_q, seq_k, group, head_dim, scale)
-    variant, variant_flags = _variant(causal, window_left, window_right, softcap)
+    variant, variant_flags = _variant(causal, window_left, window_right, softcap, alibi)
     common = (*common, *variant)
     flags = dict(IS_VARLEN=varlen, HAS_BIAS=bias is not None, BLOCK_D=block_d,
                  D_MULTIPLE=_vector_multiple(head_dim, q, k, v, grad_out), **variant_flags)
     bias_arg = bias if bias is not None else q
     variant = window_left >= 0 or (window_right >= 0 and not causal) or softcap > 0
-    kv_config = backward_kv_config(block_d, variant, softcap > 0)
+    kv_config = backward_kv_config(block_d, variant, softcap > 0, alibi is not None)
     q_config = backward_q_config(block_d, softcap > 0)
     with on_device(q):
         attention_backward_kv_kernel[(triton.cdiv(max(seq_k, 1), kv_config["BLOCK_N"]),
                                       heads // group, batch)](
-            q, k, v, grad_out, bias_arg, lse, delta, dk, dv, cu_q, cu_k, *common, **flags,
+            q, k, v, grad_out, bias_arg, alibi_arg, lse, delta, dk, dv, cu_q, cu_k, *common, **flags,
             **kv_config)
         attention_backward_q_kernel[(triton.cdiv(max(seq_q, 1), q_config["BLOCK_M"]), heads,
                                      batch)](
-            q, k, v, grad_out, bias_arg, lse, delta, dq, cu_q, cu_k, *common, **flags, **q_config)
+            q, k, v, grad_out, bias_arg, alibi_arg, lse, delta, dq, cu_q, cu_k, *common, **flags, **q_config)
     return dq, dk, dv
 
 

@@ -171,9 +171,10 @@ def swiglu(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
     return (F.silu(gate) * up).to(x.dtype)
 
 
-def _attention_one(q, k, v, causal, scale, bias, window=(-1, -1), softcap=0.0, sinks=None):
+def _attention_one(q, k, v, causal, scale, bias, window=(-1, -1), softcap=0.0, sinks=None,
+                   alibi=None):
     """q: (h, sq, d), k/v: (h, sk, d) already expanded to q's heads; bias (h, sq, sk) or None;
-    sinks (h,) or None: one more logit per row, with a zero value."""
+    sinks (h,) or None: one more logit per row, with a zero value; alibi (h,) slopes or None."""
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
@@ -183,6 +184,8 @@ def _attention_one(q, k, v, causal, scale, bias, window=(-1, -1), softcap=0.0, s
     left, right = window[0], 0 if causal else window[1]
     i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)  # bottom-right aligned
     j = torch.arange(sk, device=q.device)[None, :]
+    if alibi is not None:
+        s = s - alibi.to(s.dtype).view(-1, 1, 1) * (i - j).abs().to(s.dtype)
     if right >= 0:  # query i sees keys j <= i + (sk - sq) + right
         s = s.masked_fill(j > i + right, float("-inf"))
     if left >= 0:
@@ -210,7 +213,7 @@ def _expand_kv(k, heads):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, bias: torch.Tensor | None = None,
               window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-              sinks: torch.Tensor | None = None):
+              sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None):
     """Scaled dot-product attention.
 
     Args:
@@ -228,6 +231,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         softcap: > 0: scores ``softcap * tanh(scores / softcap)`` before the bias.
         sinks: ``(heads,)``: a logit per head that joins every row's softmax
             with a zero value (gpt-oss); ``lse`` includes it.
+        alibi_slopes: ``(heads,)`` or ``(batch, heads)``: ``-slope * |i +
+            seq_k - seq_q - j|`` added to the scores (after the softcap).
 
     Returns:
         ``(out, lse)``: ``out`` ``(batch, seq_q, heads, head_dim)`` in ``q.dtype``;
@@ -244,8 +249,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     bf = None
     if bias is not None:
         bf = bias.to(ct).expand(b, h, sq, k.shape[1])
-    out, lse = _attention_one(qf, kf, vf, causal, scale, bf, window_size, softcap,
-                              None if sinks is None else sinks.to(ct))
+    if alibi_slopes is None:
+        out, lse = _attention_one(qf, kf, vf, causal, scale, bf, window_size, softcap,
+                                  None if sinks is None else sinks.to(ct))
+    else:  # slopes per sequence: one batch entry at a time
+        slopes = alibi_slopes.to(ct).expand(b, h)
+        parts = [_attention_one(qf[n], kf[n], vf[n], causal, scale,
+                                None if bf is None else bf[n], window_size, softcap,
+                                None if sinks is None else sinks.to(ct), slopes[n])
+                 for n in range(b)]
+        out = torch.stack([o for o, _ in parts]) if parts else qf.new_zeros(qf.shape)
+        lse = torch.stack([l for _, l in parts]) if parts else qf.new_zeros(qf.shape[:-1])
     return out.transpose(1, 2).to(q.dtype), _stat(lse, q.dtype)
 
 
@@ -253,7 +267,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *,
                      causal: bool = False, scale: float | None = None,
                      bias: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
-                     softcap: float = 0.0, sinks: torch.Tensor | None = None):
+                     softcap: float = 0.0, sinks: torch.Tensor | None = None,
+                     alibi_slopes: torch.Tensor | None = None):
     """Attention over a batch of sequences of different lengths, packed.
 
     Args:
@@ -288,18 +303,22 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if full_bias is not None:
             bi = full_bias[i, :, :qs.shape[1], :ks.shape[1]]
         o, l = _attention_one(qs, ks, vs, causal, scale, bi, window_size, softcap,
-                              None if sinks is None else sinks.to(ct))
+                              None if sinks is None else sinks.to(ct),
+                              None if alibi_slopes is None else alibi_slopes.to(ct).expand(
+                                  batch, h)[i])
         out[cq[i]:cq[i + 1]] = o.transpose(0, 1)
         lse[:, cq[i]:cq[i + 1]] = l
     return out.to(q.dtype), _stat(lse, q.dtype)
 
 
 def attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
-                 causal, window_left=-1, window_right=-1, softcap=0.0, sinks=None):
+                 causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+                 sinks=None):
     """:func:`attention` or :func:`attention_varlen` with the arguments of the
     ``pyllm::attention`` op (the reference backend's implementation of it),
     and the sinks that the kernels' callers fold in (pyllm.ops.attention_sinks)."""
-    variant = dict(window_size=(window_left, window_right), softcap=softcap, sinks=sinks)
+    variant = dict(window_size=(window_left, window_right), softcap=softcap, sinks=sinks,
+                   alibi_slopes=alibi_slopes)
     if cu_seqlens_q is None:
         return attention(q, k, v, causal=causal, scale=scale, bias=bias, **variant)
     return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,

@@ -129,6 +129,35 @@ def test_attention_variants(shape, variant, dtype, backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["causal", "window", "all"])
+@pytest.mark.parametrize("shape", [(2, 2048, 2048, 16, 4, 128), (2, 4, 4096, 16, 4, 64)], ids=str)
+def test_attention_alibi(shape, variant, dtype, backend):
+    """ALiBi (tests/test_attention_alibi.py) on the device, per-sequence slopes."""
+    require("attention", backend)
+    from test_attention_alibi import VARIANTS, composed, slopes_of
+
+    causal, window, cap = VARIANTS[variant]
+    b, sq, sk, h, hkv, d = shape
+    slopes = slopes_of(b, h, True, shape, variant).cuda()
+    kw = dict(causal=causal, window_size=window, softcap=cap)
+    q, k, v = randn(b, sq, h, d, dtype=dtype, scale=3.0), \
+        randn(b, sk, hkv, d, dtype=dtype, seed=1), randn(b, sk, hkv, d, dtype=dtype, seed=2)
+    grad = randn(b, sq, h, d, dtype=dtype, seed=3)
+    with poisoned_outputs():
+        out = pyllm.attention(q, k, v, alibi_slopes=slopes, backend=backend, **kw)
+    truth = reference.attention(*as64(q, k, v), alibi_slopes=slopes.double(), **kw)[0]
+    check_rule(out, truth, composed(q, k, v, slopes, **kw), what=f"alibi {variant} {backend}")
+    ours = grads_of(lambda *t: pyllm.attention(*t, alibi_slopes=slopes, backend=backend, **kw),
+                    (q, k, v), grad)
+    exact = grads_of(lambda *t: reference.attention(*t, alibi_slopes=slopes.double(), **kw)[0],
+                     as64(q, k, v), grad)
+    theirs = grads_of(lambda *t: composed(*t, slopes, **kw), (q, k, v), grad)
+    for g, t, p, n in zip(ours, exact, theirs, flash_backward_noise(q, k, v, grad)):
+        check_rule(g, t, p, factor=3, what=f"alibi {variant} {backend} grad", noise=n)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("variant", ["causal", "all"])
 @pytest.mark.parametrize("shape", [(2, 1000, 1000, 16, 4, 64), (2, 4, 4096, 16, 4, 64)], ids=str)
 def test_attention_sinks(shape, variant, dtype, backend):

@@ -34,7 +34,7 @@ class HostAttention:
     head_dim) or varlen (tokens, heads, head_dim) with cu_seqlens."""
 
     def __init__(self, q, k, v, cu_q=None, cu_k=None, bias=None, causal=False, scale=None,
-                 offset=0, window_size=(-1, -1), softcap=0.0):
+                 offset=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
         self.varlen = cu_q is not None
         self.q, self.k, self.v = q, k, v
         heads, heads_kv, d = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -44,8 +44,11 @@ class HostAttention:
             seq_k = int((cu_k[1:] - cu_k[:-1]).max()) if batch else 0
         else:
             batch, seq_q, seq_k = q.shape[0], q.shape[1], k.shape[1]
-        self.geometry = i64(batch, heads, heads_kv, d, seq_q, seq_k, *window_size)
+        alibi_stride = 0 if alibi_slopes is None or alibi_slopes.dim() == 1 else heads
+        self.geometry = i64(batch, heads, heads_kv, d, seq_q, seq_k, *window_size, alibi_stride)
         self.softcap = softcap
+        self.alibi = None if alibi_slopes is None else guarded_input(
+            alibi_slopes.float().contiguous())
         self.cu = [guarded_input(c) for c in (cu_q, cu_k)] if self.varlen else [None, None]
         self.scale = scale if scale is not None else 1 / math.sqrt(d)
         self.causal = causal
@@ -68,7 +71,8 @@ class HostAttention:
 
     def common(self):
         return (self.geometry, ptr(self.cu[0]), ptr(self.cu[1]), ctypes.c_float(self.scale),
-                ctypes.c_float(self.softcap), int(self.causal), DTYPE_CODE[self.q.dtype])
+                ctypes.c_float(self.softcap), ptr(self.alibi), int(self.causal),
+                DTYPE_CODE[self.q.dtype])
 
     def bias_args(self):
         bias_type = DTYPE_CODE[self.bias.tensor.dtype] if self.bias is not None else 0

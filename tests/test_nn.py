@@ -289,6 +289,38 @@ def test_attention_kv_cache_decode_equals_full_forward():
         attn(x[:, :6], cache=cache)
 
 
+def test_attention_variants_decode_equals_full_forward_and_train():
+    """pyllm.nn.Attention with a sliding window, a softcap, ALiBi and learned
+    sinks: decoding through the KV cache gives the full forward's outputs,
+    the output matches the reference, and the sinks get a gradient."""
+    torch.manual_seed(0)
+    slopes = torch.exp2(-torch.arange(1, 9, dtype=torch.float32))
+    attn = pyllm.nn.Attention(64, 8, 2, rope_base=10000.0, window_size=(4, 0), softcap=5.0,
+                              alibi_slopes=slopes, sinks=True).eval()
+    with torch.no_grad():
+        attn.sinks.copy_(torch.linspace(-1, 1, 8))
+    x = randn((2, 11, 64), gen=generator("nn attention variants"))
+    with torch.no_grad():
+        full = attn(x)
+        cache = attn.new_cache(2, 16)
+        steps = [attn(x[:, :7], cache=cache)] + [attn(x[:, t:t + 1], cache=cache)
+                                                  for t in range(7, 11)]
+        q = attn.q_proj(x).view(2, 11, 8, 8)
+        k = attn.k_proj(x).view(2, 11, 2, 8)
+        v = attn.v_proj(x).view(2, 11, 2, 8)
+        q, k = attn.rotary.rotate(q, k, torch.arange(11), 11)
+        want = reference.attention(q.double(), k.double(), v.double(), causal=True,
+                                   window_size=(4, 0), softcap=5.0, alibi_slopes=slopes.double(),
+                                   sinks=attn.sinks.double())[0]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full, attn.o_proj(want.float().reshape(2, 11, 64)), rtol=1e-4,
+                               atol=1e-5)
+    attn.train()
+    attn(x).square().sum().backward()
+    assert attn.sinks.grad is not None and attn.sinks.grad.abs().max() > 0
+    assert "alibi_slopes" in dict(attn.named_buffers())
+
+
 def test_cross_attention_and_key_padding_mask():
     torch.manual_seed(0)
     attn = pyllm.nn.Attention(32, 4, kv_size=24, causal=True).eval()

@@ -192,12 +192,14 @@ def _attention_signature(t, pointers, scalars, flags):
     return signature
 
 
-_FLAGS = ("IS_VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP", "HAS_BIAS", "BLOCK_M", "BLOCK_N",
-          "BLOCK_D", "D_MULTIPLE")
-#: Every variant at once (a window on both sides, softcap, a bias): the most
-#: registers any call needs, the case the no-spill check must hold for.
-_VARIANT = dict(WINDOW_LEFT=True, WINDOW_RIGHT=True, SOFTCAP=True, HAS_BIAS=True)
-_VARIANT_SCALARS = {"window_left": "i32", "window_right": "i32", "softcap": "fp32"}
+_FLAGS = ("IS_VARLEN", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP", "HAS_BIAS", "HAS_ALIBI",
+          "BLOCK_M", "BLOCK_N", "BLOCK_D", "D_MULTIPLE")
+#: Every variant at once (a window on both sides, softcap, a bias, ALiBi):
+#: the most registers any call needs, the case the no-spill check must hold for.
+_VARIANT = dict(WINDOW_LEFT=True, WINDOW_RIGHT=True, SOFTCAP=True, HAS_BIAS=True, HAS_ALIBI=True)
+_NO_ALIBI = dict(_VARIANT, HAS_ALIBI=False)
+_VARIANT_SCALARS = {"window_left": "i32", "window_right": "i32", "softcap": "fp32",
+                    "alibi_stride": "i32"}
 _DIVISIBLE = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA", "PARTIAL", "stride_qt",
               "stride_kt", "stride_vt", "stride_ot", "stride_qb", "stride_kb", "stride_vb",
               "stride_ob", "stride_qh", "stride_kh", "stride_vh", "stride_oh")
@@ -215,16 +217,25 @@ def _launch(config):
 def test_attention_forward_compiles(split, block_d, dtype, arch):
     from pyllm.kernels import attention
 
-    config = (attention.decode_config if split else attention.forward_config)(block_d)
+    configs = [(attention.forward_config(block_d), _VARIANT)] if not split else [
+        (attention.decode_config(block_d), _NO_ALIBI),
+        (attention.decode_config(block_d, alibi=True), _VARIANT)]
+    for config, variant in configs:
+        _check_attention_forward(split, block_d, dtype, arch, config, variant)
+
+
+def _check_attention_forward(split, block_d, dtype, arch, config, variant):
+    from pyllm.kernels import attention
+
     blocks, warps, stages = _launch(config)
-    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("O", "x"), ("LSE", "fp32"),
+    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("ALIBI", "fp32"), ("O", "x"), ("LSE", "fp32"),
                 ("CU_Q", "i32"), ("CU_K", "i32"), ("PARTIAL", "fp32")]
     scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
                "scale": "fp32", "keys_per_split": "i32", **_VARIANT_SCALARS}
     signature = _attention_signature(TYPES[dtype][0], pointers, scalars, _FLAGS + ("SPLIT",))
     for varlen in (False, True):
         constexprs = dict(blocks, IS_VARLEN=varlen, SPLIT=split, BLOCK_D=block_d, D_MULTIPLE=16,
-                          **_VARIANT)
+                          **variant)
         check(attention.attention_forward_kernel, signature, constexprs, arch, warps, stages,
               _DIVISIBLE)
     if split:
@@ -244,13 +255,18 @@ def test_attention_backward_compiles(which, block_d, dtype, arch):
     from pyllm.kernels import attention
 
     # each tile set compiled with every variant it serves
-    causal = dict(WINDOW_LEFT=False, WINDOW_RIGHT=True, SOFTCAP=False, HAS_BIAS=True)
-    windows = dict(_VARIANT, SOFTCAP=False)
-    if which == "kv":  # narrower tiles under any window or softcap
+    causal = dict(WINDOW_LEFT=False, WINDOW_RIGHT=True, SOFTCAP=False, HAS_BIAS=True,
+                  HAS_ALIBI=False)
+    windows = dict(_NO_ALIBI, SOFTCAP=False)
+    if which == "kv":  # narrower tiles under any window, softcap or ALiBi
+        alibi = attention.backward_kv_config(block_d, alibi=True)
         configs = [(attention.backward_kv_config(block_d), causal),
                    (attention.backward_kv_config(block_d, variant=True), windows),
-                   (attention.backward_kv_config(block_d, variant=True, softcap=True), _VARIANT)]
-    else:  # narrower tiles under a softcap
+                   (attention.backward_kv_config(block_d, variant=True, softcap=True), _NO_ALIBI),
+                   (alibi, dict(causal, HAS_ALIBI=True)), (alibi, dict(windows, HAS_ALIBI=True)),
+                   (alibi, _VARIANT)]
+    else:  # narrower tiles under a softcap (ALiBi among the flags of both)
+        windows = dict(_VARIANT, SOFTCAP=False)
         configs = [(attention.backward_q_config(block_d), windows),
                    (attention.backward_q_config(block_d, softcap=True), _VARIANT)]
     for config, flags in configs:
@@ -262,7 +278,7 @@ def _check_attention_backward(which, block_d, dtype, arch, config, flags):
 
     blocks, warps, stages = _launch(config)
     grads = [("DK", "x"), ("DV", "x")] if which == "kv" else [("DQ", "x")]
-    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("DO", "x"), ("BIAS", "x"), ("LSE", "fp32"),
+    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("DO", "x"), ("BIAS", "x"), ("ALIBI", "fp32"), ("LSE", "fp32"),
                 ("DELTA", "fp32"), *grads, ("CU_Q", "i32"), ("CU_K", "i32")]
     scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
                "scale": "fp32", **_VARIANT_SCALARS}
@@ -289,7 +305,7 @@ def test_attention_compiles_with_64bit_batch_strides(arch):
 
     config = attention.forward_config(128)
     blocks, warps, stages = _launch(config)
-    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("O", "x"), ("LSE", "fp32"),
+    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("ALIBI", "fp32"), ("O", "x"), ("LSE", "fp32"),
                 ("CU_Q", "i32"), ("CU_K", "i32"), ("PARTIAL", "fp32")]
     scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
                "scale": "fp32", "keys_per_split": "i32", **_VARIANT_SCALARS}
@@ -297,7 +313,8 @@ def test_attention_compiles_with_64bit_batch_strides(arch):
     for name in ("stride_qb", "stride_kb", "stride_vb", "stride_ob", "stride_bb", "stride_lb"):
         signature[name] = "i64"
     constexprs = dict(blocks, IS_VARLEN=False, WINDOW_LEFT=False, WINDOW_RIGHT=True,
-                      SOFTCAP=False, HAS_BIAS=True, SPLIT=False, BLOCK_D=128, D_MULTIPLE=16)
+                      SOFTCAP=False, HAS_BIAS=True, HAS_ALIBI=False, SPLIT=False, BLOCK_D=128,
+                      D_MULTIPLE=16)
     compiled, _ = compile_triton(attention.attention_forward_kernel, signature, constexprs, arch,
                                  warps, stages, _DIVISIBLE)
     assert "mul.wide" in compiled.asm["ptx"] or "mul.lo.s64" in compiled.asm["ptx"]

@@ -29,6 +29,7 @@ TESTS = [
     "tests/test_cuda_host_norms.py", "tests/test_cuda_host_linear.py",
     "tests/test_cuda_host_attention.py", "tests/test_cuda_host_nonfinite.py",
     "tests/test_cuda_host_properties.py", "tests/test_rotary.py", "tests/test_cross_entropy.py",
+    "tests/test_attention_variants.py", "tests/test_attention_alibi.py",
 ]
 # --quick (what `make test` runs): per file a -k selection that reaches every
 # kernel in few tests: each CPU ISA path forced in a subprocess (norms,

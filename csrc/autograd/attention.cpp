@@ -19,11 +19,12 @@ using torch::autograd::variable_list;
 using AttentionSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                 const optional<Tensor>&, const optional<Tensor>&,
                                                 int64_t, int64_t, const optional<Tensor>&, double,
-                                                bool, int64_t, int64_t, double);
+                                                bool, int64_t, int64_t, double,
+                                                const optional<Tensor>&);
 using AttentionBackwardSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const optional<Tensor>&, const optional<Tensor>&, int64_t, int64_t, const optional<Tensor>&,
-    double, bool, int64_t, int64_t, double);
+    double, bool, int64_t, int64_t, double, const optional<Tensor>&);
 
 template <bool kTriton>
 struct Attention : torch::autograd::Function<Attention<kTriton>> {
@@ -31,13 +32,14 @@ struct Attention : torch::autograd::Function<Attention<kTriton>> {
                                const Tensor& v, const optional<Tensor>& cu_q,
                                const optional<Tensor>& cu_k, int64_t max_q, int64_t max_k,
                                const optional<Tensor>& bias, double scale, bool causal,
-                               int64_t window_left, int64_t window_right, double softcap) {
+                               int64_t window_left, int64_t window_right, double softcap,
+                               const optional<Tensor>& alibi) {
     static const auto op = typed_op<AttentionSig>(op_name<kTriton>("attention"));
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal,
-                              window_left, window_right, softcap);
+                              window_left, window_right, softcap, alibi);
     ctx->save_for_backward({q, k, v, out, lse, cu_q.value_or(Tensor()), cu_k.value_or(Tensor()),
-                            bias.value_or(Tensor())});
+                            bias.value_or(Tensor()), alibi.value_or(Tensor())});
     ctx->saved_data["max_q"] = max_q;
     ctx->saved_data["max_k"] = max_k;
     ctx->saved_data["scale"] = scale;
@@ -60,9 +62,9 @@ struct Attention : torch::autograd::Function<Attention<kTriton>> {
                                 ctx->saved_data["causal"].toBool(),
                                 ctx->saved_data["window_left"].toInt(),
                                 ctx->saved_data["window_right"].toInt(),
-                                ctx->saved_data["softcap"].toDouble());
+                                ctx->saved_data["softcap"].toDouble(), absent_if_undefined(s[8]));
     return {dq,       dk,       dv,       Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -71,16 +73,17 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                                      const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
                                      double scale, bool causal, int64_t window_left,
-                                     int64_t window_right, double softcap) {
+                                     int64_t window_right, double softcap,
+                                     const optional<Tensor>& alibi) {
   if (!at::GradMode::is_enabled() ||
       !(q.requires_grad() || k.requires_grad() || v.requires_grad())) {
     static const auto op = typed_op<AttentionSig>(op_name<kTriton>("attention"));
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal, window_left,
-                   window_right, softcap);
+                   window_right, softcap, alibi);
   }
   auto out = Attention<kTriton>::apply(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal,
-                                       window_left, window_right, softcap);
+                                       window_left, window_right, softcap, alibi);
   return {out[0], out[1]};
 }
 

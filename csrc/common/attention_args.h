@@ -39,11 +39,20 @@ struct AttentionGeometry {
   int64_t window_left = -1;
   int64_t window_right = -1;
   float softcap = 0.f;  // > 0: scores become softcap * tanh(scores / softcap)
+  // ALiBi (flash-attn's alibi_slopes), null: none. Query t of sequence s,
+  // head h, gets -slope * |t + shift - j| added to its score of key j (after
+  // the softcap), slope = alibi[s * alibi_batch_stride + h] (stride 0: one
+  // slope per head for every sequence).
+  const float* alibi = nullptr;
+  int64_t alibi_batch_stride = 0;
 
   PYLLM_HOST_DEVICE int64_t len_q(int64_t s) const { return cu_q ? cu_q[s + 1] - cu_q[s] : seq_q; }
   PYLLM_HOST_DEVICE int64_t len_k(int64_t s) const { return cu_k ? cu_k[s + 1] - cu_k[s] : seq_k; }
   PYLLM_HOST_DEVICE int64_t first_q(int64_t s) const { return cu_q ? cu_q[s] : 0; }
   PYLLM_HOST_DEVICE int64_t first_k(int64_t s) const { return cu_k ? cu_k[s] : 0; }
+  PYLLM_HOST_DEVICE float alibi_slope(int64_t s, int64_t h) const {
+    return alibi ? alibi[s * alibi_batch_stride + h] : 0.f;
+  }
   // The keys query t may see, [key_lo, key_hi) (clamped to [0, len_k]; empty
   // when key_hi <= key_lo), shift = len_k - len_q of its sequence.
   PYLLM_HOST_DEVICE int64_t key_lo(int64_t t, int64_t shift) const {

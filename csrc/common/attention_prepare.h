@@ -32,7 +32,7 @@ inline TokenLayout layout(const Tensor& t, bool varlen) {
 
 struct Prepared {
   AttentionGeometry g;
-  Tensor q, k, v, bias, cu_q, cu_k;
+  Tensor q, k, v, bias, cu_q, cu_k, alibi;
   bool varlen;
 };
 
@@ -41,7 +41,8 @@ inline Prepared prepare(const char* op, c10::DeviceType device_type, const Tenso
                         const optional<Tensor>& cu_q_in, const optional<Tensor>& cu_k_in,
                         int64_t max_q, int64_t max_k, const optional<Tensor>& bias_in,
                         double scale, bool causal, int64_t window_left = -1,
-                        int64_t window_right = -1, double softcap = 0.0) {
+                        int64_t window_right = -1, double softcap = 0.0,
+                        const optional<Tensor>& alibi_in = c10::nullopt) {
   const bool varlen = cu_q_in.has_value();
   TORCH_CHECK_VALUE(varlen == cu_k_in.has_value(), "pyllm::", op,
                     ": give both cu_seqlens_q and cu_seqlens_k, or neither");
@@ -125,6 +126,20 @@ inline Prepared prepare(const char* op, c10::DeviceType device_type, const Tenso
     TORCH_CHECK_VALUE(bias_in->dim() <= 4 && bias_in->device() == q_in.device(), "pyllm::", op,
                       ": bias must broadcast to (batch, heads, seq_q, seq_k)");
     p.bias = bias_in->expand({g.batch, g.heads, g.seq_q, g.seq_k});
+  }
+  if (alibi_in.has_value()) {
+    const Tensor& a = *alibi_in;
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "pyllm::", op,
+                     ": alibi_slopes must be float32, got ", a.scalar_type());
+    TORCH_CHECK_VALUE(a.device() == q_in.device() &&
+                          ((a.dim() == 1 && a.size(0) == g.heads) ||
+                           (a.dim() == 2 && a.size(0) == g.batch && a.size(1) == g.heads)),
+                      "pyllm::", op, ": alibi_slopes must be (heads,) = (", g.heads,
+                      ",) or (batch, heads) = (", g.batch, ", ", g.heads, ") on ", q_in.device(),
+                      ", got ", a.sizes());
+    p.alibi = a.contiguous();
+    g.alibi = p.alibi.data_ptr<float>();
+    g.alibi_batch_stride = a.dim() == 2 ? g.heads : 0;
   }
   return p;
 }

@@ -157,9 +157,10 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
                                      const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
                                      double scale, bool causal, int64_t window_left,
-                                     int64_t window_right, double softcap) {
+                                     int64_t window_right, double softcap,
+                                     const optional<Tensor>& alibi) {
   Prepared p = prepare("attention", c10::DeviceType::CPU, q_in, k_in, v_in, cu_q, cu_k, max_q,
-                       max_k, bias, scale, causal, window_left, window_right, softcap);
+                       max_k, bias, scale, causal, window_left, window_right, softcap, alibi);
   const AttentionGeometry& g = p.g;
   Tensor out = empty_output(p.q.sizes(), p.q.options());
   Tensor lse = new_lse(p, p.q);
@@ -201,9 +202,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
     const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
     const Tensor& out_in, const Tensor& lse_in, const optional<Tensor>& cu_q,
     const optional<Tensor>& cu_k, int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
-    double scale, bool causal, int64_t window_left, int64_t window_right, double softcap) {
+    double scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const optional<Tensor>& alibi) {
   Prepared p = prepare("attention_backward", c10::DeviceType::CPU, q_in, k_in, v_in, cu_q, cu_k,
-                       max_q, max_k, bias, scale, causal, window_left, window_right, softcap);
+                       max_q, max_k, bias, scale, causal, window_left, window_right, softcap, alibi);
   const AttentionGeometry& g = p.g;
   PreparedBackward inputs = prepare_backward(p, q_in, grad_out_in, out_in, lse_in);
   inputs.delta = kernel_ordered_delta(p, inputs);

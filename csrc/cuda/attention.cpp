@@ -22,10 +22,11 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
                                      const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
                                      double scale, bool causal, int64_t window_left,
-                                     int64_t window_right, double softcap) {
+                                     int64_t window_right, double softcap,
+                                     const optional<Tensor>& alibi) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   Prepared p = prepare("attention", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k, max_q,
-                       max_k, bias, scale, causal, window_left, window_right, softcap);
+                       max_k, bias, scale, causal, window_left, window_right, softcap, alibi);
   check_tensor_core_dtype("attention", "q, k, v", p.q);
   const AttentionGeometry& g = p.g;
   Tensor out = at::empty(p.q.sizes(), p.q.options());
@@ -43,10 +44,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
     const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
     const Tensor& out_in, const Tensor& lse_in, const optional<Tensor>& cu_q,
     const optional<Tensor>& cu_k, int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
-    double scale, bool causal, int64_t window_left, int64_t window_right, double softcap) {
+    double scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const optional<Tensor>& alibi) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   Prepared p = prepare("attention_backward", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k,
-                       max_q, max_k, bias, scale, causal, window_left, window_right, softcap);
+                       max_q, max_k, bias, scale, causal, window_left, window_right, softcap, alibi);
   check_tensor_core_dtype("attention_backward", "q, k, v", p.q);
   PreparedBackward inputs = prepare_backward(p, q_in, grad_out_in, out_in, lse_in);
   inputs.delta = delta_like_lse(

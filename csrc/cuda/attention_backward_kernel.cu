@@ -42,6 +42,8 @@ __device__ __forceinline__ float probability(const AttentionBackward& a, float s
     v = score * g.scale * kLog2e;
   }
   if (a.bias.data != nullptr) v += kLog2e * bias_at(a.bias, s, h, query, key);
+  if (g.alibi != nullptr)  // ALiBi: -slope |query + shift - key|
+    v -= kLog2e * g.alibi_slope(s, h) * fabsf(static_cast<float>(query + lk - lq - key));
   return exp2f(v - lse * kLog2e);
 }
 

@@ -128,6 +128,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_forward_ker
           masked = key < g.key_lo(R.query(row), shift) || key >= g.key_hi(R.query(row), shift, R.lk);
         if (!masked && a.bias.data != nullptr)
           v += kLog2e * bias_at(a.bias, R.s, R.head(row), R.query(row), key);
+        if (!masked && g.alibi != nullptr)  // ALiBi: -slope |query + shift - key|
+          v -= kLog2e * g.alibi_slope(R.s, R.head(row)) *
+               fabsf(static_cast<float>(R.query(row) + shift - key));
         s[j][e] = masked ? -kInf : v;
         row_max[e / 2] = fmaxf(row_max[e / 2], s[j][e]);
       }

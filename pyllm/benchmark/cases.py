@@ -264,6 +264,89 @@ class WindowAttentionBench(AttentionBench):
         return 4 * b * h * d * sum(min(i + 1, window) for i in range(s))
 
 
+def _alibi_slopes(heads, device):
+    """BLOOM's slopes: 2^(-8 i / heads), i = 1 .. heads."""
+    return torch.exp2(-8.0 * torch.arange(1, heads + 1, device=device) / heads)
+
+
+class VariantAttentionBench(AttentionBench):
+    """Causal pyllm.attention plain, with a softcap (50), ALiBi (BLOOM's
+    slopes) or sinks (gpt-oss's): each variant's cost against plain
+    attention's is the comparison that counts (pyllm rows of one run);
+    PyTorch runs SDPA (plain; ALiBi as a dense float bias, as BLOOM-style code
+    gives it) or its composition (softcap, sinks: SDPA has neither)."""
+
+    op = "attention_variant"
+    routed = "attention"
+    dim_names = ("batch", "seq", "heads", "heads_kv", "head_dim", "variant")
+
+    def inputs(self, case, dtype, device, gen):
+        b, s, h, hkv, d, _ = case.dims
+        return super().inputs(Case("attention", "", "", (b, s, s, h, hkv, d, True)), dtype, device,
+                              gen)
+
+    @staticmethod
+    def _kw(case, device):
+        variant, heads = case.dims[5], case.dims[2]
+        if variant == "softcap":
+            return dict(softcap=50.0)
+        if variant == "alibi":
+            return dict(alibi_slopes=_alibi_slopes(heads, device))
+        if variant == "sinks":
+            return dict(sinks=torch.linspace(-1.0, 1.0, heads, device=device))
+        return {}
+
+    def pyllm(self, case, backend):
+        def run(q, k, v):
+            return pyllm.attention(q, k, v, causal=True, backend=backend,
+                                   **self._kw(case, q.device))
+        return run
+
+    def eager(self, case):
+        variant = case.dims[5]
+
+        def run(q, k, v):
+            group = q.shape[2] // k.shape[2]
+            k = k.repeat_interleave(group, 2) if group > 1 else k
+            v = v.repeat_interleave(group, 2) if group > 1 else v
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            s = q.shape[2]
+            i = torch.arange(s, device=q.device)[:, None]
+            j = torch.arange(s, device=q.device)[None, :]
+            if variant == "none":
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+            if variant == "alibi":
+                slopes = _alibi_slopes(q.shape[1], q.device)[:, None, None]
+                bias = (-slopes * (i - j).abs()).masked_fill(j > i, float("-inf")).to(q.dtype)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            if variant == "softcap":
+                scores = 50.0 * torch.tanh(scores / 50.0)
+            scores = scores.masked_fill(j > i, float("-inf"))
+            if variant == "sinks":
+                sinks = self._kw(case, q.device)["sinks"].to(q.dtype)
+                column = sinks.view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+                p = torch.softmax(torch.cat([scores, column], -1), dim=-1)[..., :-1]
+            else:
+                p = torch.softmax(scores, dim=-1)
+            return (p @ v).transpose(1, 2)
+        return run
+
+    def truth(self, case, inputs):
+        q, k, v = (t.double() for t in inputs)
+        kw = {name: t.double() if isinstance(t, torch.Tensor) else t
+              for name, t in self._kw(case, q.device).items()}
+        return reference.attention(q, k, v, causal=True, **kw)[0]
+
+    def bytes_moved(self, case, dtype):
+        b, s, h, hkv, d, _ = case.dims
+        return (2 * b * s * h * d + 2 * b * s * hkv * d) * _size(dtype)
+
+    def flops(self, case):
+        b, s, h, hkv, d, _ = case.dims
+        return 2 * b * h * s * s * d
+
+
 class LinearBench(OpBench):
     """pyllm.linear / swiglu against F.linear followed by the activation."""
 
@@ -416,6 +499,7 @@ BENCHES["linear_cross_entropy"] = CrossEntropyBench("linear_cross_entropy")
 BENCHES["rotary"] = RotaryBench()
 BENCHES["attention"] = AttentionBench()
 BENCHES["attention_window"] = WindowAttentionBench()
+BENCHES["attention_variant"] = VariantAttentionBench()
 BENCHES["linear"] = LinearBench("linear")
 BENCHES["swiglu"] = LinearBench("swiglu")
 
@@ -440,8 +524,14 @@ CASES += [
     Case("attention", "gpt2", "2048 full", (1, 2048, 2048, 12, 12, 64, False)),
     Case("attention", "llama-1b", "prefill 1024", (1, 1024, 1024, 32, 8, 64, True)),
     Case("attention", "gpt2", "decode 2048", (1, 1, 2048, 12, 12, 64, True), quick=True),
+    # (the float64 check of S = 16k, 8 x 16k x 16k scores, would not fit: S = 2k)
     *(Case("attention_window", "mistral-like", f"W512 S{s // 1024}k", (1, s, 8, 2, 64, 512, 0),
-           compile_baseline=False) for s in (2048, 4096, 8192)),
+           compile_baseline=False,
+           check_dims=(1, 2048, 8, 2, 64, 512, 0) if s > 8192 else None)
+      for s in (2048, 4096, 8192, 16384)),
+    *(Case("attention_variant", "llama-1b-like", f"causal 2048 {variant}",
+           (1, 2048, 16, 4, 64, variant), compile_baseline=False)
+      for variant in ("none", "softcap", "alibi", "sinks")),
     Case("attention_window", "gemma2-like", "W512 S4k softcap 50", (1, 4096, 8, 4, 64, 512, 50),
          compile_baseline=False),
     Case("attention", "gpt2", "decode 8192", (1, 1, 8192, 12, 12, 64, True)),

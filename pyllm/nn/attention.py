@@ -143,6 +143,11 @@ class Attention(nn.Module):
             ``rope_parameters``, ``rotary_dim``, ``max_position_embeddings``:
             their scaling and partial rotary (:class:`RotaryEmbedding`).
         kv_size: width of the cross-attention context (default hidden_size).
+        window_size, softcap, alibi_slopes: as :func:`pyllm.attention` (a
+            sliding window, e.g. ``(W - 1, 0)``; Gemma 2's softcap; ALiBi
+            slopes ``(num_heads,)``, kept as a buffer) for self-attention.
+        sinks: a learned attention sink per head (gpt-oss), the parameter
+            ``sinks`` ``(num_heads,)``, initialised to zero.
         device, dtype: of the parameters.
 
     ``forward(x, context=None, *, cache=None, positions=None, mask=None)``:
@@ -159,7 +164,10 @@ class Attention(nn.Module):
                  head_dim: int | None = None, bias: bool = False, out_bias: bool | None = None,
                  causal: bool = True, rope_base: float | None = None, kv_size: int | None = None,
                  rope_parameters: dict | None = None, rotary_dim: int | None = None,
-                 max_position_embeddings: int | None = None, device=None, dtype=None):
+                 max_position_embeddings: int | None = None,
+                 window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                 alibi_slopes: torch.Tensor | None = None, sinks: bool = False, device=None,
+                 dtype=None):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
@@ -179,6 +187,15 @@ class Attention(nn.Module):
             self.head_dim, rope_base, device, rotary_dim=rotary_dim,
             rope_parameters=rope_parameters,
             max_position_embeddings=max_position_embeddings) if rope_base else None
+        self.window_size = tuple(window_size)
+        self.softcap = float(softcap)
+        if alibi_slopes is not None:
+            alibi_slopes = torch.as_tensor(alibi_slopes, dtype=torch.float32, device=device)
+            if alibi_slopes.shape != (num_heads,):
+                raise ValueError(f"pyllm.nn.Attention: alibi_slopes must have shape (num_heads,) "
+                                 f"= ({num_heads},), got {tuple(alibi_slopes.shape)}")
+        self.register_buffer("alibi_slopes", alibi_slopes)
+        self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
 
     def new_cache(self, batch: int, max_tokens: int, *, dtype=None, device=None) -> KVCache:
         """A :class:`KVCache` for this module (parameters' dtype/device by default)."""
@@ -203,7 +220,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         causal = self.causal and context is None
-        out = pyllm.attention(q, k, v, causal=causal, bias=mask)
+        variants = {} if context is not None else dict(
+            window_size=self.window_size, softcap=self.softcap, alibi_slopes=self.alibi_slopes,
+            sinks=self.sinks)
+        out = pyllm.attention(q, k, v, causal=causal, bias=mask, **variants)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 

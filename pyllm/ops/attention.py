@@ -98,6 +98,27 @@ def _check_variant(op, causal, window_size, softcap):
     return int(left), int(right), float(softcap)
 
 
+def _check_alibi(op, slopes, q, batch, heads):
+    """ALiBi slopes as the kernels take them: float32 ``(heads,)`` or
+    ``(batch, heads)`` (any float dtype given is converted), or None."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"{op}: alibi_slopes must be a tensor, got {type(slopes).__name__}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"{op}: alibi_slopes must be a float tensor, got {slopes.dtype}")
+    if slopes.shape not in ((heads,), (batch, heads)):
+        raise ValueError(f"{op}: alibi_slopes must have shape (heads,) = ({heads},) or (batch, "
+                         f"heads) = ({batch}, {heads}), got {tuple(slopes.shape)}")
+    if slopes.device != q.device:
+        raise ValueError(f"{op}: alibi_slopes must be on q's device {q.device}, got "
+                         f"{slopes.device}")
+    if slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: alibi_slopes get no gradient from the attention kernels; pass "
+                         f"alibi_slopes.detach()")
+    return slopes.float().contiguous()
+
+
 def _check_index_range(op, what, tokens, heads, head_dim):
     if tokens * heads * head_dim > INT32_MAX:
         raise ValueError(f"{op}: {what} has {tokens} x {heads} x {head_dim} elements per "
@@ -108,8 +129,8 @@ def _check_index_range(op, what, tokens, heads, head_dim):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: float | None = None, bias: torch.Tensor | None = None,
               window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-              sinks: torch.Tensor | None = None, return_lse: bool = False,
-              backend: str | None = None):
+              sinks: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
+              return_lse: bool = False, backend: str | None = None):
     """Scaled dot-product attention, FlashAttention-style (no seq_q x seq_k matrix).
 
     ``softmax(q k^T * scale + bias) v`` per head, over every key, or over
@@ -139,6 +160,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         sinks: attention sinks (gpt-oss's ``s_aux``): ``(heads,)``, any float
             dtype, a logit per head that joins every query's softmax with a
             zero value (not scaled); differentiable. ``lse`` then includes it.
+        alibi_slopes: ALiBi (BLOOM, MPT), as flash-attn's: ``(heads,)`` or
+            ``(batch, heads)`` slopes; ``-slope * |i + seq_k - seq_q - j|`` is
+            added to query ``i``'s score of key ``j`` (after the softcap),
+            computed in the kernels (no bias tensor); no gradient.
         return_lse: also return the log-sum-exp of the scaled scores.
         backend: ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
@@ -160,8 +185,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     bias = _check_bias(op, bias, q, (batch, heads, seq_q, seq_k))
     variant = _check_variant(op, causal, window_size, softcap)
     sinks = check_sinks(op, sinks, q, heads)
+    alibi = _check_alibi(op, alibi_slopes, q, batch, heads)
     fn = _backend.route("attention", q, backend)
-    args = (None, None, seq_q, seq_k, bias, scale, bool(causal), *variant)
+    args = (None, None, seq_q, seq_k, bias, scale, bool(causal), *variant, alibi)
     if sinks is None:
         out, lse = fn(q, k, v, *args)
     else:
@@ -175,7 +201,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      causal: bool = False, scale: float | None = None,
                      bias: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
                      softcap: float = 0.0, sinks: torch.Tensor | None = None,
-                     return_lse: bool = False, backend: str | None = None):
+                     alibi_slopes: torch.Tensor | None = None, return_lse: bool = False,
+                     backend: str | None = None):
     """Attention over a batch of sequences of different lengths, packed without padding
     (as ``flash_attn_varlen_func``).
 
@@ -185,8 +212,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             cumulative lengths from 0: sequence ``i`` is rows ``cu[i]:cu[i+1]``.
             A sequence may be empty.
         max_seqlen_q, max_seqlen_k: the longest lengths (computed when None).
-        causal, scale, window_size, softcap, sinks, return_lse, backend: as
-            :func:`attention`, per sequence.
+        causal, scale, window_size, softcap, sinks, alibi_slopes, return_lse,
+            backend: as :func:`attention`, per sequence (``(batch, heads)``
+            slopes: one row per sequence).
         bias: broadcastable to ``(batch, heads, max_seqlen_q, max_seqlen_k)``;
             sequence ``i`` uses its top-left ``(len_q_i, len_k_i)`` corner.
 
@@ -218,9 +246,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias = _check_bias(op, bias, q, (batch, heads, max_seqlen_q, max_seqlen_k))
     variant = _check_variant(op, causal, window_size, softcap)
     sinks = check_sinks(op, sinks, q, heads)
+    alibi = _check_alibi(op, alibi_slopes, q, batch, heads)
     fn = _backend.route("attention", q, backend)
     args = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bias, scale,
-            bool(causal), *variant)
+            bool(causal), *variant, alibi)
     if sinks is None:
         out, lse = fn(q, k, v, *args)
     else:
@@ -237,7 +266,7 @@ def _lse_shape(q, cu_seqlens_q):
 
 
 def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
-                    causal, window_left=-1, window_right=-1, softcap=0.0):
+                    causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32, device=q.device)
     return out, lse
@@ -245,7 +274,7 @@ def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 def _attention_backward_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                              max_seqlen_q, max_seqlen_k, bias, scale, causal, window_left=-1,
-                             window_right=-1, softcap=0.0):
+                             window_right=-1, softcap=0.0, alibi_slopes=None):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 

@@ -50,15 +50,19 @@ int host_gemm(const void* a, const void* b, const void* b2, const float* bias, c
 
 // Attention. geometry: batch, heads, heads_kv, head_dim, seq_q, seq_k,
 // window_left, window_right (-1: unbounded; causal sets the right one to 0,
-// as the operators do); token_strides: (batch, token, head) strides of q, k,
+// as the operators do), the ALiBi slopes' batch stride (0 or heads; alibi
+// null: none); token_strides: (batch, token, head) strides of q, k,
 // v, out (and for the backward grad_out, grad_q, grad_k, grad_v);
 // lse_strides: (batch, head); bias_strides: (batch, head, q, k).
 static AttentionGeometry geometry(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
-                                  float scale, float softcap, int causal) {
+                                  float scale, float softcap, int causal,
+                                  const float* alibi = nullptr) {
   AttentionGeometry out{g[0], g[1], g[2], g[3], g[4], g[5], cu_q, cu_k, scale, causal != 0};
   out.window_left = g[6];
   out.window_right = causal != 0 ? 0 : g[7];
   out.softcap = softcap;
+  out.alibi = alibi;
+  out.alibi_batch_stride = g[8];
   return out;
 }
 
@@ -71,11 +75,11 @@ int64_t host_attention_forward_workspace(const int64_t* g) {
 }
 
 int host_attention_forward(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
-                           float scale, float softcap, int causal, int type, const void* q, const void* k,
+                           float scale, float softcap, const float* alibi, int causal, int type, const void* q, const void* k,
                            const void* v, void* out, const int64_t* token_strides, float* lse,
                            const int64_t* lse_strides, const void* bias, int bias_type,
                            const int64_t* bias_strides, float* workspace) {
-  const AttentionForward a{geometry(g, cu_q, cu_k, scale, softcap, causal),
+  const AttentionForward a{geometry(g, cu_q, cu_k, scale, softcap, causal, alibi),
                            tokens(q, token_strides),
                            tokens(k, token_strides + 3),
                            tokens(v, token_strides + 6),
@@ -88,12 +92,12 @@ int host_attention_forward(const int64_t* g, const int32_t* cu_q, const int32_t*
 }
 
 int host_attention_backward(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
-                            float scale, float softcap, int causal, int type, const void* q, const void* k,
+                            float scale, float softcap, const float* alibi, int causal, int type, const void* q, const void* k,
                             const void* v, const void* out, const void* grad_out, void* grad_q,
                             void* grad_k, void* grad_v, const int64_t* token_strides,
                             const float* lse, const float* delta, const int64_t* lse_strides,
                             const void* bias, int bias_type, const int64_t* bias_strides) {
-  const AttentionBackward a{geometry(g, cu_q, cu_k, scale, softcap, causal),
+  const AttentionBackward a{geometry(g, cu_q, cu_k, scale, softcap, causal, alibi),
                             tokens(q, token_strides),
                             tokens(k, token_strides + 3),
                             tokens(v, token_strides + 6),

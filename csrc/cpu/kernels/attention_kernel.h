@@ -185,6 +185,30 @@ inline void add_bias(const BiasLayout& bias, int64_t s, int64_t h, int64_t i, in
   }
 }
 
+// -- ALiBi -----------------------------------------------------------------------
+
+// row[i] += -slope * factor * |distance0 + i| for i in [0, n), n a multiple of
+// kLanes (distance0 = query - key of the first element, queries along the
+// row; distances are exact in fp32 below 2^24).
+inline void add_alibi_along_queries(float* row, int64_t n, float distance0, float slope,
+                                    float factor) {
+  alignas(64) static const float kIota[16] = {0, 1, 2,  3,  4,  5,  6,  7,
+                                              8, 9, 10, 11, 12, 13, 14, 15};
+  static_assert(kLanes <= 16, "kIota covers a vector");
+  const V step = load(kIota), minus = set1(-slope * factor);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const V d = abs(add(step, set1(distance0 + static_cast<float>(i))));
+    store(row + i, fma(d, minus, load(row + i)));
+  }
+}
+
+// row[j] += -slope * factor * |distance0 - j| for j in [0, n) (keys along the row).
+inline void add_alibi_along_keys(float* row, int64_t n, float distance0, float slope,
+                                 float factor) {
+  for (int64_t j = 0; j < n; ++j)
+    row[j] -= slope * factor * std::fabs(distance0 - static_cast<float>(j));
+}
+
 // The log-sum-exp in natural units from the row max m (log2 units) and sum l,
 // rounded once: the backward recomputes P = exp(s - lse), so every rounding
 // of lse is a relative error in every P of the row.
@@ -259,11 +283,15 @@ inline void softmax_block(const AttentionForward& a, int64_t s, int64_t h, int64
   const AttentionGeometry& g = a.g;
   constexpr int64_t BQ = kAttentionBlockQ;
   const ScoreTransform transform(g);
+  const float alibi = g.alibi_slope(s, h);
   V mx[kAttentionBlockQ / kLanes];
   for (auto& v : mx) v = set1(-kInf);
   for (int64_t j = 0; j < bk; ++j) {
     float* row = st + j * BQ;
     for (int64_t i = 0; i < BQ; i += kLanes) store(row + i, transform(load(row + i)));
+    if (alibi != 0.f)  // query q_begin + i, key j0 + j
+      add_alibi_along_queries(row, BQ, static_cast<float>(q_begin + offset - j0 - j), alibi,
+                              kLog2e);
     if (a.bias.data != nullptr) {
       if (a.bias.q_stride == 0) {
         float b = 0.f;
@@ -651,6 +679,9 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
         // do, so that the lse the backward reads matches its recomputed scores.
         store(buf, transform(reduce_add_lanes(parts)));
         add_bias(a.bias, s, r / lq, r % lq, j0, valid, buf);
+        if (g.alibi != nullptr)
+          add_alibi_along_keys(buf, valid, static_cast<float>(r % lq + offset - j0),
+                               g.alibi_slope(s, r / lq), kLog2e);
         for (int64_t j = 0; j < skip; ++j) buf[j] = -kInf;
         for (int64_t j = valid; j < kLanes; ++j) buf[j] = -kInf;
         const V sc = load(buf);
@@ -719,6 +750,7 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const float* lse = stat_row(a.lse, g, s, h);
     const float* delta = a.delta + s * a.lse.batch_stride + h * a.lse.head_stride + fq;
+    const float alibi = g.alibi_slope(s, h);
     for (int64_t t0 = t_first; t0 < t_stop; t0 += BQ) {
       const int64_t bq = imin(BQ, t_stop - t0);
       pack_transposed<T>(a.q, fq + t0, s, h, bq, D, qt, BQ);
@@ -744,6 +776,7 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
           float slope;
           float sv = natural_score(g, prow[i], slope);
           if (a.bias.data != nullptr) add_bias(a.bias, s, h, t, key, 1, &sv, 1.f);
+          sv -= alibi * std::fabs(static_cast<float>(t + offset - key));
           const float p = std::isinf(lse[t]) ? 0.f : std::exp2((sv - lse[t]) * kLog2e);
           prow[i] = p;
           dprow[i] = p * (dprow[i] - delta[t]) * g.scale * slope;  // dS, natural units
@@ -783,6 +816,7 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
   }
   const float* lse = stat_row(a.lse, g, s, h);
   const float* delta = a.delta + s * a.lse.batch_stride + h * a.lse.head_stride + fq;
+  const float alibi = g.alibi_slope(s, h);
   const int64_t k_start = g.key_lo(q_begin, offset);
   const int64_t k_stop = imax(k_start, g.key_hi(q_end - 1, offset, lk));
   float slope[kAttentionBlockK];
@@ -806,6 +840,9 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
         srow[j] = j >= first && j < valid ? natural_score(g, srow[j], slope[j]) : 0.f;
       }
       add_bias(a.bias, s, h, t, j0 + first, valid - first, srow + first, 1.f);
+      if (alibi != 0.f)
+        add_alibi_along_keys(srow + first, valid - first,
+                             static_cast<float>(t + offset - j0 - first), alibi, 1.f);
       for (int64_t j = 0; j < BK; ++j) {
         const bool seen = j >= first && j < valid && !std::isinf(lse[t]);
         const float p = seen ? std::exp2((srow[j] - lse[t]) * kLog2e) : 0.f;
