@@ -49,6 +49,20 @@ def check_tensor(op: str, name: str, value, *, dtypes=FLOAT_DTYPES, min_dim: int
                          f"{tuple(value.shape)}")
 
 
+def check_float_vector(op: str, name: str, value, like: torch.Tensor, shapes: list,
+                       described: str) -> None:
+    """``value``: a float tensor of one of ``shapes`` on ``like``'s device
+    (``described`` names the shapes in the error)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a float tensor, got {value.dtype}")
+    if tuple(value.shape) not in [tuple(s) for s in shapes]:
+        raise ValueError(f"{op}: {name} must have shape {described}, got {tuple(value.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{op}: {name} must be on q's device {like.device}, got {value.device}")
+
+
 def check_same_device(op: str, first: str, tensor: torch.Tensor, **others) -> None:
     """Every tensor in ``others`` (None allowed) is on ``tensor``'s device."""
     for name, other in others.items():

@@ -15,7 +15,7 @@ from harness import KERNEL_DTYPES, check_rule, generator, grads_of, poisoned_out
 from pyllm import reference
 from pyllm.ops import attention_sinks
 from test_attention import check_lse, cumulative
-from test_attention_variants import GPU_DTYPES, HOST, SHAPES, make
+from test_attention_variants import GPU_DTYPES, HOST, SHAPES, hidden_by, make, scores_and_values
 
 CPU_BACKENDS = ("cpu", "reference")
 # (causal, window_size, softcap)
@@ -35,23 +35,8 @@ def sinks_of(heads, *key, dtype=torch.float32):
 def composed(q, k, v, sinks, causal=False, window_size=(-1, -1), softcap=0.0):
     """gpt-oss's eager attention in q's dtype: the scores and the sink side by
     side, softmax, the sink's column dropped, P V."""
-    h, hkv, d = q.shape[2], k.shape[2], q.shape[3]
-    qh = q.transpose(1, 2)
-    kh = k.repeat_interleave(h // hkv, 2).transpose(1, 2)
-    vh = v.repeat_interleave(h // hkv, 2).transpose(1, 2)
-    s = (qh @ kh.transpose(-1, -2)) * d ** -0.5
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    sq, sk = q.shape[1], k.shape[1]
-    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
-    j = torch.arange(sk, device=q.device)[None, :]
-    left, right = window_size[0], 0 if causal else window_size[1]
-    hidden = torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
-    if right >= 0:
-        hidden |= j > i + right
-    if left >= 0:
-        hidden |= j < i - left
-    s = s.masked_fill(hidden, float("-inf"))
+    s, vh = scores_and_values(q, k, v, softcap)
+    s = s.masked_fill(hidden_by(q, k, causal, window_size), float("-inf"))
     column = sinks.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
     p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1]
     return (p @ vh).transpose(1, 2)

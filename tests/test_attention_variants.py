@@ -46,28 +46,45 @@ def make(shape, dtype, *key, q_scale=1.0):
             randn((b, sk, hkv, d), dtype, gen=gen), randn((b, sk, hkv, d), dtype, gen=gen))
 
 
+def scores_and_values(q, k, v, softcap=0.0):
+    """(scaled scores (batch, heads, seq_q, seq_k), softcapped when asked, and
+    v with its heads repeated (batch, heads, seq_k, head_dim)), in q's dtype:
+    the start of PyTorch's composition."""
+    h, hkv, d = q.shape[2], k.shape[2], q.shape[3]
+    kh = k.repeat_interleave(h // hkv, 2).transpose(1, 2)
+    s = (q.transpose(1, 2) @ kh.transpose(-1, -2)) * d ** -0.5
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    return s, v.repeat_interleave(h // hkv, 2).transpose(1, 2)
+
+
+def distances(q, k):
+    """(i + seq_k - seq_q) - j per (query i, key j): the bottom-right
+    aligned offset of each key from each query's diagonal."""
+    sq, sk = q.shape[1], k.shape[1]
+    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    return i - torch.arange(sk, device=q.device)[None, :]
+
+
+def hidden_by(q, k, causal, window_size):
+    """The (seq_q, seq_k) bool mask of the keys outside each query's window."""
+    offset = distances(q, k)  # i' - j
+    left, right = window_size[0], 0 if causal else window_size[1]
+    hidden = torch.zeros(offset.shape, dtype=torch.bool, device=q.device)
+    if right >= 0:
+        hidden |= -offset > right
+    if left >= 0:
+        hidden |= offset > left
+    return hidden
+
+
 def composed(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, bias=None):
     """PyTorch's own composition in q's dtype: scores, tanh, mask, softmax,
     P V; rows that see no key are zeros."""
-    h, hkv, d = q.shape[2], k.shape[2], q.shape[3]
-    qh = q.transpose(1, 2)
-    kh = k.repeat_interleave(h // hkv, 2).transpose(1, 2)
-    vh = v.repeat_interleave(h // hkv, 2).transpose(1, 2)
-    s = (qh @ kh.transpose(-1, -2)) * d ** -0.5
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
+    s, vh = scores_and_values(q, k, v, softcap)
     if bias is not None:
         s = s + bias.to(s.dtype)
-    sq, sk = q.shape[1], k.shape[1]
-    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
-    j = torch.arange(sk, device=q.device)[None, :]
-    left, right = window_size[0], 0 if causal else window_size[1]
-    hidden = torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
-    if right >= 0:
-        hidden |= j > i + right
-    if left >= 0:
-        hidden |= j < i - left
-    p = torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1)
+    p = torch.softmax(s.masked_fill(hidden_by(q, k, causal, window_size), float("-inf")), dim=-1)
     return torch.nan_to_num((p @ vh).transpose(1, 2), nan=0.0)
 
 

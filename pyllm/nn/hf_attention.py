@@ -70,11 +70,19 @@ _IGNORE_SOFTCAP = frozenset({"sdpa"})
 _WINDOW_IN_KERNEL: dict[int, bool] = {}
 
 
-def remember_original(config, implementation: str | None) -> None:
-    """Records the implementation a patched model had, for call-time fallbacks."""
-    if id(config) not in _ORIGINAL:
-        weakref.finalize(config, _ORIGINAL.pop, id(config), None)
-    _ORIGINAL[id(config)] = implementation or "eager"
+def remember_original(config, implementation: str | None, model=None) -> None:
+    """Records the implementation a patched model had, for call-time fallbacks
+    and the softcap rule: under ``config`` and, given ``model``, under the
+    config of each of its attention modules (a multimodal model's text
+    modules have their own)."""
+    configs = [config] + [getattr(m, "config", None) for m, _ in _attention_modules(model)] \
+        if model is not None else [config]
+    for c in configs:
+        if c is None:
+            continue
+        if id(c) not in _ORIGINAL:
+            weakref.finalize(c, _ORIGINAL.pop, id(c), None)
+        _ORIGINAL[id(c)] = implementation or "eager"
 
 
 def _interface_call_keywords(cls) -> list[tuple[str, ast.expr]] | None:

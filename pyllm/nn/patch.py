@@ -274,7 +274,7 @@ def _patch_attention(model: nn.Module, report: PatchReport) -> None:
         report.skipped.append((f"attention (attn_implementation={previous})",
                                "; ".join(reasons)))
         return
-    hf_attention.remember_original(model.config, previous)
+    hf_attention.remember_original(model.config, previous, model)
     hf_attention.remember_window_in_kernel(model)
     model.set_attn_implementation(hf_attention.IMPLEMENTATION)
     if getattr(model.config, "_attn_implementation", None) != hf_attention.IMPLEMENTATION:

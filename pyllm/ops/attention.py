@@ -14,7 +14,7 @@ import torch
 from pyllm import backend as _backend
 from pyllm.ops.attention_sinks import attention_with_sinks, check_sinks
 from pyllm.ops.registry import declare
-from pyllm.checks import INT32_MAX, check_float, check_tensor
+from pyllm.checks import INT32_MAX, check_float, check_float_vector, check_tensor
 
 __all__ = ["attention", "attention_varlen", "MAX_HEAD_DIM"]
 
@@ -103,16 +103,8 @@ def _check_alibi(op, slopes, q, batch, heads):
     ``(batch, heads)`` (any float dtype given is converted), or None."""
     if slopes is None:
         return None
-    if not isinstance(slopes, torch.Tensor):
-        raise TypeError(f"{op}: alibi_slopes must be a tensor, got {type(slopes).__name__}")
-    if not slopes.is_floating_point():
-        raise TypeError(f"{op}: alibi_slopes must be a float tensor, got {slopes.dtype}")
-    if slopes.shape not in ((heads,), (batch, heads)):
-        raise ValueError(f"{op}: alibi_slopes must have shape (heads,) = ({heads},) or (batch, "
-                         f"heads) = ({batch}, {heads}), got {tuple(slopes.shape)}")
-    if slopes.device != q.device:
-        raise ValueError(f"{op}: alibi_slopes must be on q's device {q.device}, got "
-                         f"{slopes.device}")
+    check_float_vector(op, "alibi_slopes", slopes, q, [(heads,), (batch, heads)],
+                       f"(heads,) = ({heads},) or (batch, heads) = ({batch}, {heads})")
     if slopes.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: alibi_slopes get no gradient from the attention kernels; pass "
                          f"alibi_slopes.detach()")

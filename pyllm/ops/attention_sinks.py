@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from pyllm.checks import check_float_vector
+
 __all__ = ["check_sinks", "fold", "sink_grad", "attention_with_sinks"]
 
 
@@ -25,15 +27,7 @@ def check_sinks(op: str, sinks, q: torch.Tensor, heads: int):
     """``sinks`` as given (a float tensor ``(heads,)`` on q's device), or None."""
     if sinks is None:
         return None
-    if not isinstance(sinks, torch.Tensor):
-        raise TypeError(f"{op}: sinks must be a tensor, got {type(sinks).__name__}")
-    if not sinks.is_floating_point():
-        raise TypeError(f"{op}: sinks must be a float tensor, got {sinks.dtype}")
-    if sinks.shape != (heads,):
-        raise ValueError(f"{op}: sinks must have shape (heads,) = ({heads},), got "
-                         f"{tuple(sinks.shape)}")
-    if sinks.device != q.device:
-        raise ValueError(f"{op}: sinks must be on q's device {q.device}, got {sinks.device}")
+    check_float_vector(op, "sinks", sinks, q, [(heads,)], f"(heads,) = ({heads},)")
     return sinks
 
 

@@ -8,15 +8,15 @@ import torch
 import test_attention_alibi as cases
 
 
-@pytest.mark.parametrize("per_sequence", [False, True], ids=["heads", "batch-heads"])
-@pytest.mark.parametrize("variant", ["causal", "window", "all"])
+@pytest.mark.parametrize("variant, per_sequence", [("causal", False), ("window", True),
+                                                   ("all", True)])
 @pytest.mark.parametrize("shape", [cases.SHAPES[0], cases.SHAPES[3]], ids=str)
 def test_forward_and_backward(shape, variant, per_sequence):
-    cases.test_forward_and_backward(shape, variant, per_sequence, torch.float32, "triton")
+    cases.test_forward_and_backward(shape, variant, torch.float32, "triton", per_sequence)
 
 
 def test_float16():
-    cases.test_forward_and_backward(cases.SHAPES[1], "all", True, torch.float16, "triton")
+    cases.test_forward_and_backward(cases.SHAPES[1], "all", torch.float16, "triton")
 
 
 def test_varlen():

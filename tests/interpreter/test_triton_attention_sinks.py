@@ -9,8 +9,8 @@ import torch
 import test_attention_sinks as cases
 
 
-@pytest.mark.parametrize("variant", ["causal", "all"])
-@pytest.mark.parametrize("shape", [cases.SHAPES[0], cases.SHAPES[3]], ids=str)
+@pytest.mark.parametrize("shape, variant", [(cases.SHAPES[0], "all"), (cases.SHAPES[3], "causal")],
+                         ids=str)
 def test_forward_and_backward(shape, variant):
     cases.test_forward_and_backward(shape, variant, torch.float32, "triton")
 
