@@ -15,8 +15,8 @@ from harness import (ISAS, KERNEL_DTYPES, check_rule, generator, grads_of, poiso
                      randn, run_under_isa)
 from pyllm import reference
 from test_attention import check_lse, cumulative
-from test_attention_variants import (GPU_DTYPES, HOST, SHAPES, distances, hidden_by, make,
-                                     scores_and_values)
+from test_attention_variants import (GPU_DTYPES, HOST, SHAPES, check_varlen_on_the_cuda_kernels,
+                                     distances, hidden_by, make, scores_and_values)
 
 CPU_BACKENDS = ("cpu", "reference")
 # (causal, window_size, softcap)
@@ -128,31 +128,9 @@ def test_varlen(backend):
 
 
 def test_varlen_on_the_cuda_kernels():
-    """The CUDA kernels (on the host) with per-sequence slopes over packed
-    sequences of different lengths, fp16, against the float64 reference."""
-    from test_cuda_host_attention import HostAttention
-
-    lq, lk = [5, 0, 70, 33], [9, 4, 70, 100]
-    gen = generator("alibi varlen host")
-    q, k, v = (randn((sum(lq), 4, 48), torch.float16, gen=gen, scale=2.0),
-               randn((sum(lk), 2, 48), torch.float16, gen=gen),
-               randn((sum(lk), 2, 48), torch.float16, gen=gen))
-    slopes = slopes_of(4, 4, True, "varlen host")
-    cu_q, cu_k = cumulative(lq), cumulative(lk)
-    kw = dict(causal=True, window_size=(23, 0))
-    call = HostAttention(q, k, v, cu_q, cu_k, alibi_slopes=slopes, **kw)
-    out, lse = call.forward()
-    grad = randn(q.shape, torch.float16, gen=gen)
-    ours = call.backward(out, lse, grad)
-    t_out, t_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k,
-                                              alibi_slopes=slopes.double(), **kw)
-    torch.testing.assert_close(out.double(), t_out, rtol=1e-2, atol=4e-3)
-    check_lse(lse, t_lse)
-    exact = grads_of(lambda *t: reference.attention_varlen(*t, cu_q, cu_k,
-                                                           alibi_slopes=slopes.double(), **kw)[0],
-                     [t.double() for t in (q, k, v)], grad)
-    for name, g, t in zip("qkv", ours, exact):
-        torch.testing.assert_close(g.double(), t, rtol=2e-2, atol=1e-2, msg=f"grad {name}")
+    """Per-sequence slopes on the CUDA kernels (on the host) over packed sequences."""
+    check_varlen_on_the_cuda_kernels("alibi", q_scale=2.0, causal=True, window_size=(23, 0),
+                                     alibi_slopes=slopes_of(4, 4, True, "varlen host"))
 
 
 def test_bad_slopes():

@@ -233,22 +233,24 @@ def test_opcheck_and_compile():
                                                             window_size=(4, 0), softcap=5.0))
 
 
-def test_varlen_on_the_cuda_kernels():
-    """The CUDA kernels (on the host) with a window and a softcap over packed
-    sequences of different lengths, fp16, against the float64 reference."""
+def check_varlen_on_the_cuda_kernels(key, q_scale=3.0, alibi_slopes=None, **kw):
+    """The CUDA kernels (on the host) over packed fp16 sequences of
+    different lengths (an empty one among them) with the variant ``kw``
+    (and ALiBi slopes), against the float64 reference."""
     from test_cuda_host_attention import HostAttention
 
     lq, lk = [5, 0, 70, 33], [9, 4, 70, 100]
-    gen = generator("variant varlen host")
-    q, k, v = (randn((sum(lq), 4, 48), torch.float16, gen=gen, scale=3.0),
+    gen = generator("variant varlen host", key)
+    q, k, v = (randn((sum(lq), 4, 48), torch.float16, gen=gen, scale=q_scale),
                randn((sum(lk), 2, 48), torch.float16, gen=gen),
                randn((sum(lk), 2, 48), torch.float16, gen=gen))
     cu_q, cu_k = cumulative(lq), cumulative(lk)
-    kw = dict(causal=True, window_size=(23, 0), softcap=3.0)
-    call = HostAttention(q, k, v, cu_q, cu_k, causal=True, window_size=(23, 0), softcap=3.0)
+    call = HostAttention(q, k, v, cu_q, cu_k, alibi_slopes=alibi_slopes, **kw)
     out, lse = call.forward()
     grad = randn(q.shape, torch.float16, gen=gen)
     ours = call.backward(out, lse, grad)
+    if alibi_slopes is not None:
+        kw = dict(kw, alibi_slopes=alibi_slopes.double())
     t_out, t_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, **kw)
     torch.testing.assert_close(out.double(), t_out, rtol=1e-2, atol=4e-3)
     check_lse(lse, t_lse)
@@ -256,3 +258,9 @@ def test_varlen_on_the_cuda_kernels():
                      [t.double() for t in (q, k, v)], grad)
     for name, g, t in zip("qkv", ours, exact):
         torch.testing.assert_close(g.double(), t, rtol=2e-2, atol=1e-2, msg=f"grad {name}")
+
+
+def test_varlen_on_the_cuda_kernels():
+    """A window and a softcap on the CUDA kernels over packed sequences."""
+    check_varlen_on_the_cuda_kernels("window softcap", causal=True, window_size=(23, 0),
+                                     softcap=3.0)

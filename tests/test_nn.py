@@ -319,6 +319,8 @@ def test_attention_variants_decode_equals_full_forward_and_train():
     attn(x).square().sum().backward()
     assert attn.sinks.grad is not None and attn.sinks.grad.abs().max() > 0
     assert "alibi_slopes" in dict(attn.named_buffers())
+    with pytest.raises(ValueError, match="positions of self-attention"):
+        attn(x, x)  # cross-attention: the window and ALiBi have no meaning there
 
 
 def test_cross_attention_and_key_padding_mask():

@@ -145,7 +145,9 @@ class Attention(nn.Module):
         kv_size: width of the cross-attention context (default hidden_size).
         window_size, softcap, alibi_slopes: as :func:`pyllm.attention` (a
             sliding window, e.g. ``(W - 1, 0)``; Gemma 2's softcap; ALiBi
-            slopes ``(num_heads,)``, kept as a buffer) for self-attention.
+            slopes ``(num_heads,)``, kept as a buffer). The window and ALiBi
+            are positions of self-attention: a cross-attention call with
+            either raises.
         sinks: a learned attention sink per head (gpt-oss), the parameter
             ``sinks`` ``(num_heads,)``, initialised to zero.
         device, dtype: of the parameters.
@@ -220,10 +222,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         causal = self.causal and context is None
-        variants = {} if context is not None else dict(
-            window_size=self.window_size, softcap=self.softcap, alibi_slopes=self.alibi_slopes,
-            sinks=self.sinks)
-        out = pyllm.attention(q, k, v, causal=causal, bias=mask, **variants)
+        if context is not None and (self.window_size != (-1, -1) or self.alibi_slopes is not None):
+            raise ValueError("pyllm.nn.Attention: window_size and alibi_slopes are positions of "
+                             "self-attention; this module has them, and the call gives a context "
+                             "(cross-attention)")
+        out = pyllm.attention(q, k, v, causal=causal, bias=mask, window_size=self.window_size,
+                              softcap=self.softcap, alibi_slopes=self.alibi_slopes,
+                              sinks=self.sinks)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 

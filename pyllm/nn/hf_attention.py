@@ -51,8 +51,9 @@ IMPLEMENTATION = "pyllm"
 _registered = False
 
 #: Arguments whose value never changes what the kernel must compute here, or
-#: that the kernel honours whatever their value.
-_IGNORED = frozenset({"sliding_window", "softcap", "s_aux", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+#: that the kernel honours whatever their value (softcap: checked by
+#: unsupported()).
+_IGNORED = frozenset({"sliding_window", "s_aux", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
                       "max_length_k", "position_ids", "is_causal", "scaling", "dropout",
                       "output_attentions", "attention_mask", "query", "key", "value"})
 #: Arguments the kernels cannot honour when they are not None.
@@ -399,8 +400,7 @@ def pyllm_mask(*args, mask_function=None, local_size=None, allow_is_causal_skip=
             and _WINDOW_IN_KERNEL.get(id(config)) and _is_sliding_causal(mask_function, local_size)):
         # Without local_size, sdpa_mask skips the mask where it would skip a
         # causal one; where it cannot, it builds the full one (window in it).
-        return sdpa_mask(*args, mask_function=mask_function, local_size=None,
-                         allow_is_causal_skip=True, config=config, **kwargs)
+        local_size = None
     return sdpa_mask(*args, mask_function=mask_function, local_size=local_size,
                      allow_is_causal_skip=allow_is_causal_skip, config=config, **kwargs)
 

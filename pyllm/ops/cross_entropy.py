@@ -279,8 +279,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
             the GEMMs are PyTorch's, accumulating in float32).
         chunk_size: rows per chunk; default: a 32nd of the rows, at least
             256 (all of them when fewer, or when there are at most hidden / 2:
-            their logits and gradient then take no more than grad_weight). Peak extra memory: grad_weight and
-            grad_hidden plus two ``(chunk, vocab)`` buffers.
+            their logits and gradient then take no more than grad_weight).
+            Peak extra memory: grad_weight and grad_hidden plus two
+            ``(chunk, vocab)`` buffers.
         out_dtype: dtype of a mean or sum loss: hidden's by default (as
             ``F.cross_entropy(F.linear(...))``; float32 under ``torch.autocast``,
             where hidden, weight and bias are cast to autocast's dtype), or
