@@ -69,12 +69,15 @@ TORCH_LIBRARY(pyllm, m) {
   // float32 (heads,) or (batch, heads), -slope * |i + seq_k - seq_q - j|
   // added to query i's score of key j (flash-attn's). Returns (out like q,
   // lse float32: dense (batch, heads, seq_q), varlen (heads, total_q)); a
-  // query that sees no key gives zeros and lse = +inf.
+  // query that sees no key gives zeros and lse = +inf. block_table (varlen
+  // only; forward only): k/v are pages (pages, page_size, heads_kv,
+  // head_dim), sequence s's key i is row i % page_size of page
+  // block_table[s, i / page_size], cu_seqlens_k gives the key counts.
   PYLLM_DEF(m, "attention",
             "(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
             " int max_seqlen_q, int max_seqlen_k, Tensor? bias, float scale, bool causal,"
             " int window_left=-1, int window_right=-1, float softcap=0.,"
-            " Tensor? alibi_slopes=None) -> (Tensor, Tensor)");
+            " Tensor? alibi_slopes=None, Tensor? block_table=None) -> (Tensor, Tensor)");
   // Gradients (dq, dk, dv) of attention from its out and lse. The bias gets
   // no gradient.
   PYLLM_DEF(m, "attention_backward",
@@ -113,6 +116,17 @@ TORCH_LIBRARY(pyllm, m) {
   PYLLM_DEF(m, "rotary",
             "(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor positions,"
             " bool interleaved, bool conjugate) -> ()");
+
+  m.set_python_module("pyllm.ops.paged_kv");
+  // A paged KV cache's append: token t's key and value rows (k, v (tokens,
+  // heads_kv, head_dim)) written to row slots[t] % page_size of page
+  // slots[t] / page_size of k_pages / v_pages (pages, page_size, heads_kv,
+  // head_dim); slots (tokens,) int64, < 0: not written. With cos, sin and
+  // positions ((tokens,) int64) the key is rotated on the way, as
+  // pyllm::rotary (the pages get the rotated key, k is unchanged).
+  PYLLM_DEF(m, "paged_kv_append",
+            "(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor k, Tensor v, Tensor slots,"
+            " Tensor? cos, Tensor? sin, Tensor? positions, bool interleaved) -> ()");
 
   m.set_python_module("pyllm.ops.cross_entropy");
   // Cross-entropy of each row of logits (rows, vocab), vocab contiguous,

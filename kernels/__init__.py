@@ -6,4 +6,4 @@ CPU key when ``TRITON_INTERPRET=1``, for running them on CPU tensors in the
 Triton interpreter). pyllm imports them itself when Triton can run.
 """
 
-from pyllm.kernels import attention, cross_entropy, linear, norm, rotary  # noqa: F401
+from pyllm.kernels import attention, cross_entropy, linear, norm, paged_kv, rotary  # noqa: F401

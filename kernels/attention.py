@@ -188,17 +188,35 @@ def _alibi(s, slope, offs_m, n, offset):
 
 
 @triton.jit
+def _key_rows(n, n_ok, TABLE, b64, table_stride, page_size, stride_kb, stride_kt, stride_vb,
+              stride_vt, PAGED: tl.constexpr):
+    """The element offsets of keys n of a sequence in K and in V, from its
+    first key: token strides apart, or (PAGED: K/V are (pages, page_size,
+    heads, head_dim), batch strides = page strides) row n % page_size of page
+    TABLE[b, n // page_size]."""
+    if PAGED:
+        page = tl.load(TABLE + b64 * table_stride + n // page_size, mask=n_ok, other=0).to(tl.int64)
+        within = (n % page_size).to(tl.int64)
+        k_rows = page * stride_kb + within * stride_kt
+        v_rows = page * stride_vb + within * stride_vt
+    else:
+        k_rows = n * stride_kt
+        v_rows = n * stride_vt
+    return k_rows, v_rows
+
+
+@triton.jit
 def attention_forward_kernel(
-        Q, K, V, BIAS, ALIBI, O, LSE, CU_Q, CU_K, PARTIAL,
+        Q, K, V, BIAS, ALIBI, O, LSE, CU_Q, CU_K, PARTIAL, TABLE,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
         stride_bb, stride_bh, stride_bq, stride_bk, stride_lb, stride_lh,
         seq_q, seq_k, group, head_dim, scale, keys_per_split, window_left, window_right, softcap,
-        alibi_stride,
+        alibi_stride, table_stride, page_size,
         IS_VARLEN: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
         SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, D_MULTIPLE: tl.constexpr):
+        BLOCK_D: tl.constexpr, D_MULTIPLE: tl.constexpr, PAGED: tl.constexpr = False):
     # Program: (query block, or key split when SPLIT), head, sequence.
     # head_dim and the q/k/v/o strides are multiples of D_MULTIPLE (the
     # launcher's _vector_multiple): 16-byte loads where head_dim is not a
@@ -234,8 +252,12 @@ def attention_forward_kernel(
         k_lo = tl.maximum(k_lo, block_m * BLOCK_M + offset - window_left)
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + tl.cast(q_first, tl.int64) * stride_qt + h.to(tl.int64) * stride_qh
-    k_base = K + b64 * stride_kb + tl.cast(k_first, tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + tl.cast(k_first, tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
+    if PAGED:  # the block table places each key (CU_K gives the counts only)
+        k_base = K + hk.to(tl.int64) * stride_kh
+        v_base = V + hk.to(tl.int64) * stride_vh
+    else:
+        k_base = K + b64 * stride_kb + tl.cast(k_first, tl.int64) * stride_kt + hk.to(tl.int64) * stride_kh
+        v_base = V + b64 * stride_vb + tl.cast(k_first, tl.int64) * stride_vt + hk.to(tl.int64) * stride_vh
     q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -247,7 +269,9 @@ def attention_forward_kernel(
     for start in range(k_lo, k_hi, BLOCK_N):
         n = start + offs_n
         n_ok = n < k_hi
-        k = tl.load(k_base + n[None, :] * stride_kt + offs_d[:, None],
+        k_rows, v_rows = _key_rows(n, n_ok, TABLE, b64, table_stride, page_size, stride_kb,
+                                   stride_kt, stride_vb, stride_vt, PAGED)
+        k = tl.load(k_base + k_rows[None, :] + offs_d[:, None],
                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         s, _ = _scores(q, k, scale, softcap, SOFTCAP)
         if HAS_BIAS:
@@ -265,7 +289,7 @@ def attention_forward_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = tl.load(v_base + n[:, None] * stride_vt + offs_d[None, :],
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = _dot(p.to(v.dtype), v, acc)
         m_i = m_new
@@ -573,8 +597,10 @@ def _alibi_slopes(alibi, q, batch, heads):
 
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
-              causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
-    """The pyllm::attention_triton implementation: (out, lse) as pyllm::attention."""
+              causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+              block_table=None):
+    """The pyllm::attention_triton implementation: (out, lse) as pyllm::attention
+    (block_table: k and v are (pages, page_size, heads_kv, head_dim) pages)."""
     q, k, v = _head_last(q), _head_last(k), _head_last(v)
     varlen, batch, seq_q, seq_k, heads, group, head_dim = _geometry(
         q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -589,11 +615,15 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
     alibi_arg = alibi if alibi is not None else lse  # a never-read placeholder
     cu_q = cu_seqlens_q if varlen else lse  # a never-read placeholder when dense
     cu_k = cu_seqlens_k if varlen else lse
-    common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+    paged = block_table is not None
+    kv_layout = varlen and not paged  # pages: (page, token, head) strides
+    common = (*_strides(q, varlen), *_strides(k, kv_layout), *_strides(v, kv_layout),
               *_strides(out, varlen), *_bias_strides(bias), *_lse_strides(lse, varlen, heads, seq_q))
     variant, variant_flags = _variant(causal, window_left, window_right, softcap, alibi)
+    table = block_table if paged else lse  # a never-read placeholder
+    variant = (*variant, block_table.stride(0) if paged else 0, k.shape[1] if paged else 1)
     flags = dict(IS_VARLEN=varlen, HAS_BIAS=bias is not None, BLOCK_D=block_d,
-                 D_MULTIPLE=_vector_multiple(head_dim, q, k, v, out), **variant_flags)
+                 D_MULTIPLE=_vector_multiple(head_dim, q, k, v, out), PAGED=paged, **variant_flags)
     with on_device(q):
         if seq_q <= DECODE_MAX_QUERIES:
             config = decode_config(block_d, alibi is not None)
@@ -607,7 +637,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
             partial = torch.empty((batch, heads, splits, config["BLOCK_M"], block_d + 2),
                                   dtype=torch.float32, device=q.device)
             attention_forward_kernel[(splits, heads, batch)](
-                q, k, v, bias if bias is not None else q, alibi_arg, out, lse, cu_q, cu_k, partial, *common,
+                q, k, v, bias if bias is not None else q, alibi_arg, out, lse, cu_q, cu_k, partial, table, *common,
                 seq_q, seq_k, group, head_dim, scale, per_split, *variant, SPLIT=True, **flags,
                 **config)
             attention_combine_kernel[(1, heads, batch)](
@@ -618,7 +648,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
             config = forward_config(block_d)
             grid = (triton.cdiv(seq_q, config["BLOCK_M"]), heads, batch)
             attention_forward_kernel[grid](
-                q, k, v, bias if bias is not None else q, alibi_arg, out, lse, cu_q, cu_k, lse, *common,
+                q, k, v, bias if bias is not None else q, alibi_arg, out, lse, cu_q, cu_k, lse, table, *common,
                 seq_q, seq_k, group, head_dim, scale, 0, *variant, SPLIT=False, **flags,
                 **config)
     return out, lse

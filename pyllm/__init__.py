@@ -28,11 +28,12 @@ from pyllm import backend  # noqa: E402
 from pyllm.backend import BackendError, backends, current_backend, use_backend  # noqa: E402
 from pyllm.memory import cached_bytes, empty_cache  # noqa: E402
 import pyllm.ops  # noqa: E402,F401  (registers the fake kernels and autograd)
-from pyllm.ops.attention import attention, attention_varlen  # noqa: E402
+from pyllm.ops.attention import attention, attention_paged, attention_varlen  # noqa: E402
 from pyllm.ops.layer_norm import add_layer_norm, layer_norm  # noqa: E402
 from pyllm.ops.linear import linear, swiglu  # noqa: E402
 from pyllm.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from pyllm.ops.rotary import rotary, rotary_tables  # noqa: E402
+from pyllm.ops.paged_kv import paged_kv_append, paged_slots  # noqa: E402
 from pyllm.ops.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402
 from pyllm import nn  # noqa: E402
 from pyllm.nn import patch, unpatch  # noqa: E402
@@ -53,11 +54,14 @@ __all__ = [
     "add_rms_norm",
     "attention",
     "attention_varlen",
+    "attention_paged",
     "cross_entropy",
     "layer_norm",
     "linear",
     "linear_cross_entropy",
     "nn",
+    "paged_kv_append",
+    "paged_slots",
     "patch",
     "backend",
     "backends",

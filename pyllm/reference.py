@@ -311,14 +311,35 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.to(q.dtype), _stat(lse, q.dtype)
 
 
+def gather_pages(pages: torch.Tensor, block_table: torch.Tensor,
+                 seqlens: torch.Tensor) -> torch.Tensor:
+    """The keys (or values) of a paged cache packed by sequence: ``(sum(seqlens),
+    heads, head_dim)`` from ``pages`` ``(pages, page_size, heads, head_dim)``,
+    ``block_table`` ``(batch, pages_per_sequence)`` and ``seqlens`` ``(batch,)``."""
+    page_size = pages.shape[1]
+    rows = []
+    for s, length in enumerate(seqlens.tolist()):
+        positions = torch.arange(length, device=pages.device)
+        page = block_table[s].long()[positions // page_size]
+        rows.append(pages[page, positions % page_size])
+    if not rows:
+        return pages.new_empty((0, *pages.shape[2:]))
+    return torch.cat(rows)
+
+
 def attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
                  causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
-                 sinks=None):
+                 block_table=None, sinks=None):
     """:func:`attention` or :func:`attention_varlen` with the arguments of the
     ``pyllm::attention`` op (the reference backend's implementation of it),
-    and the sinks that the kernels' callers fold in (pyllm.ops.attention_sinks)."""
+    and the sinks that the kernels' callers fold in (pyllm.ops.attention_sinks).
+    With a block_table, k and v are pages, gathered first."""
     variant = dict(window_size=(window_left, window_right), softcap=softcap, sinks=sinks,
                    alibi_slopes=alibi_slopes)
+    if block_table is not None:
+        seqlens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+        k = gather_pages(k, block_table, seqlens)
+        v = gather_pages(v, block_table, seqlens)
     if cu_seqlens_q is None:
         return attention(q, k, v, causal=causal, scale=scale, bias=bias, **variant)
     return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
@@ -355,6 +376,19 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: tor
     y1, y2 = x1 * c - x2 * s, x2 * c + x1 * s
     y = torch.stack([y1, y2], dim=-1).flatten(-2) if interleaved else torch.cat([y1, y2], dim=-1)
     return torch.cat([y.to(x.dtype), x[..., 2 * half:]], dim=-1)
+
+
+def paged_kv_append_op(k_pages, v_pages, k, v, slots, cos, sin, positions, interleaved):
+    """pyllm::paged_kv_append's signature: k (rotated by :func:`rotary` when
+    cos is given) and v written to rows ``slots % page_size`` of pages
+    ``slots // page_size`` (slots < 0 skipped)."""
+    if cos is not None:
+        k = rotary(k[None], cos, sin, positions[None], interleaved=interleaved)[0]
+    keep = slots >= 0
+    page_size = k_pages.shape[1]
+    page, row = slots[keep] // page_size, slots[keep] % page_size
+    k_pages[page, row] = k[keep]
+    v_pages[page, row] = v[keep]
 
 
 def rotary_op(q, k, cos, sin, positions, interleaved, conjugate):

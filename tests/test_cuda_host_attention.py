@@ -34,8 +34,12 @@ class HostAttention:
     head_dim) or varlen (tokens, heads, head_dim) with cu_seqlens."""
 
     def __init__(self, q, k, v, cu_q=None, cu_k=None, bias=None, causal=False, scale=None,
-                 offset=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+                 offset=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                 block_table=None):
+        # block_table (varlen, forward only): k and v are (pages, page_size,
+        # heads_kv, head_dim) pages, cu_k the key counts.
         self.varlen = cu_q is not None
+        self.block_table = None if block_table is None else guarded_input(block_table.contiguous())
         self.q, self.k, self.v = q, k, v
         heads, heads_kv, d = q.shape[-2], k.shape[-2], q.shape[-1]
         if self.varlen:
@@ -63,7 +67,7 @@ class HostAttention:
 
     def strides(self, t):
         s = t.stride()
-        return (0, s[0], s[1]) if self.varlen else (s[0], s[1], s[2])
+        return (0, s[0], s[1]) if self.varlen and t.dim() == 3 else (s[0], s[1], s[2])
 
     def lse_strides(self):
         return i64(0, self.lse_shape[1]) if self.varlen else i64(self.lse_shape[1] * self.lse_shape[2],
@@ -86,9 +90,16 @@ class HostAttention:
         words = lib.host_attention_forward_workspace(self.geometry)
         workspace = Guarded(torch.empty(words)) if words else None
         strides = i64(*[s for t in (*g, out) for s in self.strides(t.tensor)])
-        check_launch(lib.host_attention_forward(
-            *self.common(), g[0].ptr, g[1].ptr, g[2].ptr, out.ptr, strides, lse.ptr,
-            self.lse_strides(), *self.bias_args(), ptr(workspace)), "attention forward")
+        if self.block_table is not None:
+            table = self.block_table.tensor
+            check_launch(lib.host_attention_forward_paged(
+                *self.common(), g[0].ptr, g[1].ptr, g[2].ptr, out.ptr, strides, lse.ptr,
+                self.lse_strides(), self.block_table.ptr, ctypes.c_int64(self.k.shape[1]),
+                ctypes.c_int64(table.stride(0)), ptr(workspace)), "paged attention forward")
+        else:
+            check_launch(lib.host_attention_forward(
+                *self.common(), g[0].ptr, g[1].ptr, g[2].ptr, out.ptr, strides, lse.ptr,
+                self.lse_strides(), *self.bias_args(), ptr(workspace)), "attention forward")
         for name, t in (("out", out), ("lse", lse), ("workspace", workspace)):
             if t is not None:
                 t.check(name)

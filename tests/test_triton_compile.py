@@ -224,18 +224,25 @@ def test_attention_forward_compiles(split, block_d, dtype, arch):
         _check_attention_forward(split, block_d, dtype, arch, config, variant)
 
 
+def _forward_signature(t):
+    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("ALIBI", "fp32"), ("O", "x"),
+                ("LSE", "fp32"), ("CU_Q", "i32"), ("CU_K", "i32"), ("PARTIAL", "fp32"),
+                ("TABLE", "i32")]
+    scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
+               "scale": "fp32", "keys_per_split": "i32", **_VARIANT_SCALARS,
+               "table_stride": "i32", "page_size": "i32"}
+    return _attention_signature(t, pointers, scalars, _FLAGS + ("SPLIT", "PAGED"))
+
+
 def _check_attention_forward(split, block_d, dtype, arch, config, variant):
     from pyllm.kernels import attention
 
     blocks, warps, stages = _launch(config)
-    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("ALIBI", "fp32"), ("O", "x"), ("LSE", "fp32"),
-                ("CU_Q", "i32"), ("CU_K", "i32"), ("PARTIAL", "fp32")]
-    scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
-               "scale": "fp32", "keys_per_split": "i32", **_VARIANT_SCALARS}
-    signature = _attention_signature(TYPES[dtype][0], pointers, scalars, _FLAGS + ("SPLIT",))
-    for varlen in (False, True):
+    signature = _forward_signature(TYPES[dtype][0])
+    # dense, varlen, and varlen over a paged KV cache (the block table's lookup per key)
+    for varlen, paged in ((False, False), (True, False), (True, True)):
         constexprs = dict(blocks, IS_VARLEN=varlen, SPLIT=split, BLOCK_D=block_d, D_MULTIPLE=16,
-                          **variant)
+                          PAGED=paged, **variant)
         check(attention.attention_forward_kernel, signature, constexprs, arch, warps, stages,
               _DIVISIBLE)
     if split:
@@ -305,16 +312,12 @@ def test_attention_compiles_with_64bit_batch_strides(arch):
 
     config = attention.forward_config(128)
     blocks, warps, stages = _launch(config)
-    pointers = [("Q", "x"), ("K", "x"), ("V", "x"), ("BIAS", "x"), ("ALIBI", "fp32"), ("O", "x"), ("LSE", "fp32"),
-                ("CU_Q", "i32"), ("CU_K", "i32"), ("PARTIAL", "fp32")]
-    scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
-               "scale": "fp32", "keys_per_split": "i32", **_VARIANT_SCALARS}
-    signature = _attention_signature("bf16", pointers, scalars, _FLAGS + ("SPLIT",))
+    signature = _forward_signature("bf16")
     for name in ("stride_qb", "stride_kb", "stride_vb", "stride_ob", "stride_bb", "stride_lb"):
         signature[name] = "i64"
     constexprs = dict(blocks, IS_VARLEN=False, WINDOW_LEFT=False, WINDOW_RIGHT=True,
                       SOFTCAP=False, HAS_BIAS=True, HAS_ALIBI=False, SPLIT=False, BLOCK_D=128,
-                      D_MULTIPLE=16)
+                      D_MULTIPLE=16, PAGED=False)
     compiled, _ = compile_triton(attention.attention_forward_kernel, signature, constexprs, arch,
                                  warps, stages, _DIVISIBLE)
     assert "mul.wide" in compiled.asm["ptx"] or "mul.lo.s64" in compiled.asm["ptx"]
@@ -350,6 +353,43 @@ def test_rotary_compiles(config, dtype, arch):
         constexprs = {"INTERLEAVED": interleaved, "CONJUGATE": interleaved,
                       "BLOCK_H": config["BLOCK_H"], "BLOCK_P": config["BLOCK_P"]}
         check(rotary_kernel, signature, constexprs, arch, config["num_warps"], num_stages=1)
+
+
+# -- paged-KV append ----------------------------------------------------------------
+
+def paged_kv_configs():
+    from pyllm.kernels.paged_kv import launch_config
+
+    seen = set()  # the narrowest and widest tiles (an elementwise kernel: no spills between)
+    for heads in (1, 64):
+        for head_dim in (8, 256):
+            config = launch_config(heads, head_dim)
+            key = tuple(sorted(config.items()))
+            if key not in seen:
+                seen.add(key)
+                yield config
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", list(TYPES))
+@pytest.mark.parametrize("config", list(paged_kv_configs()), ids=_ids)
+def test_paged_kv_append_compiles(config, dtype, arch):
+    from pyllm.kernels.paged_kv import paged_kv_append_kernel
+
+    t = TYPES[dtype][0]
+    signature = {"K": f"*{t}", "V": f"*{t}", "KP": f"*{t}", "VP": f"*{t}", "SLOTS": "*i64",
+                 "COS": "*fp32", "SIN": "*fp32", "POS": "*i64",
+                 **{name: "i64" for name in ("stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                                             "stride_kpp", "stride_kpt", "stride_kph",
+                                             "stride_vpp", "stride_vpt", "stride_vph")},
+                 "heads": "i32", "head_dim": "i32", "page_size": "i32", "half": "i32",
+                 "ROTARY": "constexpr", "INTERLEAVED": "constexpr", "BLOCK_H": "constexpr",
+                 "BLOCK_D": "constexpr"}
+    for rotary, interleaved in ((False, False), (True, False), (True, True)):
+        constexprs = {"ROTARY": rotary, "INTERLEAVED": interleaved,
+                      "BLOCK_H": config["BLOCK_H"], "BLOCK_D": config["BLOCK_D"]}
+        check(paged_kv_append_kernel, signature, constexprs, arch, config["num_warps"],
+              num_stages=1)
 
 
 # -- cross-entropy -----------------------------------------------------------------

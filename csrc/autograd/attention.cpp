@@ -20,7 +20,7 @@ using AttentionSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, co
                                                 const optional<Tensor>&, const optional<Tensor>&,
                                                 int64_t, int64_t, const optional<Tensor>&, double,
                                                 bool, int64_t, int64_t, double,
-                                                const optional<Tensor>&);
+                                                const optional<Tensor>&, const optional<Tensor>&);
 using AttentionBackwardSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const optional<Tensor>&, const optional<Tensor>&, int64_t, int64_t, const optional<Tensor>&,
@@ -37,7 +37,7 @@ struct Attention : torch::autograd::Function<Attention<kTriton>> {
     static const auto op = typed_op<AttentionSig>(op_name<kTriton>("attention"));
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal,
-                              window_left, window_right, softcap, alibi);
+                              window_left, window_right, softcap, alibi, c10::nullopt);
     ctx->save_for_backward({q, k, v, out, lse, cu_q.value_or(Tensor()), cu_k.value_or(Tensor()),
                             bias.value_or(Tensor()), alibi.value_or(Tensor())});
     ctx->saved_data["max_q"] = max_q;
@@ -74,14 +74,17 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
                                      double scale, bool causal, int64_t window_left,
                                      int64_t window_right, double softcap,
-                                     const optional<Tensor>& alibi) {
+                                     const optional<Tensor>& alibi,
+                                     const optional<Tensor>& block_table) {
   if (!at::GradMode::is_enabled() ||
       !(q.requires_grad() || k.requires_grad() || v.requires_grad())) {
     static const auto op = typed_op<AttentionSig>(op_name<kTriton>("attention"));
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal, window_left,
-                   window_right, softcap, alibi);
+                   window_right, softcap, alibi, block_table);
   }
+  TORCH_CHECK_VALUE(!block_table.has_value(), "pyllm::attention: no gradient through a paged "
+                    "KV cache (block_table given); run it under torch.no_grad() or detach q, k, v");
   auto out = Attention<kTriton>::apply(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal,
                                        window_left, window_right, softcap, alibi);
   return {out[0], out[1]};

@@ -13,10 +13,12 @@
 
 #include "dtype.h"
 
+#ifndef PYLLM_HOST_DEVICE
 #if defined(__CUDACC__)
 #define PYLLM_HOST_DEVICE __host__ __device__
 #else
 #define PYLLM_HOST_DEVICE
+#endif
 #endif
 
 namespace pyllm {
@@ -45,11 +47,14 @@ struct AttentionGeometry {
   // slope per head for every sequence).
   const float* alibi = nullptr;
   int64_t alibi_batch_stride = 0;
+  // Keys and values in pages (their TokenLayouts hold the block table):
+  // cu_k gives the key counts only, each sequence's keys start at token 0.
+  bool paged = false;
 
   PYLLM_HOST_DEVICE int64_t len_q(int64_t s) const { return cu_q ? cu_q[s + 1] - cu_q[s] : seq_q; }
   PYLLM_HOST_DEVICE int64_t len_k(int64_t s) const { return cu_k ? cu_k[s + 1] - cu_k[s] : seq_k; }
   PYLLM_HOST_DEVICE int64_t first_q(int64_t s) const { return cu_q ? cu_q[s] : 0; }
-  PYLLM_HOST_DEVICE int64_t first_k(int64_t s) const { return cu_k ? cu_k[s] : 0; }
+  PYLLM_HOST_DEVICE int64_t first_k(int64_t s) const { return cu_k && !paged ? cu_k[s] : 0; }
   PYLLM_HOST_DEVICE float alibi_slope(int64_t s, int64_t h) const {
     return alibi ? alibi[s * alibi_batch_stride + h] : 0.f;
   }
@@ -76,12 +81,30 @@ struct AttentionGeometry {
   }
 };
 
-// Where a [token][head][dim] tensor's elements are.
+// Where a [token][head][dim] tensor's elements are. Paged (block_table not
+// null; keys and values only): token i of sequence s is row i % page_size of
+// page block_table[s * table_stride + i / page_size], pages batch_stride
+// apart (a (pages, page_size, heads, head_dim) tensor); the kernels' `first`
+// token of a paged sequence is 0.
 struct TokenLayout {
   void* data;
-  int64_t batch_stride;  // 0 for varlen
+  int64_t batch_stride;  // 0 for varlen; the page stride when paged
   int64_t token_stride;
   int64_t head_stride;
+  const int32_t* block_table = nullptr;
+  int64_t page_size = 0;
+  int64_t table_stride = 0;
+
+  // The offset (in elements) of token i of sequence s, head h.
+  PYLLM_HOST_DEVICE int64_t offset(int64_t s, int64_t i, int64_t h) const {
+    if (block_table == nullptr) return s * batch_stride + i * token_stride + h * head_stride;
+    const int64_t page = block_table[s * table_stride + i / page_size];
+    return page * batch_stride + (i % page_size) * token_stride + h * head_stride;
+  }
+  // Whether tokens [i, i + count) of a sequence lie token_stride apart.
+  PYLLM_HOST_DEVICE bool contiguous(int64_t i, int64_t count) const {
+    return block_table == nullptr || count <= 1 || i / page_size == (i + count - 1) / page_size;
+  }
 };
 
 // Where an additive bias broadcast to (batch, heads, seq_q, seq_k) is; a

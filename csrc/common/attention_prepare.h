@@ -30,10 +30,22 @@ inline TokenLayout layout(const Tensor& t, bool varlen) {
           t.stride(varlen ? 1 : 2)};
 }
 
+// Keys or values in pages (pages, page_size, heads_kv, head_dim) read
+// through a block table (batch, pages per sequence).
+inline TokenLayout paged_layout(const Tensor& t, const Tensor& block_table) {
+  TokenLayout l{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+  l.block_table = block_table.data_ptr<int32_t>();
+  l.page_size = t.size(1);
+  l.table_stride = block_table.stride(0);
+  return l;
+}
+
 struct Prepared {
   AttentionGeometry g;
-  Tensor q, k, v, bias, cu_q, cu_k, alibi;
+  Tensor q, k, v, bias, cu_q, cu_k, alibi, block_table;
   bool varlen;
+  TokenLayout k_layout() const { return block_table.defined() ? paged_layout(k, block_table) : layout(k, varlen); }
+  TokenLayout v_layout() const { return block_table.defined() ? paged_layout(v, block_table) : layout(v, varlen); }
 };
 
 inline Prepared prepare(const char* op, c10::DeviceType device_type, const Tensor& q_in,
@@ -42,16 +54,22 @@ inline Prepared prepare(const char* op, c10::DeviceType device_type, const Tenso
                         int64_t max_q, int64_t max_k, const optional<Tensor>& bias_in,
                         double scale, bool causal, int64_t window_left = -1,
                         int64_t window_right = -1, double softcap = 0.0,
-                        const optional<Tensor>& alibi_in = c10::nullopt) {
+                        const optional<Tensor>& alibi_in = c10::nullopt,
+                        const optional<Tensor>& block_table_in = c10::nullopt) {
   const bool varlen = cu_q_in.has_value();
+  const bool paged = block_table_in.has_value();
   TORCH_CHECK_VALUE(varlen == cu_k_in.has_value(), "pyllm::", op,
                     ": give both cu_seqlens_q and cu_seqlens_k, or neither");
+  TORCH_CHECK_VALUE(!paged || varlen, "pyllm::", op,
+                    ": a block_table needs cu_seqlens_q and cu_seqlens_k");
   const int64_t dims = varlen ? 3 : 4;
   for (const Tensor* t : {&q_in, &k_in, &v_in}) {
-    TORCH_CHECK_VALUE(t->dim() == dims && t->device().type() == device_type &&
+    const int64_t want = paged && t != &q_in ? 4 : dims;
+    TORCH_CHECK_VALUE(t->dim() == want && t->device().type() == device_type &&
                           t->device() == q_in.device(),
                       "pyllm::", op, ": q, k, v must be ", dims, "-D ",
-                      c10::DeviceTypeName(device_type), " tensors on one device for this kernel");
+                      paged ? "(k and v 4-D pages) " : "", c10::DeviceTypeName(device_type),
+                      " tensors on one device for this kernel");
     TORCH_CHECK_TYPE(t->scalar_type() == q_in.scalar_type(), "pyllm::", op,
                      ": q, k, v must have one dtype");
   }
@@ -107,8 +125,33 @@ inline Prepared prepare(const char* op, c10::DeviceType device_type, const Tenso
       longest_k = std::max<int64_t>(longest_k, ck[s + 1] - ck[s]);
     }
     TORCH_CHECK_VALUE(cq[0] == 0 && ck[0] == 0 && cq[g.batch] == q_in.size(0) &&
-                          ck[g.batch] == k_in.size(0),
+                          (paged || ck[g.batch] == k_in.size(0)),
                       "pyllm::", op, ": cu_seqlens must run from 0 to the number of tokens");
+    if (paged) {
+      // Every page a sequence's keys use must be a page of k and v.
+      const Tensor& table = *block_table_in;
+      const int64_t page_size = k_in.size(1), pages = k_in.size(0);
+      TORCH_CHECK_VALUE(table.scalar_type() == at::kInt && table.dim() == 2 &&
+                            table.size(0) == g.batch && table.stride(1) == 1 &&
+                            table.device() == q_in.device() && page_size >= 1,
+                        "pyllm::", op, ": block_table must be an int32 (batch, pages) tensor "
+                        "with contiguous rows on ", q_in.device(), ", got ", table.sizes());
+      p.block_table = table;
+      const Tensor host_table = table.cpu();
+      const int32_t* bt = host_table.data_ptr<int32_t>();
+      for (int64_t s = 0; s < g.batch; ++s) {
+        const int64_t used = (ck[s + 1] - ck[s] + page_size - 1) / page_size;
+        TORCH_CHECK_VALUE(used <= table.size(1), "pyllm::", op, ": sequence ", s, " has ",
+                          ck[s + 1] - ck[s], " keys, more than its ", table.size(1),
+                          " pages of ", page_size, " hold");
+        for (int64_t i = 0; i < used; ++i) {
+          const int32_t page = bt[s * host_table.stride(0) + i];
+          TORCH_CHECK_VALUE(page >= 0 && page < pages, "pyllm::", op, ": block_table[", s, ", ",
+                            i, "] = ", page, " is not a page (0 <= page < ", pages, ")");
+        }
+      }
+      g.paged = true;
+    }
     TORCH_CHECK_VALUE(max_q >= longest_q && max_k >= longest_k, "pyllm::", op,
                       ": max_seqlen_q/k must be at least the longest sequence");
     g.seq_q = max_q;
@@ -215,8 +258,8 @@ inline AttentionBackward backward_args(const Prepared& p, const PreparedBackward
 inline AttentionForward forward_args(const Prepared& p, const Tensor& out, const Tensor& lse) {
   return AttentionForward{p.g,
                           layout(p.q, p.varlen),
-                          layout(p.k, p.varlen),
-                          layout(p.v, p.varlen),
+                          p.k_layout(),
+                          p.v_layout(),
                           layout(out, p.varlen),
                           bias_layout(p.bias),
                           lse_layout(lse, p.g, p.varlen),

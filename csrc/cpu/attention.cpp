@@ -99,7 +99,9 @@ void decode(const AttentionForward& a) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = t / splits, split = t % splits;
       const int64_t lk = g.len_k(s);
-      const int64_t per = (lk + splits - 1) / splits;
+      // Paged keys: slices of whole kLanes chunks (see decode_task).
+      const int64_t per = g.paged ? (lk + splits * 16 - 1) / (splits * 16) * 16
+                                  : (lk + splits - 1) / splits;
       const int64_t k_begin = std::min(lk, split * per), k_end = std::min(lk, k_begin + per);
       kernel(a, s, k_begin, k_end, partial.data() + t * rows * (D + 2));
     }
@@ -158,9 +160,11 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
                                      double scale, bool causal, int64_t window_left,
                                      int64_t window_right, double softcap,
-                                     const optional<Tensor>& alibi) {
+                                     const optional<Tensor>& alibi,
+                                     const optional<Tensor>& block_table) {
   Prepared p = prepare("attention", c10::DeviceType::CPU, q_in, k_in, v_in, cu_q, cu_k, max_q,
-                       max_k, bias, scale, causal, window_left, window_right, softcap, alibi);
+                       max_k, bias, scale, causal, window_left, window_right, softcap, alibi,
+                       block_table);
   const AttentionGeometry& g = p.g;
   Tensor out = empty_output(p.q.sizes(), p.q.options());
   Tensor lse = new_lse(p, p.q);

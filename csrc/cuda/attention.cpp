@@ -23,10 +23,12 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
                                      double scale, bool causal, int64_t window_left,
                                      int64_t window_right, double softcap,
-                                     const optional<Tensor>& alibi) {
+                                     const optional<Tensor>& alibi,
+                                     const optional<Tensor>& block_table) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   Prepared p = prepare("attention", c10::DeviceType::CUDA, q_in, k_in, v_in, cu_q, cu_k, max_q,
-                       max_k, bias, scale, causal, window_left, window_right, softcap, alibi);
+                       max_k, bias, scale, causal, window_left, window_right, softcap, alibi,
+                       block_table);
   check_tensor_core_dtype("attention", "q, k, v", p.q);
   const AttentionGeometry& g = p.g;
   Tensor out = at::empty(p.q.sizes(), p.q.options());

@@ -38,8 +38,8 @@ __device__ __forceinline__ void load_key_tiles(T* sk, T* sv, RowMap<T> k_rows, R
                                                int64_t head_dim, int64_t keys, int64_t block) {
   const int64_t k0 = block * BN;
   const int valid = static_cast<int>(std::min<int64_t>(BN, keys - k0));
-  k_rows.base += k0 * k_rows.inner;
-  v_rows.base += k0 * v_rows.inner;
+  k_rows.advance(k0);
+  v_rows.advance(k0);
   k_rows.valid = v_rows.valid = valid;
   load_rows<T, D, ROW, ASYNC>(sk, BN, head_dim, k_rows);
   load_rows<T, D, ROW, ASYNC>(sv, BN, head_dim, v_rows);

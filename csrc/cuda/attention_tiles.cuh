@@ -113,14 +113,31 @@ __device__ __forceinline__ float quad_max(float v) {
 // inner for r < valid, zeros beyond. Consecutive tokens: div > every r,
 // inner = the token stride. The decode path's (head, query) rows: div =
 // len_q, outer = the head stride.
+// Paged rows (table not null): row r is token first + r of a sequence whose
+// pages are listed in table, base + table[(first + r) / page_size] *
+// page_stride + ((first + r) % page_size) * inner.
 template <class T>
 struct RowMap {
   const T* base;
   int valid;
   int div;
   int64_t outer, inner;
+  const int32_t* table = nullptr;
+  int64_t page_size = 1, page_stride = 0, first = 0;
   __device__ __forceinline__ const T* row(int r) const {
+    if (table != nullptr) {
+      const int64_t token = first + r;
+      return base + static_cast<int64_t>(table[token / page_size]) * page_stride +
+             (token % page_size) * inner;
+    }
     return base + static_cast<int64_t>(r / div) * outer + static_cast<int64_t>(r % div) * inner;
+  }
+  // The map of the rows from row `rows` on (consecutive tokens only).
+  __device__ __forceinline__ void advance(int64_t rows) {
+    if (table != nullptr)
+      first += rows;
+    else
+      base += rows * inner;
   }
 };
 
@@ -130,6 +147,10 @@ template <class T>
 __device__ __forceinline__ RowMap<T> token_rows(const TokenLayout& t, int64_t s, int64_t first,
                                                 int64_t limit, int64_t head, int tile_rows) {
   const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(limit - first, tile_rows));
+  if (t.block_table != nullptr)
+    return RowMap<T>{static_cast<const T*>(t.data) + head * t.head_stride,
+                     static_cast<int>(valid), tile_rows, 0, t.token_stride,
+                     t.block_table + s * t.table_stride, t.page_size, t.batch_stride, first};
   return RowMap<T>{static_cast<const T*>(t.data) + s * t.batch_stride + first * t.token_stride +
                        head * t.head_stride,
                    static_cast<int>(valid), tile_rows, 0, t.token_stride};

@@ -5,14 +5,17 @@ tokens, left-padded batches, streaming through a callback.
 A model mixes in :class:`GenerationMixin` and provides
 ``new_caches(batch, max_tokens)`` and
 ``forward(input_ids, attention_mask, caches)`` -> logits
-``(batch, seq, vocab)``.
+``(batch, seq, vocab)``; with ``new_paged_caches(batch, max_tokens,
+page_size)`` and a forward that takes them (:func:`forward_paged`),
+``generate(..., page_size=16)`` decodes through paged KV caches: prompts of
+different lengths packed without padding.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["GenerationMixin", "choose_next_token", "positions_from_mask"]
+__all__ = ["GenerationMixin", "choose_next_token", "forward_paged", "positions_from_mask"]
 
 
 def positions_from_mask(attention_mask: torch.Tensor, past: int, seq: int) -> torch.Tensor:
@@ -44,6 +47,38 @@ def choose_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def forward_paged(model, lm_head, input_ids: torch.Tensor, attention_mask, caches: list,
+                  last_only: bool = False, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """A decoder's forward through :class:`pyllm.nn.PagedKVCache` caches (one
+    per layer). ``model`` has ``embed_tokens``, ``layers`` (each
+    ``layer(x, residual, cache, positions, mask, cu_seqlens)`` -> ``(x,
+    residual)``) and ``norm(x, residual)``.
+
+    input_ids ``(batch, seq)`` adds seq tokens to each cached sequence; packed
+    ``(1, tokens)`` with ``cu_seqlens`` ``(batch + 1,)`` int32 adds
+    ``cu_seqlens[i + 1] - cu_seqlens[i]`` to sequence i. Returns logits
+    ``(batch, seq, vocab)`` (``(1, tokens, vocab)`` packed), or with
+    ``last_only`` each sequence's last new token's ``(batch, 1, vocab)``
+    (every sequence must get a token then)."""
+    if attention_mask is not None:
+        raise ValueError("pyllm: paged KV caches hold each sequence's own tokens: pass no "
+                         "attention_mask (pack sequences of different lengths with cu_seqlens)")
+    x, residual = model.embed_tokens(input_ids), None
+    for layer, cache in zip(model.layers, caches):
+        x, residual = layer(x, residual, cache, None, None, cu_seqlens)
+    if last_only:
+        if cu_seqlens is not None:
+            counts = cu_seqlens[1:] - cu_seqlens[:-1]
+            if bool((counts <= 0).any()):
+                raise ValueError("pyllm: last_only needs a new token in every sequence")
+            last = cu_seqlens[1:].long() - 1
+            x, residual = x[0, last][:, None], residual[0, last][:, None]
+        else:
+            x, residual = x[:, -1:], residual[:, -1:]
+    x, _ = model.norm(x, residual)
+    return lm_head(x)
+
+
 class GenerationMixin:
     """``generate`` for a decoder with ``new_caches`` and a cached ``forward``."""
 
@@ -52,7 +87,8 @@ class GenerationMixin:
                  attention_mask: torch.Tensor | None = None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None,
                  eos_token_id: int | None = None, pad_token_id: int = 0,
-                 generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, callback=None,
+                 page_size: int | None = None) -> torch.Tensor:
         """Prefill then token-by-token decoding with pre-allocated KV caches.
 
         Args:
@@ -65,12 +101,20 @@ class GenerationMixin:
             eos_token_id: a sequence that produced it gets ``pad_token_id`` after.
             generator: random source for sampling.
             callback: called with each step's new tokens ``(batch,)`` (streaming).
+            page_size: decode through paged KV caches of pages of this many
+                tokens (the model's ``new_paged_caches``): each prompt's real
+                tokens are packed without padding and each sequence takes the
+                pages it fills; the tokens are those of the contiguous caches.
 
         Returns:
             ``(batch, prompt + max_new_tokens)`` int64 (shorter when every
             sequence stopped early).
         """
         b, prompt = input_ids.shape
+        if page_size is not None:
+            return self._generate_paged(input_ids, max_new_tokens, attention_mask, temperature,
+                                        top_k, top_p, eos_token_id, pad_token_id, generator,
+                                        callback, page_size)
         # No padding: no mask at all (positions follow the cache length, and
         # attention runs without a bias).
         mask = None if attention_mask is None or bool(attention_mask.all()) else \
@@ -92,4 +136,34 @@ class GenerationMixin:
                 if bool(done.all()):
                     break
             step_ids = nxt[:, None]
+        return tokens
+
+    def _generate_paged(self, input_ids, max_new_tokens, attention_mask, temperature, top_k,
+                        top_p, eos_token_id, pad_token_id, generator, callback, page_size):
+        """generate through paged caches: the prompts' real tokens (attention_mask
+        1) packed, prefilled at once, then one token per sequence per step."""
+        b, prompt = input_ids.shape
+        keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else \
+            attention_mask.to(torch.bool)
+        counts = keep.sum(1)
+        if bool((counts == 0).any()):
+            raise ValueError("pyllm generate: every prompt needs a real token (attention_mask "
+                             "all 0 in a row)")
+        caches = self.new_paged_caches(b, int(counts.max()) + max_new_tokens, page_size)
+        cu = torch.zeros(b + 1, dtype=torch.int32, device=input_ids.device)
+        torch.cumsum(counts, 0, out=cu[1:])
+        step_ids, step_cu = input_ids[keep][None], cu
+        tokens, done = input_ids, torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(step_ids, None, caches, last_only=True, cu_seqlens=step_cu)[:, -1].float()
+            nxt = choose_next_token(logits, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            if callback is not None:
+                callback(nxt)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+                if bool(done.all()):
+                    break
+            step_ids, step_cu = nxt[:, None], None
         return tokens

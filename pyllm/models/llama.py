@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from pyllm.models.checkpoint import model_from_hf
-from pyllm.models.generation import GenerationMixin, positions_from_mask
-from pyllm.nn import Attention, KVCache, Linear, RMSNorm, SwiGLU
+from pyllm.models.generation import GenerationMixin, forward_paged, positions_from_mask
+from pyllm.nn import Attention, KVCache, Linear, PagedKVCache, RMSNorm, SwiGLU
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM"]
 
@@ -74,10 +74,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **factory)
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, **factory)
 
-    def forward(self, x, residual, cache, positions, mask):
+    def forward(self, x, residual, cache, positions, mask, cu_seqlens=None):
         h, residual = (self.input_layernorm(x), x) if residual is None else \
             self.input_layernorm(x, residual)
-        h = self.self_attn(h, cache=cache, positions=positions, mask=mask)
+        h = self.self_attn(h, cache=cache, positions=positions, mask=mask, cu_seqlens=cu_seqlens)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -98,7 +98,11 @@ class LlamaForCausalLM(GenerationMixin, nn.Module):
     input_ids ``(batch, seq)`` int64; attention_mask ``(batch, seq_total)`` of
     1/0 over the cached plus new tokens (0 = padding, e.g. left padding);
     caches from :meth:`new_caches` (one :class:`pyllm.nn.KVCache` per layer),
-    appended to. Returns logits ``(batch, seq, vocab_size)`` in the
+    appended to, or from :meth:`new_paged_caches` (one
+    :class:`pyllm.nn.PagedKVCache` per layer: no attention_mask; input_ids
+    ``(batch, seq)`` adds seq tokens to each sequence, or packed ``(1,
+    tokens)`` with ``cu_seqlens`` ``(batch + 1,)`` int32 adds sequences of
+    different lengths). Returns logits ``(batch, seq, vocab_size)`` in the
     parameters' dtype (``(batch, 1, vocab_size)`` for the last token only
     with ``last_only``). :meth:`generate` decodes (see
     :class:`pyllm.models.generation.GenerationMixin`).
@@ -128,8 +132,17 @@ class LlamaForCausalLM(GenerationMixin, nn.Module):
         """One pre-allocated KV cache per layer."""
         return [layer.self_attn.new_cache(batch, max_tokens) for layer in self.model.layers]
 
+    def new_paged_caches(self, batch: int, max_tokens: int, page_size: int = 16) -> list:
+        """One :class:`pyllm.nn.PagedKVCache` per layer."""
+        return [layer.self_attn.new_paged_cache(batch, max_tokens, page_size=page_size)
+                for layer in self.model.layers]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, last_only: bool = False) -> torch.Tensor:
+                caches: list[KVCache] | None = None, last_only: bool = False,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        if caches and isinstance(caches[0], PagedKVCache):
+            return forward_paged(self.model, self.lm_head, input_ids, attention_mask, caches,
+                                 last_only, cu_seqlens)
         b, s = input_ids.shape
         past = caches[0].length if caches else 0
         mask = positions = None

@@ -7,7 +7,8 @@ into an existing model.
 - :class:`Linear`: ``torch.nn.Linear`` with a fused ``activation``;
   :class:`Conv1D`: Hugging Face's GPT-2 ``Conv1D`` (weight stored (in, out)).
 - :class:`SwiGLU`: the LLaMA MLP block.
-- :class:`Attention` (self/cross, causal, GQA, rotary, :class:`KVCache`),
+- :class:`Attention` (self/cross, causal, GQA, rotary, :class:`KVCache` or
+  :class:`PagedKVCache`),
   :class:`RotaryEmbedding`; :class:`MultiheadAttention` with
   ``torch.nn.MultiheadAttention``'s interface (need_weights=False).
 - :func:`patch` / :func:`unpatch`: swap supported modules in place and back.
@@ -16,7 +17,9 @@ into an existing model.
 from pyllm.nn.attention import Attention, KVCache, MultiheadAttention, RotaryEmbedding
 from pyllm.nn.linear import Conv1D, Linear, SwiGLU
 from pyllm.nn.norm import LayerNorm, RMSNorm
+from pyllm.nn.paged_kv_cache import PagedKVCache
 from pyllm.nn.patch import PatchReport, patch, unpatch
 
-__all__ = ["Attention", "Conv1D", "KVCache", "LayerNorm", "Linear", "MultiheadAttention", "PatchReport",
+__all__ = ["Attention", "Conv1D", "KVCache", "LayerNorm", "Linear", "MultiheadAttention",
+           "PagedKVCache", "PatchReport",
            "RMSNorm", "RotaryEmbedding", "SwiGLU", "patch", "unpatch"]

@@ -155,7 +155,11 @@ class Attention(nn.Module):
     ``forward(x, context=None, *, cache=None, positions=None, mask=None)``:
     x ``(batch, seq, hidden_size)``; context ``(batch, seq_k, kv_size)`` for
     cross-attention (keys and values from it, no rotary, not causal);
-    cache a :class:`KVCache` that the new keys/values are appended to;
+    cache a :class:`KVCache` that the new keys/values are appended to, or a
+    :class:`pyllm.nn.PagedKVCache` (each of its sequences gets ``seq`` new
+    tokens, or, with ``cu_seqlens`` ``(sequences + 1,)`` and x packed ``(1,
+    tokens, hidden_size)``, ``cu_seqlens[i + 1] - cu_seqlens[i]`` tokens:
+    sequences of different lengths without padding; no mask);
     positions ``(seq,)`` or ``(batch, seq)`` for the rotary embedding (default
     cache length + arange(seq)); mask a bool (True = attend) or additive
     tensor broadcastable to ``(batch, heads, seq, seq_k)`` (e.g. key padding
@@ -205,9 +209,78 @@ class Attention(nn.Module):
         return KVCache(batch, max_tokens, self.num_kv_heads, self.head_dim,
                        dtype=dtype or p.dtype, device=device or p.device)
 
+    def new_paged_cache(self, batch: int, max_tokens: int, *, page_size: int = 16,
+                        num_pages: int | None = None, dtype=None, device=None):
+        """A :class:`pyllm.nn.PagedKVCache` for this module (parameters'
+        dtype/device by default)."""
+        from pyllm.nn.paged_kv_cache import PagedKVCache
+
+        p = self.k_proj.weight
+        return PagedKVCache(batch, max_tokens, self.num_kv_heads, self.head_dim,
+                            page_size=page_size, num_pages=num_pages, dtype=dtype or p.dtype,
+                            device=device or p.device)
+
+    def _forward_paged(self, x, cache, positions, mask, cu_seqlens):
+        """forward through a PagedKVCache: the new tokens appended (the
+        rotary embedding fused into the append), then attention over each
+        sequence's pages."""
+        if mask is not None:
+            raise ValueError("pyllm.nn.Attention: a PagedKVCache holds each sequence's own tokens "
+                             "(no padding): pass no mask")
+        b, s, _ = x.shape
+        if cu_seqlens is not None:
+            if b != 1:
+                raise ValueError(f"pyllm.nn.Attention: with cu_seqlens, x must be packed (1, "
+                                 f"tokens, hidden), got {tuple(x.shape)}")
+            bounds = cu_seqlens.tolist()
+            counts = [e - a for a, e in zip(bounds[:-1], bounds[1:])]
+            if bounds[0] != 0 or bounds[-1] != s or min(counts, default=0) < 0:
+                raise ValueError(f"pyllm.nn.Attention: cu_seqlens must rise from 0 to the {s} "
+                                 f"tokens of x, got {bounds}")
+        else:
+            counts = [s] * b
+        if len(counts) != cache.batch:
+            raise ValueError(f"pyllm.nn.Attention: the cache holds {cache.batch} sequences, the "
+                             f"call gives {len(counts)}")
+        tokens = b * s
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        rotary = {}
+        if self.rotary is not None:
+            if positions is not None:
+                positions = positions.expand(b, s).reshape(tokens)
+                length = int(positions.max()) + 1 if tokens else 1
+            else:
+                length = max((n + c for n, c in zip(cache.lengths, counts)), default=1)
+            cos, sin = self.rotary.tables(max(length, 1), x.device)
+            rotary = dict(q=q, cos=cos, sin=sin, positions=positions,
+                          interleaved=self.rotary.interleaved)
+        cache.append(k, v, counts, **rotary)
+        cu_q = torch.tensor([0] + counts, dtype=torch.int32, device=x.device).cumsum(0,
+                                                                                    dtype=torch.int32)
+        out = pyllm.attention_paged(q, cache.k_pages, cache.v_pages, cache.block_table,
+                                    cache.seqlens, cu_seqlens_q=cu_q,
+                                    max_seqlen_q=max(counts, default=0),
+                                    max_seqlen_k=max(cache.lengths, default=0),
+                                    causal=self.causal, window_size=self.window_size,
+                                    softcap=self.softcap, alibi_slopes=self.alibi_slopes,
+                                    sinks=self.sinks)
+        return self.o_proj(out.view(b, s, self.num_heads * self.head_dim))
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        from pyllm.nn.paged_kv_cache import PagedKVCache
+
+        if isinstance(cache, PagedKVCache):
+            if context is not None:
+                raise ValueError("pyllm.nn.Attention: a PagedKVCache serves self-attention only")
+            return self._forward_paged(x, cache, positions, mask, cu_seqlens)
+        if cu_seqlens is not None:
+            raise ValueError("pyllm.nn.Attention: cu_seqlens (packed sequences) needs a "
+                             "PagedKVCache")
         b, s, _ = x.shape
         source = x if context is None else context
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)

@@ -16,7 +16,7 @@ from pyllm.ops.attention_sinks import attention_with_sinks, check_sinks
 from pyllm.ops.registry import declare
 from pyllm.checks import INT32_MAX, check_float, check_float_vector, check_tensor
 
-__all__ = ["attention", "attention_varlen", "MAX_HEAD_DIM"]
+__all__ = ["attention", "attention_varlen", "attention_paged", "MAX_HEAD_DIM"]
 
 #: The largest head dimension the kernels take.
 MAX_HEAD_DIM = 256
@@ -249,6 +249,155 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (out, lse) if return_lse else out
 
 
+def _check_pages(op, q, k_pages, v_pages, block_table, seqlens_k):
+    """Checks the paged cache's tensors; returns (batch, page_size)."""
+    for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
+        check_tensor(op, name, t, dim=4)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"{op}: k_pages and v_pages must have one shape (pages, page_size, "
+                         f"heads_kv, head_dim), got {tuple(k_pages.shape)} and "
+                         f"{tuple(v_pages.shape)}")
+    check_tensor(op, "block_table", block_table, dtypes=(torch.int32,), dim=2)
+    check_tensor(op, "seqlens_k", seqlens_k, dtypes=(torch.int32,), dim=1)
+    for name, t in (("block_table", block_table), ("seqlens_k", seqlens_k)):
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
+    batch = block_table.shape[0]
+    if seqlens_k.shape[0] != batch:
+        raise ValueError(f"{op}: seqlens_k must have one length per block_table row ({batch}), "
+                         f"got {seqlens_k.shape[0]}")
+    if k_pages.shape[1] < 1:
+        raise ValueError(f"{op}: k_pages must hold pages of at least one token")
+    return batch, k_pages.shape[1]
+
+
+def _check_page_numbers(op, block_table, seqlens_k, page_size, pages):
+    """The pages a sequence's keys use are pages of the cache (a host sync;
+    the C++ operators check this themselves)."""
+    if block_table.numel() == 0:
+        return
+    used = (seqlens_k.long() + page_size - 1) // page_size
+    if bool((used > block_table.shape[1]).any()):
+        s = int((used > block_table.shape[1]).nonzero()[0, 0])
+        raise ValueError(f"{op}: sequence {s} has {int(seqlens_k[s])} keys, more than its "
+                         f"{block_table.shape[1]} pages of {page_size} hold")
+    columns = torch.arange(block_table.shape[1], device=block_table.device)
+    bad = (columns[None, :] < used[:, None]) & ((block_table < 0) | (block_table >= pages))
+    if bool(bad.any()):
+        s, i = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"{op}: block_table[{s}, {i}] = {int(block_table[s, i])} is not a page "
+                         f"(0 <= page < {pages})")
+
+
+def attention_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                    block_table: torch.Tensor, seqlens_k: torch.Tensor, *,
+                    cu_seqlens_q: torch.Tensor | None = None, max_seqlen_q: int | None = None,
+                    max_seqlen_k: int | None = None, causal: bool = False,
+                    scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                    softcap: float = 0.0, sinks: torch.Tensor | None = None,
+                    alibi_slopes: torch.Tensor | None = None, return_lse: bool = False,
+                    backend: str | None = None):
+    """Attention over a paged KV cache (as ``flash_attn_with_kvcache`` with a
+    ``block_table``, or FlashInfer's paged decode/prefill): decode and chunked
+    prefill for a batch of sequences of different lengths, without padding.
+
+    Sequence ``s``'s key ``i`` is row ``i % page_size`` of page
+    ``block_table[s, i // page_size]``; its queries are its last keys'
+    positions (causal and windows aligned to the bottom-right: with the new
+    tokens appended first, query ``t`` of ``len_q`` sits at position
+    ``seqlens_k[s] - len_q + t``).
+
+    Args:
+        q: ``(batch, seq_q, heads, head_dim)`` (``seq_q`` queries per
+            sequence; 1 to decode), or ``(total_q, heads, head_dim)`` packed
+            with ``cu_seqlens_q`` (chunks of different lengths). float16,
+            bfloat16 or float32.
+        k_pages, v_pages: ``(pages, page_size, heads_kv, head_dim)``, q's dtype;
+            any page size (multiples of 16 read fastest); any strides with a
+            contiguous head_dim.
+        block_table: ``(batch, pages_per_sequence)`` int32, the pages of each
+            sequence in order (entries past its keys are not read).
+        seqlens_k: ``(batch,)`` int32, the keys of each sequence.
+        cu_seqlens_q: ``(batch + 1,)`` int32 cumulative query counts (packed q).
+        max_seqlen_q, max_seqlen_k: the longest counts (computed when None).
+        causal, scale, window_size, softcap, sinks, alibi_slopes, return_lse,
+            backend: as :func:`attention`.
+
+    Returns:
+        ``out`` shaped like q, q's dtype; with ``return_lse``, ``(out, lse)``,
+        ``lse`` float32 ``(batch, heads, seq_q)`` (dense q) or ``(heads,
+        total_q)`` (packed). Not differentiable (an inference path): q, k, v
+        must not require a gradient where grad mode is on; sinks may.
+    """
+    op = "pyllm.attention_paged"
+    packed = cu_seqlens_q is not None
+    check_tensor(op, "q", q, dim=3 if packed else 4)
+    batch, page_size = _check_pages(op, q, k_pages, v_pages, block_table, seqlens_k)
+    d = q.shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
+    if k_pages.shape[-1] != d:
+        raise ValueError(f"{op}: q and the pages must share head_dim {d}, got "
+                         f"{k_pages.shape[-1]}")
+    heads, heads_kv = q.shape[-2], k_pages.shape[2]
+    if heads_kv == 0 or heads % heads_kv != 0:
+        raise ValueError(f"{op}: the heads of the pages ({heads_kv}) must divide the heads of q "
+                         f"({heads}) (grouped-query attention)")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_pages, v_pages)):
+        raise ValueError(f"{op}: no gradient through a paged KV cache; call it under "
+                         f"torch.no_grad() or pass detached tensors")
+    if packed:
+        check_tensor(op, "cu_seqlens_q", cu_seqlens_q, dtypes=(torch.int32,), dim=1)
+        if cu_seqlens_q.device != q.device:
+            raise ValueError(f"{op}: cu_seqlens_q must be on q's device {q.device}, got "
+                             f"{cu_seqlens_q.device}")
+        if cu_seqlens_q.shape[0] != batch + 1:
+            raise ValueError(f"{op}: cu_seqlens_q must hold batch + 1 = {batch + 1} values, got "
+                             f"{cu_seqlens_q.shape[0]}")
+        q_flat = q
+    else:
+        if q.shape[0] != batch:
+            raise ValueError(f"{op}: q has {q.shape[0]} sequences, block_table {batch}")
+        seq_q = q.shape[1]
+        max_seqlen_q = seq_q
+        cu_seqlens_q = torch.arange(0, (batch + 1) * seq_q, max(seq_q, 1), dtype=torch.int32,
+                                    device=q.device)[:batch + 1]
+        if seq_q == 0:
+            cu_seqlens_q = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
+        q_flat = q.reshape(batch * seq_q, heads, d)
+    if bool((seqlens_k < 0).any()) if seqlens_k.numel() else False:
+        raise ValueError(f"{op}: seqlens_k must not be negative")
+    cu_seqlens_k = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
+    torch.cumsum(seqlens_k, 0, out=cu_seqlens_k[1:])
+    if max_seqlen_q is None:
+        lengths_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        max_seqlen_q = int(lengths_q.max()) if batch else 0
+    if max_seqlen_k is None:
+        max_seqlen_k = int(seqlens_k.max()) if batch else 0
+    _check_index_range(op, "q", max_seqlen_q, heads, d)
+    scale = _check_scale(op, scale, d)
+    variant = _check_variant(op, causal, window_size, softcap)
+    sinks = check_sinks(op, sinks, q, heads)
+    alibi = _check_alibi(op, alibi_slopes, q, batch, heads)
+    fn = _backend.route("attention", q, backend)
+    if fn is not torch.ops.pyllm.attention.default:  # the C++ operators check it themselves
+        _check_page_numbers(op, block_table, seqlens_k, page_size, k_pages.shape[0])
+    args = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), None, scale,
+            bool(causal), *variant, alibi, block_table)
+    if sinks is None:
+        out, lse = fn(q_flat, k_pages, v_pages, *args)
+    else:
+        out, lse = attention_with_sinks(fn, q_flat, k_pages, v_pages, sinks, args)
+    if not packed:
+        out = out.view(q.shape)
+        lse = lse.view(heads, batch, q.shape[1]).permute(1, 0, 2)
+    return (out, lse) if return_lse else out
+
+
 # -- fake kernels -------------------------------------------------------------
 
 def _lse_shape(q, cu_seqlens_q):
@@ -258,7 +407,8 @@ def _lse_shape(q, cu_seqlens_q):
 
 
 def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale,
-                    causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None):
+                    causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+                    block_table=None):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32, device=q.device)
     return out, lse

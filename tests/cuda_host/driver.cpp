@@ -8,6 +8,7 @@
 #include "cuda/cross_entropy_kernel.h"
 #include "cuda/gemm_kernel.h"
 #include "cuda/norm_kernel.h"
+#include "cuda/paged_kv_kernel.h"
 #include "cuda/rotary_kernel.h"
 
 using namespace pyllm;
@@ -91,6 +92,29 @@ int host_attention_forward(const int64_t* g, const int32_t* cu_q, const int32_t*
   return launch_attention_forward(a, workspace, nullptr);
 }
 
+// The forward over a paged KV cache: k and v strides (page, token, head),
+// block_table (batch, table_stride) int32, pages of page_size tokens.
+int host_attention_forward_paged(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
+                                 float scale, float softcap, const float* alibi, int causal,
+                                 int type, const void* q, const void* k, const void* v, void* out,
+                                 const int64_t* token_strides, float* lse,
+                                 const int64_t* lse_strides, const int32_t* block_table,
+                                 int64_t page_size, int64_t table_stride, float* workspace) {
+  AttentionGeometry geo = geometry(g, cu_q, cu_k, scale, softcap, causal, alibi);
+  geo.paged = true;
+  TokenLayout kl = tokens(k, token_strides + 3), vl = tokens(v, token_strides + 6);
+  for (TokenLayout* l : {&kl, &vl}) {
+    l->block_table = block_table;
+    l->page_size = page_size;
+    l->table_stride = table_stride;
+  }
+  const AttentionForward a{geo, tokens(q, token_strides), kl, vl, tokens(out, token_strides + 9),
+                           BiasLayout{nullptr, 0, 0, 0, 0, DType::f32},
+                           LseLayout{lse, lse_strides[0], lse_strides[1]},
+                           static_cast<DType>(type)};
+  return launch_attention_forward(a, workspace, nullptr);
+}
+
 int host_attention_backward(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
                             float scale, float softcap, const float* alibi, int causal, int type, const void* q, const void* k,
                             const void* v, const void* out, const void* grad_out, void* grad_q,
@@ -112,6 +136,24 @@ int host_attention_backward(const int64_t* g, const int32_t* cu_q, const int32_t
                             delta,
                             static_cast<DType>(type)};
   return launch_attention_backward(a, nullptr);
+}
+
+// The paged-KV append. rows: (page, row, head) strides and rows per page of
+// k, v, k_pages, v_pages (k and v: page stride 0, one page of every row);
+// sizes: tokens, heads, head_dim, half (0: no rotary), max_positions.
+int host_paged_kv_append(const void* k, const void* v, void* k_pages, void* v_pages,
+                         const int64_t* rows, const int64_t* slots, const float* cos,
+                         const float* sin, const int64_t* positions, const int64_t* sizes,
+                         int type, int interleaved) {
+  const auto at = [&](const void* data, int i) {
+    return KvRows{const_cast<void*>(data), rows[4 * i], rows[4 * i + 1], rows[4 * i + 2],
+                  rows[4 * i + 3]};
+  };
+  const PagedKvAppend a{at(k, 0),   at(v, 1), at(k_pages, 2), at(v_pages, 3), slots,
+                        sizes[0],   sizes[1], sizes[2],       sizes[3] > 0 ? cos : nullptr,
+                        sin,        positions, sizes[3],      sizes[4],
+                        interleaved != 0,    static_cast<DType>(type)};
+  return launch_paged_kv_append(a, nullptr);
 }
 
 // Rotary embedding, in place on q and k. tensors: (batch, seq, head) strides

@@ -99,16 +99,16 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t 
 
 // -- data movement ------------------------------------------------------------------
 
+// Row `first + i` of sequence s, head h (through the block table when the
+// layout is paged).
 template <typename T>
 inline const T* token(const TokenLayout& t, int64_t first, int64_t s, int64_t i, int64_t h) {
-  return static_cast<const T*>(t.data) + s * t.batch_stride + (first + i) * t.token_stride +
-         h * t.head_stride;
+  return static_cast<const T*>(t.data) + t.offset(s, first + i, h);
 }
 
 template <typename T>
 inline T* token_out(const TokenLayout& t, int64_t first, int64_t s, int64_t i, int64_t h) {
-  return static_cast<T*>(t.data) + s * t.batch_stride + (first + i) * t.token_stride +
-         h * t.head_stride;
+  return static_cast<T*>(t.data) + t.offset(s, first + i, h);
 }
 
 // dst[0, padded) = src[0, n) as float, zeros after.
@@ -262,7 +262,7 @@ inline float natural_score(const AttentionGeometry& g, float raw, float& slope) 
 template <typename T>
 const float* rows_f32(const TokenLayout& t, int64_t first, int64_t s, int64_t h, int64_t count,
                       int64_t D, float* buffer, int64_t ld, int64_t padded_rows, int64_t& stride) {
-  if (std::is_same_v<T, float> && D == ld) {
+  if (std::is_same_v<T, float> && D == ld && t.contiguous(first, count)) {
     stride = t.token_stride;
     return reinterpret_cast<const float*>(token<T>(t, first, s, 0, h));
   }
@@ -537,7 +537,7 @@ void forward_task_bf16(const AttentionForward& a, int64_t s, int64_t h, int64_t 
     const int64_t bk = imin(BK, k_stop - j0);
     const uint32_t* krows;
     int64_t k_stride;
-    if (D % 2 == 0) {  // K rows are pairs already
+    if (D % 2 == 0 && a.k.contiguous(fk + j0, bk)) {  // K rows are pairs already
       krows = reinterpret_cast<const uint32_t*>(token<bf16>(a.k, fk + j0, s, 0, hk));
       k_stride = a.k.token_stride / 2;
     } else {
@@ -632,11 +632,29 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
   // went from 4-6 to 14-24 GB/s (bf16) with it.
   constexpr int64_t kPrefetchKeys = 2 * kLanes;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  const auto prefetch = [&](int64_t j0, int64_t hk) {
-    for (int64_t key = j0; key < imin(k_stop, j0 + kLanes); ++key) {
-      prefetch_l2(token<T>(a.k, fk, s, key, hk), row_bytes);
-      prefetch_l2(token<T>(a.v, fk, s, key, hk), row_bytes);
+  // Paged keys: chunks start at multiples of kLanes (the keys before a row's
+  // start are masked), so that in pages of a multiple of kLanes tokens a
+  // chunk's rows lie in one page, token_stride apart: one block-table lookup
+  // per chunk and head.
+  if (a.k.block_table != nullptr) k_first = k_first / kLanes * kLanes;
+  // Rows [j0, j0 + n) of head hk of K (or V) into rows[].
+  const auto chunk_rows = [&](const TokenLayout& t, int64_t j0, int64_t n, int64_t hk,
+                              const T** rows) {
+    if (t.contiguous(fk + j0, n)) {
+      const T* base = token<T>(t, fk, s, j0, hk);
+      for (int64_t j = 0; j < n; ++j) rows[j] = base + j * t.token_stride;
+    } else {
+      for (int64_t j = 0; j < n; ++j) rows[j] = token<T>(t, fk, s, j0 + j, hk);
     }
+  };
+  const auto prefetch = [&](int64_t j0, int64_t hk) {
+    const int64_t n = imin(k_stop, j0 + kLanes) - j0;
+    if (n <= 0) return;
+    const T* rows[kLanes];
+    chunk_rows(a.k, j0, n, hk, rows);
+    for (int64_t j = 0; j < n; ++j) prefetch_l2(rows[j], row_bytes);
+    chunk_rows(a.v, j0, n, hk, rows);
+    for (int64_t j = 0; j < n; ++j) prefetch_l2(rows[j], row_bytes);
   };
   constexpr bool kFloat = std::is_same<T, float>::value;
   const bool in_place = kFloat && D == Dv;
@@ -647,19 +665,23 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
       prefetch(j0, hk);
   const float* kh[kLanes];
   const float* vh[kLanes];
+  const T* krows[kLanes];
+  const T* vrows[kLanes];
   for (int64_t j0 = k_first; j0 < k_stop; j0 += kLanes) {
     const int64_t n = imin(kLanes, k_stop - j0);
     for (int64_t hk = 0; hk < g.heads_kv; ++hk) {
       prefetch(j0 + kPrefetchKeys, hk);
+      chunk_rows(a.k, j0, n, hk, krows);
+      chunk_rows(a.v, j0, n, hk, vrows);
       for (int64_t j = 0; j < kLanes; ++j) {
         if (j >= n) {
           kh[j] = vh[j] = zeros;
         } else if (in_place) {
-          kh[j] = reinterpret_cast<const float*>(token<T>(a.k, fk, s, j0 + j, hk));
-          vh[j] = reinterpret_cast<const float*>(token<T>(a.v, fk, s, j0 + j, hk));
+          kh[j] = reinterpret_cast<const float*>(krows[j]);
+          vh[j] = reinterpret_cast<const float*>(vrows[j]);
         } else {
-          load_f32(token<T>(a.k, fk, s, j0 + j, hk), D, kc + j * Dv, Dv);
-          load_f32(token<T>(a.v, fk, s, j0 + j, hk), D, vc + j * Dv, Dv);
+          load_f32(krows[j], D, kc + j * Dv, Dv);
+          load_f32(vrows[j], D, vc + j * Dv, Dv);
           kh[j] = kc + j * Dv;
           vh[j] = vc + j * Dv;
         }
