@@ -347,6 +347,74 @@ class VariantAttentionBench(AttentionBench):
         return 2 * b * h * s * s * d
 
 
+class PagedDecodeBench(OpBench):
+    """Decode (one query per sequence, causal) over a KV cache of seq_k tokens
+    per sequence: page_size 0 is pyllm.attention over the contiguous cache,
+    page_size > 0 pyllm.attention_paged over the same keys in pages of that
+    size in a shuffled order (a block table per sequence). The paged rows
+    against the contiguous row of one run are the comparison that counts;
+    PyTorch has no paged attention: its baseline gathers each sequence's
+    pages (what a PyTorch user must do) and runs SDPA."""
+
+    op = "attention_paged"
+    routed = "attention"
+    dim_names = ("batch", "seq_k", "heads", "heads_kv", "head_dim", "page_size")
+
+    def inputs(self, case, dtype, device, gen):
+        b, sk, h, hkv, d, page = case.dims
+        q = torch.randn(b, 1, h, d, generator=gen).to(device=device, dtype=dtype)
+        k = torch.randn(b, sk, hkv, d, generator=gen).to(device=device, dtype=dtype)
+        v = torch.randn(b, sk, hkv, d, generator=gen).to(device=device, dtype=dtype)
+        if not page:
+            return q, k, v
+        per = -(-sk // page)
+        order = torch.randperm(b * per, generator=gen).to(device)
+        table = order.view(b, per).to(torch.int32)
+        pad = per * page - sk
+        k_pages = torch.empty(b * per, page, hkv, d, dtype=dtype, device=device)
+        v_pages = torch.empty_like(k_pages)
+        k_pages[order] = F.pad(k, (0, 0, 0, 0, 0, pad)).view(b * per, page, hkv, d)
+        v_pages[order] = F.pad(v, (0, 0, 0, 0, 0, pad)).view(b * per, page, hkv, d)
+        seqlens = torch.full((b,), sk, dtype=torch.int32, device=device)
+        return q, k_pages, v_pages, table, seqlens
+
+    def pyllm(self, case, backend):
+        sk = case.dims[1]
+        if not case.dims[5]:
+            return lambda q, k, v: pyllm.attention(q, k, v, causal=True, backend=backend)
+
+        def run(q, k_pages, v_pages, table, seqlens):
+            return pyllm.attention_paged(q, k_pages, v_pages, table, seqlens, causal=True,
+                                         max_seqlen_k=sk, backend=backend)
+        return run
+
+    @staticmethod
+    def _contiguous(case, inputs):
+        """(q, k, v) with the pages gathered back into (batch, seq_k, heads_kv, head_dim)."""
+        if not case.dims[5]:
+            return inputs
+        q, k_pages, v_pages, table, _ = inputs
+        b, sk = case.dims[:2]
+        gather = lambda p: p[table.long()].flatten(1, 2)[:, :sk]  # noqa: E731
+        return q, gather(k_pages), gather(v_pages)
+
+    def eager(self, case):
+        sdpa = AttentionBench().eager(Case("attention", "", "", (1, 1, 2, 1, 1, 1, True)))
+        return lambda *inputs: sdpa(*self._contiguous(case, inputs))
+
+    def truth(self, case, inputs):
+        q, k, v = (t.double() for t in self._contiguous(case, inputs))
+        return reference.attention(q, k, v, causal=True)[0]
+
+    def bytes_moved(self, case, dtype):
+        b, sk, h, hkv, d, _ = case.dims
+        return (2 * b * h * d + 2 * b * sk * hkv * d) * _size(dtype)
+
+    def flops(self, case):
+        b, sk, h, hkv, d, _ = case.dims
+        return 4 * b * h * sk * d
+
+
 class LinearBench(OpBench):
     """pyllm.linear / swiglu against F.linear followed by the activation."""
 
@@ -497,6 +565,7 @@ BENCHES = {op: NormBench(op) for op in NORM_OPS}
 BENCHES["cross_entropy"] = CrossEntropyBench("cross_entropy")
 BENCHES["linear_cross_entropy"] = CrossEntropyBench("linear_cross_entropy")
 BENCHES["rotary"] = RotaryBench()
+BENCHES["attention_paged"] = PagedDecodeBench()
 BENCHES["attention"] = AttentionBench()
 BENCHES["attention_window"] = WindowAttentionBench()
 BENCHES["attention_variant"] = VariantAttentionBench()
@@ -536,6 +605,12 @@ CASES += [
          compile_baseline=False),
     Case("attention", "gpt2", "decode 8192", (1, 1, 8192, 12, 12, 64, True)),
     Case("attention", "llama-1b", "decode 4096", (1, 1, 4096, 32, 8, 64, True)),
+    # (batch, seq_k, heads, heads_kv, head_dim, page_size): the contiguous cache
+    # (page 0) against pages of 16 and 256 tokens
+    *(Case("attention_paged", "llama-1b", f"decode {kv // 1024}k "
+           + (f"page {page}" if page else "contiguous"), (4, kv, 32, 8, 64, page),
+           compile_baseline=False)
+      for kv in (4096, 32768) for page in (0, 16, 256)),
 ]
 
 # (rows, in_features, out_features, activation)

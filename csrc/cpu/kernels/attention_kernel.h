@@ -630,58 +630,68 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
   // requested into L2 (spread out like this, the requests are not dropped
   // for want of miss buffers; all at once, most were). Decode attention
   // went from 4-6 to 14-24 GB/s (bf16) with it.
-  constexpr int64_t kPrefetchKeys = 2 * kLanes;
+  const int64_t kPrefetchKeys = (a.k.block_table != nullptr ? 4 : 2) * kLanes;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   // Paged keys: chunks start at multiples of kLanes (the keys before a row's
   // start are masked), so that in pages of a multiple of kLanes tokens a
   // chunk's rows lie in one page, token_stride apart: one block-table lookup
-  // per chunk and head.
+  // per chunk, for every head.
   if (a.k.block_table != nullptr) k_first = k_first / kLanes * kLanes;
-  // Rows [j0, j0 + n) of head hk of K (or V) into rows[].
-  const auto chunk_rows = [&](const TokenLayout& t, int64_t j0, int64_t n, int64_t hk,
-                              const T** rows) {
+  // Rows [j0, j0 + n) of K (or V), head 0, into rows[] (head hk's are
+  // hk * head_stride on).
+  const auto chunk_rows = [&](const TokenLayout& t, int64_t j0, int64_t n, const T** rows) {
     if (t.contiguous(fk + j0, n)) {
-      const T* base = token<T>(t, fk, s, j0, hk);
+      const T* base = token<T>(t, fk, s, j0, 0);
       for (int64_t j = 0; j < n; ++j) rows[j] = base + j * t.token_stride;
     } else {
-      for (int64_t j = 0; j < n; ++j) rows[j] = token<T>(t, fk, s, j0 + j, hk);
+      for (int64_t j = 0; j < n; ++j) rows[j] = token<T>(t, fk, s, j0 + j, 0);
     }
   };
-  const auto prefetch = [&](int64_t j0, int64_t hk) {
-    const int64_t n = imin(k_stop, j0 + kLanes) - j0;
-    if (n <= 0) return;
-    const T* rows[kLanes];
-    chunk_rows(a.k, j0, n, hk, rows);
-    for (int64_t j = 0; j < n; ++j) prefetch_l2(rows[j], row_bytes);
-    chunk_rows(a.v, j0, n, hk, rows);
-    for (int64_t j = 0; j < n; ++j) prefetch_l2(rows[j], row_bytes);
+  // The chunk kPrefetchKeys keys ahead: its rows (head 0) and count.
+  const T* ahead_k[kLanes];
+  const T* ahead_v[kLanes];
+  int64_t ahead_n = 0;
+  const auto look_ahead = [&](int64_t j0) {
+    ahead_n = imax(0, imin(k_stop, j0 + kLanes) - j0);
+    if (ahead_n == 0) return;
+    chunk_rows(a.k, j0, ahead_n, ahead_k);
+    chunk_rows(a.v, j0, ahead_n, ahead_v);
+  };
+  const auto prefetch = [&](int64_t hk) {
+    for (int64_t j = 0; j < ahead_n; ++j) {
+      prefetch_l2(ahead_k[j] + hk * a.k.head_stride, row_bytes);
+      prefetch_l2(ahead_v[j] + hk * a.v.head_stride, row_bytes);
+    }
   };
   constexpr bool kFloat = std::is_same<T, float>::value;
   const bool in_place = kFloat && D == Dv;
   float* zeros = w.d.get(Dv);  // the rows past the last key of a partial chunk
   std::memset(zeros, 0, sizeof(float) * Dv);
-  for (int64_t hk = 0; hk < g.heads_kv; ++hk)
-    for (int64_t j0 = k_first; j0 < imin(k_stop, k_first + kPrefetchKeys); j0 += kLanes)
-      prefetch(j0, hk);
+  for (int64_t j0 = k_first; j0 < imin(k_stop, k_first + kPrefetchKeys); j0 += kLanes) {
+    look_ahead(j0);
+    for (int64_t hk = 0; hk < g.heads_kv; ++hk) prefetch(hk);
+  }
   const float* kh[kLanes];
   const float* vh[kLanes];
   const T* krows[kLanes];
   const T* vrows[kLanes];
   for (int64_t j0 = k_first; j0 < k_stop; j0 += kLanes) {
     const int64_t n = imin(kLanes, k_stop - j0);
+    chunk_rows(a.k, j0, n, krows);
+    chunk_rows(a.v, j0, n, vrows);
+    look_ahead(j0 + kPrefetchKeys);
     for (int64_t hk = 0; hk < g.heads_kv; ++hk) {
-      prefetch(j0 + kPrefetchKeys, hk);
-      chunk_rows(a.k, j0, n, hk, krows);
-      chunk_rows(a.v, j0, n, hk, vrows);
+      prefetch(hk);
+      const int64_t k_head = hk * a.k.head_stride, v_head = hk * a.v.head_stride;
       for (int64_t j = 0; j < kLanes; ++j) {
         if (j >= n) {
           kh[j] = vh[j] = zeros;
         } else if (in_place) {
-          kh[j] = reinterpret_cast<const float*>(krows[j]);
-          vh[j] = reinterpret_cast<const float*>(vrows[j]);
+          kh[j] = reinterpret_cast<const float*>(krows[j] + k_head);
+          vh[j] = reinterpret_cast<const float*>(vrows[j] + v_head);
         } else {
-          load_f32(krows[j], D, kc + j * Dv, Dv);
-          load_f32(vrows[j], D, vc + j * Dv, Dv);
+          load_f32(krows[j] + k_head, D, kc + j * Dv, Dv);
+          load_f32(vrows[j] + v_head, D, vc + j * Dv, Dv);
           kh[j] = kc + j * Dv;
           vh[j] = vc + j * Dv;
         }
