@@ -17,7 +17,7 @@ import triton.language as tl
 from pyllm.kernels.launch import on_device, register
 
 #: Elements of a program's (heads x head_dim) tile.
-TILE = 4096
+TILE = 2048
 
 
 @triton.jit
@@ -30,8 +30,12 @@ def paged_kv_append_kernel(K, V, KP, VP, SLOTS, COS, SIN, POS,
     token = tl.program_id(0)
     slot = tl.load(SLOTS + token)
     if slot >= 0:
-        page = slot // page_size
-        row = slot - page * page_size
+        # below 2**31 (the op checks the cache's rows): a 32-bit division (a
+        # 64-bit one is a ptxas subroutine with a stack frame)
+        slot32 = slot.to(tl.int32)
+        page32 = slot32 // page_size
+        row = slot32 - page32 * page_size
+        page = page32.to(tl.int64)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         mask = (h[:, None] < heads) & (d[None, :] < head_dim)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pyllm import backend as _backend
-from pyllm.checks import check_tensor
+from pyllm.checks import INT32_MAX, check_tensor
 from pyllm.ops.registry import declare
 
 __all__ = ["paged_kv_append", "paged_slots"]
@@ -104,6 +104,9 @@ def paged_kv_append(k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tenso
     k3, v3 = (t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in (k3, v3))
     slots = slots.reshape(tokens).to(torch.int64).contiguous()
     capacity = k_pages.shape[0] * k_pages.shape[1]
+    if capacity > INT32_MAX:
+        raise ValueError(f"{op}: the cache's pages x page_size = {capacity} rows must be at most "
+                         f"2**31 - 1 (the kernels' slots are 32-bit)")
     if tokens and int(slots.max()) >= capacity:
         t = int((slots >= capacity).nonzero()[0, 0])
         raise ValueError(f"{op}: slots[{t}] = {int(slots[t])} is past the cache's pages x "
