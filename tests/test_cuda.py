@@ -189,6 +189,75 @@ def test_attention_sinks(shape, variant, dtype, backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("page_size", [16, 256, 40])
+@pytest.mark.parametrize("lengths", [([1, 1, 1, 1], [4096, 17, 2500, 1]),
+                                     ([300, 1, 64], [4000, 900, 64])], ids=["decode", "chunked"])
+def test_attention_paged(lengths, page_size, dtype, backend):
+    """Attention over a paged KV cache (tests/test_attention_paged.py) on the
+    device: decode and chunked prefill of sequences of different lengths,
+    GQA, causal with a window, softcap and ALiBi; pages shuffled, never-used
+    pages NaN."""
+    require("attention", backend)
+    from test_attention_paged import paged, per_sequence_composed
+    from test_attention import cumulative
+
+    lq, lk = lengths
+    h, hkv, d = 16, 4, 128
+    q = randn(sum(lq), h, d, dtype=dtype)
+    k, v = randn(sum(lk), hkv, d, dtype=dtype, seed=1), randn(sum(lk), hkv, d, dtype=dtype, seed=2)
+    k_pages, v_pages, table = (t.cuda() for t in paged(k.cpu(), v.cpu(), lk, page_size, "gpu"))
+    slopes = torch.rand(h, generator=torch.Generator().manual_seed(0)).cuda() * 0.1
+    kw = dict(causal=True, window_size=(1000, 0), softcap=30.0, alibi_slopes=slopes)
+    cu_q, cu_k = cumulative(lq).cuda(), cumulative(lk).cuda()
+    with poisoned_outputs():
+        out = pyllm.attention_paged(q, k_pages, v_pages, table.cuda(),
+                                    torch.tensor(lk, dtype=torch.int32, device="cuda"),
+                                    cu_seqlens_q=cu_q, backend=backend, **kw)
+    truth = reference.attention_varlen(*as64(q, k, v), cu_q, cu_k, **{
+        **kw, "alibi_slopes": slopes.double()})[0]
+    theirs = per_sequence_composed(q, k, v, lq, lk, slopes, True, (1000, 0), 30.0)
+    check_rule(out, truth, theirs, what=f"paged {page_size} {backend}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "interleaved"])
+def test_paged_kv_append(interleaved, dtype, backend):
+    """The paged-KV append (tests/test_paged_kv_append.py) on the device: values
+    copied exactly, keys rotated (partial rotary) within the rule, q rotated
+    as pyllm.rotary rotates it, unnamed rows untouched."""
+    require("paged_kv_append", backend)
+    from test_rotary import pytorch_rotary
+
+    tokens, h, hkv, d, page, pages = 3000, 16, 4, 128, 16, 400
+    k, v = randn(tokens, hkv, d, dtype=dtype), randn(tokens, hkv, d, dtype=dtype, seed=1)
+    q = randn(tokens, h, d, dtype=dtype, seed=2)
+    slots = torch.randperm(pages * page, generator=torch.Generator().manual_seed(0))[:tokens]
+    slots[::7] = -1
+    slots = slots.cuda()
+    positions = torch.randint(0, 8192, (tokens,), generator=torch.Generator().manual_seed(1)).cuda()
+    cos, sin = (t.cuda() for t in pyllm.rotary_tables(96, 8192, 500000.0))
+    k_pages = torch.full((pages, page, hkv, d), float("nan"), dtype=dtype, device="cuda")
+    v_pages = torch.full_like(k_pages, float("nan"))
+    q_rot = pyllm.rotary(q.clone(), k[:, :0], cos, sin, positions, interleaved=interleaved,
+                         backend=backend)[0]
+    pyllm.paged_kv_append(k_pages, v_pages, k, v, slots, q=q, cos=cos, sin=sin,
+                          positions=positions, interleaved=interleaved, backend=backend)
+    assert torch.equal(q, q_rot)
+    keep = slots >= 0
+    page_of, row = slots[keep] // page, slots[keep] % page
+    assert torch.equal(v_pages[page_of, row], v[keep])
+    written = torch.zeros(pages, page, dtype=torch.bool, device="cuda")
+    written[page_of, row] = True
+    assert torch.isnan(k_pages[~written]).all() and torch.isnan(v_pages[~written]).all()
+    truth = reference.rotary(k[keep][None].double(), cos, sin, positions[keep][None],
+                             interleaved=interleaved)[0]
+    theirs = pytorch_rotary(k[keep][None], cos, sin, positions[keep][None], interleaved)[0]
+    check_rule(k_pages[page_of, row], truth, theirs, what=f"paged append {backend}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(4096, 4096, 4096), (1000, 3000, 777), (8, 4096, 4096)], ids=str)
 @pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "silu"])
 def test_linear(shape, dtype, act, backend):

@@ -75,6 +75,37 @@ def _calls(device, dtype):
                      [qv, kv, vv])
     yield "attention varlen", "attention", varlen
 
+    # a paged KV cache: 3 sequences in shuffled pages of 16 (chunked prefill,
+    # then decode), and the append of new tokens with rotary on the way
+    pages_k = randn(20, 16, 2, 64).detach()
+    pages_v = randn(20, 16, 2, 64).detach()
+    table = torch.randperm(20, generator=g)[:18].view(3, 6).to(device=device,
+                                                             dtype=torch.int32)
+    seqlens = torch.tensor([90, 7, 33], dtype=torch.int32, device=device)
+    cu_q = torch.tensor([0, 20, 21, 54], dtype=torch.int32, device=device)
+    qp, qd = randn(54, 4, 64).detach(), randn(3, 1, 4, 64).detach()
+
+    def paged(be):
+        with torch.no_grad():
+            chunk = pyllm.attention_paged(qp, pages_k, pages_v, table, seqlens,
+                                          cu_seqlens_q=cu_q, causal=True, backend=be)
+            step = pyllm.attention_paged(qd, pages_k, pages_v, table, seqlens, causal=True,
+                                         backend=be)
+        return [chunk, step]
+    yield "attention paged", "attention", paged
+    cos_p, sin_p = (t.to(device) for t in pyllm.rotary_tables(48, 128))
+    new_k, new_v = randn(5, 2, 64).detach(), randn(5, 2, 64).detach()
+    new_q = randn(5, 4, 64).detach()
+    slots = torch.tensor([3, 70, -1, 319, 100], device=device)
+    positions = torch.tensor([0, 5, 9, 127, 64], device=device)
+
+    def append(be):
+        k_cache, v_cache, q_new = pages_k.clone(), pages_v.clone(), new_q.clone()
+        pyllm.paged_kv_append(k_cache, v_cache, new_k, new_v, slots, q=q_new, cos=cos_p,
+                              sin=sin_p, positions=positions, backend=be)
+        return [k_cache, v_cache, q_new]
+    yield "paged_kv_append", "paged_kv_append", append
+
     xl = randn(45, 200)
     wl, bl = randn(300, 200, scale=0.07), randn(300, scale=0.1)
 

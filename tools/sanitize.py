@@ -30,6 +30,7 @@ TESTS = [
     "tests/test_cuda_host_attention.py", "tests/test_cuda_host_nonfinite.py",
     "tests/test_cuda_host_properties.py", "tests/test_rotary.py", "tests/test_cross_entropy.py",
     "tests/test_attention_variants.py", "tests/test_attention_alibi.py",
+    "tests/test_attention_paged.py", "tests/test_paged_kv_append.py",
 ]
 # --quick (what `make test` runs): per file a -k selection that reaches every
 # kernel in few tests: each CPU ISA path forced in a subprocess (norms,
@@ -43,6 +44,8 @@ QUICK_TESTS = {
     "tests/test_cuda_host_norms.py": "float16 and not bfloat16", "tests/test_cuda_host_linear.py": "",
     "tests/test_rotary.py": "isa or (forward and float16)",
     "tests/test_cross_entropy.py": "isa or (float16 and all and mean)",
+    "tests/test_attention_paged.py": "all and float16",
+    "tests/test_paged_kv_append.py": "float16 and interleaved",
 }
 # -k: the reference backend and torch.compile run no library code of ours
 # that the other tests don't (and are slow under ASan); the RSS test measures
