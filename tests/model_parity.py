@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -61,3 +62,33 @@ def check_greedy_generation(ours, hf, ids, mask, new_tokens: int = 32):
     got = ours.generate(ids, new_tokens, attention_mask=mask, callback=streamed.append)
     assert torch.equal(got, expected)
     assert torch.equal(torch.stack(streamed, 1), got[:, ids.shape[1]:])
+
+
+def check_paged_generation(ours, hf, vocab: int, page_size: int, new_tokens: int = 24):
+    """``generate`` through paged KV caches (prompts of 11, 7 and 2 real tokens
+    packed without padding; pages of ``page_size``) gives transformers'
+    greedy tokens from the left-padded batch, and streams them; the packed
+    prefill's logits are each prompt's alone; the caches hold each sequence's
+    own tokens."""
+    ids = torch.randint(1, vocab, (3, 11), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    for row, pad in ((1, 4), (2, 9)):
+        mask[row, :pad], ids[row, :pad] = 0, 0
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0)
+    streamed = []
+    got = ours.generate(ids, new_tokens, attention_mask=mask, page_size=page_size,
+                        callback=streamed.append)
+    assert torch.equal(got, expected)
+    assert torch.equal(torch.stack(streamed, 1), got[:, ids.shape[1]:])
+    caches = ours.new_paged_caches(3, 16, page_size)
+    keep = mask.bool()
+    cu = torch.tensor([0, 11, 18, 20], dtype=torch.int32)
+    with torch.no_grad():
+        packed = ours(ids[keep][None], caches=caches, cu_seqlens=cu)[0]
+        for s in range(3):
+            alone = ours(ids[s][keep[s]][None])[0]
+            torch.testing.assert_close(packed[cu[s]:cu[s + 1]], alone, rtol=1e-4, atol=1e-4)
+        assert caches[0].lengths == [11, 7, 2]
+        with pytest.raises(ValueError, match="pass no attention_mask"):
+            ours(ids, mask, caches=caches)

@@ -8,7 +8,8 @@ float32 and bfloat16; greedy generation on a left-padded batch giving the same
 import pytest
 import torch
 
-from model_parity import check_against_hf, check_greedy_generation, left_padded_prompts
+from model_parity import (check_against_hf, check_greedy_generation, check_paged_generation,
+                          left_padded_prompts)
 from pyllm.models import GPT2LMHeadModel
 
 transformers = pytest.importorskip("transformers")
@@ -79,3 +80,9 @@ def test_too_many_tokens_is_refused():
         ours(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(ValueError, match="exceed n_positions"):
         ours.generate(torch.zeros(1, 100, dtype=torch.long), 29)
+
+
+@pytest.mark.parametrize("page_size", [16, 5])
+def test_paged_generation_matches_transformers_generate(page_size):
+    """Learned positions follow each sequence's own cached tokens."""
+    check_paged_generation(GPT2LMHeadModel.from_hf(hf_gpt2()), hf_gpt2(), VOCAB, page_size)

@@ -8,7 +8,8 @@ and errors for a checkpoint with a missing tensor."""
 import pytest
 import torch
 
-from model_parity import check_against_hf, check_greedy_generation, left_padded_prompts
+from model_parity import (check_against_hf, check_greedy_generation, check_paged_generation,
+                          left_padded_prompts)
 from pyllm.models import LlamaForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -101,31 +102,4 @@ def test_from_hf_names_a_missing_or_mismatched_tensor(tmp_path):
 
 @pytest.mark.parametrize("page_size", [16, 5])
 def test_paged_generation_matches_transformers_generate(page_size):
-    """generate through paged KV caches (prompts of three lengths packed without
-    padding, a page size that divides nothing) gives transformers' greedy
-    tokens from the left-padded batch; the packed prefill's logits are those
-    of each prompt alone."""
-    hf = hf_llama()
-    ours = LlamaForCausalLM.from_hf(hf)
-    ids = torch.randint(1, 97, (3, 11), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones_like(ids)
-    for row, pad in ((1, 4), (2, 9)):
-        mask[row, :pad], ids[row, :pad] = 0, 0
-    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
-                           pad_token_id=0)
-    streamed = []
-    got = ours.generate(ids, 24, attention_mask=mask, page_size=page_size,
-                        callback=streamed.append)
-    assert torch.equal(got, expected)
-    assert torch.equal(torch.stack(streamed, 1), got[:, ids.shape[1]:])
-    caches = ours.new_paged_caches(3, 16, page_size)
-    keep = mask.bool()
-    cu = torch.tensor([0, 11, 18, 20], dtype=torch.int32)
-    with torch.no_grad():
-        packed = ours(ids[keep][None], caches=caches, cu_seqlens=cu)[0]
-        for s in range(3):
-            alone = ours(ids[s][keep[s]][None])[0]
-            torch.testing.assert_close(packed[cu[s]:cu[s + 1]], alone, rtol=1e-4, atol=1e-4)
-    assert caches[0].lengths == [11, 7, 2]
-    with pytest.raises(ValueError, match="pass no attention_mask"):
-        ours(ids, mask, caches=caches)
+    check_paged_generation(LlamaForCausalLM.from_hf(hf_llama()), hf_llama(), 97, page_size)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GenerationMixin", "choose_next_token", "forward_paged", "positions_from_mask"]
+__all__ = ["GenerationMixin", "choose_next_token", "forward_paged", "last_tokens",
+           "positions_from_mask"]
 
 
 def positions_from_mask(attention_mask: torch.Tensor, past: int, seq: int) -> torch.Tensor:
@@ -67,16 +68,21 @@ def forward_paged(model, lm_head, input_ids: torch.Tensor, attention_mask, cache
     for layer, cache in zip(model.layers, caches):
         x, residual = layer(x, residual, cache, None, None, cu_seqlens)
     if last_only:
-        if cu_seqlens is not None:
-            counts = cu_seqlens[1:] - cu_seqlens[:-1]
-            if bool((counts <= 0).any()):
-                raise ValueError("pyllm: last_only needs a new token in every sequence")
-            last = cu_seqlens[1:].long() - 1
-            x, residual = x[0, last][:, None], residual[0, last][:, None]
-        else:
-            x, residual = x[:, -1:], residual[:, -1:]
+        x, residual = last_tokens(x, residual, cu_seqlens)
     x, _ = model.norm(x, residual)
     return lm_head(x)
+
+
+def last_tokens(x: torch.Tensor, residual: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """(x, residual) ``(batch, seq, hidden)`` cut to each sequence's last token
+    ``(batch, 1, hidden)``; packed ``(1, tokens, hidden)`` with ``cu_seqlens``:
+    the last of each packed sequence (every one must have a token)."""
+    if cu_seqlens is None:
+        return x[:, -1:], residual[:, -1:]
+    if bool((cu_seqlens[1:] <= cu_seqlens[:-1]).any()):
+        raise ValueError("pyllm: last_only needs a new token in every sequence")
+    last = cu_seqlens[1:].long() - 1
+    return x[0, last][:, None], residual[0, last][:, None]
 
 
 class GenerationMixin:

@@ -17,8 +17,8 @@ from torch import nn
 
 import pyllm
 from pyllm.models.checkpoint import model_from_hf
-from pyllm.models.generation import GenerationMixin, positions_from_mask
-from pyllm.nn import KVCache, LayerNorm, Linear
+from pyllm.models.generation import GenerationMixin, last_tokens, positions_from_mask
+from pyllm.nn import KVCache, LayerNorm, Linear, PagedKVCache
 
 __all__ = ["GPT2Config", "GPT2LMHeadModel"]
 
@@ -79,8 +79,18 @@ class GPT2Attention(nn.Module):
         return KVCache(batch, max_tokens, self.num_heads, self.head_dim, dtype=p.dtype,
                        device=p.device)
 
-    def forward(self, x, cache, mask):
+    def new_paged_cache(self, batch: int, max_tokens: int, page_size: int = 16):
+        p = self.c_attn.weight
+        return PagedKVCache(batch, max_tokens, self.num_heads, self.head_dim,
+                            page_size=page_size, dtype=p.dtype, device=p.device)
+
+    def forward(self, x, cache, mask, cu_seqlens=None):
         b, s, width = x.shape
+        if isinstance(cache, PagedKVCache):  # each sequence's own tokens, no mask
+            counts = cache.step_counts(x.shape, cu_seqlens, "pyllm GPT2Attention")
+            q, k, v = self.c_attn(x).view(b * s, 3, self.num_heads, self.head_dim).unbind(1)
+            cache.append(k, v, counts)
+            return self.c_proj(cache.attention(q, counts, causal=True).reshape(b, s, width))
         q, k, v = self.c_attn(x).view(b, s, 3, self.num_heads, self.head_dim).unbind(2)
         if cache is not None:
             k, v = cache.append(k, v)
@@ -111,9 +121,9 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(c.n_embd, c.layer_norm_epsilon, **factory)
         self.mlp = GPT2MLP(c, **factory)
 
-    def forward(self, x, residual, cache, mask):
+    def forward(self, x, residual, cache, mask, cu_seqlens=None):
         h, residual = (self.ln_1(x), x) if residual is None else self.ln_1(x, residual)
-        h, residual = self.ln_2(self.attn(h, cache, mask), residual)
+        h, residual = self.ln_2(self.attn(h, cache, mask, cu_seqlens), residual)
         return self.mlp(h), residual
 
 
@@ -134,8 +144,11 @@ class GPT2LMHeadModel(GenerationMixin, nn.Module):
     input_ids ``(batch, seq)`` int64; attention_mask ``(batch, seq_total)`` of
     1/0 over the cached plus new tokens (0 = padding; positions count only
     real tokens, as Hugging Face's generate); caches from :meth:`new_caches`,
-    appended to. Returns logits ``(batch, seq, vocab_size)`` in the
-    parameters' dtype (only the last token's with ``last_only``).
+    appended to, or from :meth:`new_paged_caches` (no attention_mask; packed
+    ``(1, tokens)`` input_ids with ``cu_seqlens`` add sequences of different
+    lengths, as :func:`pyllm.models.generation.forward_paged`). Returns
+    logits ``(batch, seq, vocab_size)`` in the parameters' dtype (only the
+    last token's with ``last_only``).
     :meth:`generate` decodes (greedy, sampling, stop tokens, streaming).
     No dropout: training runs without it.
     """
@@ -169,8 +182,38 @@ class GPT2LMHeadModel(GenerationMixin, nn.Module):
                              f"({self.config.n_positions})")
         return [block.attn.new_cache(batch, max_tokens) for block in self.transformer.h]
 
+    def new_paged_caches(self, batch: int, max_tokens: int, page_size: int = 16) -> list:
+        """One :class:`pyllm.nn.PagedKVCache` per layer (at most ``n_positions`` tokens)."""
+        if max_tokens > self.config.n_positions:
+            raise ValueError(f"pyllm GPT2LMHeadModel: {max_tokens} tokens exceed n_positions "
+                             f"({self.config.n_positions})")
+        return [block.attn.new_paged_cache(batch, max_tokens, page_size)
+                for block in self.transformer.h]
+
+    def _forward_paged(self, input_ids, attention_mask, caches, last_only, cu_seqlens):
+        if attention_mask is not None:
+            raise ValueError("pyllm: paged KV caches hold each sequence's own tokens: pass no "
+                             "attention_mask (pack sequences of different lengths with "
+                             "cu_seqlens)")
+        counts = caches[0].step_counts(input_ids.shape, cu_seqlens, "pyllm GPT2LMHeadModel")
+        _, positions = caches[0].token_positions(counts)
+        if positions.numel() and int(positions.max()) >= self.config.n_positions:
+            raise ValueError(f"pyllm GPT2LMHeadModel: {int(positions.max()) + 1} tokens exceed "
+                             f"n_positions ({self.config.n_positions})")
+        t = self.transformer
+        x, residual = t.wte(input_ids) + t.wpe(positions.view(input_ids.shape)), None
+        for block, cache in zip(t.h, caches):
+            x, residual = block(x, residual, cache, None, cu_seqlens)
+        if last_only:
+            x, residual = last_tokens(x, residual, cu_seqlens)
+        x, _ = t.ln_f(x, residual)
+        return self.lm_head(x)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, last_only: bool = False) -> torch.Tensor:
+                caches: list[KVCache] | None = None, last_only: bool = False,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        if caches and isinstance(caches[0], PagedKVCache):
+            return self._forward_paged(input_ids, attention_mask, caches, last_only, cu_seqlens)
         b, s = input_ids.shape
         past = caches[0].length if caches else 0
         if past + s > self.config.n_positions:

@@ -228,20 +228,7 @@ class Attention(nn.Module):
             raise ValueError("pyllm.nn.Attention: a PagedKVCache holds each sequence's own tokens "
                              "(no padding): pass no mask")
         b, s, _ = x.shape
-        if cu_seqlens is not None:
-            if b != 1:
-                raise ValueError(f"pyllm.nn.Attention: with cu_seqlens, x must be packed (1, "
-                                 f"tokens, hidden), got {tuple(x.shape)}")
-            bounds = cu_seqlens.tolist()
-            counts = [e - a for a, e in zip(bounds[:-1], bounds[1:])]
-            if bounds[0] != 0 or bounds[-1] != s or min(counts, default=0) < 0:
-                raise ValueError(f"pyllm.nn.Attention: cu_seqlens must rise from 0 to the {s} "
-                                 f"tokens of x, got {bounds}")
-        else:
-            counts = [s] * b
-        if len(counts) != cache.batch:
-            raise ValueError(f"pyllm.nn.Attention: the cache holds {cache.batch} sequences, the "
-                             f"call gives {len(counts)}")
+        counts = cache.step_counts(x.shape, cu_seqlens, "pyllm.nn.Attention")
         tokens = b * s
         q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
@@ -257,15 +244,9 @@ class Attention(nn.Module):
             rotary = dict(q=q, cos=cos, sin=sin, positions=positions,
                           interleaved=self.rotary.interleaved)
         cache.append(k, v, counts, **rotary)
-        cu_q = torch.tensor([0] + counts, dtype=torch.int32, device=x.device).cumsum(0,
-                                                                                    dtype=torch.int32)
-        out = pyllm.attention_paged(q, cache.k_pages, cache.v_pages, cache.block_table,
-                                    cache.seqlens, cu_seqlens_q=cu_q,
-                                    max_seqlen_q=max(counts, default=0),
-                                    max_seqlen_k=max(cache.lengths, default=0),
-                                    causal=self.causal, window_size=self.window_size,
-                                    softcap=self.softcap, alibi_slopes=self.alibi_slopes,
-                                    sinks=self.sinks)
+        out = cache.attention(q, counts, causal=self.causal, window_size=self.window_size,
+                              softcap=self.softcap, alibi_slopes=self.alibi_slopes,
+                              sinks=self.sinks)
         return self.o_proj(out.view(b, s, self.num_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,

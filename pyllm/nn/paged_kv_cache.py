@@ -118,6 +118,41 @@ class PagedKVCache:
         self.lengths = [n + c for n, c in zip(self.lengths, counts)]
         self.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
 
+    def step_counts(self, x_shape, cu_seqlens: torch.Tensor | None, where: str) -> list[int]:
+        """New tokens per sequence of a step whose input has leading shape
+        ``x_shape`` ``(batch, seq)``: seq each, or from ``cu_seqlens`` ``(batch +
+        1,)`` when the input is packed ``(1, tokens)``; ``where`` names the
+        caller in errors."""
+        b, s = x_shape[0], x_shape[1]
+        if cu_seqlens is not None:
+            if b != 1:
+                raise ValueError(f"{where}: with cu_seqlens, the input must be packed (1, "
+                                 f"tokens, ...), got leading shape {tuple(x_shape)}")
+            bounds = cu_seqlens.tolist()
+            counts = [e - a for a, e in zip(bounds[:-1], bounds[1:])]
+            if not bounds or bounds[0] != 0 or bounds[-1] != s or min(counts, default=0) < 0:
+                raise ValueError(f"{where}: cu_seqlens must rise from 0 to the {s} tokens of "
+                                 f"the input, got {bounds}")
+        else:
+            counts = [s] * b
+        if len(counts) != self.batch:
+            raise ValueError(f"{where}: the cache holds {self.batch} sequences, the call gives "
+                             f"{len(counts)}")
+        return counts
+
+    def attention(self, q: torch.Tensor, counts: list[int], **kwargs) -> torch.Tensor:
+        """:func:`pyllm.attention_paged` of ``q`` ``(sum(counts), heads,
+        head_dim)``, the queries of the tokens just appended (``counts[s]`` of
+        sequence s, packed), over every sequence's held tokens; ``kwargs``:
+        causal, window_size, softcap, alibi_slopes, sinks."""
+        cu_q = torch.zeros(len(counts) + 1, dtype=torch.int32, device=q.device)
+        if counts:
+            torch.cumsum(torch.tensor(counts, device=q.device), 0, out=cu_q[1:])
+        return pyllm.attention_paged(q, self.k_pages, self.v_pages, self.block_table,
+                                     self.seqlens, cu_seqlens_q=cu_q,
+                                     max_seqlen_q=max(counts, default=0),
+                                     max_seqlen_k=max(self.lengths, default=0), **kwargs)
+
     def release(self, sequence: int) -> None:
         """Empties ``sequence`` and gives its pages back to the pool."""
         self._free.extend(reversed(self._pages[sequence]))
