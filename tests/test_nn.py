@@ -90,6 +90,37 @@ def test_linear_without_bias_and_default_init_like_torch():
     assert ours.weight.abs().max() <= bound and ours.weight.std() > bound / 3
 
 
+@pytest.mark.parametrize("name", ["Linear", "LayerNorm", "RMSNorm", "MultiheadAttention"])
+def test_drop_ins_are_the_torch_classes(name):
+    """Each drop-in subclasses the torch class it replaces (isinstance checks in
+    PEFT, tensor-parallel plans, FSDP wrap policies find it), with its
+    parameters drawn by the same initialisation (same seed, same values), its
+    state_dict, extra_repr and attributes; a pyllm forward."""
+    args = {"Linear": (48, 40), "LayerNorm": ((5, 8),), "RMSNorm": (40,),
+            "MultiheadAttention": (32, 4)}[name]
+    torch.manual_seed(3)
+    theirs = getattr(nn, name)(*args)
+    torch.manual_seed(3)
+    ours = getattr(pyllm.nn, name)(*args)
+    assert isinstance(ours, getattr(nn, name)) and type(ours).forward is not \
+        getattr(nn, name).forward
+    assert ours.extra_repr() == theirs.extra_repr()
+    mine, torch_state = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == torch_state.keys()
+    for key in mine:
+        assert torch.equal(mine[key], torch_state[key]), key
+    for attr in ("in_features", "out_features", "normalized_shape", "eps", "elementwise_affine",
+                 "embed_dim", "num_heads", "head_dim", "batch_first", "_qkv_same_embed_dim"):
+        assert getattr(ours, attr, None) == getattr(theirs, attr, None), attr
+    if name == "Linear":
+        assert "activation='silu'" in pyllm.nn.Linear(4, 4, activation="silu").extra_repr()
+    if name == "MultiheadAttention":
+        assert isinstance(ours.out_proj, pyllm.nn.Linear)
+    # patch leaves pyllm's own modules alone, and reports nothing about them
+    report = pyllm.patch(nn.Sequential(ours))
+    assert not report.replaced and not report.skipped
+
+
 def test_swiglu_mlp_matches_llama_mlp_formula():
     gen = generator("nn swiglu")
     mlp = pyllm.nn.SwiGLU(48, 130)

@@ -286,11 +286,13 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
-class MultiheadAttention(nn.Module):
+class MultiheadAttention(nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` on :func:`pyllm.attention` for the common
-    cases, with torch's arguments, parameters and ``state_dict`` keys
-    (``in_proj_weight``/``in_proj_bias`` or ``q/k/v_proj_weight`` when
-    ``kdim``/``vdim`` differ, ``out_proj.weight``/``out_proj.bias``).
+    cases: a subclass of it, with torch's arguments, parameters,
+    initialisation and ``state_dict`` keys (``in_proj_weight``/``in_proj_bias``
+    or ``q/k/v_proj_weight`` when ``kdim``/``vdim`` differ,
+    ``out_proj.weight``/``out_proj.bias``; ``out_proj`` is a
+    :class:`pyllm.nn.Linear`).
 
     Supported: ``batch_first`` either way, ``kdim``/``vdim``,
     ``key_padding_mask`` and ``attn_mask`` (bool, True = not allowed, or
@@ -308,38 +310,21 @@ class MultiheadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
                  vdim: int | None = None, batch_first: bool = False, device=None, dtype=None):
-        super().__init__()
         if add_bias_kv or add_zero_attn:
             raise NotImplementedError("pyllm.nn.MultiheadAttention: add_bias_kv and add_zero_attn "
                                       "are not supported")
         if embed_dim % num_heads:
             raise ValueError(f"pyllm.nn.MultiheadAttention: embed_dim ({embed_dim}) must be "
                              f"divisible by num_heads ({num_heads})")
-        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
-        self.head_dim = embed_dim // num_heads
-        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
-        self.batch_first = batch_first
-        factory = {"device": device, "dtype": dtype}
-        if self._qkv_same_embed_dim:
-            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
-            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                self.register_parameter(name, None)
-        else:
-            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
-            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
-            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
-            self.register_parameter("in_proj_weight", None)
-        if bias:
-            self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim, **factory))
-        else:
-            self.register_parameter("in_proj_bias", None)
-        self.out_proj = Linear(embed_dim, embed_dim, bias, **factory)
-        if self.out_proj.bias is not None:
-            nn.init.zeros_(self.out_proj.bias)
-        for p in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
-            if p is not None and p.device.type != "meta":
-                nn.init.xavier_uniform_(p)
+        super().__init__(embed_dim, num_heads, dropout, bias, False, False, kdim, vdim,
+                         batch_first, device=device, dtype=dtype)
+        # torch's out_proj (a Linear with a zero bias) on pyllm's kernel
+        torch_out = self.out_proj
+        self.out_proj = Linear(embed_dim, embed_dim, bias, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.out_proj.weight.copy_(torch_out.weight)
+            if bias:
+                self.out_proj.bias.copy_(torch_out.bias)
 
     def _weights(self):
         if self._qkv_same_embed_dim:

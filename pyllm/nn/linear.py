@@ -9,8 +9,6 @@ pass over x (parameter names as Hugging Face's ``LlamaMLP``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -20,16 +18,12 @@ from pyllm.ops.linear import ACTIVATIONS
 __all__ = ["Conv1D", "Linear", "SwiGLU"]
 
 
-def _init_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """torch.nn.Linear's default initialisation."""
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-    if bias is not None:
-        bound = 1 / math.sqrt(weight.shape[1]) if weight.shape[1] > 0 else 0
-        nn.init.uniform_(bias, -bound, bound)
-
-
-class Linear(nn.Module):
-    """``torch.nn.Linear`` followed by an optional activation, fused.
+class Linear(nn.Linear):
+    """``torch.nn.Linear`` followed by an optional activation, fused: a subclass
+    of ``torch.nn.Linear`` (every ``isinstance(m, nn.Linear)`` in the ecosystem
+    finds it: PEFT's LoRA, tensor-parallel plans, FSDP wrap policies, weight
+    init), with its parameters, initialisation, ``state_dict`` and
+    ``extra_repr`` (plus ``activation`` when there is one), and pyllm's forward.
 
     Args:
         in_features, out_features, bias, device, dtype: as ``torch.nn.Linear``.
@@ -42,21 +36,11 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: str = "none", device=None, dtype=None):
-        super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"pyllm.nn.Linear: activation must be one of {', '.join(ACTIVATIONS)}, "
                              f"got {activation!r}")
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.activation = activation
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        if self.weight.device.type != "meta":
-            _init_linear(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
@@ -67,8 +51,8 @@ class Linear(nn.Module):
         return pyllm.linear(x, weight, bias, self.activation)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, activation={self.activation!r}")
+        extra = "" if self.activation == "none" else f", activation={self.activation!r}"
+        return super().extra_repr() + extra
 
 
 class Conv1D(nn.Module):

@@ -1,9 +1,10 @@
 """Drop-in ``LayerNorm`` and ``RMSNorm`` on pyllm's fused kernels.
 
-Same constructor arguments, attributes (``normalized_shape``, ``eps``,
-``elementwise_affine``, ``weight``, ``bias``) and ``state_dict`` keys as
-``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``, so a state dict loads either
-way and a module can be swapped in place (:func:`pyllm.patch`). ``forward``
+Subclasses of ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm``: their
+constructor arguments, attributes (``normalized_shape``, ``eps``,
+``elementwise_affine``, ``weight``, ``bias``), initialisation, ``state_dict``
+keys and ``extra_repr``, so a state dict loads either way, a module can be
+swapped in place (:func:`pyllm.patch`) and ``isinstance`` checks find them. ``forward``
 also takes an optional ``residual``: ``norm(x, residual)`` returns
 ``(norm(x + residual), x + residual)`` from one fused pass, the pre-norm
 Transformer step.
@@ -45,7 +46,9 @@ def _param(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     return p.reshape(-1)
 
 
-class _Norm(nn.Module):
+class _Norm:
+    """The forward shared by the two norms (a mixin before the torch class)."""
+
     def _run(self, fn, fused_fn, x, residual, *params):
         shape = self.normalized_shape
         name = type(self).__name__
@@ -61,8 +64,8 @@ class _Norm(nn.Module):
         return y.reshape(x.shape), s.reshape(x.shape)
 
 
-class LayerNorm(_Norm):
-    """``torch.nn.LayerNorm`` on pyllm's kernels.
+class LayerNorm(_Norm, nn.LayerNorm):
+    """``torch.nn.LayerNorm`` on pyllm's kernels (a subclass of it).
 
     Args:
         normalized_shape: the trailing dimension(s) to normalise over (int or tuple).
@@ -78,17 +81,8 @@ class LayerNorm(_Norm):
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None):
-        super().__init__()
-        self.normalized_shape = _shape(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, **factory))
-            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        super().__init__(_shape(normalized_shape), eps, elementwise_affine, bias=bias,
+                         device=device, dtype=dtype)
 
     def _eps_for(self, x):
         return self.eps
@@ -97,13 +91,9 @@ class LayerNorm(_Norm):
         return self._run(pyllm.layer_norm, pyllm.add_layer_norm, x, residual, self.weight,
                          self.bias)
 
-    def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
 
-
-class RMSNorm(_Norm):
-    """``torch.nn.RMSNorm`` on pyllm's kernels.
+class RMSNorm(_Norm, nn.RMSNorm):
+    """``torch.nn.RMSNorm`` on pyllm's kernels (a subclass of it).
 
     Args:
         normalized_shape: the trailing dimension(s) to normalise over (int or tuple).
@@ -118,21 +108,11 @@ class RMSNorm(_Norm):
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
                  device=None, dtype=None):
-        super().__init__()
-        self.normalized_shape = _shape(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
+        super().__init__(_shape(normalized_shape), eps, elementwise_affine, device=device,
+                         dtype=dtype)
 
     def _eps_for(self, x):
         return self.eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return self._run(pyllm.rms_norm, pyllm.add_rms_norm, x, residual, self.weight)
-
-    def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
