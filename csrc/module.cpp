@@ -2,9 +2,12 @@
 // its headers). The operators register themselves with the dispatcher when
 // the library loads (static initialisers), so the module exposes only what
 // the dispatcher can't: which CPU instruction set the kernels chose at run
-// time, and the CPU output cache.
+// time, and the CPU output cache (and allocation from it, for the Python
+// faces' own large CPU outputs).
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <exception>
 #include <string>
@@ -33,4 +36,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("empty_cache", &pyllm::cpu::empty_output_cache,
         "Frees the CPU output cache; returns the bytes released.");
   m.def("cache_bytes", &pyllm::cpu::output_cache_bytes, "Bytes held by the CPU output cache.");
+  m.def(
+      "empty_output",
+      [](const std::vector<int64_t>& sizes, at::ScalarType dtype) {
+        return pyllm::cpu::empty_output(sizes, at::TensorOptions().dtype(dtype));
+      },
+      "An uninitialised CPU tensor from the output cache (outputs of 1 MiB or more).");
 }

@@ -175,9 +175,13 @@ inline CrossEntropy check_cross_entropy_args(const at::Tensor& logits, const at:
                                              int64_t ignore_index, double label_smoothing,
                                              double z_loss, double softcap, bool want_grad,
                                              c10::DeviceType device_type, at::Tensor& loss,
-                                             at::Tensor& lse, at::Tensor& grad) {
-  const auto empty = [](std::vector<int64_t> shape, at::TensorOptions options) {
-    return at::empty(shape, options);
+                                             at::Tensor& lse, at::Tensor& grad,
+                                             at::Tensor (*allocate)(at::IntArrayRef,
+                                                                    const at::TensorOptions&) =
+                                                 nullptr) {
+  // allocate: the gradient's allocator (the CPU output cache), else at::empty
+  const auto empty = [allocate](std::vector<int64_t> shape, at::TensorOptions options) {
+    return allocate != nullptr ? allocate(shape, options) : at::empty(shape, options);
   };
   const char* op = "pyllm::cross_entropy";
   TORCH_CHECK_VALUE(logits.dim() == 2 && logits.device().type() == device_type, op,

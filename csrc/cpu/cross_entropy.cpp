@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "isa.h"
+#include "output.h"
 #include "../common/cross_entropy_args.h"
 #include "../common/tensor_args.h"
 
@@ -27,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy(
   at::Tensor loss, lse, grad;
   const CrossEntropy a =
       check_cross_entropy_args(logits, target, ignore_index, label_smoothing, z_loss, softcap,
-                               want_grad, c10::DeviceType::CPU, loss, lse, grad);
+                               want_grad, c10::DeviceType::CPU, loss, lse, grad, &empty_output);
   for (int64_t r = 0; r < a.rows; ++r) {
     const int64_t t = a.target[r];
     TORCH_CHECK_VALUE(t == ignore_index || (t >= 0 && t < a.vocab),

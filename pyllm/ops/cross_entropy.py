@@ -217,6 +217,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None, None)
 
 
+def _allocator(like: torch.Tensor):
+    """``empty(shape, dtype)`` on like's device: for CPU tensors, from the CPU
+    kernels' output cache (pyllm.memory: memory whose pages are mapped
+    already, where a fresh gradient of the LM head's weight would fault in
+    hundreds of MB at first write), else torch.empty."""
+    if like.device.type == "cpu" and not torch.compiler.is_compiling():
+        from pyllm import _C
+
+        return lambda shape, dtype: _C.empty_output(list(shape), dtype)
+    return lambda shape, dtype: torch.empty(shape, dtype=dtype, device=like.device)
+
+
 def _chunked(hidden, weight, bias, target, options, chunk, fn, want, scale):
     """Losses of every row, and the gradients selected by ``want`` (hidden,
     weight, bias), in their inputs' dtypes. ``scale``: None, a float32 0-dim
@@ -225,12 +237,20 @@ def _chunked(hidden, weight, bias, target, options, chunk, fn, want, scale):
     buffer reused by every chunk; grad_weight accumulates in weight's dtype,
     each chunk's GEMM adding in float32 and rounding once."""
     rows, vocab = hidden.shape[0], weight.shape[0]
+    empty = _allocator(hidden)
     loss = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) \
-        if want[0] else None
-    grad_weight = None
+    grad_hidden = empty(hidden.shape, hidden.dtype) if want[0] else None
+    grad_weight = empty(weight.shape, weight.dtype) if want[1] and rows else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if want[2] else None
-    buffer = hidden.new_empty((min(rows, chunk), vocab))
+    buffer = empty((min(rows, chunk), vocab), hidden.dtype)
+    # A scalar factor (the mean's) is the GEMMs' alpha, applied to their
+    # float32 sums before the one rounding (no pass over the gradient); a
+    # per-row one (reduction none) scales the gradient first, in float32,
+    # rounded once. Under torch.compile, the scalar one does that too.
+    alpha = 1.0
+    if scale is not None and scale.dim() == 0 and scale.device.type == "cpu" and \
+            not torch.compiler.is_compiling():
+        alpha, scale = float(scale), None
     for s in range(0, rows, chunk):
         e = min(rows, s + chunk)
         h, logits = hidden[s:e], buffer[:e - s]
@@ -243,14 +263,12 @@ def _chunked(hidden, weight, bias, target, options, chunk, fn, want, scale):
             continue
         if scale is not None:  # in float32, rounded once
             g.mul_(scale[s:e, None] if scale.dim() else scale)
-        if grad_hidden is not None:
-            torch.mm(g, weight, out=grad_hidden[s:e])
-        if want[1] and grad_weight is None:
-            grad_weight = torch.mm(g.t(), h)
-        elif want[1]:
-            grad_weight.addmm_(g.t(), h)
+        if grad_hidden is not None:  # beta 0: the uninitialised output is not read
+            torch.addmm(grad_hidden[s:e], g, weight, beta=0, alpha=alpha, out=grad_hidden[s:e])
+        if want[1]:
+            grad_weight.addmm_(g.t(), h, beta=0 if s == 0 else 1, alpha=alpha)
         if grad_bias is not None:
-            grad_bias += g.sum(0, dtype=torch.float32)
+            grad_bias += g.sum(0, dtype=torch.float32) * alpha
         del g
     if grad_weight is None and want[1]:  # no rows
         grad_weight = torch.zeros_like(weight)
