@@ -3,7 +3,7 @@
 // into their slots of a paged cache, the keys rotated on the way (rotary
 // embedding) when cos is not null. Raw pointers and sizes, no torch: the
 // operator files checked every shape, stride, type and slot
-// (paged_kv_prepare.h).
+// (check_paged_kv_append_args in tensor_args.h).
 #pragma once
 
 #include <cstdint>

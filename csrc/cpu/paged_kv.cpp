@@ -1,5 +1,5 @@
 // pyllm::paged_kv_append on the CPU: the arguments checked
-// (common/paged_kv_prepare.h), then the tokens spread over threads; each
+// (common/tensor_args.h), then the tokens spread over threads; each
 // token's key rows are rotated in float32 (when cos is given) and written to
 // its slot, its value rows copied there.
 
@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "kernels/scalar.h"
-#include "../common/paged_kv_prepare.h"
+#include "../common/tensor_args.h"
 
 namespace pyllm::cpu {
 namespace {

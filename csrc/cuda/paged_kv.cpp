@@ -1,5 +1,5 @@
 // pyllm::paged_kv_append for CUDA tensors: the arguments checked
-// (common/paged_kv_prepare.h), the kernel (paged_kv_kernel.cu) launched on
+// (common/tensor_args.h), the kernel (paged_kv_kernel.cu) launched on
 // the current stream.
 
 #include <ATen/core/Tensor.h>
@@ -8,7 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../common/paged_kv_prepare.h"
+#include "../common/tensor_args.h"
 #include "paged_kv_kernel.h"
 
 namespace pyllm::cuda {
