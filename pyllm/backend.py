@@ -260,6 +260,10 @@ def route(op: str, tensor: torch.Tensor, backend: str | None = None):
     name = backend if backend is not None else (_STACK[-1] if _STACK else _ENV_BACKEND)
     key = (op, tensor.device.type, tensor.dtype, name)
     fn = _ROUTES.get(key)
+    if type(tensor).__name__ == "DTensor":  # the ops' sharding rules, installed once
+        from pyllm.distributed import register
+
+        register()
     if fn is None:
         where = "backend=" if backend is not None else ("use_backend" if _STACK else "PYLLM_BACKEND")
         fn = _ROUTES[key] = _resolve(op, tensor, name, where)

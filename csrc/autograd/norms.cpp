@@ -63,6 +63,17 @@ struct RmsNorm : torch::autograd::Function<RmsNorm<kTriton>> {
   }
 };
 
+// The fused-residual norms' two differentiable outputs (y, sum): autograd
+// leaves the gradient of an unused one undefined (materialising it would make
+// a plain zeros tensor even for a tensor subclass such as DTensor). The
+// backward op takes grad_sum as optional, but needs grad_y: zeros like the
+// other one (same subclass and layout). False: neither was used.
+inline bool present_grads(variable_list& grads) {
+  if (!grads[0].defined() && !grads[1].defined()) return false;
+  if (!grads[0].defined()) grads[0] = at::zeros_like(grads[1]);
+  return true;
+}
+
 template <bool kTriton>
 struct AddRmsNorm : torch::autograd::Function<AddRmsNorm<kTriton>> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& residual,
@@ -72,10 +83,12 @@ struct AddRmsNorm : torch::autograd::Function<AddRmsNorm<kTriton>> {
     auto [y, sum, rstd] = op.call(x, residual, weight, eps);
     ctx->save_for_backward({sum, undefined_if_absent(weight), rstd});
     ctx->mark_non_differentiable({rstd});
+    ctx->set_materialize_grads(false);  // an unused output's gradient: see present_grads
     return {y, sum, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!present_grads(grads)) return {Tensor(), Tensor(), Tensor(), Tensor()};
     const bool want_x = ctx->needs_input_grad(0) || ctx->needs_input_grad(1);
     const bool want_w = ctx->get_saved_variables()[1].defined() && ctx->needs_input_grad(2);
     auto [gx, gw] = rms_norm_grads<kTriton>(ctx, grads[0], grads[1], want_x, want_w);
@@ -172,10 +185,12 @@ struct AddLayerNorm : torch::autograd::Function<AddLayerNorm<kTriton>> {
     ctx->save_for_backward({sum, undefined_if_absent(weight), mean, rstd});
     save_bias_dtype(ctx, bias);
     ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);  // an unused output's gradient: see present_grads
     return {y, sum, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!present_grads(grads)) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     const bool has_weight = ctx->get_saved_variables()[1].defined();
     auto [gx, gw, gb] = layer_norm_grads<kTriton>(
         ctx, grads[0], grads[1],

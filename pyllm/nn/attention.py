@@ -87,11 +87,12 @@ class RotaryEmbedding(nn.Module):
         return int(positions.max()) + 1 if positions.numel() else 1
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-               length: int | None = None):
-        """q and k rotated in place; ``length`` (> every position), when known,
-        spares reading the positions' maximum."""
+               length: int | None = None, inplace: bool = True):
+        """q and k rotated (in place unless ``inplace`` is False); ``length`` (>
+        every position), when known, spares reading the positions' maximum."""
         cos, sin = self.tables(length or self._length(positions), q.device)
-        return pyllm.rotary(q, k, cos, sin, positions, interleaved=self.interleaved)
+        return pyllm.rotary(q, k, cos, sin, positions, interleaved=self.interleaved,
+                            inplace=inplace)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.tables(self._length(positions), x.device)
@@ -230,9 +231,9 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         counts = cache.step_counts(x.shape, cu_seqlens, "pyllm.nn.Attention")
         tokens = b * s
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(tokens, -1, self.head_dim)
+        k = self.k_proj(x).view(tokens, -1, self.head_dim)
+        v = self.v_proj(x).view(tokens, -1, self.head_dim)
         rotary = {}
         if self.rotary is not None:
             if positions is not None:
@@ -247,7 +248,7 @@ class Attention(nn.Module):
         out = cache.attention(q, counts, causal=self.causal, window_size=self.window_size,
                               softcap=self.softcap, alibi_slopes=self.alibi_slopes,
                               sinks=self.sinks)
-        return self.o_proj(out.view(b, s, self.num_heads * self.head_dim))
+        return self.o_proj(out.view(b, s, -1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
@@ -264,15 +265,20 @@ class Attention(nn.Module):
                              "PagedKVCache")
         b, s, _ = x.shape
         source = x if context is None else context
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(source).view(b, source.shape[1], self.num_kv_heads, self.head_dim)
-        v = self.v_proj(source).view(b, source.shape[1], self.num_kv_heads, self.head_dim)
+        # heads from the projections' width: under tensor parallelism
+        # (ColwiseParallel) each rank holds its share of the heads
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)
+        k = self.k_proj(source).view(b, source.shape[1], -1, self.head_dim)
+        v = self.v_proj(source).view(b, source.shape[1], -1, self.head_dim)
         if self.rotary is not None and context is None:
             length = None
             if positions is None:
                 start = cache.length if cache is not None else 0
                 positions, length = torch.arange(start, start + s, device=x.device), start + s
-            q, k = self.rotary.rotate(q, k, positions, length)
+            # under tensor parallelism the projections' outputs are views made
+            # by DTensor's to_local, which autograd forbids rotating in place
+            inplace = type(self.q_proj.weight).__name__ != "DTensor"
+            q, k = self.rotary.rotate(q, k, positions, length, inplace=inplace)
         if cache is not None:
             k, v = cache.append(k, v)
         causal = self.causal and context is None
@@ -283,7 +289,7 @@ class Attention(nn.Module):
         out = pyllm.attention(q, k, v, causal=causal, bias=mask, window_size=self.window_size,
                               softcap=self.softcap, alibi_slopes=self.alibi_slopes,
                               sinks=self.sinks)
-        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(b, s, -1))
 
 
 class MultiheadAttention(nn.MultiheadAttention):

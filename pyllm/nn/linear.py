@@ -116,6 +116,14 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
         cast = (lambda p: p if p is None or p.dtype == x.dtype else p.to(x.dtype))
-        gate = pyllm.swiglu(x, cast(self.gate_proj.weight), cast(self.up_proj.weight),
+        weight_gate = cast(self.gate_proj.weight)
+        local = type(weight_gate).__name__ == "DTensor" and type(x).__name__ != "DTensor"
+        if local:  # gate/up under ColwiseParallel: x replicated, the gate's local columns out
+            from pyllm.distributed import replicated_like
+
+            x = replicated_like(x, weight_gate)
+        gate = pyllm.swiglu(x, weight_gate, cast(self.up_proj.weight),
                             cast(self.gate_proj.bias), cast(self.up_proj.bias))
+        if local:
+            gate = gate.to_local()  # as ColwiseParallel's use_local_output
         return self.down_proj(gate)

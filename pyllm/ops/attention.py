@@ -240,6 +240,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sinks = check_sinks(op, sinks, q, heads)
     alibi = _check_alibi(op, alibi_slopes, q, batch, heads)
     fn = _backend.route("attention", q, backend)
+    if type(q).__name__ == "DTensor":  # the index tensors replicated with it
+        from pyllm.distributed import replicated_like
+
+        cu_seqlens_q, cu_seqlens_k = (replicated_like(c, q) for c in (cu_seqlens_q, cu_seqlens_k))
     args = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bias, scale,
             bool(causal), *variant, alibi)
     if sinks is None:
