@@ -666,6 +666,12 @@ GPU_CASES += [
          check_dims=(1, 1, 1024, 32, 8, 128, True), compile_baseline=False)
     for kv in (4096, 16384, 32768)
 ]
+GPU_CASES += [
+    Case("attention_paged", "llama-8b", f"decode {kv // 1024}k "
+         + (f"page {page}" if page else "contiguous"), (8, kv, 32, 8, 128, page),
+         check_dims=(1, 1024, 32, 8, 128, page), compile_baseline=False)
+    for kv in (4096, 32768) for page in (0, 16, 256)
+]
 GPU_CASES += [Case(op, "large", "4096x8192", (4096, 8192)) for op in NORM_OPS]
 GPU_CASES += [Case("rms_norm", "large", "4096x8192", (4096, 8192), mode="fwd+bwd")]
 GPU_CASES += [
