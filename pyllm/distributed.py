@@ -32,7 +32,7 @@ does not pay).
 
 from __future__ import annotations
 
-__all__ = ["register", "replicated_like"]
+__all__ = ["SequenceParallel", "register", "replicated_like"]
 
 _REGISTERED = False
 
@@ -208,6 +208,40 @@ def replicated_like(t, like):
 
     mesh = like.device_mesh
     return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+_SEQUENCE_PARALLEL = None
+
+
+def SequenceParallel(*, sequence_dim: int = 1, use_local_output: bool = False):  # noqa: N802
+    """torch's ``SequenceParallel`` for pyllm's norms, which also take the
+    residual (``norm(x, residual)`` -> ``(y, x + residual)``): every tensor
+    input is sharded on the sequence dimension (torch's passes the first
+    input only, dropping the residual), and a tuple output is returned as it
+    is (or each part made local with ``use_local_output``). A
+    ``ParallelStyle`` for ``parallelize_module``."""
+    global _SEQUENCE_PARALLEL
+    if _SEQUENCE_PARALLEL is None:
+        import torch
+        from torch.distributed.tensor.parallel import SequenceParallel as TorchSequenceParallel
+
+        class _SequenceParallel(TorchSequenceParallel):
+            @staticmethod
+            def _prepare_input_fn(sequence_sharding, mod, inputs, device_mesh):
+                prepare = TorchSequenceParallel._prepare_input_fn
+                return tuple(prepare(sequence_sharding, mod, (t,), device_mesh)
+                             if isinstance(t, torch.Tensor) else t for t in inputs)
+
+            @staticmethod
+            def _prepare_output_fn(use_local_output, mod, outputs, device_mesh):
+                if not use_local_output:
+                    return outputs
+                if isinstance(outputs, tuple):
+                    return tuple(o.to_local() for o in outputs)
+                return outputs.to_local()
+
+        _SEQUENCE_PARALLEL = _SequenceParallel
+    return _SEQUENCE_PARALLEL(sequence_dim=sequence_dim, use_local_output=use_local_output)
 
 
 def register() -> None:

@@ -123,21 +123,38 @@ def test_ops_on_dtensors_equal_single_process():
     mp.spawn(_ops_worker, args=(2, _free_port()), nprocs=2, join=True)
 
 
-def _tp_plan(model):
+def _tp_plan(model, sequence: bool):
     """Megatron-style tensor parallelism of a pyllm LLaMA: q/k/v and gate/up
-    column-wise, o_proj and down_proj row-wise (heads and MLP columns split)."""
+    column-wise, o_proj and down_proj row-wise (heads and MLP columns split).
+    With ``sequence``, sequence parallelism too: the residual stream and the
+    norms sharded on the sequence between the attention and MLP blocks."""
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+    from pyllm.distributed import SequenceParallel  # the norms take (x, residual)
+
+    seq = dict(input_layouts=Shard(1)) if sequence else {}
+    out = dict(output_layouts=Shard(1), use_local_output=False) if sequence else {}
     plan = {}
+    if sequence:
+        plan.update({"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(),
+                                                           output_layouts=Shard(1),
+                                                           use_local_output=False),
+                     "model.norm": SequenceParallel(),
+                     "lm_head": ColwiseParallel(input_layouts=Shard(1),
+                                                output_layouts=Replicate())})
     for i in range(len(model.model.layers)):
         p = f"model.layers.{i}."
-        plan.update({p + "self_attn.q_proj": ColwiseParallel(),
-                     p + "self_attn.k_proj": ColwiseParallel(),
-                     p + "self_attn.v_proj": ColwiseParallel(),
-                     p + "self_attn.o_proj": RowwiseParallel(),
-                     p + "mlp.gate_proj": ColwiseParallel(),
-                     p + "mlp.up_proj": ColwiseParallel(),
-                     p + "mlp.down_proj": RowwiseParallel()})
+        plan.update({p + "self_attn.q_proj": ColwiseParallel(**seq),
+                     p + "self_attn.k_proj": ColwiseParallel(**seq),
+                     p + "self_attn.v_proj": ColwiseParallel(**seq),
+                     p + "self_attn.o_proj": RowwiseParallel(**out),
+                     p + "mlp.gate_proj": ColwiseParallel(**seq),
+                     p + "mlp.up_proj": ColwiseParallel(**seq),
+                     p + "mlp.down_proj": RowwiseParallel(**out)})
+        if sequence:
+            plan.update({p + "input_layernorm": SequenceParallel(),
+                         p + "post_attention_layernorm": SequenceParallel()})
     return plan
 
 
@@ -153,7 +170,7 @@ def _llama():
     return LlamaForCausalLM.from_hf(transformers.LlamaForCausalLM(config))
 
 
-def _tp_worker(rank, world, port, folder):
+def _tp_worker(rank, world, port, folder, sequence):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -165,7 +182,7 @@ def _tp_worker(rank, world, port, folder):
 
         model = _llama().train()
         mesh = init_device_mesh("cpu", (world,))
-        parallelize_module(model, mesh, _tp_plan(model))
+        parallelize_module(model, mesh, _tp_plan(model, sequence))
         ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
         logits = model(ids)
         causal_lm_loss(logits, ids).backward()
@@ -178,14 +195,17 @@ def _tp_worker(rank, world, port, folder):
         torch.distributed.destroy_process_group()
 
 
-def test_llama_under_tensor_parallelism_equals_single_process(tmp_path):
-    """parallelize_module with ColwiseParallel / RowwiseParallel on pyllm.nn
-    modules (subclasses of nn.Linear, so the plans take them): the logits and
-    every parameter's gradient of the single process."""
+@pytest.mark.parametrize("sequence", [False, True], ids=["tensor", "tensor+sequence"])
+def test_llama_under_tensor_parallelism_equals_single_process(tmp_path, sequence):
+    """parallelize_module with ColwiseParallel / RowwiseParallel (and
+    SequenceParallel on the norms, the residual stream sharded on the
+    sequence) on pyllm.nn modules (subclasses of the torch classes, so the
+    plans take them): the logits and every parameter's gradient of the
+    single process."""
     pytest.importorskip("transformers")
     from pyllm.models import causal_lm_loss
 
-    mp.spawn(_tp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_tp_worker, args=(2, _free_port(), str(tmp_path), sequence), nprocs=2, join=True)
     got = torch.load(tmp_path / "tp.pt")
     single = _llama().train()
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
