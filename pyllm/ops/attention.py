@@ -387,6 +387,7 @@ def attention_paged(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     variant = _check_variant(op, causal, window_size, softcap)
     sinks = check_sinks(op, sinks, q, heads)
     alibi = _check_alibi(op, alibi_slopes, q, batch, heads)
+    block_table = block_table.contiguous()  # rows read as arrays by every kernel
     fn = _backend.route("attention", q, backend)
     if fn is not torch.ops.pyllm.attention.default:  # the C++ operators check it themselves
         _check_page_numbers(op, block_table, seqlens_k, page_size, k_pages.shape[0])
