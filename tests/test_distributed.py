@@ -216,7 +216,22 @@ def test_llama_under_tensor_parallelism_equals_single_process(tmp_path, sequence
         _close(got["grads"][key], p.grad, f"grad {key}")
 
 
-def _fsdp_worker(rank, world, port, folder, compiled):
+def _gpt2():
+    import transformers
+
+    from pyllm.models import GPT2LMHeadModel
+
+    config = transformers.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4,
+                                     n_positions=64)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel.from_hf(transformers.GPT2LMHeadModel(config))
+
+
+def _blocks(model):
+    return model.model.layers if hasattr(model, "model") else model.transformer.h
+
+
+def _fsdp_worker(rank, world, port, folder, compiled, name="llama"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -225,8 +240,8 @@ def _fsdp_worker(rank, world, port, folder, compiled):
 
         from pyllm.models import causal_lm_loss
 
-        model = _llama().train()
-        for layer in model.model.layers:
+        model = (_llama() if name == "llama" else _gpt2()).train()
+        for layer in _blocks(model):
             fully_shard(layer)
         fully_shard(model)
         run = torch.compile(model) if compiled else model
@@ -239,17 +254,20 @@ def _fsdp_worker(rank, world, port, folder, compiled):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
-def test_llama_under_fsdp2_equals_single_process(tmp_path, compiled):
-    """FSDP2 (fully_shard per layer and at the root), each rank half the batch:
-    every parameter's gradient (gathered) is the single process's on the whole
-    batch (equal halves: the mean of the means is the mean)."""
+@pytest.mark.parametrize("name,compiled", [("llama", False), ("llama", True), ("gpt2", False)],
+                         ids=["llama", "llama-torch.compile", "gpt2"])
+def test_under_fsdp2_equals_single_process(tmp_path, name, compiled):
+    """FSDP2 (fully_shard per block and at the root; GPT-2's tied embedding
+    and head at the root), each rank half the batch: every parameter's
+    gradient (gathered) is the single process's on the whole batch (equal
+    halves: the mean of the means is the mean)."""
     pytest.importorskip("transformers")
     from pyllm.models import causal_lm_loss
 
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path), compiled), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path), compiled, name), nprocs=2,
+             join=True)
     got = torch.load(tmp_path / "fsdp.pt")
-    single = _llama().train()
+    single = (_llama() if name == "llama" else _gpt2()).train()
     ids = torch.randint(0, 97, (4, 11), generator=torch.Generator().manual_seed(1))
     causal_lm_loss(single(ids), ids).backward()
     for key, p in single.named_parameters():
