@@ -325,17 +325,22 @@ def test_attention_compiles_with_64bit_batch_strides(arch):
 
 # -- rotary ------------------------------------------------------------------------
 
+def _extreme_configs(launch_config, sizes):
+    """The distinct launch configurations of an elementwise kernel at the
+    narrowest and widest of its two sizes (no spills between: it holds no
+    more registers per element in between)."""
+    seen = {}
+    for a in sizes[0]:
+        for b in sizes[1]:
+            config = launch_config(a, b)
+            seen.setdefault(tuple(sorted(config.items())), config)
+    return list(seen.values())
+
+
 def rotary_configs():
     from pyllm.kernels.rotary import launch_config
 
-    seen = set()  # the narrowest and widest tiles (an elementwise kernel: no spills between)
-    for heads in (1, 64):
-        for half in (1, 128):
-            config = launch_config(heads, half)
-            key = tuple(sorted(config.items()))
-            if key not in seen:
-                seen.add(key)
-                yield config
+    return _extreme_configs(launch_config, ((1, 64), (1, 128)))  # heads, half
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -360,14 +365,7 @@ def test_rotary_compiles(config, dtype, arch):
 def paged_kv_configs():
     from pyllm.kernels.paged_kv import launch_config
 
-    seen = set()  # the narrowest and widest tiles (an elementwise kernel: no spills between)
-    for heads in (1, 64):
-        for head_dim in (8, 256):
-            config = launch_config(heads, head_dim)
-            key = tuple(sorted(config.items()))
-            if key not in seen:
-                seen.add(key)
-                yield config
+    return _extreme_configs(launch_config, ((1, 64), (8, 256)))  # heads, head_dim
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -13,14 +13,6 @@
 
 #include "dtype.h"
 
-#ifndef PYLLM_HOST_DEVICE
-#if defined(__CUDACC__)
-#define PYLLM_HOST_DEVICE __host__ __device__
-#else
-#define PYLLM_HOST_DEVICE
-#endif
-#endif
-
 namespace pyllm {
 
 struct AttentionGeometry {

@@ -10,14 +10,6 @@
 
 #include "dtype.h"
 
-#ifndef PYLLM_HOST_DEVICE
-#if defined(__CUDACC__)
-#define PYLLM_HOST_DEVICE __host__ __device__
-#else
-#define PYLLM_HOST_DEVICE
-#endif
-#endif
-
 namespace pyllm {
 
 // A (rows, heads, head_dim) tensor, or the (pages * page_size) rows of a

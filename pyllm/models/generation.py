@@ -116,27 +116,20 @@ class GenerationMixin:
             ``(batch, prompt + max_new_tokens)`` int64 (shorter when every
             sequence stopped early).
         """
-        b, prompt = input_ids.shape
+        b = input_ids.shape[0]
         if page_size is not None:
-            return self._generate_paged(input_ids, max_new_tokens, attention_mask, temperature,
-                                        top_k, top_p, eos_token_id, pad_token_id, generator,
-                                        callback, page_size)
-        # No padding: no mask at all (positions follow the cache length, and
-        # attention runs without a bias).
-        mask = None if attention_mask is None or bool(attention_mask.all()) else \
-            attention_mask.clone()
-        caches = self.new_caches(b, prompt + max_new_tokens)
+            logits_of, step_ids = self._paged_steps(input_ids, attention_mask, max_new_tokens,
+                                                    page_size)
+        else:
+            logits_of, step_ids = self._cached_steps(input_ids, attention_mask, max_new_tokens)
         tokens, done = input_ids, torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        step_ids = input_ids
-        for _ in range(max_new_tokens):
-            logits = self(step_ids, mask, caches, last_only=True)[:, -1].float()
+        for step in range(max_new_tokens):
+            logits = logits_of(step_ids, step == 0)[:, -1].float()
             nxt = choose_next_token(logits, temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             if callback is not None:
                 callback(nxt)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             if eos_token_id is not None:
                 done |= nxt == eos_token_id
                 if bool(done.all()):
@@ -144,11 +137,29 @@ class GenerationMixin:
             step_ids = nxt[:, None]
         return tokens
 
-    def _generate_paged(self, input_ids, max_new_tokens, attention_mask, temperature, top_k,
-                        top_p, eos_token_id, pad_token_id, generator, callback, page_size):
-        """generate through paged caches: the prompts' real tokens (attention_mask
-        1) packed, prefilled at once, then one token per sequence per step."""
+    def _cached_steps(self, input_ids, attention_mask, max_new_tokens):
+        """(logits of a step's ids, the prompt's ids) through pre-allocated KV
+        caches: the prompt at once (left padding masked), then one token per
+        sequence per step."""
         b, prompt = input_ids.shape
+        # No padding: no mask at all (positions follow the cache length, and
+        # attention runs without a bias).
+        mask = None if attention_mask is None or bool(attention_mask.all()) else \
+            attention_mask.clone()
+        caches = self.new_caches(b, prompt + max_new_tokens)
+
+        def logits_of(step_ids, first):
+            nonlocal mask
+            if mask is not None and not first:  # the previous step's token is real
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            return self(step_ids, mask, caches, last_only=True)
+        return logits_of, input_ids
+
+    def _paged_steps(self, input_ids, attention_mask, max_new_tokens, page_size):
+        """(logits of a step's ids, the first step's ids) through paged caches:
+        the prompts' real tokens (attention_mask 1) packed and prefilled at
+        once, then one token per sequence per step."""
+        b = input_ids.shape[0]
         keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else \
             attention_mask.to(torch.bool)
         counts = keep.sum(1)
@@ -158,18 +169,7 @@ class GenerationMixin:
         caches = self.new_paged_caches(b, int(counts.max()) + max_new_tokens, page_size)
         cu = torch.zeros(b + 1, dtype=torch.int32, device=input_ids.device)
         torch.cumsum(counts, 0, out=cu[1:])
-        step_ids, step_cu = input_ids[keep][None], cu
-        tokens, done = input_ids, torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = self(step_ids, None, caches, last_only=True, cu_seqlens=step_cu)[:, -1].float()
-            nxt = choose_next_token(logits, temperature, top_k, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            if callback is not None:
-                callback(nxt)
-            tokens = torch.cat([tokens, nxt[:, None]], 1)
-            if eos_token_id is not None:
-                done |= nxt == eos_token_id
-                if bool(done.all()):
-                    break
-            step_ids, step_cu = nxt[:, None], None
-        return tokens
+
+        def logits_of(step_ids, first):
+            return self(step_ids, None, caches, last_only=True, cu_seqlens=cu if first else None)
+        return logits_of, input_ids[keep][None]
