@@ -7,20 +7,13 @@ silent gather). Then a LLaMA-style pyllm model under parallelize_module
 single-process logits and gradients."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from processes import run_in_processes
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _close(ours, theirs, what):
@@ -57,70 +50,64 @@ def _check(fn, tensors, placements, mesh, expected_out, what, constants=()):
             _close(d.grad.full_tensor(), t.grad, f"{what}: grad of input {i}")
 
 
-def _ops_worker(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        import pyllm
-        from torch.distributed.tensor import Partial, Replicate, Shard, init_device_mesh
+def _ops_worker(rank, world):
+    import pyllm
+    from torch.distributed.tensor import Partial, Replicate, Shard, init_device_mesh
 
-        mesh = init_device_mesh("cpu", (world,))
-        R = Replicate()
-        g = torch.Generator().manual_seed(0)
+    mesh = init_device_mesh("cpu", (world,))
+    R = Replicate()
+    g = torch.Generator().manual_seed(0)
 
-        def randn(*shape):
-            return torch.randn(*shape, generator=g)
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
 
-        x, r, w, b = randn(6, 10, 32), randn(6, 10, 32), randn(32), randn(32)
-        for d in (0, 1):
-            s = Shard(d)
-            _check(lambda x, w: pyllm.rms_norm(x, w, 1e-6), [x, w], [s, R], mesh, [s],
-                   f"rms_norm {s}")
-            _check(lambda x, r, w: pyllm.add_rms_norm(x, r, w, 1e-6), [x, r, w], [s, s, R], mesh,
-                   [s, s], f"add_rms_norm {s}")
-            _check(lambda x, w, b: pyllm.layer_norm(x, w, b, 1e-5), [x, w, b], [s, R, R], mesh,
-                   [s], f"layer_norm {s}")
-            _check(lambda x, r, w, b: pyllm.add_layer_norm(x, r, w, b, 1e-5), [x, r, w, b],
-                   [s, s, R, R], mesh, [s, s], f"add_layer_norm {s}")
-        wl, bl = randn(48, 32) * 0.2, randn(48)
-        for act in ("none", "gelu_tanh", "silu"):
-            _check(lambda x, w, b: pyllm.linear(x, w, b, act), [x, wl, bl], [R, Shard(0), Shard(0)],
-                   mesh, [Shard(2)], f"linear column-wise {act}")
-            _check(lambda x, w, b: pyllm.linear(x, w, b, act), [x, wl, bl], [Shard(0), R, R],
-                   mesh, [Shard(0)], f"linear rows {act}")
-        _check(lambda x, w, b: pyllm.linear(x, w, b), [x, wl, bl], [Shard(2), Shard(1), R], mesh,
-               [Partial()], "linear row-wise")
-        wg, wu = randn(40, 32) * 0.2, randn(40, 32) * 0.2
-        _check(lambda x, a, c: pyllm.swiglu(x, a, c), [x, wg, wu], [R, Shard(0), Shard(0)], mesh,
-               [Shard(2)], "swiglu column-wise")
-        _check(lambda x, a, c: pyllm.swiglu(x, a, c), [x, wg, wu], [Shard(1), R, R], mesh,
-               [Shard(1)], "swiglu rows")
-        q, k, v = randn(4, 9, 4, 16), randn(4, 13, 2, 16), randn(4, 13, 2, 16)
-        slopes = randn(4).abs() * 0.1
-        for d in (0, 2):
-            s = Shard(d)
-            _check(lambda q, k, v: pyllm.attention(q, k, v, causal=True), [q, k, v], [s, s, s],
-                   mesh, [s], f"attention {s}")
-            _check(lambda q, k, v, a: pyllm.attention(q, k, v, causal=True, window_size=(5, 0),
-                                                      softcap=3.0, alibi_slopes=a),
-                   [q, k, v, slopes], [s, s, s, Shard(0) if d == 2 else R], mesh, [s],
-                   f"attention variants {s}", constants=(3,))
-        cu_q = torch.tensor([0, 5, 9, 20], dtype=torch.int32)
-        cu_k = torch.tensor([0, 7, 9, 30], dtype=torch.int32)
-        qv, kv, vv = randn(20, 4, 16), randn(30, 2, 16), randn(30, 2, 16)
-        _check(lambda q, k, v: pyllm.attention_varlen(q, k, v, cu_q.clone(), cu_k.clone(),
-                                                      causal=True),
-               [qv, kv, vv], [Shard(1)] * 3, mesh, [Shard(1)], "attention_varlen heads")
-        logits, target = randn(12, 50), torch.randint(0, 50, (12,), generator=g)
-        _check(lambda z, t: pyllm.cross_entropy(z, t, reduction="none"), [logits, target],
-               [Shard(0), Shard(0)], mesh, [Shard(0)], "cross_entropy rows")
-    finally:
-        torch.distributed.destroy_process_group()
+    x, r, w, b = randn(6, 10, 32), randn(6, 10, 32), randn(32), randn(32)
+    for d in (0, 1):
+        s = Shard(d)
+        _check(lambda x, w: pyllm.rms_norm(x, w, 1e-6), [x, w], [s, R], mesh, [s],
+               f"rms_norm {s}")
+        _check(lambda x, r, w: pyllm.add_rms_norm(x, r, w, 1e-6), [x, r, w], [s, s, R], mesh,
+               [s, s], f"add_rms_norm {s}")
+        _check(lambda x, w, b: pyllm.layer_norm(x, w, b, 1e-5), [x, w, b], [s, R, R], mesh,
+               [s], f"layer_norm {s}")
+        _check(lambda x, r, w, b: pyllm.add_layer_norm(x, r, w, b, 1e-5), [x, r, w, b],
+               [s, s, R, R], mesh, [s, s], f"add_layer_norm {s}")
+    wl, bl = randn(48, 32) * 0.2, randn(48)
+    for act in ("none", "gelu_tanh", "silu"):
+        _check(lambda x, w, b: pyllm.linear(x, w, b, act), [x, wl, bl], [R, Shard(0), Shard(0)],
+               mesh, [Shard(2)], f"linear column-wise {act}")
+        _check(lambda x, w, b: pyllm.linear(x, w, b, act), [x, wl, bl], [Shard(0), R, R],
+               mesh, [Shard(0)], f"linear rows {act}")
+    _check(lambda x, w, b: pyllm.linear(x, w, b), [x, wl, bl], [Shard(2), Shard(1), R], mesh,
+           [Partial()], "linear row-wise")
+    wg, wu = randn(40, 32) * 0.2, randn(40, 32) * 0.2
+    _check(lambda x, a, c: pyllm.swiglu(x, a, c), [x, wg, wu], [R, Shard(0), Shard(0)], mesh,
+           [Shard(2)], "swiglu column-wise")
+    _check(lambda x, a, c: pyllm.swiglu(x, a, c), [x, wg, wu], [Shard(1), R, R], mesh,
+           [Shard(1)], "swiglu rows")
+    q, k, v = randn(4, 9, 4, 16), randn(4, 13, 2, 16), randn(4, 13, 2, 16)
+    slopes = randn(4).abs() * 0.1
+    for d in (0, 2):
+        s = Shard(d)
+        _check(lambda q, k, v: pyllm.attention(q, k, v, causal=True), [q, k, v], [s, s, s],
+               mesh, [s], f"attention {s}")
+        _check(lambda q, k, v, a: pyllm.attention(q, k, v, causal=True, window_size=(5, 0),
+                                                  softcap=3.0, alibi_slopes=a),
+               [q, k, v, slopes], [s, s, s, Shard(0) if d == 2 else R], mesh, [s],
+               f"attention variants {s}", constants=(3,))
+    cu_q = torch.tensor([0, 5, 9, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 9, 30], dtype=torch.int32)
+    qv, kv, vv = randn(20, 4, 16), randn(30, 2, 16), randn(30, 2, 16)
+    _check(lambda q, k, v: pyllm.attention_varlen(q, k, v, cu_q.clone(), cu_k.clone(),
+                                                  causal=True),
+           [qv, kv, vv], [Shard(1)] * 3, mesh, [Shard(1)], "attention_varlen heads")
+    logits, target = randn(12, 50), torch.randint(0, 50, (12,), generator=g)
+    _check(lambda z, t: pyllm.cross_entropy(z, t, reduction="none"), [logits, target],
+           [Shard(0), Shard(0)], mesh, [Shard(0)], "cross_entropy rows")
 
 
 def test_ops_on_dtensors_equal_single_process():
-    mp.spawn(_ops_worker, args=(2, _free_port()), nprocs=2, join=True)
+    run_in_processes(_ops_worker)
 
 
 def _tp_plan(model, sequence: bool):
@@ -170,29 +157,23 @@ def _llama():
     return LlamaForCausalLM.from_hf(transformers.LlamaForCausalLM(config))
 
 
-def _tp_worker(rank, world, port, folder, sequence):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.tensor import init_device_mesh
-        from torch.distributed.tensor.parallel import parallelize_module
+def _tp_worker(rank, world, folder, sequence):
+    from torch.distributed.tensor import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
 
-        from pyllm.models import causal_lm_loss
+    from pyllm.models import causal_lm_loss
 
-        model = _llama().train()
-        mesh = init_device_mesh("cpu", (world,))
-        parallelize_module(model, mesh, _tp_plan(model, sequence))
-        ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
-        logits = model(ids)
-        causal_lm_loss(logits, ids).backward()
-        grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
-                 for k, p in model.named_parameters()}
-        if rank == 0:
-            torch.save({"logits": logits.detach(), "grads": grads},
-                       os.path.join(folder, "tp.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    model = _llama().train()
+    mesh = init_device_mesh("cpu", (world,))
+    parallelize_module(model, mesh, _tp_plan(model, sequence))
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    logits = model(ids)
+    causal_lm_loss(logits, ids).backward()
+    grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+             for k, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"logits": logits.detach(), "grads": grads},
+                   os.path.join(folder, "tp.pt"))
 
 
 @pytest.mark.parametrize("sequence", [False, True], ids=["tensor", "tensor+sequence"])
@@ -205,7 +186,7 @@ def test_llama_under_tensor_parallelism_equals_single_process(tmp_path, sequence
     pytest.importorskip("transformers")
     from pyllm.models import causal_lm_loss
 
-    mp.spawn(_tp_worker, args=(2, _free_port(), str(tmp_path), sequence), nprocs=2, join=True)
+    run_in_processes(_tp_worker, str(tmp_path), sequence)
     got = torch.load(tmp_path / "tp.pt")
     single = _llama().train()
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -231,27 +212,21 @@ def _blocks(model):
     return model.model.layers if hasattr(model, "model") else model.transformer.h
 
 
-def _fsdp_worker(rank, world, port, folder, compiled, name="llama"):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.fsdp import fully_shard
+def _fsdp_worker(rank, world, folder, compiled, name="llama"):
+    from torch.distributed.fsdp import fully_shard
 
-        from pyllm.models import causal_lm_loss
+    from pyllm.models import causal_lm_loss
 
-        model = (_llama() if name == "llama" else _gpt2()).train()
-        for layer in _blocks(model):
-            fully_shard(layer)
-        fully_shard(model)
-        run = torch.compile(model) if compiled else model
-        ids = torch.randint(0, 97, (4, 11), generator=torch.Generator().manual_seed(1))
-        causal_lm_loss(run(ids.chunk(world)[rank]), ids.chunk(world)[rank]).backward()
-        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
-        if rank == 0:
-            torch.save(grads, os.path.join(folder, "fsdp.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    model = (_llama() if name == "llama" else _gpt2()).train()
+    for layer in _blocks(model):
+        fully_shard(layer)
+    fully_shard(model)
+    run = torch.compile(model) if compiled else model
+    ids = torch.randint(0, 97, (4, 11), generator=torch.Generator().manual_seed(1))
+    causal_lm_loss(run(ids.chunk(world)[rank]), ids.chunk(world)[rank]).backward()
+    grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(grads, os.path.join(folder, "fsdp.pt"))
 
 
 @pytest.mark.parametrize("name,compiled", [("llama", False), ("llama", True), ("gpt2", False)],
@@ -264,8 +239,7 @@ def test_under_fsdp2_equals_single_process(tmp_path, name, compiled):
     pytest.importorskip("transformers")
     from pyllm.models import causal_lm_loss
 
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path), compiled, name), nprocs=2,
-             join=True)
+    run_in_processes(_fsdp_worker, str(tmp_path), compiled, name)
     got = torch.load(tmp_path / "fsdp.pt")
     single = (_llama() if name == "llama" else _gpt2()).train()
     ids = torch.randint(0, 97, (4, 11), generator=torch.Generator().manual_seed(1))

@@ -7,13 +7,12 @@ gradients, and the sliding-window perplexity matching transformers'."""
 import copy
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from harness import check_rule
+from processes import run_in_processes
 from pyllm.models import (BertForMaskedLM, GPT2LMHeadModel, causal_lm_loss, masked_lm_loss,
                           perplexity)
 
@@ -156,29 +155,17 @@ def test_torch_compile_training_step_equals_eager(name):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=key)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = GPT2LMHeadModel.from_hf(hf_gpt2()).train()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        ids = tokens().chunk(world)[rank]
-        causal_lm_loss(ddp(ids), ids).backward()
-        torch.save({k: p.grad for k, p in model.named_parameters()},
-                   os.path.join(folder, f"grads{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank, world, folder):
+    model = GPT2LMHeadModel.from_hf(hf_gpt2()).train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ids = tokens().chunk(world)[rank]
+    causal_lm_loss(ddp(ids), ids).backward()
+    torch.save({k: p.grad for k, p in model.named_parameters()},
+               os.path.join(folder, f"grads{rank}.pt"))
 
 
 def test_distributed_data_parallel_gradients_equal_single_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_in_processes(_ddp_worker, str(tmp_path))
     single = GPT2LMHeadModel.from_hf(hf_gpt2()).train()
     ids = tokens()
     causal_lm_loss(single(ids), ids).backward()  # equal halves: mean of means = mean
