@@ -2,7 +2,7 @@
 // its headers). The operators register themselves with the dispatcher when
 // the library loads (static initialisers), so the module exposes only what
 // the dispatcher can't: which CPU instruction set the kernels chose at run
-// time, and the CPU output cache (and allocation from it, for the Python
+// time, the batch-invariant flag, and the CPU output cache (and allocation from it, for the Python
 // faces' own large CPU outputs).
 
 #include <pybind11/pybind11.h>
@@ -12,6 +12,7 @@
 #include <exception>
 #include <string>
 
+#include "common/batch_invariant.h"
 #include "cpu/isa.h"
 #include "cpu/output.h"
 
@@ -33,6 +34,10 @@ PYBIND11_MODULE(_C, m) {
       "cpu_isa_detected",
       []() -> std::string { return pyllm::cpu::isa_name(pyllm::cpu::detected_isa()); },
       "The best instruction set this CPU and OS support.");
+  m.def("set_batch_invariant", &pyllm::set_batch_invariant,
+        "Turns batch-invariant mode on or off for the C++ kernels of this module.");
+  m.def("batch_invariant", &pyllm::batch_invariant,
+        "Whether batch-invariant mode is on for the C++ kernels of this module.");
   m.def("empty_cache", &pyllm::cpu::empty_output_cache,
         "Frees the CPU output cache; returns the bytes released.");
   m.def("cache_bytes", &pyllm::cpu::output_cache_bytes, "Bytes held by the CPU output cache.");

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pyllm.invariance import is_batch_invariant
 from pyllm.kernels.cross_entropy import _tanh_and_derivative
 from pyllm.kernels.launch import interpreter_tiles, on_device, register
 
@@ -216,7 +217,8 @@ def attention_forward_kernel(
         IS_VARLEN: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
         SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr,
         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, D_MULTIPLE: tl.constexpr, PAGED: tl.constexpr = False):
+        BLOCK_D: tl.constexpr, D_MULTIPLE: tl.constexpr, PAGED: tl.constexpr = False,
+        ALIGN_KEYS: tl.constexpr = False):
     # Program: (query block, or key split when SPLIT), head, sequence.
     # head_dim and the q/k/v/o strides are multiples of D_MULTIPLE (the
     # launcher's _vector_multiple): 16-byte loads where head_dim is not a
@@ -250,6 +252,8 @@ def attention_forward_kernel(
         k_hi = tl.minimum(k_hi, (block_m + 1) * BLOCK_M + offset + window_right)
     if WINDOW_LEFT:  # its first query from key - window_left on
         k_lo = tl.maximum(k_lo, block_m * BLOCK_M + offset - window_left)
+        if ALIGN_KEYS:  # batch-invariant mode: the same key blocks for every query block
+            k_lo = k_lo // BLOCK_N * BLOCK_N
     b64 = b.to(tl.int64)
     q_base = Q + b64 * stride_qb + tl.cast(q_first, tl.int64) * stride_qt + h.to(tl.int64) * stride_qh
     if PAGED:  # the block table places each key (CU_K gives the counts only)
@@ -624,8 +628,11 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
     variant = (*variant, block_table.stride(0) if paged else 0, k.shape[1] if paged else 1)
     flags = dict(IS_VARLEN=varlen, HAS_BIAS=bias is not None, BLOCK_D=block_d,
                  D_MULTIPLE=_vector_multiple(head_dim, q, k, v, out), PAGED=paged, **variant_flags)
+    invariant = is_batch_invariant()
     with on_device(q):
-        if seq_q <= DECODE_MAX_QUERIES:
+        # Batch-invariant mode: no split-KV decode; a decode query goes through
+        # the prefill kernel, its key blocks aligned (ALIGN_KEYS), as in a prefill.
+        if seq_q <= DECODE_MAX_QUERIES and not invariant:
             config = decode_config(block_d, alibi is not None)
             block_n = config["BLOCK_N"]
             # Splits: enough programs to fill the device, each at least 256 keys.
@@ -650,7 +657,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
             attention_forward_kernel[grid](
                 q, k, v, bias if bias is not None else q, alibi_arg, out, lse, cu_q, cu_k, lse, table, *common,
                 seq_q, seq_k, group, head_dim, scale, 0, *variant, SPLIT=False, **flags,
-                **config)
+                ALIGN_KEYS=invariant and variant_flags["WINDOW_LEFT"], **config)
     return out, lse
 
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from pyllm.backend import triton_interpreting
+from pyllm.invariance import is_batch_invariant
 from pyllm.kernels.launch import on_device, register, shipped_config_index
 
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
@@ -55,6 +56,10 @@ CONFIGS_TWO = [
     _config(32, 64, 32, 2, 4),
     _config(16, 64, 64, 2, 3),
 ]
+#: Batch-invariant mode's tile (pyllm.batch_invariant()): one for every M, the
+#: 64 x 64 x 32 of each list.
+INVARIANT_CONFIG = 3
+INVARIANT_CONFIG_TWO = 2
 #: The Triton interpreter runs every candidate when autotuning: one small tile there.
 INTERPRETER_CONFIGS = [_config(16, 32, 16, 1, 1, group=2)]
 
@@ -222,6 +227,10 @@ def matmul(a, b, out, *, b2=None, bias=None, bias2=None, activation="none", epil
             shipped = shipped_config_index()
             if shipped is not None:  # the interpreter, running a GPU configuration
                 kernel = _fixed(two, shipped % len(CONFIGS_TWO if two else CONFIGS))
+            elif is_batch_invariant() and not triton_interpreting():
+                # One tile whatever M (the autotuner picks per M bucket). (The
+                # interpreter has one configuration only.)
+                kernel = _fixed(two, INVARIANT_CONFIG_TWO if two else INVARIANT_CONFIG)
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
             kernel[grid](*args, **flags)
     return out

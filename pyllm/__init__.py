@@ -27,6 +27,7 @@ _extension.load()
 from pyllm import backend  # noqa: E402
 from pyllm.backend import BackendError, backends, current_backend, use_backend  # noqa: E402
 from pyllm.memory import cached_bytes, empty_cache  # noqa: E402
+from pyllm.invariance import batch_invariant, is_batch_invariant, set_batch_invariant  # noqa: E402
 import pyllm.ops  # noqa: E402,F401  (registers the fake kernels and autograd)
 from pyllm.ops.attention import attention, attention_paged, attention_varlen  # noqa: E402
 from pyllm.ops.layer_norm import add_layer_norm, layer_norm  # noqa: E402
@@ -55,6 +56,7 @@ __all__ = [
     "attention",
     "attention_varlen",
     "attention_paged",
+    "batch_invariant",
     "cross_entropy",
     "layer_norm",
     "linear",
@@ -68,9 +70,11 @@ __all__ = [
     "cached_bytes",
     "current_backend",
     "empty_cache",
+    "is_batch_invariant",
     "rms_norm",
     "rotary",
     "rotary_tables",
+    "set_batch_invariant",
     "swiglu",
     "unpatch",
     "use_backend",

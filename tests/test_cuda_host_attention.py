@@ -35,7 +35,7 @@ class HostAttention:
 
     def __init__(self, q, k, v, cu_q=None, cu_k=None, bias=None, causal=False, scale=None,
                  offset=0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                 block_table=None):
+                 block_table=None, batch_invariant=False):
         # block_table (varlen, forward only): k and v are (pages, page_size,
         # heads_kv, head_dim) pages, cu_k the key counts.
         self.varlen = cu_q is not None
@@ -49,7 +49,8 @@ class HostAttention:
         else:
             batch, seq_q, seq_k = q.shape[0], q.shape[1], k.shape[1]
         alibi_stride = 0 if alibi_slopes is None or alibi_slopes.dim() == 1 else heads
-        self.geometry = i64(batch, heads, heads_kv, d, seq_q, seq_k, *window_size, alibi_stride)
+        self.geometry = i64(batch, heads, heads_kv, d, seq_q, seq_k, *window_size, alibi_stride,
+                            int(batch_invariant))
         self.softcap = softcap
         self.alibi = None if alibi_slopes is None else guarded_input(
             alibi_slopes.float().contiguous())

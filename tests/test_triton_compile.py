@@ -231,7 +231,7 @@ def _forward_signature(t):
     scalars = {"seq_q": "i32", "seq_k": "i32", "group": "i32", "head_dim": "i32",
                "scale": "fp32", "keys_per_split": "i32", **_VARIANT_SCALARS,
                "table_stride": "i32", "page_size": "i32"}
-    return _attention_signature(t, pointers, scalars, _FLAGS + ("SPLIT", "PAGED"))
+    return _attention_signature(t, pointers, scalars, _FLAGS + ("SPLIT", "PAGED", "ALIGN_KEYS"))
 
 
 def _check_attention_forward(split, block_d, dtype, arch, config, variant):
@@ -239,10 +239,11 @@ def _check_attention_forward(split, block_d, dtype, arch, config, variant):
 
     blocks, warps, stages = _launch(config)
     signature = _forward_signature(TYPES[dtype][0])
-    # dense, varlen, and varlen over a paged KV cache (the block table's lookup per key)
+    # dense, varlen, and varlen over a paged KV cache (the block table's lookup per key);
+    # the varlen prefills in batch-invariant mode (ALIGN_KEYS: aligned window blocks)
     for varlen, paged in ((False, False), (True, False), (True, True)):
         constexprs = dict(blocks, IS_VARLEN=varlen, SPLIT=split, BLOCK_D=block_d, D_MULTIPLE=16,
-                          PAGED=paged, **variant)
+                          PAGED=paged, ALIGN_KEYS=varlen and not split, **variant)
         check(attention.attention_forward_kernel, signature, constexprs, arch, warps, stages,
               _DIVISIBLE)
     if split:
@@ -317,7 +318,7 @@ def test_attention_compiles_with_64bit_batch_strides(arch):
         signature[name] = "i64"
     constexprs = dict(blocks, IS_VARLEN=False, WINDOW_LEFT=False, WINDOW_RIGHT=True,
                       SOFTCAP=False, HAS_BIAS=True, HAS_ALIBI=False, SPLIT=False, BLOCK_D=128,
-                      D_MULTIPLE=16, PAGED=False)
+                      D_MULTIPLE=16, PAGED=False, ALIGN_KEYS=False)
     compiled, _ = compile_triton(attention.attention_forward_kernel, signature, constexprs, arch,
                                  warps, stages, _DIVISIBLE)
     assert "mul.wide" in compiled.asm["ptx"] or "mul.lo.s64" in compiled.asm["ptx"]

@@ -42,6 +42,9 @@ struct AttentionGeometry {
   // Keys and values in pages (their TokenLayouts hold the block table):
   // cu_k gives the key counts only, each sequence's keys start at token 0.
   bool paged = false;
+  // Batch-invariant mode (common/batch_invariant.h): no split-KV decode, and
+  // every walk over keys starts at a multiple of its block (walk_start).
+  bool batch_invariant = false;
 
   PYLLM_HOST_DEVICE int64_t len_q(int64_t s) const { return cu_q ? cu_q[s + 1] - cu_q[s] : seq_q; }
   PYLLM_HOST_DEVICE int64_t len_k(int64_t s) const { return cu_k ? cu_k[s + 1] - cu_k[s] : seq_k; }
@@ -55,6 +58,13 @@ struct AttentionGeometry {
   PYLLM_HOST_DEVICE int64_t key_lo(int64_t t, int64_t shift) const {
     const int64_t lo = window_left < 0 ? 0 : t + shift - window_left;
     return lo < 0 ? 0 : lo;
+  }
+  // Where a walk over keys in blocks of `block` starts for a range beginning
+  // at key `lo`: lo itself, or in batch-invariant mode the multiple of `block`
+  // at or below it, so that a query's keys fall into the same blocks whichever
+  // queries share its tile (the keys before lo are masked and add nothing).
+  PYLLM_HOST_DEVICE int64_t walk_start(int64_t lo, int64_t block) const {
+    return batch_invariant ? lo / block * block : lo;
   }
   PYLLM_HOST_DEVICE int64_t key_hi(int64_t t, int64_t shift, int64_t len_k) const {
     if (window_right < 0) return len_k;

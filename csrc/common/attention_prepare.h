@@ -14,6 +14,7 @@
 #include <cmath>
 
 #include "attention_args.h"
+#include "batch_invariant.h"
 #include "tensor_args.h"
 
 namespace pyllm {
@@ -91,6 +92,7 @@ inline Prepared prepare(const char* op, c10::DeviceType device_type, const Tenso
   TORCH_CHECK_VALUE(k_in.sizes() == v_in.sizes(), "pyllm::", op, ": k and v must have one shape");
   g.scale = static_cast<float>(scale);
   g.causal = causal;
+  g.batch_invariant = batch_invariant();
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "pyllm::", op,
                     ": window sizes must be -1 (unbounded) or >= 0, got (", window_left, ", ",
                     window_right, ")");

@@ -170,7 +170,10 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
   Tensor lse = new_lse(p, p.q);
   const AttentionForward a = forward_args(p, out, lse);
   if (g.batch == 0 || g.heads == 0) return {out, lse};
-  if (g.seq_q <= kDecodeMaxQueries) {
+  // Batch-invariant mode: every query through the prefill kernel, whose
+  // result for a row depends on that row's keys only (the decode path's key
+  // slices depend on the batch and the thread count).
+  if (g.seq_q <= kDecodeMaxQueries && !g.batch_invariant) {
     decode(a);
     return {out, lse};
   }

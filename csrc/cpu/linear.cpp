@@ -22,6 +22,7 @@
 #include "isa.h"
 #include "kernels/gemm.h"
 #include "output.h"
+#include "../common/batch_invariant.h"
 #include "../common/linear_checks.h"
 #include "../common/tensor_args.h"
 
@@ -53,7 +54,8 @@ GemmSkinnyFn skinny_kernel() {
                                 avx512_bf16::gemm_skinny);
 }
 
-// Runs one GEMM, in parallel: the skinny path for a few rows of x @ W^T,
+// Runs one GEMM, in parallel: the skinny path for a few rows of x @ W^T
+// (not in batch-invariant mode),
 // else tasks of whole column blocks (each packs its own panels), split by rows
 // too when there are too few column blocks for the threads.
 void run(const GemmArgs& args) {
@@ -78,7 +80,11 @@ void run(const GemmArgs& args) {
                            (g.epilogue != Epilogue::swiglu && g.epilogue != Epilogue::grad_swiglu
                                 ? true
                                 : g.b2.rs == 1);
-  if (g.M <= kGemmSkinnyRows && weight_rows) {
+  // Batch-invariant mode: the blocked path for every M. Its sum for one
+  // output element (K in blocks of kSumBlock, each in order) is the same in
+  // whichever tile and row split the row falls; the skinny and GEMV paths
+  // reduce in other orders.
+  if (g.M <= kGemmSkinnyRows && weight_rows && !batch_invariant()) {
     const GemmSkinnyFn kernel = skinny_kernel();
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       kernel(g, b0 * kGemmColumnBlock, std::min(g.N, b1 * kGemmColumnBlock));

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) attention_forward_ker
   // The keys any row of this CTA sees: a window skips the others.
   const int64_t first = DECODE ? 0 : R.r0;
   const int64_t last = DECODE ? R.lq - 1 : std::min<int64_t>(R.r0 + kBlockM, R.lq) - 1;
-  k_lo = std::max<int64_t>(k_lo, g.key_lo(first, shift));
+  k_lo = g.walk_start(std::max<int64_t>(k_lo, g.key_lo(first, shift)), BN);
   const int64_t k_end = std::max<int64_t>(k_lo, std::min<int64_t>(k_hi, g.key_hi(last, shift, R.lk)));
   const int64_t blocks = (k_end - k_lo + BN - 1) / BN;
 
@@ -247,8 +247,10 @@ constexpr int64_t kDecodeMinKeys = 256;  // keys at least, for the split path
 constexpr int64_t kDecodeKeysPerSplit = 128;
 constexpr int64_t kDecodeTargetCtas = 256;
 
+// Not in batch-invariant mode: there a decode query goes through the prefill
+// kernel, as it would in a prefill (the splits depend on the batch).
 bool takes_decode_path(const AttentionGeometry& g) {
-  return g.seq_q * (g.heads / g.heads_kv) <= kBlockM && g.seq_k >= kDecodeMinKeys;
+  return !g.batch_invariant && g.seq_q * (g.heads / g.heads_kv) <= kBlockM && g.seq_k >= kDecodeMinKeys;
 }
 
 int64_t decode_splits(const AttentionGeometry& g) {

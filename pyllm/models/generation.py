@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from pyllm.invariance import is_batch_invariant
+
 __all__ = ["GenerationMixin", "choose_next_token", "forward_paged", "last_tokens",
            "positions_from_mask"]
 
@@ -111,12 +113,19 @@ class GenerationMixin:
                 tokens (the model's ``new_paged_caches``): each prompt's real
                 tokens are packed without padding and each sequence takes the
                 pages it fills; the tokens are those of the contiguous caches.
+                In batch-invariant mode (:func:`pyllm.batch_invariant`) a
+                left-padded batch takes this path (pages of 16) by default:
+                padding would move a sequence's keys, so its tokens would
+                depend on the others' lengths.
 
         Returns:
             ``(batch, prompt + max_new_tokens)`` int64 (shorter when every
             sequence stopped early).
         """
         b = input_ids.shape[0]
+        if page_size is None and is_batch_invariant() and attention_mask is not None and \
+                not bool(attention_mask.all()):
+            page_size = 16
         if page_size is not None:
             logits_of, step_ids = self._paged_steps(input_ids, attention_mask, max_new_tokens,
                                                     page_size)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from pyllm import backend as _backend
 from pyllm.checks import check_float, check_tensor
+from pyllm.invariance import is_batch_invariant
 from pyllm.ops.registry import declare
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "REDUCTIONS"]
@@ -170,9 +171,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, softcap,
-                reduction, chunk, fn, out_dtype):
+                reduction, chunk, fn, gemm, out_dtype):
         need = ctx.needs_input_grad
-        ctx.reduction, ctx.chunk, ctx.fn = reduction, chunk, fn
+        ctx.reduction, ctx.chunk, ctx.fn, ctx.gemm = reduction, chunk, fn, gemm
         ctx.options = (ignore_index, smoothing, z_loss, softcap)
         want = (need[0], need[1], bias is not None and need[2])
         eager = reduction != "none" and any(want)
@@ -183,7 +184,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # a CPU scalar multiplies in float32 on every device; a device
                 # one would be rounded to the gradient's dtype first
                 factor = factor.cpu()
-        loss, grads = _chunked(hidden, weight, bias, target, ctx.options, chunk, fn,
+        loss, grads = _chunked(hidden, weight, bias, target, ctx.options, chunk, fn, gemm,
                                want if eager else (False, False, False), factor)
         out, _ = _reduce(loss, target, ignore_index, reduction)
         if reduction == "none":
@@ -200,7 +201,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             need = ctx.needs_input_grad
             want = (need[0], need[1], bias is not None and need[2])
             _, grads = _chunked(hidden, weight, bias, target, ctx.options, ctx.chunk, ctx.fn,
-                                want, grad_out)
+                                ctx.gemm, want, grad_out)
         else:
             grads = getattr(ctx, "grads", None)
             if grads is None:
@@ -214,7 +215,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for g in grads:
                 if g is not None and not unit:
                     g.mul_(grad_out)  # in place: grad_weight is never copied
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def _allocator(like: torch.Tensor):
@@ -229,13 +230,15 @@ def _allocator(like: torch.Tensor):
     return lambda shape, dtype: torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _chunked(hidden, weight, bias, target, options, chunk, fn, want, scale):
+def _chunked(hidden, weight, bias, target, options, chunk, fn, gemm, want, scale):
     """Losses of every row, and the gradients selected by ``want`` (hidden,
     weight, bias), in their inputs' dtypes. ``scale``: None, a float32 0-dim
     factor of every row's gradient (the mean's), or ``(rows,)`` (each row's
     upstream gradient, for reduction none). The logits of a chunk live in one
     buffer reused by every chunk; grad_weight accumulates in weight's dtype,
-    each chunk's GEMM adding in float32 and rounding once."""
+    each chunk's GEMM adding in float32 and rounding once. ``gemm``: None, or
+    (batch-invariant mode) the backend's linear op, which computes the logits
+    instead of torch.mm (whose path depends on the chunk's rows)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     empty = _allocator(hidden)
     loss = torch.empty(rows, dtype=torch.float32, device=hidden.device)
@@ -254,7 +257,9 @@ def _chunked(hidden, weight, bias, target, options, chunk, fn, want, scale):
     for s in range(0, rows, chunk):
         e = min(rows, s + chunk)
         h, logits = hidden[s:e], buffer[:e - s]
-        if bias is not None:
+        if gemm is not None:
+            logits = gemm(h, weight, bias, "none")
+        elif bias is not None:
             torch.addmm(bias, h, weight.t(), out=logits)
         else:
             torch.mm(h, weight.t(), out=logits)
@@ -349,12 +354,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     chunk = _chunk_rows(hidden2.shape[0], hidden2.shape[1], chunk_size)
     probe = hidden2.new_empty((0, weight.shape[0]))
     fn = _backend.route("cross_entropy", probe, backend)
+    gemm = _backend.route("linear", hidden2[:0], backend) if is_batch_invariant() else None
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
                                       and out_dtype.is_floating_point):
         raise TypeError(f"{op}: out_dtype must be a floating torch.dtype or None, got "
                         f"{out_dtype!r}")
     return _LinearCrossEntropy.apply(hidden2, weight, bias, target, ignore_index, smoothing,
-                                     z_loss, softcap, reduction, chunk, fn,
+                                     z_loss, softcap, reduction, chunk, fn, gemm,
                                      out_dtype or hidden.dtype)
 
 

@@ -52,7 +52,7 @@ int host_gemm(const void* a, const void* b, const void* b2, const float* bias, c
 // Attention. geometry: batch, heads, heads_kv, head_dim, seq_q, seq_k,
 // window_left, window_right (-1: unbounded; causal sets the right one to 0,
 // as the operators do), the ALiBi slopes' batch stride (0 or heads; alibi
-// null: none); token_strides: (batch, token, head) strides of q, k,
+// null: none), batch-invariant mode (0 or 1); token_strides: (batch, token, head) strides of q, k,
 // v, out (and for the backward grad_out, grad_q, grad_k, grad_v);
 // lse_strides: (batch, head); bias_strides: (batch, head, q, k).
 static AttentionGeometry geometry(const int64_t* g, const int32_t* cu_q, const int32_t* cu_k,
@@ -64,6 +64,7 @@ static AttentionGeometry geometry(const int64_t* g, const int32_t* cu_q, const i
   out.softcap = softcap;
   out.alibi = alibi;
   out.alibi_batch_stride = g[8];
+  out.batch_invariant = g[9] != 0;
   return out;
 }
 

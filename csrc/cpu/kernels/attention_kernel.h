@@ -374,7 +374,7 @@ void forward_task(const AttentionForward& a, int64_t s, int64_t h, int64_t q_beg
     l[i] = 0.f;
   }
   // the keys any of these queries sees: a sliding window skips the others
-  const int64_t k_start = g.key_lo(q_begin, offset);
+  const int64_t k_start = g.walk_start(g.key_lo(q_begin, offset), BK);
   const int64_t k_stop = imax(k_start, g.key_hi(q_end - 1, offset, lk));
   for (int64_t j0 = k_start; j0 < k_stop; j0 += BK) {
     const int64_t bk = imin(BK, k_stop - j0);
@@ -531,7 +531,7 @@ void forward_task_bf16(const AttentionForward& a, int64_t s, int64_t h, int64_t 
     m[i] = -kInf;
     l[i] = 0.f;
   }
-  const int64_t k_start = g.key_lo(q_begin, offset);
+  const int64_t k_start = g.walk_start(g.key_lo(q_begin, offset), BK);
   const int64_t k_stop = imax(k_start, g.key_hi(q_end - 1, offset, lk));
   for (int64_t j0 = k_start; j0 < k_stop; j0 += BK) {
     const int64_t bk = imin(BK, k_stop - j0);
@@ -849,7 +849,7 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
   const float* lse = stat_row(a.lse, g, s, h);
   const float* delta = a.delta + s * a.lse.batch_stride + h * a.lse.head_stride + fq;
   const float alibi = g.alibi_slope(s, h);
-  const int64_t k_start = g.key_lo(q_begin, offset);
+  const int64_t k_start = g.walk_start(g.key_lo(q_begin, offset), BK);
   const int64_t k_stop = imax(k_start, g.key_hi(q_end - 1, offset, lk));
   float slope[kAttentionBlockK];
   for (int64_t j0 = k_start; j0 < k_stop; j0 += BK) {
