@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import pyllm
+from harness import ISAS, run_under_isa
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -244,6 +245,21 @@ def test_attention_paged_equals_contiguous(page_size, backend="cpu"):
                                         backend=backend)
             for s, n in enumerate(lengths.tolist()):
                 _equal(out[s, 0], full[s][n - 1], f"paged decode, sequence {s}, length {n}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_cpu_isa_path(isa):
+    """Each ISA's kernels (forced in a fresh process): the GEMM (blocked, or
+    AVX-512's skinny kernel in the blocked order) and attention."""
+    run_under_isa(isa, """
+        import torch
+        import test_batch_invariant as t
+        for dtype in (torch.float32, torch.bfloat16):
+            t.test_linear(dtype, "silu")
+            t.test_swiglu(dtype)
+            t.test_attention_prefill_equals_decode("window", dtype)
+        t.test_attention_varlen_packing("alibi", torch.bfloat16)
+    """)
 
 
 def test_outside_the_mode_the_comparisons_fail():

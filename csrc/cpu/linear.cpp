@@ -80,11 +80,14 @@ void run(const GemmArgs& args) {
                            (g.epilogue != Epilogue::swiglu && g.epilogue != Epilogue::grad_swiglu
                                 ? true
                                 : g.b2.rs == 1);
-  // Batch-invariant mode: the blocked path for every M. Its sum for one
-  // output element (K in blocks of kSumBlock, each in order) is the same in
-  // whichever tile and row split the row falls; the skinny and GEMV paths
-  // reduce in other orders.
-  if (g.M <= kGemmSkinnyRows && weight_rows && !batch_invariant()) {
+  // Batch-invariant mode: every M summed in the blocked kernel's order (K in
+  // blocks of kSumBlock, each in order), the same in whichever tile and row
+  // split a row falls. The AVX-512 skinny kernel sums that way (for one row
+  // too, instead of the GEMV); the AVX2 and generic skinny kernels and the
+  // GEMV reduce in other orders, so there the blocked kernel runs.
+  const bool invariant = batch_invariant();
+  if (g.M <= kGemmSkinnyRows && weight_rows && (!invariant || active_isa() >= Isa::avx512)) {
+    g.blocked_order = invariant;
     const GemmSkinnyFn kernel = skinny_kernel();
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       kernel(g, b0 * kGemmColumnBlock, std::min(g.N, b1 * kGemmColumnBlock));

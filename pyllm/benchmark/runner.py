@@ -189,6 +189,12 @@ def _run_case(case: Case, dtype_name: str, device: str, device_type: str, backen
             rows.append(_row(case, dtype_name, impl, common, status="FAIL", note=verdict.reason))
             continue
         timed[impl] = (fn, {"error": verdict.error, "error_bound": verdict.bound})
+        if not training:  # the same op in batch-invariant mode: its cost (a column)
+            with pyllm.batch_invariant():
+                verdict = _verdict(as_tuple(bench.pyllm(check_case, name)(*check)), truths,
+                                   pytorch_answer, factor)
+            if verdict.ok:
+                timed[impl + INVARIANT] = (_in_invariant_mode(fn), {})
     timed["torch:eager"] = (eager_fn, {})
     if case.compile_baseline:
         torch._dynamo.reset()
@@ -198,9 +204,27 @@ def _run_case(case: Case, dtype_name: str, device: str, device_type: str, backen
     timings = measure_interleaved({k: fn for k, (fn, _) in timed.items()}, sets, device=device,
                                   min_time=min_time)
     for impl, (_, extra) in timed.items():
-        rows.append(_row(case, dtype_name, impl, common, **extra,
-                         **_timed_fields(timings[impl], case, dtype_name, ceilings)))
+        if impl.endswith(INVARIANT):
+            continue
+        fields = _timed_fields(timings[impl], case, dtype_name, ceilings)
+        if impl + INVARIANT in timings:
+            invariant_ms = timings[impl + INVARIANT].median * 1e3
+            fields.update(invariant_ms=invariant_ms,
+                          invariant_cost=invariant_ms / fields["median_ms"])
+        rows.append(_row(case, dtype_name, impl, common, **extra, **fields))
     return rows
+
+
+#: The suffix of a pyllm implementation timed in batch-invariant mode.
+INVARIANT = " invariant"
+
+
+def _in_invariant_mode(fn: Callable) -> Callable:
+    """fn run in batch-invariant mode (pyllm.batch_invariant())."""
+    def run(*inputs):
+        with pyllm.batch_invariant():
+            return fn(*inputs)
+    return run
 
 
 def plan(ops=None, dtypes=("float32", "bfloat16"), quick=False, suite="default") -> list[dict]:
@@ -277,10 +301,11 @@ def format_table(rows: list[dict]) -> str:
     """The terminal table: one line per implementation, grouped by case. The
     rate is GFLOP/s for compute-bound cases (with the fraction of the measured
     matmul peak) and GB/s for the others (fraction of the measured copy
-    bandwidth)."""
+    bandwidth). "invariant": the time of the same op in batch-invariant mode
+    over its time outside it (forward cases; 1.00x: the mode costs nothing)."""
     header = (f"{'op':<14} {'model':<10} {'case':<13} {'dtype':<9} {'mode':<8} {'implementation':<14} "
               f"{'median':>10} {'p20-p80':>17} {'rate':>12} {'ceil':>5} {'vs eager':>9} "
-              f"{'vs compile':>10}")
+              f"{'vs compile':>10} {'invariant':>9}")
     lines = [header, "-" * len(header)]
     last = None
     for r in rows:
@@ -297,8 +322,9 @@ def format_table(rows: list[dict]) -> str:
         rate, frac = _rate(r)
         vs_e = f"{r['speedup_vs_eager']:8.2f}x" if "speedup_vs_eager" in r else f"{'':>9}"
         vs_c = f"{r['speedup_vs_compile']:9.2f}x" if "speedup_vs_compile" in r else f"{'':>10}"
-        lines.append(start + f"{_us(r['median_ms']):>10} {spread:>17} {rate:>12} {frac:>5} "
-                             f"{vs_e} {vs_c}")
+        inv = f"{r['invariant_cost']:8.2f}x" if "invariant_cost" in r else ""
+        lines.append((start + f"{_us(r['median_ms']):>10} {spread:>17} {rate:>12} {frac:>5} "
+                              f"{vs_e} {vs_c} {inv}").rstrip())
     return "\n".join(lines)
 
 

@@ -50,6 +50,10 @@ struct GemmArgs {
   const void* grad;  // grad_act, grad_swiglu: [M][N], ldg apart
   int64_t ldg;
   DType grad_type;
+  // The skinny path sums in the blocked kernel's order for every M, 1
+  // included (batch-invariant mode; only the AVX-512 skinny kernel can, see
+  // can_sum_like_block in linear.cpp).
+  bool blocked_order = false;
 };
 
 // Columns are handed to the kernels in multiples of this (a multiple of every

@@ -573,8 +573,11 @@ void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
 
 void gemm_skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__)
-  // x and W share a dtype here (checked by the operator).
-  if (g.M >= 2) {
+  // x and W share a dtype here (checked by the operator). skinny_panel sums
+  // each output exactly as block() does (K-slices of kSumBlock, each from
+  // zero, added to the tile), so it also serves one row when the blocked
+  // order is asked for.
+  if (g.M >= 2 || g.blocked_order) {
     switch (g.b.type) {
       case DType::f32: return skinny_panel<float>(g, n0, n1);
       case DType::bf16: return skinny_panel<bf16>(g, n0, n1);
