@@ -115,8 +115,10 @@ def test_rotary(dtype, backend="cpu"):
     positions = torch.randint(0, 64, (21,), generator=gen)
 
     def fn(q, k, positions):
+        from test_rotary import call
+
         q, k = q.clone(), k.clone()
-        pyllm.rotary(q[None], k[None], cos, sin, positions[None], backend=backend)
+        call(backend, q[None], k[None], cos, sin, positions[None])
         return torch.cat([q.flatten(1), k.flatten(1)], 1)
 
     with pyllm.batch_invariant():
@@ -127,9 +129,41 @@ def test_rotary(dtype, backend="cpu"):
 def test_cross_entropy(dtype, backend="cpu"):
     gen = _gen(6)
     logits, target = _randn(gen, 29, 301, dtype=dtype), torch.randint(0, 301, (29,), generator=gen)
+    if backend == "cuda-host":
+        from test_cross_entropy import host_cross_entropy
+
+        fn = lambda z, t: host_cross_entropy(z.contiguous(), t.contiguous(), -100, 0.1, 1e-4, 0.0,  # noqa: E731
+                                             True)[2]
+    else:
+        fn = lambda z, t: pyllm.cross_entropy(z, t, reduction="none", label_smoothing=0.1,  # noqa: E731
+                                              z_loss=1e-4, backend=backend)
     with pyllm.batch_invariant():
-        check_rows(lambda z, t: pyllm.cross_entropy(z, t, reduction="none", backend=backend),
-                   [logits, target], f"cross_entropy {dtype}")
+        check_rows(fn, [logits, target], f"cross_entropy {dtype}")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_paged_kv_append(dtype, backend="cpu"):
+    """New tokens' keys (rotated on the way) and values written into pages:
+    a sequence's pages are the same bits whether its tokens come alone or in a
+    batch with others'."""
+    from test_paged_kv_append import append
+
+    gen = _gen(14)
+    tokens, heads, dim, page_size = 23, 2, 32, 4
+    k, v = _randn(gen, tokens, heads, dim, dtype=dtype), _randn(gen, tokens, heads, dim, dtype=dtype)
+    positions = torch.randint(0, 64, (tokens,), generator=gen)
+    cos, sin = pyllm.rotary_tables(16, 64)
+
+    def fn(k, v, positions):
+        rows = k.shape[0]  # row i into slot i of fresh pages
+        pages = torch.zeros((rows + page_size - 1) // page_size, page_size, heads, dim, dtype=dtype)
+        k_pages, v_pages = pages.clone(), pages.clone()
+        append(backend, k_pages, v_pages, k.contiguous(), v.contiguous(),
+               torch.arange(rows, dtype=torch.int32), cos=cos, sin=sin, positions=positions)
+        return torch.cat([k_pages.flatten(0, 1), v_pages.flatten(0, 1)], 1)[:rows]
+
+    with pyllm.batch_invariant():
+        check_rows(fn, [k, v, positions], f"paged_kv_append {dtype}")
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
@@ -379,6 +413,14 @@ HOST_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", HOST_DTYPES, ids=str)
+def test_cuda_host_rows_ops(dtype):
+    """rotary, cross-entropy and the paged-cache append, row by row."""
+    test_rotary(dtype, "cuda-host")
+    test_cross_entropy(dtype, "cuda-host")
+    test_paged_kv_append(torch.float16, "cuda-host")
+
+
+@pytest.mark.parametrize("dtype", HOST_DTYPES, ids=str)
 def test_cuda_host_gemm(dtype):
     """The CUDA GEMM's two tiles (m <= 64 and above) sum every output alike:
     row subsets of 1..130 rows, plain, with an activation, and SwiGLU."""
@@ -436,9 +478,11 @@ def test_cuda_host_attention_prefill_equals_decode(variant):
     # the control: outside the mode the split-KV decode gives other bits
     from test_cuda_host_attention import HostAttention
 
-    split = HostAttention(q[:, -1:].contiguous(), k.contiguous(), v.contiguous(),
-                          **options).forward()[0]
-    assert not torch.equal(split, full[:, -1:])
+    # (causal: all 300 keys are split; a window of 38 keys fits one split)
+    if variant == "causal":
+        split = HostAttention(q[:, -1:].contiguous(), k.contiguous(), v.contiguous(),
+                              **options).forward()[0]
+        assert not torch.equal(split, full[:, -1:])
     for t0, t1 in ((0, 3), (100, 170), (290, 300)):
         _equal(_host_attention(q[:, t0:t1], k[:, :t1], v[:, :t1], **options), full[:, t0:t1],
                f"CUDA {variant}: prefill chunk [{t0}, {t1})")

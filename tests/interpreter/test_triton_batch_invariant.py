@@ -33,6 +33,10 @@ def test_cross_entropy():
     cases.test_cross_entropy(torch.float32, "triton")
 
 
+def test_paged_kv_append():
+    cases.test_paged_kv_append(torch.float32, "triton")
+
+
 def test_linear_cross_entropy():
     cases.test_linear_cross_entropy(torch.float32, "triton")
 
