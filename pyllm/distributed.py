@@ -244,6 +244,59 @@ def SequenceParallel(*, sequence_dim: int = 1, use_local_output: bool = False): 
     return _SEQUENCE_PARALLEL(sequence_dim=sequence_dim, use_local_output=use_local_output)
 
 
+_FUSED_COLWISE = None
+
+
+def FusedColwiseParallel(parts: int, **kwargs):  # noqa: N802
+    """``ColwiseParallel`` for a projection whose output is ``parts`` blocks
+    side by side, each split on its own: GPT-2's fused ``c_attn`` (q, k and v,
+    ``parts=3``), a fused gate/up projection (``parts=2``). Plain column-wise
+    sharding would hand rank 0 all of q and part of k; this style gives each
+    rank its share of every block, in order, so the local output is
+    ``[q_r | k_r | v_r]`` and the module splits it as it splits the whole.
+
+    The weight ``(parts * n, k)`` and bias are sharded on rows after a
+    permutation of the rows (rank-major), so the DTensor's global (full)
+    tensor is that permutation of the module's weight:
+    :func:`fused_rows_in_order` brings a full tensor (a gathered weight or its
+    gradient) back to the module's order. Other arguments as
+    ``ColwiseParallel``'s. A ``ParallelStyle`` for ``parallelize_module``."""
+    global _FUSED_COLWISE
+    if _FUSED_COLWISE is None:
+        from torch import nn
+        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor.parallel import ColwiseParallel
+
+        class _FusedColwiseParallel(ColwiseParallel):
+            def __init__(self, parts, **kwargs):
+                super().__init__(**kwargs)
+                self.parts = parts
+
+            def _partition_linear_fn(self, name, module, device_mesh):
+                world = device_mesh.size()
+                for pname, param in module.named_parameters():
+                    rows = param.shape[0]
+                    if rows % (self.parts * world):
+                        raise ValueError(
+                            f"pyllm FusedColwiseParallel: {name}.{pname} has {rows} rows, not "
+                            f"{self.parts} blocks that split evenly over {world} ranks")
+                    ranked = param.detach().unflatten(0, (self.parts, world, -1)) \
+                        .transpose(0, 1).reshape(param.shape)
+                    module.register_parameter(pname, nn.Parameter(
+                        distribute_tensor(ranked, device_mesh, [Shard(0)],
+                                          src_data_rank=self.src_data_rank),
+                        requires_grad=param.requires_grad))
+
+        _FUSED_COLWISE = _FusedColwiseParallel
+    return _FUSED_COLWISE(parts, **kwargs)
+
+
+def fused_rows_in_order(full, parts: int, world: int):
+    """A full (gathered) tensor of a :func:`FusedColwiseParallel` parameter,
+    or its gradient, with its rows back in the module's order."""
+    return full.unflatten(0, (world, parts, -1)).transpose(0, 1).reshape(full.shape)
+
+
 def register() -> None:
     """Installs the sharding rules of every pyllm op (idempotent)."""
     global _REGISTERED

@@ -2,9 +2,9 @@
 pyllm/distributed.py) in two real processes (gloo): each op, forward and
 backward, under every layout its rules name, gives the single-process
 result, and keeps the layout (the output's placements are the rule's: no
-silent gather). Then a LLaMA-style pyllm model under parallelize_module
-(ColwiseParallel / RowwiseParallel on attention and MLP) gives the
-single-process logits and gradients."""
+silent gather). Then pyllm's LLaMA and GPT-2 under parallelize_module
+(tensor parallelism, with and without sequence parallelism) and FSDP2 give
+the single-process logits and gradients."""
 
 import os
 
@@ -111,37 +111,52 @@ def test_ops_on_dtensors_equal_single_process():
 
 
 def _tp_plan(model, sequence: bool):
-    """Megatron-style tensor parallelism of a pyllm LLaMA: q/k/v and gate/up
-    column-wise, o_proj and down_proj row-wise (heads and MLP columns split).
-    With ``sequence``, sequence parallelism too: the residual stream and the
-    norms sharded on the sequence between the attention and MLP blocks."""
+    """Megatron-style tensor parallelism of a pyllm LLaMA or GPT-2: q/k/v and
+    the MLP's first projections column-wise (GPT-2's fused c_attn with
+    pyllm.distributed.FusedColwiseParallel), the output projections row-wise
+    (heads and MLP columns split). With ``sequence``, sequence parallelism
+    too: the residual stream and the norms sharded on the sequence between the
+    attention and MLP blocks (the embeddings row-wise with a sequence-sharded
+    output, the LM head column-wise from it)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from pyllm.distributed import SequenceParallel  # the norms take (x, residual)
+    from pyllm.distributed import FusedColwiseParallel, SequenceParallel
 
     seq = dict(input_layouts=Shard(1)) if sequence else {}
     out = dict(output_layouts=Shard(1), use_local_output=False) if sequence else {}
+    embed = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                            use_local_output=False)
+    head = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
     plan = {}
-    if sequence:
-        plan.update({"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(),
-                                                           output_layouts=Shard(1),
-                                                           use_local_output=False),
-                     "model.norm": SequenceParallel(),
-                     "lm_head": ColwiseParallel(input_layouts=Shard(1),
-                                                output_layouts=Replicate())})
-    for i in range(len(model.model.layers)):
-        p = f"model.layers.{i}."
-        plan.update({p + "self_attn.q_proj": ColwiseParallel(**seq),
-                     p + "self_attn.k_proj": ColwiseParallel(**seq),
-                     p + "self_attn.v_proj": ColwiseParallel(**seq),
-                     p + "self_attn.o_proj": RowwiseParallel(**out),
-                     p + "mlp.gate_proj": ColwiseParallel(**seq),
-                     p + "mlp.up_proj": ColwiseParallel(**seq),
-                     p + "mlp.down_proj": RowwiseParallel(**out)})
+    if hasattr(model, "model"):  # LLaMA
         if sequence:
-            plan.update({p + "input_layernorm": SequenceParallel(),
-                         p + "post_attention_layernorm": SequenceParallel()})
+            plan.update({"model.embed_tokens": embed, "model.norm": SequenceParallel(),
+                         "lm_head": head})
+        for i in range(len(model.model.layers)):
+            p = f"model.layers.{i}."
+            plan.update({p + "self_attn.q_proj": ColwiseParallel(**seq),
+                         p + "self_attn.k_proj": ColwiseParallel(**seq),
+                         p + "self_attn.v_proj": ColwiseParallel(**seq),
+                         p + "self_attn.o_proj": RowwiseParallel(**out),
+                         p + "mlp.gate_proj": ColwiseParallel(**seq),
+                         p + "mlp.up_proj": ColwiseParallel(**seq),
+                         p + "mlp.down_proj": RowwiseParallel(**out)})
+            if sequence:
+                plan.update({p + "input_layernorm": SequenceParallel(),
+                             p + "post_attention_layernorm": SequenceParallel()})
+        return plan
+    if sequence:  # GPT-2: token and position embeddings, both sequence-sharded
+        plan.update({"transformer.wte": embed, "transformer.wpe": embed,
+                     "transformer.ln_f": SequenceParallel(), "lm_head": head})
+    for i in range(len(model.transformer.h)):
+        p = f"transformer.h.{i}."
+        plan.update({p + "attn.c_attn": FusedColwiseParallel(3, **seq),
+                     p + "attn.c_proj": RowwiseParallel(**out),
+                     p + "mlp.c_fc": ColwiseParallel(**seq),
+                     p + "mlp.c_proj": RowwiseParallel(**out)})
+        if sequence:
+            plan.update({p + "ln_1": SequenceParallel(), p + "ln_2": SequenceParallel()})
     return plan
 
 
@@ -157,38 +172,51 @@ def _llama():
     return LlamaForCausalLM.from_hf(transformers.LlamaForCausalLM(config))
 
 
-def _tp_worker(rank, world, folder, sequence):
+def _tp_model(name):
+    # GPT-2 with its LM head apart from the token embedding (sequence
+    # parallelism shards the two on different dimensions)
+    return _llama() if name == "llama" else _gpt2(tie_word_embeddings=False)
+
+
+def _tp_worker(rank, world, folder, sequence, name="llama"):
     from torch.distributed.tensor import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
+    from pyllm.distributed import fused_rows_in_order
     from pyllm.models import causal_lm_loss
 
-    model = _llama().train()
+    model = _tp_model(name).train()
     mesh = init_device_mesh("cpu", (world,))
-    parallelize_module(model, mesh, _tp_plan(model, sequence))
+    plan = _tp_plan(model, sequence)
+    parallelize_module(model, mesh, plan)
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
     logits = model(ids)
     causal_lm_loss(logits, ids).backward()
-    grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
-             for k, p in model.named_parameters()}
+    grads = {}
+    for k, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        if type(plan.get(k.rsplit(".", 1)[0])).__name__ == "_FusedColwiseParallel":
+            g = fused_rows_in_order(g, 3, world)
+        grads[k] = g
     if rank == 0:
         torch.save({"logits": logits.detach(), "grads": grads},
                    os.path.join(folder, "tp.pt"))
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
 @pytest.mark.parametrize("sequence", [False, True], ids=["tensor", "tensor+sequence"])
-def test_llama_under_tensor_parallelism_equals_single_process(tmp_path, sequence):
-    """parallelize_module with ColwiseParallel / RowwiseParallel (and
-    SequenceParallel on the norms, the residual stream sharded on the
-    sequence) on pyllm.nn modules (subclasses of the torch classes, so the
-    plans take them): the logits and every parameter's gradient of the
-    single process."""
+def test_under_tensor_parallelism_equals_single_process(tmp_path, sequence, name):
+    """parallelize_module with ColwiseParallel / RowwiseParallel (GPT-2's fused
+    QKV with FusedColwiseParallel; SequenceParallel on the norms, the residual
+    stream sharded on the sequence) on pyllm.nn modules (subclasses of the
+    torch classes, so the plans take them): the logits and every parameter's
+    gradient of the single process."""
     pytest.importorskip("transformers")
     from pyllm.models import causal_lm_loss
 
-    run_in_processes(_tp_worker, str(tmp_path), sequence)
+    run_in_processes(_tp_worker, str(tmp_path), sequence, name)
     got = torch.load(tmp_path / "tp.pt")
-    single = _llama().train()
+    single = _tp_model(name).train()
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
     logits = single(ids)
     causal_lm_loss(logits, ids).backward()
@@ -197,13 +225,13 @@ def test_llama_under_tensor_parallelism_equals_single_process(tmp_path, sequence
         _close(got["grads"][key], p.grad, f"grad {key}")
 
 
-def _gpt2():
+def _gpt2(**options):
     import transformers
 
     from pyllm.models import GPT2LMHeadModel
 
     config = transformers.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4,
-                                     n_positions=64)
+                                     n_positions=64, **options)
     torch.manual_seed(0)
     return GPT2LMHeadModel.from_hf(transformers.GPT2LMHeadModel(config))
 

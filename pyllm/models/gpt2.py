@@ -91,11 +91,13 @@ class GPT2Attention(nn.Module):
             q, k, v = self.c_attn(x).view(b * s, 3, self.num_heads, self.head_dim).unbind(1)
             cache.append(k, v, counts)
             return self.c_proj(cache.attention(q, counts, causal=True).reshape(b, s, width))
-        q, k, v = self.c_attn(x).view(b, s, 3, self.num_heads, self.head_dim).unbind(2)
+        # -1 heads: under tensor parallelism (pyllm.distributed.FusedColwiseParallel
+        # on c_attn) each rank holds its own heads of q, k and v
+        q, k, v = self.c_attn(x).view(b, s, 3, -1, self.head_dim).unbind(2)
         if cache is not None:
             k, v = cache.append(k, v)
         out = pyllm.attention(q, k, v, causal=True, bias=mask)
-        return self.c_proj(out.reshape(b, s, width))
+        return self.c_proj(out.reshape(b, s, -1))
 
 
 class GPT2MLP(nn.Module):
