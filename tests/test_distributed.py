@@ -104,6 +104,13 @@ def _ops_worker(rank, world):
     logits, target = randn(12, 50), torch.randint(0, 50, (12,), generator=g)
     _check(lambda z, t: pyllm.cross_entropy(z, t, reduction="none"), [logits, target],
            [Shard(0), Shard(0)], mesh, [Shard(0)], "cross_entropy rows")
+    # the ops that write into their inputs have no rule: a clear error
+    from torch.distributed.tensor import distribute_tensor
+
+    cos, sin = pyllm.rotary_tables(16, 16)
+    with pytest.raises(TypeError, match="DTensor"):
+        pyllm.rotary(distribute_tensor(q, mesh, [Shard(2)]), distribute_tensor(k, mesh, [Shard(2)]),
+                     cos, sin)
 
 
 def test_ops_on_dtensors_equal_single_process():

@@ -70,6 +70,10 @@ def paged_kv_append(k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tenso
     Not differentiable (the cache is an inference structure).
     """
     op = "pyllm.paged_kv_append"
+    for name, t in (("k_pages", k_pages), ("v_pages", v_pages), ("k", k), ("v", v), ("q", q)):
+        if type(t).__name__ == "DTensor":
+            raise TypeError(f"{op}: {name} is a DTensor; the append writes into its inputs and "
+                            "has no sharding rule: append the local shards (to_local())")
     for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
         check_tensor(op, name, t, dim=4)
     if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype or \

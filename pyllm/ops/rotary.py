@@ -235,6 +235,10 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """
     op = "pyllm.rotary"
     for name, t in (("q", q), ("k", k)):
+        if type(t).__name__ == "DTensor":
+            raise TypeError(f"{op}: {name} is a DTensor; rotary writes into q and k and has no "
+                            "sharding rule (a redistributed copy would take the write): rotate "
+                            "the local shards (to_local()) with their own positions")
         check_tensor(op, name, t, min_dim=3)
     if q.dim() != k.dim() or q.dim() > 4:
         raise ValueError(f"{op}: q and k must both be (batch, seq, heads, head_dim) or both "
