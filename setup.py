@@ -89,8 +89,10 @@ ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-mprefer-vector-width=512"],
+    # AMX (tile) instructions compiled in, run only where isa.cpp's
+    # amx_usable() says the CPU and OS allow them.
     "avx512_bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                    "-mavx512bf16", "-mprefer-vector-width=512"],
+                    "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mprefer-vector-width=512"],
 }
 ISA_KERNEL_HEADERS = os.path.join("csrc", "cpu", "kernels", "*_kernel.h")
 ISA_SOURCES_DIR = os.path.join("build", "isa_sources")

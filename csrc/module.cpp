@@ -34,6 +34,8 @@ PYBIND11_MODULE(_C, m) {
       "cpu_isa_detected",
       []() -> std::string { return pyllm::cpu::isa_name(pyllm::cpu::detected_isa()); },
       "The best instruction set this CPU and OS support.");
+  m.def("cpu_amx", &pyllm::cpu::amx_usable,
+        "Whether the bf16 GEMM uses AMX tiles (CPU, OS and PYLLM_CPU_AMX allow).");
   m.def("set_batch_invariant", &pyllm::set_batch_invariant,
         "Turns batch-invariant mode on or off for the C++ kernels of this module.");
   m.def("batch_invariant", &pyllm::batch_invariant,

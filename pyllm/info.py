@@ -29,6 +29,7 @@ def collect() -> dict:
         "build": build,
         "cpu_isa": _C.cpu_isa(),
         "cpu_isa_detected": _C.cpu_isa_detected(),
+        "cpu_amx": _C.cpu_amx(),
         "threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "backends": {name: {"available": s.available, "detail": s.detail}
@@ -54,7 +55,9 @@ def report() -> str:
         f"{build['python_version']}",
         f"CUDA archs compiled in: {archs}",
         f"CPU ISA: {facts['cpu_isa']} (detected {facts['cpu_isa_detected']}; "
-        f"PYLLM_CPU_ISA lowers it)  threads: {facts['threads']}",
+        f"PYLLM_CPU_ISA lowers it)  bf16 GEMM on AMX tiles: "
+        f"{'yes' if facts['cpu_amx'] else 'no'} (PYLLM_CPU_AMX=0 turns it off)  "
+        f"threads: {facts['threads']}",
         f"CUDA device: {facts['cuda_device'] or 'none'}",
         f"selected backend: {facts['selected_backend'] or 'default (fastest available)'}",
         "",

@@ -3,13 +3,15 @@ against the float64 reference under the harness rule (PyTorch's own answer:
 F.linear and the activation in the dtype under test), forward and backward,
 the blocked and the skinny (M <= 16) paths; op registration; bad input."""
 
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pyllm
 from harness import (ISAS, KERNEL_DTYPES, as64, check_compiles_fullgraph, check_rule, generator,
-                     grads_of, poisoned_outputs, randn, run_under_isa)
+                     grads_of, poisoned_outputs, randn, run_python, run_under_isa)
 from pyllm import reference
 
 CPU_BACKENDS = ("cpu", "reference")
@@ -165,6 +167,34 @@ def test_every_cpu_isa_path(isa):
             test_swiglu((16, 300, 130), dtype, True, "cpu")
             test_swiglu((127, 256, 344), dtype, True, "cpu")
     """)
+
+
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx", "vdpbf16ps"])
+def test_bf16_gemm_with_and_without_amx(amx):
+    """The bf16 blocked GEMM on AMX tiles (where the CPU has them) and on
+    vdpbf16ps (PYLLM_CPU_AMX=0), each in a fresh process: edge rows (M not a
+    multiple of 16), K tails (odd, under 32, several blocks of 256), partial
+    panels, the backward's strided operands, SwiGLU, and batch invariance."""
+    from pyllm import _C
+
+    if amx == "1" and not _C.cpu_amx():
+        pytest.skip("this CPU or OS gives no AMX-BF16 tiles (or PYLLM_CPU_AMX=0 is set)")
+    result = run_python(textwrap.dedent(f"""
+        from pyllm import _C
+        assert _C.cpu_amx() == ({amx} == 1), _C.cpu_amx()
+        import torch
+        from test_linear import test_backward, test_forward, test_swiglu
+        import test_batch_invariant as inv
+        for shape in ((17, 300, 130), (127, 1000, 65), (40, 70, 31), (33, 129, 513), (1000, 127, 257)):
+            for act in ("none", "gelu_tanh"):
+                test_forward(shape, torch.bfloat16, act, "cpu")
+        for act in ("none", "silu"):
+            test_backward((127, 1000, 65), torch.bfloat16, act, "cpu")
+        test_swiglu((127, 256, 344), torch.bfloat16, True, "cpu")
+        inv.test_linear(torch.bfloat16, "silu")
+        inv.test_swiglu(torch.bfloat16)
+    """), env={"PYLLM_CPU_AMX": amx})
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_opcheck():

@@ -2,6 +2,11 @@
 
 #include <cstdlib>
 #include <cstring>
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <stdexcept>
 #include <string>
 
@@ -50,6 +55,36 @@ Isa choose_isa() {
 Isa active_isa() {
   static const Isa isa = choose_isa();
   return isa;
+}
+
+namespace {
+
+bool amx_granted() {
+#if defined(__x86_64__) && defined(__linux__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = (d >> 24) & 1u, bf16 = (d >> 22) & 1u;
+  if (!tile || !bf16) return false;
+  // Linux hands out the 8 KiB tile state on request only (kernel 5.16+);
+  // without it the first tile instruction faults.
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+bool choose_amx() {
+  const char* env = std::getenv("PYLLM_CPU_AMX");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return active_isa() == Isa::avx512_bf16 && amx_granted();
+}
+
+}  // namespace
+
+bool amx_usable() {
+  static const bool usable = choose_amx();
+  return usable;
 }
 
 const char* isa_name(Isa isa) {

@@ -21,6 +21,12 @@ Isa active_isa();
 
 const char* isa_name(Isa isa);
 
+// Whether the bf16 GEMM may use AMX tiles (Intel Advanced Matrix
+// Extensions: AMX-TILE and AMX-BF16): the CPU has them, the OS granted this
+// process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once here),
+// the active ISA is avx512_bf16, and PYLLM_CPU_AMX is not "0". Read once.
+bool amx_usable();
+
 // Declares a kernel's four ISA variants (one per namespace), e.g.
 //   PYLLM_DECLARE_ISA_VARIANTS(void rotary(const Rotary&, int64_t, int64_t));
 #define PYLLM_DECLARE_ISA_VARIANTS(...)        \

@@ -85,8 +85,14 @@ void run(const GemmArgs& args) {
   // split a row falls. The AVX-512 skinny kernel sums that way (for one row
   // too, instead of the GEMV); the AVX2 and generic skinny kernels and the
   // GEMV reduce in other orders, so there the blocked kernel runs.
+  // bf16 products of the blocked path on AMX tiles where the CPU has them
+  // (another order than vdpbf16ps: in batch-invariant mode every M of such a
+  // product takes the blocked path).
+  g.use_amx = amx_usable();
   const bool invariant = batch_invariant();
-  if (g.M <= kGemmSkinnyRows && weight_rows && (!invariant || active_isa() >= Isa::avx512)) {
+  const bool skinny_sums_like_block =
+      active_isa() >= Isa::avx512 && !(g.use_amx && g.a.type == DType::bf16);
+  if (g.M <= kGemmSkinnyRows && weight_rows && (!invariant || skinny_sums_like_block)) {
     g.blocked_order = invariant;
     const GemmSkinnyFn kernel = skinny_kernel();
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {

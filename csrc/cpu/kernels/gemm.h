@@ -54,6 +54,8 @@ struct GemmArgs {
   // included (batch-invariant mode; only the AVX-512 skinny kernel can, see
   // can_sum_like_block in linear.cpp).
   bool blocked_order = false;
+  // The blocked path's bf16 x bf16 products on AMX tiles (amx_usable()).
+  bool use_amx = false;
 };
 
 // Columns are handed to the kernels in multiples of this (a multiple of every

@@ -10,7 +10,8 @@
 // Skinny path (gemm_skinny, M <= 16): each weight row is read once and used
 // for every row of A; kLanes output columns at a time, their dot products
 // reduced together (reduce_add_lanes).
-// On AVX512-BF16, bf16 x bf16 products use vdpbf16ps with panels of pairs.
+// On AVX512-BF16, bf16 x bf16 products use vdpbf16ps with panels of pairs,
+// or AMX tiles where the CPU and OS allow (GemmArgs::use_amx; block_amx).
 #pragma once
 
 #include <cstdlib>
@@ -295,6 +296,142 @@ inline void compute_tile_bf16(const Operand& a, int64_t m, int64_t rows, int64_t
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// -- bf16 x bf16 on AMX tiles ------------------------------------------------------------------
+//
+// A tile instruction multiplies A[16][32 bf16] by B[16 pairs][16 columns] into
+// C[16][16] fp32. A 16 x kNR (64) block of C is four C tiles (tmm0-3); per 32
+// of K it takes one A tile (tmm4: 16 rows of A) and four B tiles (tmm5-7,
+// reused) from the vdpbf16ps panel (pairs along K, kNR columns a row: a B
+// tile is 16 of its columns, rows 256 bytes apart). K goes in blocks of
+// kSumBlock, each summed from zero in the tiles and added to the fp32 tile in
+// memory, as micro() does; a row's sums do not depend on the other rows in
+// its tile (padding rows are zero and their results dropped).
+constexpr int64_t kAmxRows = 16, kAmxK = 32;
+static_assert(kNR == 64, "four 16-column B tiles a panel");
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void amx_configure() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+// B's columns [n, n + nr) as pairs along K (pack_panel_pairs' layout), for
+// B = W^T with W's rows contiguous (b.rs == 1): 16 rows of W x 16 pairs are
+// loaded and transposed as 32-bit words. Pair rows [KP, KPpad) are zero.
+void pack_panel_pairs_rows(const Operand& b, int64_t K, int64_t n, int64_t nr, uint32_t* panel,
+                           int64_t KPpad) {
+  const uint16_t* data = static_cast<const uint16_t*>(b.data);
+  for (int64_t j0 = 0; j0 < kNR; j0 += 16) {
+    for (int64_t p0 = 0; p0 < KPpad; p0 += 16) {
+      const int64_t k = 2 * p0, left = gmin(32, K - k);
+      const __mmask32 mask = left <= 0 ? 0 : left >= 32 ? ~__mmask32{0}
+                                                         : ((__mmask32{1} << left) - 1);
+      V rows[16];
+      for (int r = 0; r < 16; ++r)
+        rows[r] = j0 + r < nr && mask != 0
+                      ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(
+                            mask, data + (n + j0 + r) * b.cs + k))
+                      : zero();
+      transpose16(rows);
+      for (int i = 0; i < 16; ++i)
+        _mm512_storeu_si512(panel + (p0 + i) * kNR + j0, _mm512_castps_si512(rows[i]));
+    }
+  }
+}
+
+// tile[16][kNR] (fp32, rows kNR apart) = A rows [m, m + rows) . panel over K.
+inline void amx_tile(const Operand& a, int64_t m, int64_t rows, int64_t K, const uint32_t* panel,
+                     float* tile, uint16_t* edge) {
+  const uint16_t* base = static_cast<const uint16_t*>(a.data) + m * a.rs;
+  for (int64_t kb = 0; kb < K; kb += kSumBlock) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const int64_t ke = gmin(K, kb + kSumBlock);
+    for (int64_t k = kb; k < ke; k += kAmxK) {
+      if (rows == kAmxRows && k + kAmxK <= K) {
+        _tile_loadd(4, base + k, a.rs * 2);
+      } else {  // edge rows or the K tail: zero-padded copy
+        const int64_t cols = gmin(kAmxK, K - k);
+        for (int64_t r = 0; r < kAmxRows; ++r) {
+          if (r < rows) {
+            std::memcpy(edge + r * kAmxK, base + r * a.rs + k, 2 * cols);
+            std::memset(edge + r * kAmxK + cols, 0, 2 * (kAmxK - cols));
+          } else {
+            std::memset(edge + r * kAmxK, 0, 2 * kAmxK);
+          }
+        }
+        _tile_loadd(4, edge, 2 * kAmxK);
+      }
+      const uint32_t* b = panel + (k / 2) * kNR;
+      _tile_loadd(5, b, kNR * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, b + 16, kNR * 4);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, b + 32, kNR * 4);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, b + 48, kNR * 4);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    float* out = kb == 0 ? tile : tile + kAmxRows * kNR;  // the second half: a block's sum
+    _tile_stored(0, out, kNR * 4);
+    _tile_stored(1, out + 16, kNR * 4);
+    _tile_stored(2, out + 32, kNR * 4);
+    _tile_stored(3, out + 48, kNR * 4);
+    if (kb != 0)
+      for (int64_t i = 0; i < kAmxRows * kNR; i += kLanes)
+        store(tile + i, add(load(tile + i), load(out + i)));
+  }
+}
+
+// block() on AMX: A bf16 with pairs contiguous (a.cs == 1), B and B2 bf16.
+void block_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  GemmWorkspace& w = gemm_workspace();
+  const bool two = two_products(g);
+  const int64_t KPpad = ground_up((g.K + 1) / 2, 16);
+  uint32_t* panel = reinterpret_cast<uint32_t*>(w.panel.get(KPpad * kNR));
+  uint32_t* panel2 = two ? reinterpret_cast<uint32_t*>(w.panel2.get(KPpad * kNR)) : nullptr;
+  float* tile = w.tile.get(2 * kAmxRows * kNR);
+  float* tile2 = w.tile2.get(2 * kAmxRows * kNR);
+  uint16_t* edge = reinterpret_cast<uint16_t*>(w.rows.get(kAmxRows * kAmxK / 2));
+  amx_configure();
+  for (int64_t n = n0; n < n1; n += kNR) {
+    const int64_t nr = gmin(kNR, n1 - n);
+    for (int half = 0; half < (two ? 2 : 1); ++half) {
+      const Operand& b = half == 0 ? g.b : g.b2;
+      uint32_t* p = half == 0 ? panel : panel2;
+      if (b.rs == 1) {
+        pack_panel_pairs_rows(b, g.K, n, nr, p, KPpad);
+      } else {
+        pack_panel_pairs(b, g.K, n, nr, p);
+        const int64_t KP = (g.K + 1) / 2;
+        std::memset(p + KP * kNR, 0, 4 * (KPpad - KP) * kNR);
+      }
+    }
+    for (int64_t m = m0; m < m1; m += kAmxRows) {
+      const int64_t rows = gmin(kAmxRows, m1 - m);
+      amx_tile(g.a, m, rows, g.K, panel, tile, edge);
+      if (two) amx_tile(g.a, m, rows, g.K, panel2, tile2, edge);
+      finish(g, tile, tile2, kNR, m, rows, n, nr);
+    }
+  }
+  _tile_release();
+}
+#endif
+
 void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   GemmWorkspace& w = gemm_workspace();
   const bool two = two_products(g);
@@ -305,6 +442,9 @@ void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
                      (!two || g.b2.type == DType::bf16);
 #else
   constexpr bool pairs = false;
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (pairs && g.use_amx) return block_amx(g, m0, m1, n0, n1);
 #endif
   const int64_t panel_floats = pairs ? (g.K + 1) / 2 * kNR : g.K * kNR;
   float* panel = w.panel.get(panel_floats);
