@@ -351,6 +351,36 @@ void pack_panel_pairs_rows(const Operand& b, int64_t K, int64_t n, int64_t nr, u
   }
 }
 
+// The same panel for B with its rows contiguous along N (b.cs == 1: dX = dZ
+// W, dW = dZ^T X): rows 2p and 2p + 1 interleaved 16 bits at a time.
+void pack_panel_pairs_cols(const Operand& b, int64_t K, int64_t n, int64_t nr, uint32_t* panel,
+                           int64_t KPpad) {
+  const uint16_t* data = static_cast<const uint16_t*>(b.data);
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                          32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  const int64_t KP = (K + 1) / 2;
+  for (int64_t p = 0; p < KPpad; ++p) {
+    uint32_t* out = panel + p * kNR;
+    if (p >= KP) {
+      std::memset(out, 0, 4 * kNR);
+      continue;
+    }
+    const uint16_t* r0 = data + 2 * p * b.rs + n;
+    const uint16_t* r1 = 2 * p + 1 < K ? r0 + b.rs : nullptr;
+    for (int64_t j = 0; j < kNR; j += 32) {
+      const int64_t left = gmin(32, nr - j);
+      const __mmask32 mask = left <= 0 ? 0 : left >= 32 ? ~__mmask32{0}
+                                                         : ((__mmask32{1} << left) - 1);
+      const __m512i x = _mm512_maskz_loadu_epi16(mask, r0 + j);
+      const __m512i y = r1 != nullptr ? _mm512_maskz_loadu_epi16(mask, r1 + j) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + j, _mm512_permutex2var_epi16(x, lo_idx, y));
+      _mm512_storeu_si512(out + j + 16, _mm512_permutex2var_epi16(x, hi_idx, y));
+    }
+  }
+}
+
 // tile[16][kNR] (fp32, rows kNR apart) = A rows [m, m + rows) . panel over K.
 inline void amx_tile(const Operand& a, int64_t m, int64_t rows, int64_t K, const uint32_t* panel,
                      float* tile, uint16_t* edge) {
@@ -415,6 +445,8 @@ void block_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1
       uint32_t* p = half == 0 ? panel : panel2;
       if (b.rs == 1) {
         pack_panel_pairs_rows(b, g.K, n, nr, p, KPpad);
+      } else if (b.cs == 1) {
+        pack_panel_pairs_cols(b, g.K, n, nr, p, KPpad);
       } else {
         pack_panel_pairs(b, g.K, n, nr, p);
         const int64_t KP = (g.K + 1) / 2;
