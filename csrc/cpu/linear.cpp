@@ -198,31 +198,50 @@ void times_weight(const Tensor& a, const Tensor& weight, Tensor& out, bool accum
 }
 
 // Whether the backward's products of a bf16 weight run on AMX tiles. They
-// take bf16 operands with pairs along K contiguous, as PyTorch's own bf16
-// backward has them: dZ rounded to bf16 (PyTorch's composition computes it
-// in bf16), and dZ^T made row-major for dW.
+// take bf16 operands with pairs along K contiguous. For dX an fp32 dZ (after
+// an activation's derivative) is split into hi = bf16(dZ) and lo = bf16(dZ -
+// hi), two products summed in fp32 (16 bits of mantissa: dX flows on through
+// the network, and one bf16 rounding of dZ there put a BERT step's gradients
+// under autocast past the accuracy rule); dW takes hi alone, as PyTorch's
+// bf16 backward takes its bf16 dZ, with dZ^T made row-major.
 bool amx_backward(const Tensor& weight) {
   return amx_usable() && weight.scalar_type() == at::kBFloat16;
 }
 
-// dZ as the backward's products take it (see amx_backward).
-Tensor product_grad(const Tensor& dz, const Tensor& weight) {
-  return amx_backward(weight) && dz.scalar_type() != at::kBFloat16 ? dz.to(at::kBFloat16) : dz;
+// dZ as the backward's products take it: {dZ}, or on AMX {hi, lo} (see
+// amx_backward); the product is the sum over the parts.
+std::vector<Tensor> product_grads(const Tensor& dz, const Tensor& weight) {
+  if (!amx_backward(weight) || dz.scalar_type() == at::kBFloat16) return {dz};
+  Tensor hi = dz.to(at::kBFloat16);
+  return {hi, dz.sub(hi.to(at::kFloat)).to(at::kBFloat16)};
 }
 
-// dW (N x K) = dz^T (N x M) @ x (M x K), in the weight's dtype.
-Tensor weight_grad(const Tensor& dz, const Tensor& x2, const Tensor& weight) {
-  Tensor dw = empty_output(weight.sizes(), weight.options());
-  const bool rows = amx_backward(weight) && dz.scalar_type() == at::kBFloat16 &&
-                    x2.scalar_type() == at::kBFloat16;
-  const Tensor dzt = rows ? dz.t().contiguous() : dz;
-  GemmArgs g = base_args(dz.size(1), x2.size(1), dz.size(0),
-                         rows ? operand(dzt) : operand(dz, /*transposed=*/true), operand(x2));
-  g.out = dw.data_ptr();
-  g.ldo = dw.size(1);
-  g.out_type = kernel_dtype(dw, "grad_weight");
-  run(g);
-  return dw;
+// out (M x K) = sum over parts of part (M x N) @ weight (N x K), into an
+// existing fp32 out when `accumulate`; with two parts an fp32 out.
+void times_weight_parts(const std::vector<Tensor>& parts, const Tensor& weight, Tensor& out,
+                        bool accumulate) {
+  for (size_t i = 0; i < parts.size(); ++i) times_weight(parts[i], weight, out, accumulate || i > 0);
+}
+
+// dW (N x K) = sum over parts of dz^T (N x M) @ x (M x K), in the weight's dtype.
+Tensor weight_grad(const std::vector<Tensor>& parts, const Tensor& x2, const Tensor& weight) {
+  const bool split = parts.size() > 1;
+  Tensor dw = split ? at::empty(weight.sizes(), weight.options().dtype(at::kFloat))
+                    : empty_output(weight.sizes(), weight.options());
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const Tensor& dz = parts[i];
+    const bool rows = amx_backward(weight) && dz.scalar_type() == at::kBFloat16 &&
+                      x2.scalar_type() == at::kBFloat16;
+    const Tensor dzt = rows ? dz.t().contiguous() : dz;
+    GemmArgs g = base_args(dz.size(1), x2.size(1), dz.size(0),
+                           rows ? operand(dzt) : operand(dz, /*transposed=*/true), operand(x2));
+    g.epilogue = i > 0 ? Epilogue::accumulate : Epilogue::store;
+    g.out = dw.data_ptr();
+    g.ldo = dw.size(1);
+    g.out_type = kernel_dtype(dw, "grad_weight");
+    run(g);
+  }
+  return split ? dw.to(weight.scalar_type()) : dw;
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const Tensor& x,
@@ -252,13 +271,19 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
     run(g);
   }
   Tensor dx, dw, db;
-  const Tensor dz_mm = product_grad(dz, weight);
+  const std::vector<Tensor> parts = product_grads(dz, weight);
   if (mask[0]) {
-    dx = empty_output(x2.sizes(), x.options());
-    times_weight(dz_mm, weight, dx, false);
-    dx = dx.view(x.sizes());
+    if (parts.size() > 1) {
+      Tensor dx32 = at::empty(x2.sizes(), x.options().dtype(at::kFloat));
+      times_weight_parts(parts, weight, dx32, false);
+      dx = dx32.to(x.scalar_type()).view(x.sizes());
+    } else {
+      dx = empty_output(x2.sizes(), x.options());
+      times_weight(dz, weight, dx, false);
+      dx = dx.view(x.sizes());
+    }
   }
-  if (mask[1]) dw = weight_grad(dz_mm, x2, weight);
+  if (mask[1]) dw = weight_grad({parts[0]}, x2, weight);
   if (mask[2] && bias_in.has_value()) db = linear_bias_grad(dz, *bias_in);
   return {dx, dw, db};
 }
@@ -288,15 +313,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
   g.grad_type = kernel_dtype(gy, "grad_y");
   run(g);
   Tensor dx, dwg, dwu, dbg, dbu;
-  const Tensor dgate_mm = product_grad(dgate, w_gate), dup_mm = product_grad(dup, w_up);
+  const std::vector<Tensor> gate_parts = product_grads(dgate, w_gate),
+                            up_parts = product_grads(dup, w_up);
   if (mask[0]) {
     Tensor dx32 = at::empty({M, K}, x.options().dtype(at::kFloat));
-    times_weight(dgate_mm, w_gate, dx32, false);
-    times_weight(dup_mm, w_up, dx32, true);
+    times_weight_parts(gate_parts, w_gate, dx32, false);
+    times_weight_parts(up_parts, w_up, dx32, true);
     dx = dx32.to(x.scalar_type()).view(x.sizes());
   }
-  if (mask[1]) dwg = weight_grad(dgate_mm, x2, w_gate);
-  if (mask[2]) dwu = weight_grad(dup_mm, x2, w_up);
+  if (mask[1]) dwg = weight_grad({gate_parts[0]}, x2, w_gate);
+  if (mask[2]) dwu = weight_grad({up_parts[0]}, x2, w_up);
   if (mask[3] && b_gate_in.has_value()) dbg = linear_bias_grad(dgate, *b_gate_in);
   if (mask[4] && b_up_in.has_value()) dbu = linear_bias_grad(dup, *b_up_in);
   return {dx, dwg, dwu, dbg, dbu};
