@@ -41,7 +41,8 @@ def _bench(args) -> int:
         from pyllm.benchmark.models import run_models
 
         rows = run_models(dtypes=args.dtype, device=device, quick=args.quick,
-                          output_dir=args.output, ceilings=measure_ceilings(device, args.quick))
+                          output_dir=args.output, ceilings=measure_ceilings(device, args.quick),
+                          model=args.model)
         return 1 if any(r["status"] != "ok" for r in rows) else 0
     if args.list:
         planned = runner.plan(ops=args.ops, dtypes=args.dtype, quick=args.quick, suite=args.suite)
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", action="store_true",
                        help="time a GPT-2-small-sized model (prefill, generate) against "
                             "transformers instead of the kernels")
+    bench.add_argument("--model", default="gpt2-small",
+                       choices=["gpt2-small", "llama-1.1b", "gpt2-train"],
+                       help="with --models: gpt2-small (prefill, generate; default), llama-1.1b "
+                            "(TinyLlama-1.1B's shapes: prefill and decode tokens/s, batch 1 and "
+                            "8) or gpt2-train (a training step with AdamW)")
     bench.add_argument("--output", default="bench-results", metavar="DIR",
                        help="where the JSON/CSV results and PNG plots go (default bench-results/; "
                             "'' for none)")

@@ -67,14 +67,20 @@ def _prefill_flops(config, tokens: int) -> float:
 
 def run_models(dtypes=("float32", "bfloat16"), batches=(1, 8), device="cpu", quick=False,
                repeats: int = 3, compile_baseline: bool = True, output_dir="bench-results",
-               stream=sys.stdout, ceilings=None) -> list[dict]:
+               stream=sys.stdout, ceilings=None, model: str = "gpt2-small") -> list[dict]:
     """Runs the model benchmark; returns one row per (case, dtype,
     implementation) and prints the table. ``quick``: a 128-token prompt, 16
-    new tokens, batch 1, one repeat, no compile baseline (a smoke run)."""
+    new tokens, batch 1, one repeat, no compile baseline (a smoke run).
+    ``model``: "gpt2-small" (prefill and generate), "llama-1.1b" (prefill and
+    decode tokens/s, batch 1 and 8) or "gpt2-train" (a training step)."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     prompt, new = (128, 16) if quick else (PROMPT, NEW_TOKENS)
     if quick:
         batches, repeats, compile_baseline = (1,), 1, False
+    if model != "gpt2-small":
+        rows = (_llama_rows(dtypes, batches, device, quick, repeats) if model == "llama-1.1b"
+                else _training_rows(dtypes, device, quick, repeats, compile_baseline))
+        return _finish(rows, output_dir, stream)
     rows = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
@@ -121,6 +127,10 @@ def run_models(dtypes=("float32", "bfloat16"), batches=(1, 8), device="cpu", qui
                 rows.append({**base, "case": f"generate B{batch} {prompt}+{new}", "impl": impl,
                              "status": "ok", "seconds": s, "tokens_per_s": batch * new / s})
         del hf, ours
+    return _finish(rows, output_dir, stream)
+
+
+def _finish(rows, output_dir, stream):
     _add_speedups(rows)
     print(format_model_table(rows), file=stream)
     if output_dir:
@@ -129,6 +139,113 @@ def run_models(dtypes=("float32", "bfloat16"), batches=(1, 8), device="cpu", qui
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
         print(f"results: {path}", file=stream)
+    return rows
+
+
+def _llama_pair(dtype: torch.dtype, device: str):
+    """TinyLlama-1.1B's shapes (22 layers, width 2048, 32 heads, 4 KV heads,
+    MLP 5632, vocabulary 32000), random weights (normal, std 0.02), in
+    transformers and in pyllm."""
+    import transformers
+
+    from pyllm.models import LlamaForCausalLM
+
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                      num_hidden_layers=22, num_attention_heads=32,
+                                      num_key_value_heads=4, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(config)
+    hf = hf.to_empty(device=device).to(dtype).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.02)
+    return hf, LlamaForCausalLM.from_hf(hf).eval()
+
+
+def _llama_rows(dtypes, batches, device, quick, repeats) -> list[dict]:
+    """Prefill (tokens/s of a 128-token prompt's logits) and decode (tokens/s
+    of the steps after it: (tokens of a 64-token generate - of a 1-token one)
+    over the time difference) of the 1.1B LLaMA, pyllm against transformers
+    eager. Correctness: tests/test_models_llama.py (same logits and tokens as
+    transformers on small configurations)."""
+    prompt, new = (32, 8) if quick else (128, 64)
+    rows = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        hf, ours = _llama_pair(dtype, device)
+        weights = sum(p.numel() * p.element_size() for p in ours.parameters())
+        base = {"model": "llama-1.1b", "dtype": dtype_name, "device": device,
+                "threads": torch.get_num_threads(), "status": "ok"}
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 32000, (1, prompt), generator=gen).to(device)
+        with torch.no_grad():
+            fns = {"pyllm": lambda: ours(ids), "transformers:eager": lambda: hf(ids).logits}
+            _interleaved(fns, 1)
+            seconds = _interleaved(fns, repeats)
+        for impl, sec in seconds.items():
+            rows.append({**base, "case": f"prefill B1 S{prompt}", "impl": impl, "seconds": sec,
+                         "tokens_per_s": prompt / sec})
+        for batch in batches:
+            prompts = torch.randint(0, 32000, (batch, prompt), generator=gen).to(device)
+            calls = {}
+            for steps in (1, new):
+                calls[("pyllm", steps)] = lambda s=steps: ours.generate(prompts, s)
+                calls[("transformers:eager", steps)] = lambda s=steps: hf.generate(
+                    prompts, max_new_tokens=s, min_new_tokens=s, do_sample=False, pad_token_id=0)
+            seconds = _interleaved(calls, repeats)
+            for impl in ("pyllm", "transformers:eager"):
+                sec = seconds[(impl, new)] - seconds[(impl, 1)]
+                rows.append({**base, "case": f"decode B{batch} {prompt}+{new}", "impl": impl,
+                             "seconds": sec, "tokens_per_s": batch * (new - 1) / sec,
+                             "weights_gbps": (new - 1) * weights / sec / 1e9})
+        del hf, ours
+    return rows
+
+
+def _training_rows(dtypes, device, quick, repeats, compile_baseline) -> list[dict]:
+    """One training step of GPT-2 small (B=4, S=512; 2 x 128 with quick):
+    forward, causal-LM loss, backward and AdamW, pyllm's model against the
+    same weights in transformers (eager, and torch.compile of it); bfloat16
+    is autocast over float32 weights, as mixed-precision training runs."""
+    from pyllm.models import causal_lm_loss
+
+    batch, seq = (2, 128) if quick else (4, 512)
+    rows = []
+    for dtype_name in dtypes:
+        autocast = dtype_name == "bfloat16"
+        hf, ours = _gpt2_pair(torch.float32, device)
+        hf.train()
+        ours.train()
+        ids = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(1))
+        ids = ids.to(device)
+
+        def stepper(model, loss_of):
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+            def step():
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                    loss = loss_of(model)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return step
+
+        fns = {"pyllm": stepper(ours, lambda m: causal_lm_loss(m(ids), ids)),
+               "transformers:eager": stepper(hf, lambda m: m(ids, labels=ids).loss)}
+        if compile_baseline:
+            torch._dynamo.reset()
+            twin = copy.deepcopy(hf)
+            compiled = torch.compile(twin)
+            fns["transformers:compile"] = stepper(twin, lambda m: compiled(ids, labels=ids).loss)
+        _interleaved(fns, 1)  # warm-up (and compile)
+        seconds = _interleaved(fns, repeats)
+        base = {"model": "gpt2-small", "dtype": "bf16 autocast" if autocast else dtype_name,
+                "device": device, "threads": torch.get_num_threads(), "status": "ok"}
+        for impl, sec in seconds.items():
+            rows.append({**base, "case": f"train step B{batch} S{seq}", "impl": impl,
+                         "seconds": sec, "tokens_per_s": batch * seq / sec})
+        del hf, ours
     return rows
 
 
@@ -153,6 +270,8 @@ def _add_speedups(rows):
 
 
 def _rate(r) -> str:
+    if "weights_gbps" in r:
+        return f"  {r['weights_gbps']:.1f} GB/s of weights"
     if "gflops" not in r:
         return ""
     peak = r.get("fraction_of_peak")
