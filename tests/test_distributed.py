@@ -264,8 +264,9 @@ def _fsdp_worker(rank, world, folder, compiled, name="llama"):
         torch.save(grads, os.path.join(folder, "fsdp.pt"))
 
 
-@pytest.mark.parametrize("name,compiled", [("llama", False), ("llama", True), ("gpt2", False)],
-                         ids=["llama", "llama-torch.compile", "gpt2"])
+@pytest.mark.parametrize("name,compiled", [("llama", False), ("llama", True), ("gpt2", False),
+                                           ("gpt2", True)],
+                         ids=["llama", "llama-torch.compile", "gpt2", "gpt2-torch.compile"])
 def test_under_fsdp2_equals_single_process(tmp_path, name, compiled):
     """FSDP2 (fully_shard per block and at the root; GPT-2's tied embedding
     and head at the root), each rank half the batch: every parameter's
