@@ -646,7 +646,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, b
             attention_forward_kernel[(splits, heads, batch)](
                 q, k, v, bias if bias is not None else q, alibi_arg, out, lse, cu_q, cu_k, partial, table, *common,
                 seq_q, seq_k, group, head_dim, scale, per_split, *variant, SPLIT=True, **flags,
-                **config)
+                ALIGN_KEYS=False, **config)
             attention_combine_kernel[(1, heads, batch)](
                 partial, out, lse, cu_q, *_strides(out, varlen),
                 *_lse_strides(lse, varlen, heads, seq_q), seq_q, head_dim, splits,

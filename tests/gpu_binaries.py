@@ -119,6 +119,9 @@ def capture_launches(module, names, launcher, *args, **kwargs) -> list:
     return calls
 
 
+_MISSING = object()
+
+
 def launch_specialization(kernel, args, kwargs):
     """(signature, constexprs, divisible, num_warps, num_stages) of a launch,
     by Triton's own rule (its native specialisation: pointers and integers
@@ -136,7 +139,11 @@ def launch_specialization(kernel, args, kwargs):
         if name in constexpr_values:
             signature[name], constexprs[name] = "constexpr", constexpr_values[name]
             continue
-        value = next(positional)
+        value = next(positional, _MISSING)
+        if value is _MISSING:  # a parameter left at its default (a constexpr flag)
+            assert param.has_default, f"{kernel.fn.__name__}: no argument for {name}"
+            signature[name], constexprs[name] = "constexpr", param.default
+            continue
         kind, key = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
         if kind == "constexpr":
             signature[name], constexprs[name] = "constexpr", key
