@@ -22,25 +22,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def _llama(dtype):
-    import transformers
-
-    from pyllm.models import LlamaForCausalLM
-
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                                      num_hidden_layers=22, num_attention_heads=32,
-                                      num_key_value_heads=4, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(config)
-    hf = hf.to_empty(device="cpu").to(dtype)
-    for p in hf.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    model = LlamaForCausalLM.from_hf(hf).eval()
-    del hf
-    return model
-
-
 def _table(prof, steps: int, total_ms: float, top: int = 14) -> str:
     rows = [(e.key, e.count // steps, e.self_cpu_time_total / 1e3 / steps)
             for e in prof.key_averages()]
@@ -53,7 +34,10 @@ def _table(prof, steps: int, total_ms: float, top: int = 14) -> str:
 
 
 def decode(dtype, batch: int):
-    model = _llama(dtype)
+    from pyllm.benchmark.models import _llama_pair
+
+    hf, model = _llama_pair(dtype, "cpu")
+    del hf
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, 32000, (batch, 128), generator=torch.Generator().manual_seed(1))
     caches = model.new_caches(batch, 128 + 64)

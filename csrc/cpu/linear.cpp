@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -56,9 +55,9 @@ GemmSkinnyFn skinny_kernel() {
 }
 
 // Runs one GEMM, in parallel: the skinny path for a few rows of x @ W^T
-// (not in batch-invariant mode),
-// else tasks of whole column blocks (each packs its own panels), split by rows
-// too when there are too few column blocks for the threads.
+// (see below for when), else tasks of whole column blocks (each packs its
+// own panels), split by rows too when there are too few column blocks for the
+// threads.
 void run(const GemmArgs& args) {
   if (args.M == 0 || args.N == 0) return;
   GemmArgs g = args;
@@ -81,24 +80,22 @@ void run(const GemmArgs& args) {
                            (g.epilogue != Epilogue::swiglu && g.epilogue != Epilogue::grad_swiglu
                                 ? true
                                 : g.b2.rs == 1);
-  // Batch-invariant mode: every M summed in the blocked kernel's order (K in
-  // blocks of kSumBlock, each in order), the same in whichever tile and row
-  // split a row falls. The AVX-512 skinny kernel sums that way (for one row
-  // too, instead of the GEMV); the AVX2 and generic skinny kernels and the
-  // GEMV reduce in other orders, so there the blocked kernel runs.
-  // bf16 products of the blocked path on AMX tiles where the CPU has them
-  // (another order than vdpbf16ps: in batch-invariant mode every M of such a
-  // product takes the blocked path).
+  // The skinny kernels (M <= kGemmSkinnyRows):
+  // - bf16 on AMX tiles (amx_usable()): 2-16 rows go to the tiles, which
+  //   stream the weight at the skinny kernel's rate or better (1.1-1.4 ms
+  //   against 1.1-3.1 ms for a 4096^2 weight); one row stays on the GEMV,
+  //   except in batch-invariant mode (the tiles sum in another order).
+  // - otherwise, batch-invariant mode wants every M summed in the blocked
+  //   kernel's order (K in blocks of kSumBlock, each in order), the same in
+  //   whichever tile and row split a row falls: the AVX-512 skinny kernel sums
+  //   that way (and then serves one row too, instead of the GEMV); the AVX2
+  //   and generic ones do not, so there the blocked kernel runs.
   g.use_amx = amx_usable();
   const bool invariant = batch_invariant();
-  const bool skinny_sums_like_block =
-      active_isa() >= Isa::avx512 && !(g.use_amx && g.a.type == DType::bf16);
-  // With AMX, 2-16 bf16 rows go to the tiles too (they stream the weight at
-  // the skinny kernel's rate or better: 1.1-1.4 ms against 1.1-3.1 ms for a
-  // 4096^2 weight); one row stays on the GEMV.
-  const bool amx_rows = g.use_amx && g.a.type == DType::bf16 && g.M >= 2;
-  if (g.M <= kGemmSkinnyRows && weight_rows && !amx_rows &&
-      (!invariant || skinny_sums_like_block)) {
+  const bool skinny = g.use_amx && g.a.type == DType::bf16
+                          ? g.M == 1 && !invariant
+                          : !invariant || active_isa() >= Isa::avx512;
+  if (g.M <= kGemmSkinnyRows && weight_rows && skinny) {
     g.blocked_order = invariant;
     const GemmSkinnyFn kernel = skinny_kernel();
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
