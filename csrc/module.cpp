@@ -2,8 +2,9 @@
 // its headers). The operators register themselves with the dispatcher when
 // the library loads (static initialisers), so the module exposes only what
 // the dispatcher can't: which CPU instruction set the kernels chose at run
-// time, the batch-invariant flag, and the CPU output cache (and allocation from it, for the Python
-// faces' own large CPU outputs).
+// time, the batch-invariant flag, the CPU output cache (and allocation from it, for the Python
+// faces' own large CPU outputs), and the direct entry points of small inference calls
+// (direct_calls.cpp).
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -15,6 +16,7 @@
 #include "common/batch_invariant.h"
 #include "cpu/isa.h"
 #include "cpu/output.h"
+#include "direct_calls.h"
 
 namespace py = pybind11;
 
@@ -49,4 +51,5 @@ PYBIND11_MODULE(_C, m) {
         return pyllm::cpu::empty_output(sizes, at::TensorOptions().dtype(dtype));
       },
       "An uninitialised CPU tensor from the output cache (outputs of 1 MiB or more).");
+  pyllm::bind_direct_calls(m);
 }

@@ -17,8 +17,8 @@ struct NormForward {
   const void* bias;      // [n] of param_type, or null (zeros); LayerNorm only
   void* y;               // [rows, n] of x_type
   void* sum;             // [rows, n] of x_type: s, when residual is given
-  float* mean;           // [rows], LayerNorm only
-  float* rstd;           // [rows]
+  float* mean;           // [rows], LayerNorm only (null: not kept; CPU kernels only)
+  float* rstd;           // [rows] (null: not kept; CPU kernels only)
   int64_t rows;
   int64_t n;
   float eps;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "norms.h"
 #include "kernels/norm.h"
 #include "output.h"
 #include "../common/norm_ops.h"
@@ -39,12 +40,14 @@ NormBackwardFn backward_kernel() {
                                   avx512::norm_backward, avx512_bf16::norm_backward);
 }
 
-// The forward of all four ops. Returns y, sum (undefined without residual),
-// mean (undefined for RMSNorm), rstd.
-std::array<at::Tensor, 4> norm_forward(const char* op, bool rms, const at::Tensor& x_in,
-                                       const c10::optional<at::Tensor>& residual_in,
-                                       const c10::optional<at::Tensor>& weight_in,
-                                       const c10::optional<at::Tensor>& bias_in, double eps) {
+// The forward of all four ops, with or without the statistics the backward
+// needs. Returns y, sum (undefined without residual), mean (undefined for
+// RMSNorm or without statistics), rstd (undefined without statistics).
+std::array<at::Tensor, 4> run_forward(const char* op, bool rms, bool keep_stats,
+                                      const at::Tensor& x_in,
+                                      const c10::optional<at::Tensor>& residual_in,
+                                      const c10::optional<at::Tensor>& weight_in,
+                                      const c10::optional<at::Tensor>& bias_in, double eps) {
   check_norm_input(op, x_in, c10::DeviceType::CPU);
   if (residual_in.has_value()) check_like_x(op, "residual", *residual_in, x_in);
   const DType param_type = check_norm_params(op, x_in, weight_in, bias_in);
@@ -57,8 +60,8 @@ std::array<at::Tensor, 4> norm_forward(const char* op, bool rms, const at::Tenso
   const auto stats = x.options().dtype(at::kFloat);
   at::Tensor y = empty_output(x.sizes(), x.options());
   at::Tensor sum = residual.defined() ? empty_output(x.sizes(), x.options()) : at::Tensor();
-  at::Tensor mean = rms ? at::Tensor() : at::empty(row_shape(x), stats);
-  at::Tensor rstd = at::empty(row_shape(x), stats);
+  at::Tensor mean = rms || !keep_stats ? at::Tensor() : at::empty(row_shape(x), stats);
+  at::Tensor rstd = keep_stats ? at::empty(row_shape(x), stats) : at::Tensor();
   const NormForward args{x.data_ptr(),
                          data_or_null(residual),
                          data_or_null(weight),
@@ -66,7 +69,7 @@ std::array<at::Tensor, 4> norm_forward(const char* op, bool rms, const at::Tenso
                          y.data_ptr(),
                          sum.defined() ? sum.data_ptr() : nullptr,
                          mean.defined() ? mean.data_ptr<float>() : nullptr,
-                         rstd.data_ptr<float>(),
+                         rstd.defined() ? rstd.data_ptr<float>() : nullptr,
                          rows,
                          n,
                          static_cast<float>(eps),
@@ -76,6 +79,13 @@ std::array<at::Tensor, 4> norm_forward(const char* op, bool rms, const at::Tenso
   const NormForwardFn kernel = forward_kernel();
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t b, int64_t e) { kernel(args, b, e); });
   return {y, sum, mean, rstd};
+}
+
+std::array<at::Tensor, 4> norm_forward(const char* op, bool rms, const at::Tensor& x,
+                                       const c10::optional<at::Tensor>& residual,
+                                       const c10::optional<at::Tensor>& weight,
+                                       const c10::optional<at::Tensor>& bias, double eps) {
+  return run_forward(op, rms, /*keep_stats=*/true, x, residual, weight, bias, eps);
 }
 
 // The backward of all four ops: grad_x, grad_weight, grad_bias (each undefined
@@ -160,6 +170,16 @@ std::array<at::Tensor, 3> norm_backward(const char* op, bool rms, const at::Tens
 }
 
 }  // namespace
+
+std::array<at::Tensor, 2> norm_inference(bool rms, const at::Tensor& x,
+                                         const c10::optional<at::Tensor>& residual,
+                                         const c10::optional<at::Tensor>& weight,
+                                         const c10::optional<at::Tensor>& bias, double eps) {
+  const char* op = rms ? (residual.has_value() ? "add_rms_norm" : "rms_norm")
+                       : (residual.has_value() ? "add_layer_norm" : "layer_norm");
+  auto out = run_forward(op, rms, /*keep_stats=*/false, x, residual, weight, bias, eps);
+  return {out[0], out[1]};
+}
 
 TORCH_LIBRARY_IMPL(pyllm, CPU, m) { NormOps<norm_forward, norm_backward>::register_all(m); }
 

@@ -79,13 +79,17 @@ def measure_interleaved(fns: dict[str, Callable], input_sets: Sequence[tuple], *
         plans[name] = (fn, batch, samples)
 
     times = {name: [] for name in fns}
-    cursor = {name: 0 for name in fns}
+    # One cursor for all implementations: each call reads the input set after
+    # the previous call's, whichever implementation made it. (A cursor per
+    # implementation had each round's later implementations read the sets the
+    # first had just brought into the cache: the first was timed from memory,
+    # the others from the cache.)
+    i = 0
     rounds = max(samples for _, _, samples in plans.values())
     for _ in range(rounds):
         for name, (fn, batch, samples) in plans.items():
             if len(times[name]) >= samples:
                 continue
-            i = cursor[name]
             if cuda:
                 begin = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
@@ -102,7 +106,6 @@ def measure_interleaved(fns: dict[str, Callable], input_sets: Sequence[tuple], *
                     fn(*input_sets[i % count])
                     i += 1
                 times[name].append((time.perf_counter() - t0) / batch)
-            cursor[name] = i
     result = {}
     for name, samples in times.items():
         samples.sort()

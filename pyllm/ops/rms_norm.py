@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from pyllm import backend as _backend
+from pyllm.ops import direct
 from pyllm.ops.registry import declare
 from pyllm.ops.norm_args import check_norm_args
 
@@ -36,6 +37,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | N
         ``y``: ``(..., n)``, ``x.dtype``, contiguous. Differentiable in ``x`` and
         ``weight``.
     """
+    y = direct.norm(x, None, weight, None, eps, True, backend)
+    if y is not None:
+        return y
     eps = check_norm_args("pyllm.rms_norm", x, weight=weight, eps=eps)
     y, _ = _backend.route("rms_norm", x, backend)(x, weight, eps)
     return y
@@ -59,6 +63,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
         both ``(..., n)`` in ``x.dtype``. Differentiable in ``x``, ``residual``
         and ``weight``, through both outputs.
     """
+    out = direct.norm(x, residual, weight, None, eps, True, backend)
+    if out is not None:
+        return out
     eps = check_norm_args("pyllm.add_rms_norm", x, residual=residual, weight=weight, eps=eps,
                           has_residual=True)
     y, total, _ = _backend.route("add_rms_norm", x, backend)(x, residual, weight, eps)

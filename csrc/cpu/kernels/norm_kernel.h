@@ -161,9 +161,9 @@ void forward_rows(const NormForward& a, int64_t begin, int64_t end) {
         tail += d * d;
       }
       rstd = inverse_sqrt((reduce_add(add(var0, var1)) + tail) / static_cast<double>(n) + a.eps);
-      a.mean[r] = mean;
+      if (a.mean != nullptr) a.mean[r] = mean;
     }
-    a.rstd[r] = rstd;
+    if (a.rstd != nullptr) a.rstd[r] = rstd;  // null: an inference call keeps no statistics
 
     // Last pass: y = (x - mean) * rstd * w + b.
     const V m = set1(mean), s = set1(rstd);

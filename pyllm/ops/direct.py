@@ -1,0 +1,49 @@
+"""The dispatcher-free path of small eager CPU inference calls.
+
+A call through ``torch.ops`` costs a few microseconds of Python and dispatcher
+work (boxing, the autograd kernel, the statistics a backward would keep); at
+a decode row that is more than the kernel. The faces of the norms try
+:func:`norm` first: it calls the CPU kernel from ``pyllm._C`` directly when
+nothing stands between the call and that kernel, and returns None otherwise,
+and the face then goes the usual way (checks, routing, ``torch.ops``).
+
+Python decides what only Python knows: the backend is the default or
+``cpu`` (``backend=``, :func:`pyllm.use_backend`, ``PYLLM_BACKEND``), not being
+traced by ``torch.compile``, no ``__torch_function__`` (tensor subclasses such
+as DTensor, torch function modes). ``pyllm._C.norm_direct`` decides the rest:
+plain CPU tensors, nothing requiring grad in grad mode, no dispatch mode, no
+autocast, no profiler, and arguments the kernel takes (see
+csrc/direct_calls.cpp). The result is the operator's: the same kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyllm import _C
+from pyllm import backend as _backend
+
+__all__ = ["norm"]
+
+_is_compiling = torch.compiler.is_compiling
+_has_torch_function = torch._C._has_torch_function
+_norm_direct = _C.norm_direct
+
+
+def norm(x, residual, weight, bias, eps, rms: bool, backend: str | None):
+    """rms_norm / layer_norm (add_* with ``residual``) without the dispatcher, or None.
+
+    Args: as the faces (:func:`pyllm.rms_norm`, :func:`pyllm.layer_norm`,
+    their ``add_`` forms); ``residual``/``weight``/``bias`` may be None; ``rms``
+    picks RMSNorm (``bias`` must then be None).
+
+    Returns:
+        ``y`` (``x``'s shape and dtype), or ``(y, x + residual)`` with a
+        residual; None when the call must go through ``torch.ops``.
+    """
+    name = backend if backend is not None else (
+        _backend._STACK[-1] if _backend._STACK else _backend._ENV_BACKEND)
+    if (name is not None and name != "cpu") or _is_compiling() or _has_torch_function(
+            (x, residual, weight, bias)):
+        return None
+    return _norm_direct(x, residual, weight, bias, eps, rms)
