@@ -23,24 +23,41 @@ import torch
 from pyllm import _C
 from pyllm import backend as _backend
 
-__all__ = ["norm"]
+__all__ = ["norm", "add_norm"]
 
 _is_compiling = torch.compiler.is_compiling
 _has_torch_function = torch._C._has_torch_function
 _norm_direct = _C.norm_direct
 
 
-def norm(x, residual, weight, bias, eps, rms: bool, backend: str | None):
-    """rms_norm / layer_norm (add_* with ``residual``) without the dispatcher, or None.
+def norm(x, weight, bias, eps, rms: bool, backend: str | None):
+    """rms_norm / layer_norm without the dispatcher, or None.
 
-    Args: as the faces (:func:`pyllm.rms_norm`, :func:`pyllm.layer_norm`,
-    their ``add_`` forms); ``residual``/``weight``/``bias`` may be None; ``rms``
-    picks RMSNorm (``bias`` must then be None).
+    Args: as the faces (:func:`pyllm.rms_norm`, :func:`pyllm.layer_norm`);
+    ``weight``/``bias`` may be None; ``rms`` picks RMSNorm (``bias`` None).
 
     Returns:
-        ``y`` (``x``'s shape and dtype), or ``(y, x + residual)`` with a
-        residual; None when the call must go through ``torch.ops``.
+        ``y`` (``x``'s shape and dtype), or None when the call must go through
+        ``torch.ops``.
     """
+    return _call(x, None, weight, bias, eps, rms, backend)
+
+
+def add_norm(x, residual, weight, bias, eps, rms: bool, backend: str | None):
+    """add_rms_norm / add_layer_norm without the dispatcher, or None.
+
+    Args: as the faces (:func:`pyllm.add_rms_norm`, :func:`pyllm.add_layer_norm`).
+
+    Returns:
+        ``(y, x + residual)``, or None when the call must go through
+        ``torch.ops`` (a missing ``residual`` included: the face's error).
+    """
+    if residual is None:
+        return None
+    return _call(x, residual, weight, bias, eps, rms, backend)
+
+
+def _call(x, residual, weight, bias, eps, rms, backend):
     name = backend if backend is not None else (
         _backend._STACK[-1] if _backend._STACK else _backend._ENV_BACKEND)
     if (name is not None and name != "cpu") or _is_compiling() or _has_torch_function(

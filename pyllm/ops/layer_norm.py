@@ -39,7 +39,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None,
         ``y``: ``(..., n)``, ``x.dtype``, contiguous. Differentiable in ``x``,
         ``weight`` and ``bias``.
     """
-    y = direct.norm(x, None, weight, bias, eps, False, backend)
+    y = direct.norm(x, weight, bias, eps, False, backend)
     if y is not None:
         return y
     eps = check_norm_args("pyllm.layer_norm", x, weight=weight, bias=bias, eps=eps)
@@ -61,7 +61,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
         layer_norm(s, weight, bias, eps)``. Differentiable in ``x``,
         ``residual``, ``weight`` and ``bias``, through both outputs.
     """
-    out = direct.norm(x, residual, weight, bias, eps, False, backend)
+    out = direct.add_norm(x, residual, weight, bias, eps, False, backend)
     if out is not None:
         return out
     eps = check_norm_args("pyllm.add_layer_norm", x, residual=residual, weight=weight, bias=bias,

@@ -37,7 +37,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | N
         ``y``: ``(..., n)``, ``x.dtype``, contiguous. Differentiable in ``x`` and
         ``weight``.
     """
-    y = direct.norm(x, None, weight, None, eps, True, backend)
+    y = direct.norm(x, weight, None, eps, True, backend)
     if y is not None:
         return y
     eps = check_norm_args("pyllm.rms_norm", x, weight=weight, eps=eps)
@@ -63,7 +63,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
         both ``(..., n)`` in ``x.dtype``. Differentiable in ``x``, ``residual``
         and ``weight``, through both outputs.
     """
-    out = direct.norm(x, residual, weight, None, eps, True, backend)
+    out = direct.add_norm(x, residual, weight, None, eps, True, backend)
     if out is not None:
         return out
     eps = check_norm_args("pyllm.add_rms_norm", x, residual=residual, weight=weight, eps=eps,
