@@ -70,38 +70,52 @@ MODELS = {"gpt2-causal-lm": (hf_gpt2, GPT2LMHeadModel, gpt2_losses),
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_adamw_steps_match_transformers(name):
+    """Five AdamW steps in float32 against the same steps of transformers' model
+    in float64 (the truth), by the rule with transformers' float32 run as
+    PyTorch's error. Adam divides each gradient by its running RMS, so an
+    element whose gradient is near zero takes steps set by rounding: float32
+    runs of the same model differ there by a few 1e-5 after five steps at
+    lr=3e-3, and the measure is the distance from float64, not from another
+    float32 run."""
     make_hf, cls, losses = MODELS[name]
     hf = make_hf().train()
     ours = cls.from_hf(hf).train()
+    hf64 = copy.deepcopy(hf).double()
     ours_loss, hf_loss = losses()
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=3e-3, weight_decay=0.01)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=3e-3, weight_decay=0.01)
-    history = []
+    runs = {"ours": (ours, ours_loss), "hf": (hf, hf_loss), "truth": (hf64, hf_loss)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01)
+            for k, (m, _) in runs.items()}
+    history = {k: [] for k in runs}
     for _ in range(5):
-        for model, opt, loss_fn in ((ours, opt_ours, ours_loss), (hf, opt_hf, hf_loss)):
-            opt.zero_grad()
+        for key, (model, loss_fn) in runs.items():
+            opts[key].zero_grad()
             loss = loss_fn(model)
             loss.backward()
-            opt.step()
-            history.append(loss.item())
-    ours_hist, hf_hist = history[0::2], history[1::2]
-    assert ours_hist[-1] < ours_hist[0] - 0.1  # it learns
-    for a, b in zip(ours_hist, hf_hist):
-        assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (ours_hist, hf_hist)
-    hf_state = hf.state_dict()
+            opts[key].step()
+            history[key].append(loss.item())
+    assert history["ours"][-1] < history["ours"][0] - 0.1  # it learns
+    for a, b, t in zip(history["ours"], history["hf"], history["truth"]):
+        assert abs(a - t) <= 2 * abs(b - t) + 1e-5 * max(1.0, abs(t)), history
+    hf_state, truth_state = hf.state_dict(), hf64.state_dict()
+    checked = 0
     for key, p in ours.state_dict().items():
-        expected = hf_state[key]
-        if key.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
-            expected = expected.t()
+        if not p.is_floating_point():
+            continue
         # The key bias has a zero gradient in exact arithmetic (it shifts every
         # score of a query alike), so Adam's normalised steps on its rounding
-        # noise are noise: it is left out.
-        if key.endswith(".c_attn.bias"):
-            width = p.numel() // 3
-            p, expected = (torch.cat([t[:width], t[2 * width:]]) for t in (p, expected))
+        # noise are noise in every run, float64 included: it is left out.
         if key.endswith(".key.bias"):
             continue
-        torch.testing.assert_close(p, expected, atol=2e-5, rtol=1e-4, msg=key)
+        pytorch, truth = hf_state[key], truth_state[key]
+        if key.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            pytorch, truth = pytorch.t(), truth.t()
+        if key.endswith(".c_attn.bias"):
+            width = p.numel() // 3
+            p, pytorch, truth = (torch.cat([t[:width], t[2 * width:]]) for t in (p, pytorch, truth))
+        assert torch.isfinite(p).all(), key
+        check_rule(p, truth, pytorch, factor=3, what=f"parameter {key} after 5 steps")
+        checked += 1
+    assert checked >= 20, checked
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
