@@ -194,15 +194,17 @@ void times_weight(const Tensor& a, const Tensor& weight, Tensor& out, bool accum
   run(g);
 }
 
-// Whether the backward's products of a bf16 weight run on AMX tiles. They
-// take bf16 operands with pairs along K contiguous. For dX an fp32 dZ (after
-// an activation's derivative) is split into hi = bf16(dZ) and lo = bf16(dZ -
-// hi), two products summed in fp32 (16 bits of mantissa: dX flows on through
-// the network, and one bf16 rounding of dZ there put a BERT step's gradients
-// under autocast past the accuracy rule); dW takes hi alone, as PyTorch's
-// bf16 backward takes its bf16 dZ.
-bool amx_backward(const Tensor& weight) {
-  return amx_usable() && weight.scalar_type() == at::kBFloat16;
+// Whether the backward's products of a bf16 weight take bf16 operands: the
+// active ISA is avx512_bf16 (vdpbf16ps, or AMX tiles where amx_usable()),
+// whose bf16 products run ~2.5x the fp32 ones. They take pairs along K
+// contiguous, so an fp32 dZ (after an activation's derivative) is split into
+// hi = bf16(dZ) and lo = bf16(dZ - hi). dX takes both, two products summed
+// in fp32 (16 bits of mantissa: dX flows on through the network, and one
+// bf16 rounding of dZ there put a BERT step's gradients under autocast past
+// the accuracy rule); dW takes hi alone, as PyTorch's bf16 backward takes its
+// bf16 dZ.
+bool bf16_backward(const Tensor& weight) {
+  return weight.scalar_type() == at::kBFloat16 && active_isa() == Isa::avx512_bf16;
 }
 
 // t^T (2-D, 2- or 4-byte elements) row-major, copied in 64 x 64 blocks that
@@ -235,10 +237,10 @@ Tensor transposed(const Tensor& t) {
   return out;
 }
 
-// dZ as the backward's products take it: {dZ}, or on AMX {hi, lo} (see
-// amx_backward); the product is the sum over the parts.
+// dZ as the backward's products take it: {dZ} or {hi, lo} (see
+// bf16_backward); the product is the sum over the parts.
 std::vector<Tensor> product_grads(const Tensor& dz, const Tensor& weight) {
-  if (!amx_backward(weight) || dz.scalar_type() == at::kBFloat16) return {dz};
+  if (!bf16_backward(weight) || dz.scalar_type() == at::kBFloat16) return {dz};
   Tensor hi = dz.to(at::kBFloat16);
   return {hi, dz.sub(hi.to(at::kFloat)).to(at::kBFloat16)};
 }
@@ -305,7 +307,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
       dx = dx32.to(x.scalar_type()).view(x.sizes());
     } else {
       dx = empty_output(x2.sizes(), x.options());
-      times_weight(dz, weight, dx, false);
+      times_weight(parts[0], weight, dx, false);
       dx = dx.view(x.sizes());
     }
   }

@@ -250,6 +250,62 @@ void pack_panel_pairs(const Operand& b, int64_t K, int64_t n, int64_t nr, uint32
   }
 }
 
+// B's columns [n, n + nr) as pairs along K (pack_panel_pairs' layout; the
+// vdpbf16ps and AMX paths alike), for
+// B = W^T with W's rows contiguous (b.rs == 1): 16 rows of W x 16 pairs are
+// loaded and transposed as 32-bit words. Pair rows [KP, KPpad) are zero;
+// KPpad is a multiple of 16.
+void pack_panel_pairs_rows(const Operand& b, int64_t K, int64_t n, int64_t nr, uint32_t* panel,
+                           int64_t KPpad) {
+  const uint16_t* data = static_cast<const uint16_t*>(b.data);
+  for (int64_t j0 = 0; j0 < kNR; j0 += 16) {
+    for (int64_t p0 = 0; p0 < KPpad; p0 += 16) {
+      const int64_t k = 2 * p0, left = gmin(32, K - k);
+      const __mmask32 mask = left <= 0 ? 0 : left >= 32 ? ~__mmask32{0}
+                                                         : ((__mmask32{1} << left) - 1);
+      V rows[16];
+      for (int r = 0; r < 16; ++r)
+        rows[r] = j0 + r < nr && mask != 0
+                      ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(
+                            mask, data + (n + j0 + r) * b.cs + k))
+                      : zero();
+      transpose16(rows);
+      for (int i = 0; i < 16; ++i)
+        _mm512_storeu_si512(panel + (p0 + i) * kNR + j0, _mm512_castps_si512(rows[i]));
+    }
+  }
+}
+
+// The same panel for B with its rows contiguous along N (b.cs == 1: dX = dZ
+// W, dW = dZ^T X): rows 2p and 2p + 1 interleaved 16 bits at a time.
+void pack_panel_pairs_cols(const Operand& b, int64_t K, int64_t n, int64_t nr, uint32_t* panel,
+                           int64_t KPpad) {
+  const uint16_t* data = static_cast<const uint16_t*>(b.data);
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                          32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  const int64_t KP = (K + 1) / 2;
+  for (int64_t p = 0; p < KPpad; ++p) {
+    uint32_t* out = panel + p * kNR;
+    if (p >= KP) {
+      std::memset(out, 0, 4 * kNR);
+      continue;
+    }
+    const uint16_t* r0 = data + 2 * p * b.rs + n;
+    const uint16_t* r1 = 2 * p + 1 < K ? r0 + b.rs : nullptr;
+    for (int64_t j = 0; j < kNR; j += 32) {
+      const int64_t left = gmin(32, nr - j);
+      const __mmask32 mask = left <= 0 ? 0 : left >= 32 ? ~__mmask32{0}
+                                                         : ((__mmask32{1} << left) - 1);
+      const __m512i x = _mm512_maskz_loadu_epi16(mask, r0 + j);
+      const __m512i y = r1 != nullptr ? _mm512_maskz_loadu_epi16(mask, r1 + j) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + j, _mm512_permutex2var_epi16(x, lo_idx, y));
+      _mm512_storeu_si512(out + j + 16, _mm512_permutex2var_epi16(x, hi_idx, y));
+    }
+  }
+}
+
 // tile[R][kNR] = A rows [m, m + R) . panel over K, A's rows bf16 with pairs
 // contiguous (a.cs == 1).
 template <int R, bool kIntoTile = false>
@@ -325,60 +381,6 @@ inline void amx_configure() {
     c.rows[t] = 16;
   }
   _tile_loadconfig(&c);
-}
-
-// B's columns [n, n + nr) as pairs along K (pack_panel_pairs' layout), for
-// B = W^T with W's rows contiguous (b.rs == 1): 16 rows of W x 16 pairs are
-// loaded and transposed as 32-bit words. Pair rows [KP, KPpad) are zero.
-void pack_panel_pairs_rows(const Operand& b, int64_t K, int64_t n, int64_t nr, uint32_t* panel,
-                           int64_t KPpad) {
-  const uint16_t* data = static_cast<const uint16_t*>(b.data);
-  for (int64_t j0 = 0; j0 < kNR; j0 += 16) {
-    for (int64_t p0 = 0; p0 < KPpad; p0 += 16) {
-      const int64_t k = 2 * p0, left = gmin(32, K - k);
-      const __mmask32 mask = left <= 0 ? 0 : left >= 32 ? ~__mmask32{0}
-                                                         : ((__mmask32{1} << left) - 1);
-      V rows[16];
-      for (int r = 0; r < 16; ++r)
-        rows[r] = j0 + r < nr && mask != 0
-                      ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(
-                            mask, data + (n + j0 + r) * b.cs + k))
-                      : zero();
-      transpose16(rows);
-      for (int i = 0; i < 16; ++i)
-        _mm512_storeu_si512(panel + (p0 + i) * kNR + j0, _mm512_castps_si512(rows[i]));
-    }
-  }
-}
-
-// The same panel for B with its rows contiguous along N (b.cs == 1: dX = dZ
-// W, dW = dZ^T X): rows 2p and 2p + 1 interleaved 16 bits at a time.
-void pack_panel_pairs_cols(const Operand& b, int64_t K, int64_t n, int64_t nr, uint32_t* panel,
-                           int64_t KPpad) {
-  const uint16_t* data = static_cast<const uint16_t*>(b.data);
-  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
-                                          40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
-                                          32, 0);
-  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
-  const int64_t KP = (K + 1) / 2;
-  for (int64_t p = 0; p < KPpad; ++p) {
-    uint32_t* out = panel + p * kNR;
-    if (p >= KP) {
-      std::memset(out, 0, 4 * kNR);
-      continue;
-    }
-    const uint16_t* r0 = data + 2 * p * b.rs + n;
-    const uint16_t* r1 = 2 * p + 1 < K ? r0 + b.rs : nullptr;
-    for (int64_t j = 0; j < kNR; j += 32) {
-      const int64_t left = gmin(32, nr - j);
-      const __mmask32 mask = left <= 0 ? 0 : left >= 32 ? ~__mmask32{0}
-                                                         : ((__mmask32{1} << left) - 1);
-      const __m512i x = _mm512_maskz_loadu_epi16(mask, r0 + j);
-      const __m512i y = r1 != nullptr ? _mm512_maskz_loadu_epi16(mask, r1 + j) : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + j, _mm512_permutex2var_epi16(x, lo_idx, y));
-      _mm512_storeu_si512(out + j + 16, _mm512_permutex2var_epi16(x, hi_idx, y));
-    }
-  }
 }
 
 // tile[16][kNR] (fp32, rows kNR apart) = A rows [m, m + rows) . panel over K.
@@ -478,15 +480,25 @@ void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if (pairs && g.use_amx) return block_amx(g, m0, m1, n0, n1);
 #endif
-  const int64_t panel_floats = pairs ? (g.K + 1) / 2 * kNR : g.K * kNR;
+  // Pairs: rows up to a multiple of 16 (the packers' 16 x 16 transposes).
+  const int64_t KPpad = ground_up((g.K + 1) / 2, 16);
+  const int64_t panel_floats = pairs ? KPpad * kNR : g.K * kNR;
   float* panel = w.panel.get(panel_floats);
   float* panel2 = two ? w.panel2.get(panel_floats) : nullptr;
   for (int64_t n = n0; n < n1; n += kNR) {
     const int64_t nr = gmin(kNR, n1 - n);
 #if defined(__AVX512BF16__)
     if (pairs) {
-      pack_panel_pairs(g.b, g.K, n, nr, reinterpret_cast<uint32_t*>(panel));
-      if (two) pack_panel_pairs(g.b2, g.K, n, nr, reinterpret_cast<uint32_t*>(panel2));
+      for (int half = 0; half < (two ? 2 : 1); ++half) {
+        const Operand& b = half == 0 ? g.b : g.b2;
+        uint32_t* p = reinterpret_cast<uint32_t*>(half == 0 ? panel : panel2);
+        if (b.rs == 1)
+          pack_panel_pairs_rows(b, g.K, n, nr, p, KPpad);
+        else if (b.cs == 1)
+          pack_panel_pairs_cols(b, g.K, n, nr, p, KPpad);
+        else
+          pack_panel_pairs(b, g.K, n, nr, p);
+      }
     } else
 #endif
     {
