@@ -130,6 +130,12 @@ inline void pack(const Operand& b, int64_t K, int64_t n, int64_t nr, float* pane
 // plus the running total rounds less than one chain of K additions.
 constexpr int64_t kSumBlock = 256;
 
+// The blocked path's loop (block()): rows in chunks of kRowChunk, K in
+// slices of kKSlice (whole blocks of kSumBlock, an even count: pairs).
+constexpr int64_t kRowChunk = 96;
+constexpr int64_t kKSlice = 2 * kSumBlock;
+static_assert(kRowChunk % 6 == 0 && kRowChunk % 4 == 0, "whole micro tiles a chunk");
+
 template <typename T, int R, bool kIntoTile = false>
 inline void micro(const Operand& a, int64_t m, int64_t K, const float* panel, float* tile) {
   const T* base = static_cast<const T*>(a.data) + m * a.rs;
@@ -154,27 +160,37 @@ inline void micro(const Operand& a, int64_t m, int64_t K, const float* panel, fl
   }
 }
 
-template <typename T>
+template <typename T, bool kIntoTile>
 void micro_rows(const Operand& a, int64_t m, int64_t rows, int64_t K, const float* panel,
                 float* tile) {
   switch (rows) {
-    case 6: if constexpr (kMR >= 6) return micro<T, 6>(a, m, K, panel, tile); break;
-    case 5: if constexpr (kMR >= 5) return micro<T, 5>(a, m, K, panel, tile); break;
-    case 4: return micro<T, 4>(a, m, K, panel, tile);
-    case 3: return micro<T, 3>(a, m, K, panel, tile);
-    case 2: return micro<T, 2>(a, m, K, panel, tile);
-    case 1: return micro<T, 1>(a, m, K, panel, tile);
+    case 6: if constexpr (kMR >= 6) return micro<T, 6, kIntoTile>(a, m, K, panel, tile); break;
+    case 5: if constexpr (kMR >= 5) return micro<T, 5, kIntoTile>(a, m, K, panel, tile); break;
+    case 4: return micro<T, 4, kIntoTile>(a, m, K, panel, tile);
+    case 3: return micro<T, 3, kIntoTile>(a, m, K, panel, tile);
+    case 2: return micro<T, 2, kIntoTile>(a, m, K, panel, tile);
+    case 1: return micro<T, 1, kIntoTile>(a, m, K, panel, tile);
     default: break;
   }
 }
 
+// tile = (into ? tile + : ) A rows [m, m + rows) . panel over K.
+template <bool kIntoTile = false>
 inline void compute_tile(const Operand& a, int64_t m, int64_t rows, int64_t K, const float* panel,
                          float* tile) {
   switch (a.type) {
-    case DType::f32: return micro_rows<float>(a, m, rows, K, panel, tile);
-    case DType::bf16: return micro_rows<bf16>(a, m, rows, K, panel, tile);
-    case DType::f16: return micro_rows<f16>(a, m, rows, K, panel, tile);
+    case DType::f32: return micro_rows<float, kIntoTile>(a, m, rows, K, panel, tile);
+    case DType::bf16: return micro_rows<bf16, kIntoTile>(a, m, rows, K, panel, tile);
+    case DType::f16: return micro_rows<f16, kIntoTile>(a, m, rows, K, panel, tile);
   }
+}
+
+// A with its K index moved on by k (elements of A's type).
+inline Operand skip_k(const Operand& a, int64_t k) {
+  Operand o = a;
+  const int64_t bytes = a.type == DType::f32 ? 4 : 2;
+  o.data = static_cast<const char*>(a.data) + k * a.cs * bytes;
+  return o;
 }
 
 // -- the epilogue ----------------------------------------------------------------------------
@@ -339,16 +355,21 @@ inline void micro_bf16(const Operand& a, int64_t m, int64_t K, const uint32_t* p
 }
 
 inline void compute_tile_bf16(const Operand& a, int64_t m, int64_t rows, int64_t K,
-                              const uint32_t* panel, float* tile) {
+                              const uint32_t* panel, float* tile, bool into = false) {
+#define PYLLM_BF16_ROWS(R)                                                     \
+  case R:                                                                      \
+    return into ? micro_bf16<R, true>(a, m, K, panel, tile)                    \
+                : micro_bf16<R, false>(a, m, K, panel, tile);
   switch (rows) {
-    case 6: return micro_bf16<6>(a, m, K, panel, tile);
-    case 5: return micro_bf16<5>(a, m, K, panel, tile);
-    case 4: return micro_bf16<4>(a, m, K, panel, tile);
-    case 3: return micro_bf16<3>(a, m, K, panel, tile);
-    case 2: return micro_bf16<2>(a, m, K, panel, tile);
-    case 1: return micro_bf16<1>(a, m, K, panel, tile);
+    PYLLM_BF16_ROWS(6)
+    PYLLM_BF16_ROWS(5)
+    PYLLM_BF16_ROWS(4)
+    PYLLM_BF16_ROWS(3)
+    PYLLM_BF16_ROWS(2)
+    PYLLM_BF16_ROWS(1)
     default: break;
   }
+#undef PYLLM_BF16_ROWS
 }
 #endif
 
@@ -469,8 +490,8 @@ void block_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1
 void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   GemmWorkspace& w = gemm_workspace();
   const bool two = two_products(g);
-  float* tile = w.tile.get(kMR * kNR);
-  float* tile2 = w.tile2.get(kMR * kNR);
+  float* acc = w.tile.get(kRowChunk * kNR);
+  float* acc2 = w.tile2.get(kRowChunk * kNR);
 #if defined(__AVX512BF16__)
   const bool pairs = g.a.type == DType::bf16 && g.b.type == DType::bf16 && g.a.cs == 1 &&
                      (!two || g.b2.type == DType::bf16);
@@ -505,19 +526,44 @@ void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       pack(g.b, g.K, n, nr, panel);
       if (two) pack(g.b2, g.K, n, nr, panel2);
     }
-    for (int64_t m = m0; m < m1; m += kMR) {
-      const int64_t rows = gmin(kMR, m1 - m);
+    // Rows in chunks of kRowChunk, K in slices of kKSlice: a slice of the
+    // panel (64-128 KB) stays in L2 while every micro tile of the chunk uses
+    // it, where the whole panel (K x kNR, 1.4 MB at K = 5632 in fp32) would
+    // be read from further out once per micro tile. The sums are those of
+    // one pass over K (slices are whole blocks of kSumBlock, each summed
+    // from zero and added to the tile in order).
+    for (int64_t mc = m0; mc < m1; mc += kRowChunk) {
+      const int64_t mc_end = gmin(m1, mc + kRowChunk);
+      for (int64_t kb = 0; kb < g.K || kb == 0; kb += kKSlice) {
+        const int64_t kc = gmin(kKSlice, g.K - kb);
+        const Operand a = skip_k(g.a, kb);
+        for (int64_t m = mc; m < mc_end; m += kMR) {
+          const int64_t rows = gmin(kMR, mc_end - m);
+          float* t = acc + (m - mc) * kNR;
+          float* t2 = acc2 + (m - mc) * kNR;
 #if defined(__AVX512BF16__)
-      if (pairs) {
-        compute_tile_bf16(g.a, m, rows, g.K, reinterpret_cast<const uint32_t*>(panel), tile);
-        if (two) compute_tile_bf16(g.a, m, rows, g.K, reinterpret_cast<const uint32_t*>(panel2), tile2);
-      } else
+          if (pairs) {
+            const uint32_t* p = reinterpret_cast<const uint32_t*>(panel) + kb / 2 * kNR;
+            compute_tile_bf16(a, m, rows, kc, p, t, kb > 0);
+            if (two) {
+              const uint32_t* p2 = reinterpret_cast<const uint32_t*>(panel2) + kb / 2 * kNR;
+              compute_tile_bf16(a, m, rows, kc, p2, t2, kb > 0);
+            }
+            continue;
+          }
 #endif
-      {
-        compute_tile(g.a, m, rows, g.K, panel, tile);
-        if (two) compute_tile(g.a, m, rows, g.K, panel2, tile2);
+          if (kb == 0) {
+            compute_tile(a, m, rows, kc, panel, t);
+            if (two) compute_tile(a, m, rows, kc, panel2, t2);
+          } else {
+            compute_tile<true>(a, m, rows, kc, panel + kb * kNR, t);
+            if (two) compute_tile<true>(a, m, rows, kc, panel2 + kb * kNR, t2);
+          }
+        }
       }
-      finish(g, tile, tile2, kNR, m, rows, n, nr);
+      for (int64_t m = mc; m < mc_end; m += kMR)
+        finish(g, acc + (m - mc) * kNR, acc2 + (m - mc) * kNR, kNR, m, gmin(kMR, mc_end - m), n,
+               nr);
     }
   }
 }
