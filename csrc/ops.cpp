@@ -105,6 +105,21 @@ TORCH_LIBRARY(pyllm, m) {
             "(Tensor grad_y, Tensor x, Tensor weight_gate, Tensor weight_up, Tensor? bias_gate,"
             " Tensor? bias_up, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // The CPU kernels' training pair (csrc/autograd/linear.cpp uses it for CPU
+  // tensors): the forward also returns its pre-activations x @ W^T + b,
+  // float32 of y's shape (linear: preact; swiglu: gate, up), and the backward
+  // takes them instead of recomputing the products. One name each: no
+  // Triton twin.
+  m.def("linear_with_preact(Tensor x, Tensor weight, Tensor? bias, str activation)"
+        " -> (Tensor, Tensor)");
+  m.def("linear_backward_from_preact(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias,"
+        " Tensor preact, str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("swiglu_with_preact(Tensor x, Tensor weight_gate, Tensor weight_up, Tensor? bias_gate,"
+        " Tensor? bias_up) -> (Tensor, Tensor, Tensor)");
+  m.def("swiglu_backward_from_preact(Tensor grad_y, Tensor x, Tensor weight_gate,"
+        " Tensor weight_up, Tensor? bias_gate, Tensor? bias_up, Tensor gate, Tensor up,"
+        " bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   m.set_python_module("pyllm.ops.rotary");
   // Rotary position embedding, in place on q (batch, seq, heads, head_dim)
   // and k (batch, seq, heads_kv, head_dim), head_dim contiguous: the first
@@ -148,4 +163,9 @@ TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {
   PYLLM_ONCE_DIFFERENTIABLE(m, "attention_backward");
   PYLLM_ONCE_DIFFERENTIABLE(m, "linear_backward");
   PYLLM_ONCE_DIFFERENTIABLE(m, "swiglu_backward");
+  // Called below autograd by csrc/autograd/linear.cpp; differentiating one
+  // called directly raises.
+  for (const char* name : {"linear_with_preact", "swiglu_with_preact",
+                           "linear_backward_from_preact", "swiglu_backward_from_preact"})
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
 }

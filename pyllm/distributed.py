@@ -134,6 +134,26 @@ def _swiglu_backward_rules(grad_y, x, wg, wu, bg, bu, mask):
     return strategies
 
 
+def _with_preact_rules(rules, kept: int):
+    """The rules of a training forward that also returns ``kept``
+    pre-activations (linear_with_preact, swiglu_with_preact): each placed as
+    the output."""
+    def with_preact(*args):
+        return [(outs * (1 + kept), inputs) for outs, inputs in rules(*args)]
+    return with_preact
+
+
+def _from_preact_rules(rules, kept: int, at: int):
+    """The rules of a backward that takes ``kept`` pre-activations at argument
+    ``at`` (linear_backward_from_preact, swiglu_backward_from_preact): each
+    placed as grad_y, the rest as the backward that recomputes them."""
+    def from_preact(*args):
+        plain = args[:at] + args[at + kept:]
+        return [(outs, inputs[:at] + [inputs[0]] * kept + inputs[at:])
+                for outs, inputs in rules(*plain)]
+    return from_preact
+
+
 def _attention_layouts(q, cu_q, bias, alibi):
     """[(q/k/v dim, lse dim, bias placement, alibi placement)] for batch and heads."""
     Partial, Replicate, Shard = _placements()
@@ -320,4 +340,11 @@ def register() -> None:
             ("attention", _attention_rules), ("attention_backward", _attention_backward_rules),
             ("cross_entropy", _cross_entropy_rules)):
         register_sharding(both(name))(rules)
+    # The CPU training pair (one name each).
+    for name, rules in (
+            ("linear_with_preact", _with_preact_rules(_linear_rules, 1)),
+            ("swiglu_with_preact", _with_preact_rules(_swiglu_rules, 2)),
+            ("linear_backward_from_preact", _from_preact_rules(_linear_backward_rules, 1, 4)),
+            ("swiglu_backward_from_preact", _from_preact_rules(_swiglu_backward_rules, 2, 6))):
+        register_sharding(getattr(ops, name).default)(rules)
     _REGISTERED = True

@@ -293,3 +293,84 @@ def test_extreme_preactivations(act, dtype):
     theirs = grads_of(lambda x: pytorch_linear(x, w, None, act), (z,), grad)[0]
     check_rule(y, reference.linear(z.double(), w.double(), None, act), pytorch_linear(z, w, None, act))
     check_rule(ours, exact, theirs, factor=3)
+
+
+# -- the CPU training pair: the forward keeps the pre-activation ---------------
+
+@pytest.mark.parametrize("act", ("gelu", "gelu_tanh", "silu"))
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 7, 7), (17, 300, 130), (127, 1000, 65)], ids=str)
+def test_training_forward_keeps_the_preact(shape, dtype, act):
+    """On CPU tensors pyllm.linear's autograd keeps x W^T + b (float32) and
+    the backward takes it: the output is the no-grad output bit for bit, the
+    kept pre-activation is the product, and the gradients are those of the
+    op that recomputes it (pyllm::linear_backward), bit for bit."""
+    x, w, b = make(shape, dtype, "preact")
+    x = torch.cat([x, x], dim=1)[:, ::2]  # strided rows
+    y_plain = pyllm.linear(x, w, b, act)
+    with poisoned_outputs():
+        y_keep, preact = torch.ops.pyllm.linear_with_preact(x, w, b, act)
+    assert torch.equal(y_keep, y_plain)
+    assert preact.dtype == torch.float32 and preact.shape == y_plain.shape
+    check_rule(preact, reference.linear(*as64(x, w, b), "none"),
+               pytorch_linear(x.float(), w.float(), b.float(), "none"))
+    grad = randn(y_plain.shape, dtype, gen=generator("preact grad", shape, dtype))
+    ours = grads_of(lambda *t: pyllm.linear(*t, act), (x, w, b), grad)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        with poisoned_outputs():
+            kept = torch.ops.pyllm.linear_backward_from_preact(grad, x, w, b, preact, act, mask)
+        recomputed = torch.ops.pyllm.linear_backward(grad, x, w, b, act, mask)
+        for wanted, g, r, o in zip(mask, kept, recomputed, ours):
+            assert (g is None) == (not wanted) == (r is None)
+            if wanted:
+                assert torch.equal(g, r) and torch.equal(g, o)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 7, 7), (16, 300, 130), (127, 256, 344)], ids=str)
+def test_swiglu_training_forward_keeps_the_preacts(shape, dtype, bias):
+    """swiglu's training pair: the output is the no-grad one, gate and up are
+    the two products, the gradients those of pyllm::swiglu_backward."""
+    args = make_swiglu(shape, dtype, "preact", bias=bias)
+    y_plain = pyllm.swiglu(*args)
+    with poisoned_outputs():
+        y_keep, gate, up = torch.ops.pyllm.swiglu_with_preact(*args)
+    assert torch.equal(y_keep, y_plain)
+    x, wg, wu, bg, bu = args
+    for kept, weight, b in ((gate, wg, bg), (up, wu, bu)):
+        assert kept.dtype == torch.float32
+        check_rule(kept, reference.linear(*as64(x, weight, b), "none"),
+                   pytorch_linear(x.float(), weight.float(), None if b is None else b.float(),
+                                  "none"))
+    grad = randn(y_plain.shape, dtype, gen=generator("swiglu preact grad", shape, dtype))
+    ours = grads_of(lambda *t: pyllm.swiglu(*t), args, grad)
+    mask = [True, True, True, bias, bias]
+    with poisoned_outputs():
+        kept = torch.ops.pyllm.swiglu_backward_from_preact(grad, *args, gate, up, mask)
+    recomputed = torch.ops.pyllm.swiglu_backward(grad, *args, mask)
+    for g, r, o in zip(kept, recomputed, ours):
+        assert (g is None) == (r is None) == (o is None)
+        if g is not None:
+            assert torch.equal(g, r) and torch.equal(g, o)
+
+
+def test_training_pair_opcheck_and_bad_preact():
+    x, w, b = make((9, 32, 24), torch.float32, "opcheck preact")
+    torch.library.opcheck(torch.ops.pyllm.linear_with_preact.default, (x, w, b, "gelu"))
+    _, preact = torch.ops.pyllm.linear_with_preact(x, w, b, "gelu")
+    g = torch.randn(9, 24)
+    torch.library.opcheck(torch.ops.pyllm.linear_backward_from_preact.default,
+                          (g, x, w, b, preact, "gelu", [True, True, True]))
+    args = make_swiglu((9, 32, 24), torch.float32, "opcheck preact")
+    torch.library.opcheck(torch.ops.pyllm.swiglu_with_preact.default, args)
+    _, gate, up = torch.ops.pyllm.swiglu_with_preact(*args)
+    torch.library.opcheck(torch.ops.pyllm.swiglu_backward_from_preact.default,
+                          (g, *args, gate, up, [True] * 5))
+    with pytest.raises(ValueError, match="preact must be float32 on the CPU with grad_y's shape"):
+        torch.ops.pyllm.linear_backward_from_preact(g, x, w, b, preact[:, :5], "gelu",
+                                                    [True, True, True])
+    with pytest.raises(ValueError, match="up must be float32 on the CPU with grad_y's shape"):
+        torch.ops.pyllm.swiglu_backward_from_preact(g, *args, gate, up.double(), [True] * 5)
+    with pytest.raises(RuntimeError, match="derivative for pyllm::linear_with_preact"):
+        torch.ops.pyllm.linear_with_preact(x.requires_grad_(), w, b, "gelu")[0].sum().backward()

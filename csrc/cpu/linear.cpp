@@ -54,6 +54,21 @@ GemmSkinnyFn skinny_kernel() {
                                 avx512_bf16::gemm_skinny);
 }
 
+GemmEpilogueFn epilogue_kernel() {
+  return pick_isa<GemmEpilogueFn>(generic::gemm_epilogue, avx2::gemm_epilogue,
+                                  avx512::gemm_epilogue, avx512_bf16::gemm_epilogue);
+}
+
+// Runs g's epilogue alone on a kept product c (c2), M x N fp32, in parallel
+// over rows.
+void run_epilogue(const GemmArgs& g, const Tensor& c, const Tensor& c2) {
+  const GemmEpilogueFn kernel = epilogue_kernel();
+  const float* cp = c.data_ptr<float>();
+  const float* c2p = c2.defined() ? c2.data_ptr<float>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.N));
+  at::parallel_for(0, g.M, grain, [&](int64_t m0, int64_t m1) { kernel(g, cp, c2p, m0, m1); });
+}
+
 // Runs one GEMM, in parallel: the skinny path for a few rows of x @ W^T
 // (see below for when), else tasks of whole column blocks (each packs its
 // own panels), split by rows too when there are too few column blocks for the
@@ -77,9 +92,7 @@ void run(const GemmArgs& args) {
   // one-column W, e.g. dX = dZ W with in_features 1, has rs == 1 in any
   // layout, and dZ is fp32 after an activation: the types must be checked.)
   const bool weight_rows = g.a.cs == 1 && g.b.rs == 1 && g.a.type == g.b.type &&
-                           (g.epilogue != Epilogue::swiglu && g.epilogue != Epilogue::grad_swiglu
-                                ? true
-                                : g.b2.rs == 1);
+                           (!two_products(g.epilogue) || g.b2.rs == 1);
   // The skinny kernels (M <= kGemmSkinnyRows):
   // - bf16 on AMX tiles (amx_usable()): 2-16 rows go to the tiles, which
   //   stream the weight at the skinny kernel's rate or better (1.1-1.4 ms
@@ -144,10 +157,13 @@ void set_bias(GemmArgs& g, const Tensor& bias, const Tensor& bias2) {
   g.bias_type = any.defined() ? kernel_dtype(any, "bias") : DType::f32;
 }
 
-Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_in,
-              c10::string_view activation) {
-  check_input("linear", x);
-  check_linear_params("linear", x, weight, bias_in);
+// linear's forward; with `preact` defined (fp32, y's shape) the epilogue
+// also keeps x W^T + b there (the training forward).
+Tensor linear_into(const char* op, const Tensor& x, const Tensor& weight,
+                   const optional<Tensor>& bias_in, c10::string_view activation,
+                   const Tensor& preact) {
+  check_input(op, x);
+  check_linear_params(op, x, weight, bias_in);
   const Tensor x2 = rows_of(x);
   const Tensor bias = contiguous_or_undefined(bias_in);
   const int64_t M = x2.size(0), N = weight.size(0), K = x2.size(1);
@@ -158,18 +174,40 @@ Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bia
   g.out = y.data_ptr();
   g.ldo = N;
   g.out_type = kernel_dtype(y, "y");
+  if (preact.defined()) {
+    g.epilogue = Epilogue::store_preact;
+    g.out2 = preact.data_ptr();
+  }
   run(g);
   return y;
 }
 
-Tensor swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
-              const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in) {
-  check_input("swiglu", x);
-  check_swiglu_params("swiglu", x, w_gate, w_up, b_gate_in, b_up_in);
+Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_in,
+              c10::string_view activation) {
+  return linear_into("linear", x, weight, bias_in, activation, Tensor());
+}
+
+std::tuple<Tensor, Tensor> linear_with_preact(const Tensor& x, const Tensor& weight,
+                                              const optional<Tensor>& bias_in,
+                                              c10::string_view activation) {
+  check_input("linear_with_preact", x);
+  check_linear_params("linear_with_preact", x, weight, bias_in);
+  Tensor preact = at::empty(with_last(x, weight.size(0)), x.options().dtype(at::kFloat));
+  Tensor y = linear_into("linear_with_preact", x, weight, bias_in, activation, preact);
+  return {y, preact};
+}
+
+// swiglu's forward; with gate and up defined (fp32, y's shape) the epilogue
+// also keeps both pre-activations there (the training forward).
+Tensor swiglu_into(const char* op, const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
+                   const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in,
+                   const Tensor& gate, const Tensor& up) {
+  check_input(op, x);
+  check_swiglu_params(op, x, w_gate, w_up, b_gate_in, b_up_in);
   const Tensor x2 = rows_of(x);
   const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
   TORCH_CHECK_TYPE(!b_gate.defined() || !b_up.defined() || b_gate.scalar_type() == b_up.scalar_type(),
-                   "pyllm::swiglu: the biases must have one dtype");
+                   "pyllm::", op, ": the biases must have one dtype");
   const int64_t M = x2.size(0), N = w_gate.size(0), K = x2.size(1);
   Tensor y = empty_output(with_last(x, N), x.options());
   GemmArgs g = base_args(M, N, K, operand(x2), operand(w_gate, true));
@@ -179,8 +217,31 @@ Tensor swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
   g.out = y.data_ptr();
   g.ldo = N;
   g.out_type = kernel_dtype(y, "y");
+  if (gate.defined()) {
+    g.epilogue = Epilogue::swiglu_preact;
+    g.out2 = gate.data_ptr();
+    g.out3 = up.data_ptr();
+  }
   run(g);
   return y;
+}
+
+Tensor swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
+              const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in) {
+  return swiglu_into("swiglu", x, w_gate, w_up, b_gate_in, b_up_in, Tensor(), Tensor());
+}
+
+std::tuple<Tensor, Tensor, Tensor> swiglu_with_preact(const Tensor& x, const Tensor& w_gate,
+                                                      const Tensor& w_up,
+                                                      const optional<Tensor>& b_gate_in,
+                                                      const optional<Tensor>& b_up_in) {
+  check_input("swiglu_with_preact", x);
+  check_swiglu_params("swiglu_with_preact", x, w_gate, w_up, b_gate_in, b_up_in);
+  const auto shape = with_last(x, w_gate.size(0));
+  Tensor gate = at::empty(shape, x.options().dtype(at::kFloat));
+  Tensor up = at::empty(shape, x.options().dtype(at::kFloat));
+  Tensor y = swiglu_into("swiglu_with_preact", x, w_gate, w_up, b_gate_in, b_up_in, gate, up);
+  return {y, gate, up};
 }
 
 // out (M x K, out_type) = a (M x N) @ weight (N x K); accumulate into an fp32
@@ -272,6 +333,29 @@ Tensor weight_grad(const std::vector<Tensor>& parts, const Tensor& x2, const Ten
   return split ? dw.to(weight.scalar_type()) : dw;
 }
 
+// linear's gradients from dz = grad_y * act'(z) ([M, N]; x2 is x's rows).
+std::tuple<Tensor, Tensor, Tensor> linear_grads(const Tensor& dz, const Tensor& x2, const Tensor& x,
+                                                const Tensor& weight,
+                                                const optional<Tensor>& bias_in,
+                                                std::array<bool, 3> mask) {
+  Tensor dx, dw, db;
+  const std::vector<Tensor> parts = product_grads(dz, weight);
+  if (mask[0]) {
+    if (parts.size() > 1) {
+      Tensor dx32 = at::empty(x2.sizes(), x.options().dtype(at::kFloat));
+      times_weight_parts(parts, weight, dx32, false);
+      dx = dx32.to(x.scalar_type()).view(x.sizes());
+    } else {
+      dx = empty_output(x2.sizes(), x.options());
+      times_weight(parts[0], weight, dx, false);
+      dx = dx.view(x.sizes());
+    }
+  }
+  if (mask[1]) dw = weight_grad({parts[0]}, x2, weight);
+  if (mask[2] && bias_in.has_value()) db = linear_bias_grad(dz, *bias_in);
+  return {dx, dw, db};
+}
+
 std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const Tensor& x,
                                                    const Tensor& weight,
                                                    const optional<Tensor>& bias_in,
@@ -298,22 +382,65 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
     g.grad_type = kernel_dtype(gy, "grad_y");
     run(g);
   }
-  Tensor dx, dw, db;
-  const std::vector<Tensor> parts = product_grads(dz, weight);
-  if (mask[0]) {
-    if (parts.size() > 1) {
-      Tensor dx32 = at::empty(x2.sizes(), x.options().dtype(at::kFloat));
-      times_weight_parts(parts, weight, dx32, false);
-      dx = dx32.to(x.scalar_type()).view(x.sizes());
-    } else {
-      dx = empty_output(x2.sizes(), x.options());
-      times_weight(parts[0], weight, dx, false);
-      dx = dx.view(x.sizes());
-    }
+  return linear_grads(dz, x2, x, weight, bias_in, mask);
+}
+
+// A kept pre-activation (fp32, grad_y's shape) as the epilogue reads it.
+Tensor preact_rows(const char* op, const char* name, const Tensor& preact, const Tensor& grad_y) {
+  TORCH_CHECK_VALUE(preact.scalar_type() == at::kFloat && preact.device().is_cpu() &&
+                        preact.sizes() == grad_y.sizes(),
+                    "pyllm::", op, ": ", name, " must be float32 on the CPU with grad_y's shape ",
+                    grad_y.sizes(), ", got ", preact.scalar_type(), " ", preact.sizes());
+  return as_rows(preact).contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_backward_from_preact(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_in,
+    const Tensor& preact, c10::string_view activation, std::array<bool, 3> mask) {
+  const char* op = "linear_backward_from_preact";
+  check_input(op, x);
+  check_linear_params(op, x, weight, bias_in, &grad_y);
+  const Tensor z = preact_rows(op, "preact", preact, grad_y);
+  const Tensor x2 = rows_of(x);
+  const Tensor gy = rows_of(grad_y);
+  const int64_t M = x2.size(0), N = weight.size(0), K = x2.size(1);
+  const Activation act = parse_activation(activation);
+  Tensor dz = gy;
+  if (act != Activation::none) {  // dz = grad_y * act'(z), fp32
+    dz = at::empty({M, N}, x.options().dtype(at::kFloat));
+    GemmArgs g = base_args(M, N, K, operand(x2), operand(weight, true));
+    g.act = act;
+    g.epilogue = Epilogue::grad_act;
+    g.out = dz.data_ptr();
+    g.ldo = N;
+    g.grad = gy.data_ptr();
+    g.ldg = N;
+    g.grad_type = kernel_dtype(gy, "grad_y");
+    run_epilogue(g, z, Tensor());
   }
-  if (mask[1]) dw = weight_grad({parts[0]}, x2, weight);
-  if (mask[2] && bias_in.has_value()) db = linear_bias_grad(dz, *bias_in);
-  return {dx, dw, db};
+  return linear_grads(dz, x2, x, weight, bias_in, mask);
+}
+
+// swiglu's gradients from d gate and d up (fp32 [M, N]; x2 is x's rows).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_grads(
+    const Tensor& dgate, const Tensor& dup, const Tensor& x2, const Tensor& x, const Tensor& w_gate,
+    const Tensor& w_up, const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in,
+    std::array<bool, 5> mask) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  Tensor dx, dwg, dwu, dbg, dbu;
+  const std::vector<Tensor> gate_parts = product_grads(dgate, w_gate),
+                            up_parts = product_grads(dup, w_up);
+  if (mask[0]) {
+    Tensor dx32 = at::empty({M, K}, x.options().dtype(at::kFloat));
+    times_weight_parts(gate_parts, w_gate, dx32, false);
+    times_weight_parts(up_parts, w_up, dx32, true);
+    dx = dx32.to(x.scalar_type()).view(x.sizes());
+  }
+  if (mask[1]) dwg = weight_grad({gate_parts[0]}, x2, w_gate);
+  if (mask[2]) dwu = weight_grad({up_parts[0]}, x2, w_up);
+  if (mask[3] && b_gate_in.has_value()) dbg = linear_bias_grad(dgate, *b_gate_in);
+  if (mask[4] && b_up_in.has_value()) dbu = linear_bias_grad(dup, *b_up_in);
+  return {dx, dwg, dwu, dbg, dbu};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
@@ -340,20 +467,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
   g.ldg = N;
   g.grad_type = kernel_dtype(gy, "grad_y");
   run(g);
-  Tensor dx, dwg, dwu, dbg, dbu;
-  const std::vector<Tensor> gate_parts = product_grads(dgate, w_gate),
-                            up_parts = product_grads(dup, w_up);
-  if (mask[0]) {
-    Tensor dx32 = at::empty({M, K}, x.options().dtype(at::kFloat));
-    times_weight_parts(gate_parts, w_gate, dx32, false);
-    times_weight_parts(up_parts, w_up, dx32, true);
-    dx = dx32.to(x.scalar_type()).view(x.sizes());
-  }
-  if (mask[1]) dwg = weight_grad({gate_parts[0]}, x2, w_gate);
-  if (mask[2]) dwu = weight_grad({up_parts[0]}, x2, w_up);
-  if (mask[3] && b_gate_in.has_value()) dbg = linear_bias_grad(dgate, *b_gate_in);
-  if (mask[4] && b_up_in.has_value()) dbu = linear_bias_grad(dup, *b_up_in);
-  return {dx, dwg, dwu, dbg, dbu};
+  return swiglu_grads(dgate, dup, x2, x, w_gate, w_up, b_gate_in, b_up_in, mask);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward_from_preact(
+    const Tensor& grad_y, const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
+    const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in, const Tensor& gate,
+    const Tensor& up, std::array<bool, 5> mask) {
+  const char* op = "swiglu_backward_from_preact";
+  check_input(op, x);
+  check_swiglu_params(op, x, w_gate, w_up, b_gate_in, b_up_in);
+  check_grad_y(op, grad_y, x, w_gate.size(0));
+  const Tensor zg = preact_rows(op, "gate", gate, grad_y);
+  const Tensor zu = preact_rows(op, "up", up, grad_y);
+  const Tensor x2 = rows_of(x);
+  const Tensor gy = rows_of(grad_y);
+  const int64_t M = x2.size(0), N = w_gate.size(0), K = x2.size(1);
+  Tensor dgate = at::empty({M, N}, x.options().dtype(at::kFloat));
+  Tensor dup = at::empty({M, N}, x.options().dtype(at::kFloat));
+  GemmArgs g = base_args(M, N, K, operand(x2), operand(w_gate, true));
+  g.b2 = operand(w_up, true);
+  g.epilogue = Epilogue::grad_swiglu;
+  g.out = dgate.data_ptr();
+  g.out2 = dup.data_ptr();
+  g.ldo = N;
+  g.grad = gy.data_ptr();
+  g.ldg = N;
+  g.grad_type = kernel_dtype(gy, "grad_y");
+  run_epilogue(g, zg, zu);
+  return swiglu_grads(dgate, dup, x2, x, w_gate, w_up, b_gate_in, b_up_in, mask);
 }
 
 }  // namespace
@@ -363,6 +505,10 @@ TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
   m.impl("swiglu", &swiglu);
   m.impl("linear_backward", &linear_backward);
   m.impl("swiglu_backward", &swiglu_backward);
+  m.impl("linear_with_preact", &linear_with_preact);
+  m.impl("swiglu_with_preact", &swiglu_with_preact);
+  m.impl("linear_backward_from_preact", &linear_backward_from_preact);
+  m.impl("swiglu_backward_from_preact", &swiglu_backward_from_preact);
 }
 
 }  // namespace pyllm::cpu

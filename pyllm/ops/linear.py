@@ -146,5 +146,35 @@ def _swiglu_backward_fake(grad_y, x, weight_gate, weight_up, bias_gate, bias_up,
                  for t, wanted in zip(tensors, output_mask))
 
 
+def _preact_like(x, features):
+    return torch.empty((*x.shape[:-1], features), dtype=torch.float32, device=x.device)
+
+
+def _linear_with_preact_fake(x, weight, bias, activation):
+    return _out_like(x, weight.shape[0]), _preact_like(x, weight.shape[0])
+
+
+def _swiglu_with_preact_fake(x, weight_gate, weight_up, bias_gate, bias_up):
+    features = weight_gate.shape[0]
+    return _out_like(x, features), _preact_like(x, features), _preact_like(x, features)
+
+
+def _linear_backward_from_preact_fake(grad_y, x, weight, bias, preact, activation, output_mask):
+    return _linear_backward_fake(grad_y, x, weight, bias, activation, output_mask)
+
+
+def _swiglu_backward_from_preact_fake(grad_y, x, weight_gate, weight_up, bias_gate, bias_up, gate,
+                                      up, output_mask):
+    return _swiglu_backward_fake(grad_y, x, weight_gate, weight_up, bias_gate, bias_up,
+                                 output_mask)
+
+
 declare("linear", fake=_linear_fake, helpers={"linear_backward": _linear_backward_fake})
 declare("swiglu", fake=_swiglu_fake, helpers={"swiglu_backward": _swiglu_backward_fake})
+
+# The CPU kernels' training pair (csrc/ops.cpp): one name each, no Triton twin.
+for _name, _fake in (("linear_with_preact", _linear_with_preact_fake),
+                     ("swiglu_with_preact", _swiglu_with_preact_fake),
+                     ("linear_backward_from_preact", _linear_backward_from_preact_fake),
+                     ("swiglu_backward_from_preact", _swiglu_backward_from_preact_fake)):
+    torch.library.register_fake(f"pyllm::{_name}", _fake)

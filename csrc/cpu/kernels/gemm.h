@@ -31,7 +31,15 @@ enum class Epilogue : int {
   grad_swiglu,  // out (fp32) = grad * (C2 + bias2) * silu'(C + bias),
                 // out2 (fp32) = grad * silu(C + bias)
   accumulate,   // out (fp32) += C
+  // The training forward, which keeps the pre-activation for the backward:
+  store_preact,   // store's out, and out2 (fp32) = C + bias
+  swiglu_preact,  // swiglu's out, out2 (fp32) = C + bias, out3 (fp32) = C2 + bias2
 };
+
+// Whether the epilogue takes a second product (C2 = A . B2).
+inline bool two_products(Epilogue e) {
+  return e == Epilogue::swiglu || e == Epilogue::grad_swiglu || e == Epilogue::swiglu_preact;
+}
 
 struct GemmArgs {
   int64_t M, N, K;
@@ -46,7 +54,8 @@ struct GemmArgs {
   void* out;
   int64_t ldo;
   DType out_type;
-  void* out2;  // grad_swiglu: fp32, ldo apart
+  void* out2;  // grad_swiglu, store_preact, swiglu_preact: fp32, ldo apart
+  void* out3;  // swiglu_preact: fp32, ldo apart
   const void* grad;  // grad_act, grad_swiglu: [M][N], ldg apart
   int64_t ldg;
   DType grad_type;
@@ -73,10 +82,20 @@ using GemmBlockFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0
 // along K (a.cs == 1, b.rs == 1: x @ W^T): streams B once, no packing.
 using GemmSkinnyFn = void (*)(const GemmArgs&, int64_t n0, int64_t n1);
 
-#define PYLLM_DECLARE_GEMM(isa)                                             \
-  namespace isa {                                                           \
-  void gemm_block(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);     \
-  void gemm_skinny(const GemmArgs&, int64_t, int64_t);                      \
+// The epilogue alone, on rows [m0, m1) of all N columns of a product
+// computed before: c (and c2 for the two-product epilogues) fp32 [M][N],
+// rows N apart, the biases already in it (g.bias, g.bias2 null). The
+// backward's grad_act and grad_swiglu from the pre-activation the training
+// forward kept (store_preact, swiglu_preact), bit for bit what they give on
+// the recomputed product.
+using GemmEpilogueFn = void (*)(const GemmArgs&, const float* c, const float* c2, int64_t m0,
+                                int64_t m1);
+
+#define PYLLM_DECLARE_GEMM(isa)                                                          \
+  namespace isa {                                                                        \
+  void gemm_block(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);                  \
+  void gemm_skinny(const GemmArgs&, int64_t, int64_t);                                   \
+  void gemm_epilogue(const GemmArgs&, const float*, const float*, int64_t, int64_t);     \
   }
 PYLLM_DECLARE_GEMM(generic)
 PYLLM_DECLARE_GEMM(avx2)

@@ -202,7 +202,7 @@ inline void finish(const GemmArgs& g, const float* tile, const float* tile2, int
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < cols; j += kLanes) {
       const int c = static_cast<int>(gmin(kLanes, cols - j));
-      V z = load(tile + r * ld + j);
+      V z = c == kLanes ? load(tile + r * ld + j) : load(tile + r * ld + j, c);
       const int64_t at = (m + r) * g.ldo + n + j;
       if (g.epilogue == Epilogue::accumulate) {
         float* out = static_cast<float*>(g.out) + at;
@@ -211,8 +211,8 @@ inline void finish(const GemmArgs& g, const float* tile, const float* tile2, int
       }
       if (g.bias != nullptr) z = add(z, load_typed(g.bias_type, g.bias, n + j, c));
       V u = zero();
-      if (g.epilogue == Epilogue::swiglu || g.epilogue == Epilogue::grad_swiglu) {
-        u = load(tile2 + r * ld + j);
+      if (two_products(g.epilogue)) {
+        u = c == kLanes ? load(tile2 + r * ld + j) : load(tile2 + r * ld + j, c);
         if (g.bias2 != nullptr) u = add(u, load_typed(g.bias_type, g.bias2, n + j, c));
       }
       switch (g.epilogue) {
@@ -234,6 +234,15 @@ inline void finish(const GemmArgs& g, const float* tile, const float* tile2, int
           store_typed(DType::f32, g.out2, at, c, mul(gy, activate(Activation::silu, z)));
           break;
         }
+        case Epilogue::store_preact:
+          store_typed(g.out_type, g.out, at, c, activate(g.act, z));
+          store_typed(DType::f32, g.out2, at, c, z);
+          break;
+        case Epilogue::swiglu_preact:
+          store_typed(g.out_type, g.out, at, c, mul(activate(Activation::silu, z), u));
+          store_typed(DType::f32, g.out2, at, c, z);
+          store_typed(DType::f32, g.out3, at, c, u);
+          break;
         case Epilogue::accumulate:
           break;
       }
@@ -241,9 +250,7 @@ inline void finish(const GemmArgs& g, const float* tile, const float* tile2, int
   }
 }
 
-inline bool two_products(const GemmArgs& g) {
-  return g.epilogue == Epilogue::swiglu || g.epilogue == Epilogue::grad_swiglu;
-}
+inline bool two_products(const GemmArgs& g) { return two_products(g.epilogue); }
 
 #if defined(__AVX512BF16__)
 // -- bf16 x bf16 on vdpbf16ps ------------------------------------------------------------------
@@ -806,6 +813,11 @@ void skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
 
 void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   block(g, m0, m1, n0, n1);
+}
+
+void gemm_epilogue(const GemmArgs& g, const float* c, const float* c2, int64_t m0, int64_t m1) {
+  if (m0 >= m1 || g.N == 0) return;
+  finish(g, c + m0 * g.N, c2 != nullptr ? c2 + m0 * g.N : nullptr, g.N, m0, m1 - m0, 0, g.N);
 }
 
 void gemm_skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
