@@ -302,8 +302,18 @@ Tensor transposed(const Tensor& t) {
 // bf16_backward); the product is the sum over the parts.
 std::vector<Tensor> product_grads(const Tensor& dz, const Tensor& weight) {
   if (!bf16_backward(weight) || dz.scalar_type() == at::kBFloat16) return {dz};
-  Tensor hi = dz.to(at::kBFloat16);
-  return {hi, dz.sub(hi.to(at::kFloat)).to(at::kBFloat16)};
+  const Tensor src = dz.contiguous();
+  const auto options = dz.options().dtype(at::kBFloat16);
+  Tensor hi = empty_output(dz.sizes(), options), lo = empty_output(dz.sizes(), options);
+  const SplitBf16Fn split = pick_isa<SplitBf16Fn>(generic::split_bf16, avx2::split_bf16,
+                                                  avx512::split_bf16, avx512_bf16::split_bf16);
+  const float* s = src.data_ptr<float>();
+  auto* h = static_cast<uint16_t*>(hi.data_ptr());
+  auto* l = static_cast<uint16_t*>(lo.data_ptr());
+  at::parallel_for(0, src.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
+    split(s + i0, i1 - i0, h + i0, l + i0);
+  });
+  return {hi, lo};
 }
 
 // out (M x K) = sum over parts of part (M x N) @ weight (N x K), into an

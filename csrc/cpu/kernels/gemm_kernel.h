@@ -820,6 +820,23 @@ void gemm_epilogue(const GemmArgs& g, const float* c, const float* c2, int64_t m
   finish(g, c + m0 * g.N, c2 != nullptr ? c2 + m0 * g.N : nullptr, g.N, m0, m1 - m0, 0, g.N);
 }
 
+void split_bf16(const float* src, int64_t n, void* hi_out, void* lo_out) {
+  bf16* hi = static_cast<bf16*>(hi_out);
+  bf16* lo = static_cast<bf16*>(lo_out);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const V x = load(src + i);
+    store(hi + i, x);
+    store(lo + i, sub(x, load(hi + i)));
+  }
+  if (i < n) {
+    const int c = static_cast<int>(n - i);
+    const V x = load(src + i, c);
+    store(hi + i, x, c);
+    store(lo + i, sub(x, load(hi + i, c)), c);
+  }
+}
+
 void gemm_skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__)
   // x and W share a dtype here (checked by the operator). skinny_panel sums
