@@ -192,7 +192,7 @@ std::tuple<Tensor, Tensor> linear_with_preact(const Tensor& x, const Tensor& wei
                                               c10::string_view activation) {
   check_input("linear_with_preact", x);
   check_linear_params("linear_with_preact", x, weight, bias_in);
-  Tensor preact = at::empty(with_last(x, weight.size(0)), x.options().dtype(at::kFloat));
+  Tensor preact = empty_output(with_last(x, weight.size(0)), x.options().dtype(at::kFloat));
   Tensor y = linear_into("linear_with_preact", x, weight, bias_in, activation, preact);
   return {y, preact};
 }
@@ -238,8 +238,8 @@ std::tuple<Tensor, Tensor, Tensor> swiglu_with_preact(const Tensor& x, const Ten
   check_input("swiglu_with_preact", x);
   check_swiglu_params("swiglu_with_preact", x, w_gate, w_up, b_gate_in, b_up_in);
   const auto shape = with_last(x, w_gate.size(0));
-  Tensor gate = at::empty(shape, x.options().dtype(at::kFloat));
-  Tensor up = at::empty(shape, x.options().dtype(at::kFloat));
+  Tensor gate = empty_output(shape, x.options().dtype(at::kFloat));
+  Tensor up = empty_output(shape, x.options().dtype(at::kFloat));
   Tensor y = swiglu_into("swiglu_with_preact", x, w_gate, w_up, b_gate_in, b_up_in, gate, up);
   return {y, gate, up};
 }
@@ -286,7 +286,7 @@ void transpose_blocks(const E* src, int64_t rows, int64_t cols, int64_t ld, E* d
 }
 
 Tensor transposed(const Tensor& t) {
-  Tensor out = at::empty({t.size(1), t.size(0)}, t.options());
+  Tensor out = empty_output({t.size(1), t.size(0)}, t.options());
   if (t.numel() == 0) return out;
   if (t.stride(1) != 1) return t.t().contiguous();
   if (t.element_size() == 4)
@@ -326,7 +326,7 @@ void times_weight_parts(const std::vector<Tensor>& parts, const Tensor& weight, 
 // dW (N x K) = sum over parts of dz^T (N x M) @ x (M x K), in the weight's dtype.
 Tensor weight_grad(const std::vector<Tensor>& parts, const Tensor& x2, const Tensor& weight) {
   const bool split = parts.size() > 1;
-  Tensor dw = split ? at::empty(weight.sizes(), weight.options().dtype(at::kFloat))
+  Tensor dw = split ? empty_output(weight.sizes(), weight.options().dtype(at::kFloat))
                     : empty_output(weight.sizes(), weight.options());
   for (size_t i = 0; i < parts.size(); ++i) {
     // dZ^T row-major (one pass over dZ): read in place, its K runs down
@@ -352,7 +352,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_grads(const Tensor& dz, const Tensor& 
   const std::vector<Tensor> parts = product_grads(dz, weight);
   if (mask[0]) {
     if (parts.size() > 1) {
-      Tensor dx32 = at::empty(x2.sizes(), x.options().dtype(at::kFloat));
+      Tensor dx32 = empty_output(x2.sizes(), x.options().dtype(at::kFloat));
       times_weight_parts(parts, weight, dx32, false);
       dx = dx32.to(x.scalar_type()).view(x.sizes());
     } else {
@@ -380,7 +380,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
   const Activation act = parse_activation(activation);
   Tensor dz = gy;
   if (act != Activation::none) {  // dz = grad_y * act'(x W^T + b), fp32
-    dz = at::empty({M, N}, x.options().dtype(at::kFloat));
+    dz = empty_output({M, N}, x.options().dtype(at::kFloat));
     GemmArgs g = base_args(M, N, K, operand(x2), operand(weight, true));
     set_bias(g, bias, Tensor());
     g.act = act;
@@ -417,7 +417,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_from_preact(
   const Activation act = parse_activation(activation);
   Tensor dz = gy;
   if (act != Activation::none) {  // dz = grad_y * act'(z), fp32
-    dz = at::empty({M, N}, x.options().dtype(at::kFloat));
+    dz = empty_output({M, N}, x.options().dtype(at::kFloat));
     GemmArgs g = base_args(M, N, K, operand(x2), operand(weight, true));
     g.act = act;
     g.epilogue = Epilogue::grad_act;
@@ -441,7 +441,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_grads(
   const std::vector<Tensor> gate_parts = product_grads(dgate, w_gate),
                             up_parts = product_grads(dup, w_up);
   if (mask[0]) {
-    Tensor dx32 = at::empty({M, K}, x.options().dtype(at::kFloat));
+    Tensor dx32 = empty_output({M, K}, x.options().dtype(at::kFloat));
     times_weight_parts(gate_parts, w_gate, dx32, false);
     times_weight_parts(up_parts, w_up, dx32, true);
     dx = dx32.to(x.scalar_type()).view(x.sizes());
@@ -464,8 +464,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
   const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
   const int64_t M = x2.size(0), N = w_gate.size(0), K = x2.size(1);
   // d gate and d up (fp32), from the recomputed products.
-  Tensor dgate = at::empty({M, N}, x.options().dtype(at::kFloat));
-  Tensor dup = at::empty({M, N}, x.options().dtype(at::kFloat));
+  Tensor dgate = empty_output({M, N}, x.options().dtype(at::kFloat));
+  Tensor dup = empty_output({M, N}, x.options().dtype(at::kFloat));
   GemmArgs g = base_args(M, N, K, operand(x2), operand(w_gate, true));
   g.b2 = operand(w_up, true);
   set_bias(g, b_gate, b_up);
@@ -493,8 +493,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward_from_preact(
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);
   const int64_t M = x2.size(0), N = w_gate.size(0), K = x2.size(1);
-  Tensor dgate = at::empty({M, N}, x.options().dtype(at::kFloat));
-  Tensor dup = at::empty({M, N}, x.options().dtype(at::kFloat));
+  Tensor dgate = empty_output({M, N}, x.options().dtype(at::kFloat));
+  Tensor dup = empty_output({M, N}, x.options().dtype(at::kFloat));
   GemmArgs g = base_args(M, N, K, operand(x2), operand(w_gate, true));
   g.b2 = operand(w_up, true);
   g.epilogue = Epilogue::grad_swiglu;
