@@ -96,7 +96,8 @@ class _CrossEntropy(torch.autograd.Function):
         # 0-dim factor. Either way one pass, the product in float32 rounded
         # once to the gradient's dtype.
         factor = grad_out.float()[:, None] if ctx.factor is None else grad_out.float() * ctx.factor
-        if grad.device.type == "cpu" and not torch.compiler.is_compiling():
+        if (type(grad) is torch.Tensor and grad.device.type == "cpu"
+                and not torch.compiler.is_compiling()):  # plain tensors (not DTensor)
             # into memory from the CPU kernels' output cache: a fresh
             # logits-sized gradient (411 MB for GPT-2's 2048 x 50257) faults
             # its pages in at ~2 GB/s, several times the product itself
