@@ -343,6 +343,23 @@ Tensor weight_grad(const std::vector<Tensor>& parts, const Tensor& x2, const Ten
   return split ? dw.to(weight.scalar_type()) : dw;
 }
 
+// The arguments of the backward's first step, dz from grad_y (gy, x's rows
+// x2) in the epilogue `e` into fp32 out (and out2, swiglu's d up): over the
+// recomputed product (run) or a kept one (run_epilogue).
+GemmArgs grad_args(const Tensor& x2, const Tensor& weight, const Tensor& gy, Epilogue e,
+                   const Tensor& out, const Tensor& out2 = Tensor()) {
+  const int64_t M = x2.size(0), N = weight.size(0), K = x2.size(1);
+  GemmArgs g = base_args(M, N, K, operand(x2), operand(weight, true));
+  g.epilogue = e;
+  g.out = out.data_ptr();
+  g.out2 = out2.defined() ? out2.data_ptr() : nullptr;
+  g.ldo = N;
+  g.grad = gy.data_ptr();
+  g.ldg = N;
+  g.grad_type = kernel_dtype(gy, "grad_y");
+  return g;
+}
+
 // linear's gradients from dz = grad_y * act'(z) ([M, N]; x2 is x's rows).
 std::tuple<Tensor, Tensor, Tensor> linear_grads(const Tensor& dz, const Tensor& x2, const Tensor& x,
                                                 const Tensor& weight,
@@ -376,20 +393,14 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);
   const Tensor bias = contiguous_or_undefined(bias_in);
-  const int64_t M = x2.size(0), N = weight.size(0), K = x2.size(1);
+  const int64_t M = x2.size(0), N = weight.size(0);
   const Activation act = parse_activation(activation);
   Tensor dz = gy;
   if (act != Activation::none) {  // dz = grad_y * act'(x W^T + b), fp32
     dz = empty_output({M, N}, x.options().dtype(at::kFloat));
-    GemmArgs g = base_args(M, N, K, operand(x2), operand(weight, true));
+    GemmArgs g = grad_args(x2, weight, gy, Epilogue::grad_act, dz);
     set_bias(g, bias, Tensor());
     g.act = act;
-    g.epilogue = Epilogue::grad_act;
-    g.out = dz.data_ptr();
-    g.ldo = N;
-    g.grad = gy.data_ptr();
-    g.ldg = N;
-    g.grad_type = kernel_dtype(gy, "grad_y");
     run(g);
   }
   return linear_grads(dz, x2, x, weight, bias_in, mask);
@@ -413,19 +424,13 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_from_preact(
   const Tensor z = preact_rows(op, "preact", preact, grad_y);
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);
-  const int64_t M = x2.size(0), N = weight.size(0), K = x2.size(1);
+  const int64_t M = x2.size(0), N = weight.size(0);
   const Activation act = parse_activation(activation);
   Tensor dz = gy;
   if (act != Activation::none) {  // dz = grad_y * act'(z), fp32
     dz = empty_output({M, N}, x.options().dtype(at::kFloat));
-    GemmArgs g = base_args(M, N, K, operand(x2), operand(weight, true));
+    GemmArgs g = grad_args(x2, weight, gy, Epilogue::grad_act, dz);
     g.act = act;
-    g.epilogue = Epilogue::grad_act;
-    g.out = dz.data_ptr();
-    g.ldo = N;
-    g.grad = gy.data_ptr();
-    g.ldg = N;
-    g.grad_type = kernel_dtype(gy, "grad_y");
     run_epilogue(g, z, Tensor());
   }
   return linear_grads(dz, x2, x, weight, bias_in, mask);
@@ -462,20 +467,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);
   const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
-  const int64_t M = x2.size(0), N = w_gate.size(0), K = x2.size(1);
+  const int64_t M = x2.size(0), N = w_gate.size(0);
   // d gate and d up (fp32), from the recomputed products.
   Tensor dgate = empty_output({M, N}, x.options().dtype(at::kFloat));
   Tensor dup = empty_output({M, N}, x.options().dtype(at::kFloat));
-  GemmArgs g = base_args(M, N, K, operand(x2), operand(w_gate, true));
+  GemmArgs g = grad_args(x2, w_gate, gy, Epilogue::grad_swiglu, dgate, dup);
   g.b2 = operand(w_up, true);
   set_bias(g, b_gate, b_up);
-  g.epilogue = Epilogue::grad_swiglu;
-  g.out = dgate.data_ptr();
-  g.out2 = dup.data_ptr();
-  g.ldo = N;
-  g.grad = gy.data_ptr();
-  g.ldg = N;
-  g.grad_type = kernel_dtype(gy, "grad_y");
   run(g);
   return swiglu_grads(dgate, dup, x2, x, w_gate, w_up, b_gate_in, b_up_in, mask);
 }
@@ -492,18 +490,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward_from_preact(
   const Tensor zu = preact_rows(op, "up", up, grad_y);
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);
-  const int64_t M = x2.size(0), N = w_gate.size(0), K = x2.size(1);
+  const int64_t M = x2.size(0), N = w_gate.size(0);
   Tensor dgate = empty_output({M, N}, x.options().dtype(at::kFloat));
   Tensor dup = empty_output({M, N}, x.options().dtype(at::kFloat));
-  GemmArgs g = base_args(M, N, K, operand(x2), operand(w_gate, true));
+  GemmArgs g = grad_args(x2, w_gate, gy, Epilogue::grad_swiglu, dgate, dup);
   g.b2 = operand(w_up, true);
-  g.epilogue = Epilogue::grad_swiglu;
-  g.out = dgate.data_ptr();
-  g.out2 = dup.data_ptr();
-  g.ldo = N;
-  g.grad = gy.data_ptr();
-  g.ldg = N;
-  g.grad_type = kernel_dtype(gy, "grad_y");
   run_epilogue(g, zg, zu);
   return swiglu_grads(dgate, dup, x2, x, w_gate, w_up, b_gate_in, b_up_in, mask);
 }
