@@ -120,6 +120,19 @@ TORCH_LIBRARY(pyllm, m) {
         " Tensor weight_up, Tensor? bias_gate, Tensor? bias_up, Tensor gate, Tensor up,"
         " bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // Pre-packed weights for inference (CPU): pack_linear_weight lays an
+  // (out_features, in_features) weight out as the panels the CPU GEMM would
+  // pack from it on every call (layout per instruction set, see
+  // csrc/cpu/linear.cpp); linear_packed / swiglu_packed are linear / swiglu
+  // with packed weights in place of the weights (same results). Not
+  // differentiable in the packed weights: inference only.
+  m.set_python_module("pyllm.ops.packed_linear");
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  m.def("linear_packed(Tensor x, Tensor packed, int out_features, Tensor? bias, str activation)"
+        " -> Tensor");
+  m.def("swiglu_packed(Tensor x, Tensor packed_gate, Tensor packed_up, int out_features,"
+        " Tensor? bias_gate, Tensor? bias_up) -> Tensor");
+
   m.set_python_module("pyllm.ops.rotary");
   // Rotary position embedding, in place on q (batch, seq, heads, head_dim)
   // and k (batch, seq, heads_kv, head_dim), head_dim contiguous: the first
@@ -166,6 +179,7 @@ TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {
   // Called below autograd by csrc/autograd/linear.cpp; differentiating one
   // called directly raises.
   for (const char* name : {"linear_with_preact", "swiglu_with_preact",
-                           "linear_backward_from_preact", "swiglu_backward_from_preact"})
+                           "linear_backward_from_preact", "swiglu_backward_from_preact",
+                           "pack_linear_weight", "linear_packed", "swiglu_packed"})
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
 }

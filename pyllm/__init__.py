@@ -32,6 +32,7 @@ import pyllm.ops  # noqa: E402,F401  (registers the fake kernels and autograd)
 from pyllm.ops.attention import attention, attention_paged, attention_varlen  # noqa: E402
 from pyllm.ops.layer_norm import add_layer_norm, layer_norm  # noqa: E402
 from pyllm.ops.linear import linear, swiglu  # noqa: E402
+from pyllm.ops.packed_linear import linear_packed, pack_weight, swiglu_packed  # noqa: E402
 from pyllm.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from pyllm.ops.rotary import rotary, rotary_tables  # noqa: E402
 from pyllm.ops.paged_kv import paged_kv_append, paged_slots  # noqa: E402
@@ -61,6 +62,8 @@ __all__ = [
     "layer_norm",
     "linear",
     "linear_cross_entropy",
+    "linear_packed",
+    "pack_weight",
     "nn",
     "paged_kv_append",
     "paged_slots",
@@ -72,6 +75,7 @@ __all__ = [
     "empty_cache",
     "is_batch_invariant",
     "rms_norm",
+    "swiglu_packed",
     "rotary",
     "rotary_tables",
     "set_batch_invariant",

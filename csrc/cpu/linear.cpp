@@ -85,6 +85,7 @@ void run(const GemmArgs& args) {
     g.a = {&kZero, 0, 0, g.a.type};
     g.b = {&kZero, 0, 0, g.b.type};
     g.b2 = {&kZero, 0, 0, g.b2.type};
+    g.packed = g.packed2 = nullptr;  // panels of no rows: the zero column instead
   }
   const int64_t blocks = (g.N + kGemmColumnBlock - 1) / kGemmColumnBlock;
   const int64_t threads = at::get_num_threads();
@@ -108,7 +109,13 @@ void run(const GemmArgs& args) {
   const bool skinny = g.use_amx && g.a.type == DType::bf16
                           ? g.M == 1 && !invariant
                           : !invariant || active_isa() >= Isa::avx512;
-  if (g.M <= kGemmSkinnyRows && weight_rows && skinny) {
+  // A pre-packed weight (g.packed) has no rows to stream: it goes where the
+  // weight would, except that the skinny path is AVX-512's skinny_panel,
+  // which reads the panels (one row included, in the blocked order).
+  const bool skinny_path = g.packed != nullptr
+                               ? skinny && active_isa() >= Isa::avx512
+                               : weight_rows && skinny;
+  if (g.M <= kGemmSkinnyRows && skinny_path) {
     g.blocked_order = invariant;
     const GemmSkinnyFn kernel = skinny_kernel();
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -499,9 +506,133 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward_from_preact(
   return swiglu_grads(dgate, dup, x2, x, w_gate, w_up, b_gate_in, b_up_in, mask);
 }
 
+// -- pre-packed weights (inference) -----------------------------------------------------
+//
+// pack_linear_weight lays a weight out once as the panels that every call of
+// the blocked and skinny paths would otherwise pack from it (GemmArgs::packed);
+// linear_packed / swiglu_packed take those panels in place of the weight.
+// The layout depends on the instruction set (panel width; bf16 pairs on
+// avx512_bf16), so a packed weight names what it was packed for by its shape
+// and dtype, and a call under another set is refused.
+
+int64_t panel_width() {
+  using WidthFn = int64_t (*)();
+  return pick_isa<WidthFn>(generic::gemm_panel_width, avx2::gemm_panel_width,
+                           avx512::gemm_panel_width, avx512_bf16::gemm_panel_width)();
+}
+
+// Whether a weight of this dtype packs into bf16 pairs (else fp32 panels).
+bool packs_in_pairs(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && active_isa() == Isa::avx512_bf16;
+}
+
+// The packed shape of an (N, K) weight of `dtype`: (panels, rows, width).
+std::vector<int64_t> packed_shape(int64_t N, int64_t K, at::ScalarType dtype) {
+  const int64_t width = panel_width();
+  const int64_t rows = packs_in_pairs(dtype) ? (K + 1) / 2 + 15 - ((K + 1) / 2 + 15) % 16 : K;
+  return {(N + width - 1) / width, rows, width};
+}
+
+Tensor pack_linear_weight(const Tensor& weight) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.device().is_cpu(),
+                    "pyllm::pack_linear_weight (CPU kernel): weight must be a 2-D CPU tensor "
+                    "(out_features, in_features), got shape ", weight.sizes(), " on ",
+                    weight.device());
+  kernel_dtype(weight, "weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const bool pairs = packs_in_pairs(weight.scalar_type());
+  const auto shape = packed_shape(N, K, weight.scalar_type());
+  Tensor packed = at::empty(shape, weight.options().dtype(pairs ? at::kInt : at::kFloat));
+  if (packed.numel() == 0) return packed;
+  const Operand b = operand(weight, /*transposed=*/true);  // (K, N)
+  const GemmPackPanelFn fn =
+      pick_isa<GemmPackPanelFn>(generic::gemm_pack_panel, avx2::gemm_pack_panel,
+                                avx512::gemm_pack_panel, avx512_bf16::gemm_pack_panel);
+  const int64_t width = shape[2], panel_elems = shape[1] * shape[2];
+  char* base = static_cast<char*>(packed.data_ptr());
+  at::parallel_for(0, shape[0], 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      fn(b, K, p * width, std::min(width, N - p * width), pairs, base + 4 * p * panel_elems);
+  });
+  return packed;
+}
+
+void check_packed(const char* op, const char* name, const Tensor& x, const Tensor& packed,
+                  int64_t N) {
+  TORCH_CHECK_VALUE(N >= 0, "pyllm::", op, ": out_features must be >= 0, got ", N);
+  const auto shape = packed_shape(N, x.size(-1), x.scalar_type());
+  const auto dtype = packs_in_pairs(x.scalar_type()) ? at::kInt : at::kFloat;
+  TORCH_CHECK_VALUE(packed.device().is_cpu() && packed.scalar_type() == dtype &&
+                        packed.sizes() == c10::IntArrayRef(shape) && packed.is_contiguous(),
+                    "pyllm::", op, ": ", name, " must be pyllm::pack_linear_weight of an (", N,
+                    ", ", x.size(-1), ") weight of x's dtype ", x.scalar_type(),
+                    " under this instruction set (", isa_name(active_isa()),
+                    "): a contiguous CPU tensor of shape ", c10::IntArrayRef(shape), " and dtype ",
+                    dtype, ", got ", packed.sizes(), " ", packed.scalar_type(), " on ",
+                    packed.device(), " (pack the weight again)");
+}
+
+// x's rows against packed panels: g with the packed pointers set (b, b2 typed
+// as x, whose dtype the panels were packed for).
+GemmArgs packed_args(const Tensor& x2, int64_t N, const Tensor& packed, const Tensor& packed2) {
+  const Operand none{nullptr, 0, 0, kernel_dtype(x2, "x")};
+  GemmArgs g = base_args(x2.size(0), N, x2.size(1), operand(x2), none);
+  g.packed = packed.numel() > 0 ? packed.data_ptr() : nullptr;
+  g.packed2 = packed2.defined() && packed2.numel() > 0 ? packed2.data_ptr() : nullptr;
+  return g;
+}
+
+Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t out_features,
+                     const optional<Tensor>& bias_in, c10::string_view activation) {
+  const char* op = "linear_packed";
+  check_input(op, x);
+  check_packed(op, "packed", x, packed, out_features);
+  check_linear_bias(op, bias_in, out_features, x);
+  const Tensor x2 = rows_of(x);
+  const Tensor bias = contiguous_or_undefined(bias_in);
+  const int64_t N = out_features;
+  Tensor y = empty_output(with_last(x, N), x.options());
+  GemmArgs g = packed_args(x2, N, packed, Tensor());
+  set_bias(g, bias, Tensor());
+  g.act = parse_activation(activation);
+  g.out = y.data_ptr();
+  g.ldo = N;
+  g.out_type = kernel_dtype(y, "y");
+  run(g);
+  return y;
+}
+
+Tensor swiglu_packed(const Tensor& x, const Tensor& packed_gate, const Tensor& packed_up,
+                     int64_t out_features, const optional<Tensor>& b_gate_in,
+                     const optional<Tensor>& b_up_in) {
+  const char* op = "swiglu_packed";
+  check_input(op, x);
+  check_packed(op, "packed_gate", x, packed_gate, out_features);
+  check_packed(op, "packed_up", x, packed_up, out_features);
+  check_linear_bias(op, b_gate_in, out_features, x);
+  check_linear_bias(op, b_up_in, out_features, x);
+  const Tensor x2 = rows_of(x);
+  const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
+  TORCH_CHECK_TYPE(!b_gate.defined() || !b_up.defined() || b_gate.scalar_type() == b_up.scalar_type(),
+                   "pyllm::", op, ": the biases must have one dtype");
+  const int64_t N = out_features;
+  Tensor y = empty_output(with_last(x, N), x.options());
+  GemmArgs g = packed_args(x2, N, packed_gate, packed_up);
+  set_bias(g, b_gate, b_up);
+  g.epilogue = Epilogue::swiglu;
+  g.out = y.data_ptr();
+  g.ldo = N;
+  g.out_type = kernel_dtype(y, "y");
+  run(g);
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
+  m.impl("pack_linear_weight", &pack_linear_weight);
+  m.impl("linear_packed", &linear_packed);
+  m.impl("swiglu_packed", &swiglu_packed);
   m.impl("linear", &linear);
   m.impl("swiglu", &swiglu);
   m.impl("linear_backward", &linear_backward);

@@ -19,6 +19,7 @@ from torch import nn
 import pyllm
 from pyllm.models.checkpoint import model_from_hf
 from pyllm.nn import LayerNorm, Linear
+from pyllm.nn.packing import PacksForInference
 
 __all__ = ["BertConfig", "BertForMaskedLM", "BertModel", "BertOutput", "mean_pool"]
 
@@ -188,7 +189,7 @@ def _check_ids(owner, config, input_ids, token_type_ids):
                          f"{tuple(input_ids.shape)}, got {tuple(token_type_ids.shape)}")
 
 
-class BertModel(nn.Module):
+class BertModel(PacksForInference, nn.Module):
     """BERT encoder.
 
     ``forward(input_ids, attention_mask=None, token_type_ids=None)``:
@@ -267,7 +268,7 @@ class BertOnlyMLMHead(nn.Module):
         self.predictions = BertLMPredictionHead(c, device, dtype)
 
 
-class BertForMaskedLM(nn.Module):
+class BertForMaskedLM(PacksForInference, nn.Module):
     """BERT with the masked-LM head (decoder tied to the word embeddings).
 
     ``forward(input_ids, attention_mask=None, token_type_ids=None)`` as

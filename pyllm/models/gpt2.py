@@ -19,6 +19,7 @@ import pyllm
 from pyllm.models.checkpoint import model_from_hf
 from pyllm.models.generation import GenerationMixin, last_tokens, positions_from_mask
 from pyllm.nn import KVCache, LayerNorm, Linear, PagedKVCache
+from pyllm.nn.packing import PacksForInference
 
 __all__ = ["GPT2Config", "GPT2LMHeadModel"]
 
@@ -129,7 +130,7 @@ class GPT2Block(nn.Module):
         return self.mlp(h), residual
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(PacksForInference, nn.Module):
     def __init__(self, c: GPT2Config, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -139,7 +140,7 @@ class GPT2Model(nn.Module):
         self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon, **factory)
 
 
-class GPT2LMHeadModel(GenerationMixin, nn.Module):
+class GPT2LMHeadModel(GenerationMixin, PacksForInference, nn.Module):
     """GPT-2 causal language model.
 
     ``forward(input_ids, attention_mask=None, caches=None, last_only=False)``:

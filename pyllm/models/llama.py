@@ -16,6 +16,7 @@ from torch import nn
 from pyllm.models.checkpoint import model_from_hf
 from pyllm.models.generation import GenerationMixin, forward_paged, positions_from_mask
 from pyllm.nn import Attention, KVCache, Linear, PagedKVCache, RMSNorm, SwiGLU
+from pyllm.nn.packing import PacksForInference
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM"]
 
@@ -82,7 +83,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(PacksForInference, nn.Module):
     def __init__(self, c: LlamaConfig, device=None, dtype=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
@@ -91,7 +92,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device=device, dtype=dtype)
 
 
-class LlamaForCausalLM(GenerationMixin, nn.Module):
+class LlamaForCausalLM(GenerationMixin, PacksForInference, nn.Module):
     """LLaMA-style causal language model.
 
     ``forward(input_ids, attention_mask=None, caches=None, last_only=False)``:

@@ -12,14 +12,17 @@ into an existing model.
   :class:`RotaryEmbedding`; :class:`MultiheadAttention` with
   ``torch.nn.MultiheadAttention``'s interface (need_weights=False).
 - :func:`patch` / :func:`unpatch`: swap supported modules in place and back.
+- :func:`pack_for_inference`: pack every ``Linear``/``Conv1D``/``SwiGLU``
+  weight for CPU inference (each module's ``pack()``).
 """
 
 from pyllm.nn.attention import Attention, KVCache, MultiheadAttention, RotaryEmbedding
 from pyllm.nn.linear import Conv1D, Linear, SwiGLU
 from pyllm.nn.norm import LayerNorm, RMSNorm
+from pyllm.nn.packing import PackReport, pack_for_inference
 from pyllm.nn.paged_kv_cache import PagedKVCache
 from pyllm.nn.patch import PatchReport, patch, unpatch
 
 __all__ = ["Attention", "Conv1D", "KVCache", "LayerNorm", "Linear", "MultiheadAttention",
-           "PagedKVCache", "PatchReport",
-           "RMSNorm", "RotaryEmbedding", "SwiGLU", "patch", "unpatch"]
+           "PackReport", "PagedKVCache", "PatchReport",
+           "RMSNorm", "RotaryEmbedding", "SwiGLU", "pack_for_inference", "patch", "unpatch"]

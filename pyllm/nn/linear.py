@@ -5,6 +5,10 @@
 and activation run in the GEMM's epilogue. ``SwiGLU`` is the LLaMA-style MLP
 ``down_proj(silu(gate_proj(x)) * up_proj(x))`` with the gate computed in one
 pass over x (parameter names as Hugging Face's ``LlamaMLP``).
+
+Each has ``pack()``: the weights packed once for CPU inference
+(:mod:`pyllm.nn.packing`), read by no-grad CPU calls in place of the weights,
+with the same outputs.
 """
 
 from __future__ import annotations
@@ -13,12 +17,52 @@ import torch
 from torch import nn
 
 import pyllm
+from pyllm.nn.packing import WeightPack, packed_call_allowed
 from pyllm.ops.linear import ACTIVATIONS
+from pyllm.ops.packed_linear import linear_packed, swiglu_packed
 
 __all__ = ["Conv1D", "Linear", "SwiGLU"]
 
 
-class Linear(nn.Linear):
+class _Packable:
+    """``pack()`` / ``unpack()`` for a module with one weight (``_packed_weight()``
+    returns it as the op takes it, ``(out, in)``)."""
+
+    _pack: WeightPack | None = None
+
+    def pack(self):
+        """Packs the weight for CPU inference (:mod:`pyllm.nn.packing`): no-grad
+        CPU calls then read the packed copy (same outputs, no per-call
+        packing). Packs again by itself when the weight changes. Returns self."""
+        weight = self._packed_weight()
+        if self._pack is None:
+            self._pack = WeightPack(weight)
+        else:
+            self._pack.get(weight)
+        return self
+
+    def unpack(self):
+        """Drops the packed copy. Returns self."""
+        self._pack = None
+        return self
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether ``pack()`` was called (and not ``unpack()``)."""
+        return self._pack is not None
+
+    def packed_nbytes(self) -> int:
+        """Memory the packed copy takes (bytes; 0 when not packed)."""
+        return self._pack.packed.nbytes if self._pack is not None and self._pack.packed else 0
+
+    def _packed_for(self, x, weight, bias):
+        """The packed weight for this call, or None (see pyllm.nn.packing)."""
+        if self._pack is None or x.dtype != weight.dtype or not packed_call_allowed(x, weight, bias):
+            return None
+        return self._pack.get(weight)
+
+
+class Linear(_Packable, nn.Linear):
     """``torch.nn.Linear`` followed by an optional activation, fused: a subclass
     of ``torch.nn.Linear`` (every ``isinstance(m, nn.Linear)`` in the ecosystem
     finds it: PEFT's LoRA, tensor-parallel plans, FSDP wrap policies, weight
@@ -44,18 +88,25 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
-        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         bias = self.bias
         if bias is not None and bias.dtype not in (x.dtype, torch.float32):
             bias = bias.to(x.dtype)
+        if self._pack is not None:
+            packed = self._packed_for(x, self.weight, self.bias)
+            if packed is not None:
+                return linear_packed(x, packed, bias, self.activation)
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return pyllm.linear(x, weight, bias, self.activation)
+
+    def _packed_weight(self):
+        return self.weight
 
     def extra_repr(self) -> str:
         extra = "" if self.activation == "none" else f", activation={self.activation!r}"
         return super().extra_repr() + extra
 
 
-class Conv1D(nn.Module):
+class Conv1D(_Packable, nn.Module):
     """Hugging Face's GPT-2 ``Conv1D``: a linear layer whose weight is stored
     ``(in, out)`` (``nx``, ``nf``), on :func:`pyllm.linear` with the weight
     read transposed in place (no copy). Same attributes and ``state_dict``
@@ -75,9 +126,16 @@ class Conv1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
-        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         bias = self.bias if self.bias.dtype in (x.dtype, torch.float32) else self.bias.to(x.dtype)
+        if self._pack is not None:
+            packed = self._packed_for(x, self.weight.t(), self.bias)
+            if packed is not None:
+                return linear_packed(x, packed, bias)
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return pyllm.linear(x, weight.t(), bias)
+
+    def _packed_weight(self):
+        return self.weight.t()
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}"
@@ -113,9 +171,40 @@ class SwiGLU(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, bias, **factory)
         self.down_proj = Linear(intermediate_size, hidden_size, bias, **factory)
 
+    def pack(self) -> "SwiGLU":
+        """Packs the gate and up weights (and ``down_proj``'s) for CPU
+        inference, as :meth:`Linear.pack`. Returns self."""
+        for proj in (self.gate_proj, self.up_proj):
+            proj.pack()
+        self.down_proj.pack()
+        return self
+
+    def unpack(self) -> "SwiGLU":
+        """Drops the packed copies. Returns self."""
+        for proj in (self.gate_proj, self.up_proj, self.down_proj):
+            proj.unpack()
+        return self
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether the gate and up weights are packed."""
+        return self.gate_proj.is_packed and self.up_proj.is_packed
+
+    def packed_nbytes(self) -> int:
+        """Memory of the gate and up weights' packed copies (bytes; the down
+        projection's is ``down_proj.packed_nbytes()``)."""
+        return self.gate_proj.packed_nbytes() + self.up_proj.packed_nbytes()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
         cast = (lambda p: p if p is None or p.dtype == x.dtype else p.to(x.dtype))
+        if self.is_packed:
+            gate, up = self.gate_proj, self.up_proj
+            packed_gate = gate._packed_for(x, gate.weight, gate.bias)
+            packed_up = up._packed_for(x, up.weight, up.bias) if packed_gate is not None else None
+            if packed_up is not None:
+                return self.down_proj(swiglu_packed(x, packed_gate, packed_up, cast(gate.bias),
+                                                    cast(up.bias)))
         weight_gate = cast(self.gate_proj.weight)
         local = type(weight_gate).__name__ == "DTensor" and type(x).__name__ != "DTensor"
         if local:  # gate/up under ColwiseParallel: x replicated, the gate's local columns out

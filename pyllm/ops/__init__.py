@@ -6,4 +6,4 @@ registers for ``pyllm::<op>`` and ``pyllm::<op>_triton`` when imported.
 """
 
 # (in the order `pyllm info` lists them)
-from pyllm.ops import rms_norm, layer_norm, attention, linear, rotary, paged_kv, cross_entropy  # noqa: F401,I001
+from pyllm.ops import rms_norm, layer_norm, attention, linear, packed_linear, rotary, paged_kv, cross_entropy  # noqa: F401,I001

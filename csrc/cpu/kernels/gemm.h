@@ -65,6 +65,12 @@ struct GemmArgs {
   bool blocked_order = false;
   // The blocked path's bf16 x bf16 products on AMX tiles (amx_usable()).
   bool use_amx = false;
+  // B (and B2) pre-packed (gemm_pack_panel, all N columns): panel i holds
+  // columns [i * kNR, (i + 1) * kNR) in the layout the kernels pack per call
+  // (fp32 [K][kNR]; pairs [KPpad][kNR] when b.type is bf16 on avx512_bf16),
+  // so no call packs. b.data / b2.data are unused then.
+  const void* packed = nullptr;
+  const void* packed2 = nullptr;
 };
 
 // Columns are handed to the kernels in multiples of this (a multiple of every
@@ -91,6 +97,13 @@ using GemmSkinnyFn = void (*)(const GemmArgs&, int64_t n0, int64_t n1);
 using GemmEpilogueFn = void (*)(const GemmArgs&, const float* c, const float* c2, int64_t m0,
                                 int64_t m1);
 
+// One panel of a pre-packed weight (GemmArgs::packed): B's columns [n, n +
+// nr) (nr <= the ISA's panel width; zero past nr), fp32 [K][width], or with
+// `pairs` (avx512_bf16 only, B bf16) bf16 pairs along K [KPpad][width],
+// KPpad = (K + 1) / 2 rounded up to 16, pair rows past (K + 1) / 2 zero.
+using GemmPackPanelFn = void (*)(const Operand& b, int64_t K, int64_t n, int64_t nr, bool pairs,
+                                 void* panel);
+
 // hi = bf16(src) and lo = bf16(src - hi) (round to nearest even), n
 // elements: an fp32 operand as two bf16 ones for the bf16 products.
 using SplitBf16Fn = void (*)(const float* src, int64_t n, void* hi, void* lo);
@@ -101,6 +114,8 @@ using SplitBf16Fn = void (*)(const float* src, int64_t n, void* hi, void* lo);
   void gemm_skinny(const GemmArgs&, int64_t, int64_t);                                   \
   void gemm_epilogue(const GemmArgs&, const float*, const float*, int64_t, int64_t);     \
   void split_bf16(const float*, int64_t, void*, void*);                                  \
+  void gemm_pack_panel(const Operand&, int64_t, int64_t, int64_t, bool, void*);          \
+  int64_t gemm_panel_width();                                                            \
   }
 PYLLM_DECLARE_GEMM(generic)
 PYLLM_DECLARE_GEMM(avx2)

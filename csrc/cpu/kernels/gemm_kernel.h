@@ -329,6 +329,20 @@ void pack_panel_pairs_cols(const Operand& b, int64_t K, int64_t n, int64_t nr, u
   }
 }
 
+// B's columns [n, n + nr) as a pair panel [KPpad][kNR] from any layout of B.
+void pack_pairs(const Operand& b, int64_t K, int64_t n, int64_t nr, uint32_t* panel,
+                int64_t KPpad) {
+  if (b.rs == 1) {
+    pack_panel_pairs_rows(b, K, n, nr, panel, KPpad);
+  } else if (b.cs == 1) {
+    pack_panel_pairs_cols(b, K, n, nr, panel, KPpad);
+  } else {
+    pack_panel_pairs(b, K, n, nr, panel);
+    const int64_t KP = (K + 1) / 2;
+    std::memset(panel + KP * kNR, 0, 4 * (KPpad - KP) * kNR);
+  }
+}
+
 // tile[R][kNR] = A rows [m, m + R) . panel over K, A's rows bf16 with pairs
 // contiguous (a.cs == 1).
 template <int R, bool kIntoTile = false>
@@ -470,23 +484,19 @@ void block_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1
   amx_configure();
   for (int64_t n = n0; n < n1; n += kNR) {
     const int64_t nr = gmin(kNR, n1 - n);
-    for (int half = 0; half < (two ? 2 : 1); ++half) {
-      const Operand& b = half == 0 ? g.b : g.b2;
-      uint32_t* p = half == 0 ? panel : panel2;
-      if (b.rs == 1) {
-        pack_panel_pairs_rows(b, g.K, n, nr, p, KPpad);
-      } else if (b.cs == 1) {
-        pack_panel_pairs_cols(b, g.K, n, nr, p, KPpad);
-      } else {
-        pack_panel_pairs(b, g.K, n, nr, p);
-        const int64_t KP = (g.K + 1) / 2;
-        std::memset(p + KP * kNR, 0, 4 * (KPpad - KP) * kNR);
-      }
+    const uint32_t* p1 = panel;
+    const uint32_t* p2 = panel2;
+    if (g.packed != nullptr) {
+      p1 = static_cast<const uint32_t*>(g.packed) + (n / kNR) * KPpad * kNR;
+      if (two) p2 = static_cast<const uint32_t*>(g.packed2) + (n / kNR) * KPpad * kNR;
+    } else {
+      pack_pairs(g.b, g.K, n, nr, panel, KPpad);
+      if (two) pack_pairs(g.b2, g.K, n, nr, panel2, KPpad);
     }
     for (int64_t m = m0; m < m1; m += kAmxRows) {
       const int64_t rows = gmin(kAmxRows, m1 - m);
-      amx_tile(g.a, m, rows, g.K, panel, tile, edge);
-      if (two) amx_tile(g.a, m, rows, g.K, panel2, tile2, edge);
+      amx_tile(g.a, m, rows, g.K, p1, tile, edge);
+      if (two) amx_tile(g.a, m, rows, g.K, p2, tile2, edge);
       finish(g, tile, tile2, kNR, m, rows, n, nr);
     }
   }
@@ -511,27 +521,26 @@ void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   // Pairs: rows up to a multiple of 16 (the packers' 16 x 16 transposes).
   const int64_t KPpad = ground_up((g.K + 1) / 2, 16);
   const int64_t panel_floats = pairs ? KPpad * kNR : g.K * kNR;
-  float* panel = w.panel.get(panel_floats);
-  float* panel2 = two ? w.panel2.get(panel_floats) : nullptr;
+  const bool packed = g.packed != nullptr;
+  float* own = packed ? nullptr : w.panel.get(panel_floats);
+  float* own2 = two && !packed ? w.panel2.get(panel_floats) : nullptr;
   for (int64_t n = n0; n < n1; n += kNR) {
     const int64_t nr = gmin(kNR, n1 - n);
+    const float* panel = own;
+    const float* panel2 = own2;
+    if (packed) {
+      panel = static_cast<const float*>(g.packed) + (n / kNR) * panel_floats;
+      if (two) panel2 = static_cast<const float*>(g.packed2) + (n / kNR) * panel_floats;
+    }
 #if defined(__AVX512BF16__)
-    if (pairs) {
-      for (int half = 0; half < (two ? 2 : 1); ++half) {
-        const Operand& b = half == 0 ? g.b : g.b2;
-        uint32_t* p = reinterpret_cast<uint32_t*>(half == 0 ? panel : panel2);
-        if (b.rs == 1)
-          pack_panel_pairs_rows(b, g.K, n, nr, p, KPpad);
-        else if (b.cs == 1)
-          pack_panel_pairs_cols(b, g.K, n, nr, p, KPpad);
-        else
-          pack_panel_pairs(b, g.K, n, nr, p);
-      }
-    } else
+    else if (pairs) {
+      pack_pairs(g.b, g.K, n, nr, reinterpret_cast<uint32_t*>(own), KPpad);
+      if (two) pack_pairs(g.b2, g.K, n, nr, reinterpret_cast<uint32_t*>(own2), KPpad);
+    }
 #endif
-    {
-      pack(g.b, g.K, n, nr, panel);
-      if (two) pack(g.b2, g.K, n, nr, panel2);
+    else {
+      pack(g.b, g.K, n, nr, own);
+      if (two) pack(g.b2, g.K, n, nr, own2);
     }
     // Rows in chunks of kRowChunk, K in slices of kKSlice: a slice of the
     // panel (64-128 KB) stays in L2 while every micro tile of the chunk uses
@@ -592,9 +601,13 @@ void skinny_panel(const GemmArgs& g, int64_t n0, int64_t n1) {
   GemmWorkspace& w = gemm_workspace();
   const int64_t M = g.M, K = g.K;
   const bool two = two_products(g);
-  float* panel = w.panel.get(kSkinnyBlock * kNR);
+  const bool packed = g.packed != nullptr;
+  float* panel = packed ? nullptr : w.panel.get(kSkinnyBlock * kNR);
   float* tile = w.tile.get(kGemmSkinnyRows * kNR);
   float* tile2 = w.tile2.get(kGemmSkinnyRows * kNR);
+  // A pre-packed weight: panel n / kNR of g.packed, K-slice k0 at row k0 (fp32)
+  // or pair row k0 / 2 (bf16 pairs).
+  [[maybe_unused]] const int64_t KPpad = ground_up((K + 1) / 2, 16);
   for (int64_t n = n0; n < n1; n += kNR) {
     const int64_t nr = gmin(kNR, n1 - n);
     for (int half = 0; half < (two ? 2 : 1); ++half) {
@@ -607,8 +620,11 @@ void skinny_panel(const GemmArgs& g, int64_t n0, int64_t n1) {
         if constexpr (std::is_same_v<T, bf16>) {
           // Pairs of bf16 (one 32-bit lane each) transposed like floats,
           // into the vdpbf16ps panel layout [pair][kNR].
-          uint32_t* pairs = reinterpret_cast<uint32_t*>(panel);
-          for (int64_t j0 = 0; j0 < kNR; j0 += 16) {
+          const uint32_t* pairs = reinterpret_cast<const uint32_t*>(panel);
+          if (packed)
+            pairs = static_cast<const uint32_t*>(half == 0 ? g.packed : g.packed2) +
+                    ((n / kNR) * KPpad + k0 / 2) * kNR;
+          for (int64_t j0 = 0; j0 < kNR && !packed; j0 += 16) {
             for (int64_t k = 0; k < kc; k += 32) {  // 16 pairs of 16 rows
               const int64_t left = gmin(32, kc - k);
               const __mmask32 mask = left == 32 ? ~__mmask32{0} : ((__mmask32{1} << left) - 1);
@@ -624,7 +640,8 @@ void skinny_panel(const GemmArgs& g, int64_t n0, int64_t n1) {
               }
               transpose16(block);
               for (int64_t p = 0; p < (left + 1) / 2; ++p)
-                _mm512_storeu_si512(pairs + (k / 2 + p) * kNR + j0, _mm512_castps_si512(block[p]));
+                _mm512_storeu_si512(reinterpret_cast<uint32_t*>(panel) + (k / 2 + p) * kNR + j0,
+                                    _mm512_castps_si512(block[p]));
             }
           }
           Operand slice = g.a;
@@ -652,8 +669,12 @@ void skinny_panel(const GemmArgs& g, int64_t n0, int64_t n1) {
           continue;
         }
 #endif
-        for (int64_t j0 = 0; j0 < kNR; j0 += 16) {      // 16 weight rows
-          for (int64_t k = 0; k < kc; k += 16) {         // 16 of their columns
+        const float* slice_panel = panel;
+        if (packed)
+          slice_panel = static_cast<const float*>(half == 0 ? g.packed : g.packed2) +
+                        ((n / kNR) * K + k0) * kNR;
+        for (int64_t j0 = 0; j0 < kNR && !packed; j0 += 16) {  // 16 weight rows
+          for (int64_t k = 0; k < kc; k += 16) {                // 16 of their columns
             const int c = static_cast<int>(gmin(16, kc - k));
             V block[16];
             for (int r = 0; r < 16; ++r) {
@@ -679,8 +700,8 @@ void skinny_panel(const GemmArgs& g, int64_t n0, int64_t n1) {
           const bool first = k0 == 0;
 #define PYLLM_SKINNY_ROWS(R)                                                   \
   case R:                                                                      \
-    first ? micro<T, R, false>(slice, m, kc, panel, t)                          \
-          : micro<T, R, true>(slice, m, kc, panel, t);                          \
+    first ? micro<T, R, false>(slice, m, kc, slice_panel, t)                    \
+          : micro<T, R, true>(slice, m, kc, slice_panel, t);                    \
     break;
           switch (rows) {
             PYLLM_SKINNY_ROWS(6)
@@ -837,13 +858,25 @@ void split_bf16(const float* src, int64_t n, void* hi_out, void* lo_out) {
   }
 }
 
+int64_t gemm_panel_width() { return kNR; }
+
+void gemm_pack_panel(const Operand& b, int64_t K, int64_t n, int64_t nr, bool pairs, void* panel) {
+#if defined(__AVX512BF16__)
+  if (pairs) return pack_pairs(b, K, n, nr, static_cast<uint32_t*>(panel), ground_up((K + 1) / 2, 16));
+#endif
+  (void)pairs;  // never asked for below avx512_bf16 (linear.cpp)
+  pack(b, K, n, nr, static_cast<float*>(panel));
+}
+
 void gemm_skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__)
   // x and W share a dtype here (checked by the operator). skinny_panel sums
   // each output exactly as block() does (K-slices of kSumBlock, each from
   // zero, added to the tile), so it also serves one row when the blocked
   // order is asked for.
-  if (g.M >= 2 || g.blocked_order) {
+  // A pre-packed weight takes this path for every M (run() sends it here on
+  // AVX-512 only): its panels are what skinny_panel would transpose.
+  if (g.M >= 2 || g.blocked_order || g.packed != nullptr) {
     switch (g.b.type) {
       case DType::f32: return skinny_panel<float>(g, n0, n1);
       case DType::bf16: return skinny_panel<bf16>(g, n0, n1);

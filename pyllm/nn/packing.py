@@ -1,0 +1,161 @@
+"""Packed weights for CPU inference in pyllm's modules: :class:`WeightPack`
+(a packed copy kept in step with its parameter) and :func:`pack_for_inference`.
+
+``pyllm.nn.Linear.pack()``, ``Conv1D.pack()`` and ``SwiGLU.pack()`` pack their
+weights once (:func:`pyllm.ops.packed_linear.pack_weight`); their forward then
+reads the packed copy when the call is one the packed ops serve exactly:
+
+- a CPU call, x of the weight's dtype (so not under autocast's casts), plain
+  tensors (no DTensor or other ``__torch_function__``), not traced by
+  ``torch.compile``, the default or ``cpu`` backend;
+- no gradient wanted (``torch.no_grad()`` / ``inference_mode()``, or nothing
+  requiring grad): the packed ops are not differentiable, so a training call
+  takes the weight as before.
+
+Anything else runs the unpacked op on the weight, as before packing. The
+packed copy follows the weight: an in-place change (its version counter), a
+new tensor (``.to()``, ``load_state_dict`` into a new one) or another
+instruction set makes the next call pack again. The copy is not part of the
+``state_dict``; it is memory besides the weights (the same size for bf16 on
+AVX512-BF16, float32 panels otherwise: twice a 16-bit weight). ``unpack()``
+drops it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pyllm import backend as _backend
+from pyllm.ops.packed_linear import PackedWeight, _active_isa, pack_weight
+
+__all__ = ["WeightPack", "PackReport", "PacksForInference", "pack_for_inference",
+           "packed_call_allowed"]
+
+_has_torch_function = torch._C._has_torch_function
+_is_compiling = torch.compiler.is_compiling
+
+
+def _state(weight: torch.Tensor):
+    """What identifies the weight's current values, or None when in-place
+    changes cannot be tracked (inference tensors have no version counter)."""
+    try:
+        version = weight._version
+    except RuntimeError:
+        return None
+    return (version, weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.stride())
+
+
+class WeightPack:
+    """A :class:`PackedWeight` of a weight, packed again when the weight changes.
+
+    Args:
+        weight: ``(out_features, in_features)`` CPU tensor (any strides), the
+            weight as the op takes it.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        self.packed: PackedWeight | None = None
+        self._state = None
+        self.get(weight)
+
+    def get(self, weight: torch.Tensor) -> PackedWeight | None:
+        """The packed copy of ``weight``'s current values (packing again if
+        they changed), or None where it cannot be kept in step (an inference
+        tensor) or the weight is not on the CPU."""
+        if weight.device.type != "cpu":
+            self.packed = self._state = None
+            return None
+        state = _state(weight)
+        if state is None:
+            self.packed = self._state = None
+            return None
+        if self.packed is None or state != self._state or self.packed.isa != _active_isa():
+            with torch.no_grad():
+                self.packed = pack_weight(weight)
+            self._state = _state(weight)
+        return self.packed
+
+
+def packed_call_allowed(x: torch.Tensor, *tensors) -> bool:
+    """Whether a module call on ``x`` with these parameters (None allowed)
+    may take packed weights: see the module docstring."""
+    if x.device.type != "cpu" or _is_compiling() or _has_torch_function((x, *tensors)):
+        return False
+    name = _backend._STACK[-1] if _backend._STACK else _backend._ENV_BACKEND
+    if name is not None and name != "cpu":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            t is not None and t.requires_grad for t in tensors)):
+        return False
+    return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+@dataclass
+class PackReport:
+    """What :func:`pack_for_inference` packed.
+
+    Attributes:
+        modules: qualified names of the packed modules.
+        nbytes: memory the packed copies take (bytes).
+    """
+
+    modules: list
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"packed {len(self.modules)} modules, {self.nbytes / 2**20:.1f} MiB"
+
+
+def pack_for_inference(model: nn.Module) -> PackReport:
+    """Packs every pyllm ``Linear``, ``Conv1D`` and ``SwiGLU`` in ``model``
+    (one whose ``pack()`` exists) for CPU inference, in place.
+
+    Args:
+        model: any module (pyllm's models, or a model :func:`pyllm.nn.patch`
+            converted); parameters on the CPU.
+
+    Returns:
+        A :class:`PackReport`. The outputs are those of the unpacked model
+        (bit for bit wherever the unpacked GEMM sums in the blocked order, see
+        :mod:`pyllm.ops.packed_linear`). Calls that want gradients keep using
+        the weights.
+    """
+    from pyllm.nn.linear import Conv1D, Linear, SwiGLU
+
+    names, nbytes = [], 0
+    inside_swiglu = set()
+    for name, module in model.named_modules():
+        if isinstance(module, SwiGLU):
+            module.pack()
+            inside_swiglu.update({id(module.gate_proj), id(module.up_proj)})
+            names.append(name)
+            nbytes += module.packed_nbytes()
+    for name, module in model.named_modules():
+        if isinstance(module, (Linear, Conv1D)) and id(module) not in inside_swiglu:
+            module.pack()
+            if module.packed_nbytes():
+                names.append(name)
+                nbytes += module.packed_nbytes()
+    return PackReport(names, nbytes)
+
+
+class PacksForInference:
+    """``model.pack_for_inference()`` for pyllm's models (a mixin of
+    ``nn.Module`` subclasses)."""
+
+    def pack_for_inference(self) -> PackReport:
+        """Packs every ``Linear``/``Conv1D``/``SwiGLU`` weight of this model for
+        CPU inference (:func:`pyllm.nn.pack_for_inference`): no-grad CPU calls
+        (``generate``, calls under ``torch.no_grad()``) then read the packed
+        copies, with the unpacked model's outputs. Returns the
+        :class:`PackReport`; ``unpack_weights()`` drops the copies."""
+        return pack_for_inference(self)
+
+    def unpack_weights(self) -> None:
+        """Drops every packed copy :meth:`pack_for_inference` made."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "unpack") and hasattr(module, "is_packed"):
+                module.unpack()

@@ -1,0 +1,337 @@
+"""Pre-packed weights (pyllm.pack_weight, pyllm.linear_packed,
+pyllm.swiglu_packed; Linear/Conv1D/SwiGLU.pack(), pack_for_inference):
+
+- the packed ops give the unpacked ops' bits in batch-invariant mode at every
+  size, and in the default mode wherever the unpacked GEMM sums in the blocked
+  order (more than 16 rows; 2-16 rows on AVX-512), on every ISA, for every
+  dtype, odd sizes, empty ones, non-contiguous x, NaN/Inf in x, biases of
+  x's dtype and float32, every activation, and SwiGLU;
+- the modules read the packed copy only where that holds (no-grad CPU
+  calls of the weight's dtype), follow in-place changes, new tensors and
+  dtype casts of the weight, keep state_dict and gradients as before;
+- pack_for_inference on pyllm's LLaMA, GPT-2 and BERT: the same logits
+  (bit for bit under batch-invariant mode) and generated tokens;
+- bad input gets errors naming the argument; opcheck (fakes, schemas).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import pyllm
+from harness import ISAS, run_under_isa
+from pyllm.nn import Conv1D, Linear, SwiGLU, pack_for_inference
+from pyllm.ops.packed_linear import PackedWeight
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _same(a, b):
+    """Bit-equal, NaN where NaN."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b, nan=7.0)) and torch.equal(
+        a.isnan(), b.isnan())
+
+
+def _blocked_order_everywhere(rows: int) -> bool:
+    """Whether the unpacked GEMM sums in the blocked order at this many rows
+    under the active ISA (default mode)."""
+    from pyllm import _C
+
+    return rows > 16 or (rows >= 2 and _C.cpu_isa() in ("avx512", "avx512_bf16"))
+
+
+def check_ops_match_unpacked(dtypes=DTYPES, rows=(0, 1, 2, 7, 16, 17, 100)):
+    """Every case: packed == unpacked in batch-invariant mode; in default mode
+    too where the unpacked GEMM sums in the blocked order. Returns the count."""
+    gen = torch.Generator().manual_seed(11)
+    cases = 0
+    for dtype, M, (N, K) in itertools.product(dtypes, rows, [(77, 33), (130, 515), (1, 1),
+                                                             (64, 0), (0, 40)]):
+        x = torch.randn(M, 2 * K + 1, generator=gen).to(dtype)[:, 1::2]  # non-contiguous
+        if M >= 2 and K >= 2:
+            x[1, 1] = float("nan")
+            x[M - 1, 0] = float("inf")
+        w = torch.randn(N, K, generator=gen).to(dtype)
+        w_up = torch.randn(N, K, generator=gen).to(dtype)
+        packed, packed_up = pyllm.pack_weight(w), pyllm.pack_weight(w_up)
+        for bias_dtype, act in [(None, "none"), (dtype, "gelu"), (torch.float32, "silu"),
+                                (dtype, "gelu_tanh")]:
+            bias = None if bias_dtype is None else torch.randn(N, generator=gen).to(bias_dtype)
+            got = pyllm.linear_packed(x, packed, bias, act)
+            with pyllm.batch_invariant():
+                assert _same(got, pyllm.linear(x, w, bias, act)), (dtype, M, N, K, act)
+                assert _same(got, pyllm.linear_packed(x, packed, bias, act))
+            if _blocked_order_everywhere(M):
+                assert _same(got, pyllm.linear(x, w, bias, act)), (dtype, M, N, K, act)
+            cases += 1
+        bias_up = torch.randn(N, generator=gen).to(dtype)
+        got = pyllm.swiglu_packed(x, packed, packed_up, None, bias_up)
+        with pyllm.batch_invariant():
+            assert _same(got, pyllm.swiglu(x, w, w_up, None, bias_up)), ("swiglu", dtype, M, N, K)
+        if _blocked_order_everywhere(M):
+            assert _same(got, pyllm.swiglu(x, w, w_up, None, bias_up)), ("swiglu", dtype, M, N, K)
+        cases += 1
+    return cases
+
+
+def test_ops_match_unpacked():
+    assert check_ops_match_unpacked() == 3 * 7 * 5 * 5
+
+
+def test_one_row_close_to_the_row_streaming_gemv():
+    """One row in the default mode: the unpacked op streams the weight's rows
+    (another summation order); the packed one sums in the blocked order. Both
+    are within a float32 rounding of each other's values."""
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(1, 2048, generator=gen), torch.randn(300, 2048, generator=gen)
+    got = pyllm.linear_packed(x, pyllm.pack_weight(w))
+    exact = (x.double() @ w.double().T)
+    assert (got.double() - exact).abs().max() <= 2e-6 * exact.abs().max() * 10
+    assert torch.allclose(got, pyllm.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_cpu_isa_path(isa):
+    """Each ISA's packed layout (panel width; bf16 pairs on avx512_bf16),
+    forced in a fresh process."""
+    run_under_isa(isa, """
+        from test_packed_linear import check_ops_match_unpacked
+        assert check_ops_match_unpacked(rows=(1, 5, 17, 100)) > 0
+    """)
+
+
+def test_packed_weight_records_its_layout():
+    w = torch.randn(100, 70, dtype=torch.bfloat16)
+    p = pyllm.pack_weight(w)
+    from pyllm import _C
+
+    assert (p.out_features, p.in_features, p.dtype, p.isa) == (100, 70, torch.bfloat16,
+                                                               _C.cpu_isa())
+    assert p.nbytes == p.panels.numel() * 4
+    # a copy: later changes to the weight are not in it
+    before = pyllm.linear_packed(torch.ones(3, 70, dtype=torch.bfloat16), p)
+    w.mul_(2)
+    assert torch.equal(before, pyllm.linear_packed(torch.ones(3, 70, dtype=torch.bfloat16), p))
+
+
+def test_bad_input():
+    x = torch.randn(4, 32)
+    w = torch.randn(16, 32)
+    p = pyllm.pack_weight(w)
+    with pytest.raises(TypeError, match="packed must be a pyllm.ops.packed_linear.PackedWeight"):
+        pyllm.linear_packed(x, w)
+    with pytest.raises(TypeError, match="packed was packed from a torch.float32 weight; x must"):
+        pyllm.linear_packed(x.bfloat16(), p)
+    with pytest.raises(ValueError, match="packed has in_features 32, the last dimension of x is 31"):
+        pyllm.linear_packed(x[:, :31], p)
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        pyllm.linear_packed(x, p, torch.zeros(15))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        pyllm.linear_packed(x, p, None, "relu")
+    with pytest.raises(ValueError, match="packed_up must have 16 out_features like packed_gate"):
+        pyllm.swiglu_packed(x, p, pyllm.pack_weight(torch.randn(15, 32)))
+    other = "avx2" if p.isa != "avx2" else "generic"
+    with pytest.raises(ValueError, match=f"packed was packed for the {other} instruction set"):
+        pyllm.linear_packed(x, PackedWeight(p.panels, 16, 32, torch.float32, other))
+    with pytest.raises(TypeError, match="weight must be float32, bfloat16, float16, got torch.float64"):
+        pyllm.pack_weight(w.double())
+    with pytest.raises(ValueError, match="weight must have 2 dimension"):
+        pyllm.pack_weight(w[0])
+    # the operator guards its memory whatever Python passed
+    with pytest.raises(ValueError, match="packed must be pyllm::pack_linear_weight of an"):
+        torch.ops.pyllm.linear_packed(x, p.panels[:, :5], 16, None, "none")
+    with pytest.raises(ValueError, match="packed must be pyllm::pack_linear_weight of an"):
+        torch.ops.pyllm.linear_packed(x, p.panels, 200, None, "none")
+    with pytest.raises(ValueError, match="packed must be pyllm::pack_linear_weight of an"):
+        torch.ops.pyllm.linear_packed(x.half(), p.panels, 16, None, "none") if p.panels.dtype == \
+            torch.int32 else torch.ops.pyllm.linear_packed(x, p.panels.int(), 16, None, "none")
+    with pytest.raises(ValueError, match="out_features must be >= 0"):
+        torch.ops.pyllm.linear_packed(x, p.panels, -1, None, "none")
+    with pytest.raises(RuntimeError, match="derivative for pyllm::linear_packed"):
+        torch.ops.pyllm.linear_packed(x.requires_grad_(), p.panels, 16, None,
+                                      "none").sum().backward()
+
+
+def test_opcheck():
+    x = torch.randn(9, 32)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(24, 32, dtype=dtype)
+        torch.library.opcheck(torch.ops.pyllm.pack_linear_weight.default, (w,))
+        p = torch.ops.pyllm.pack_linear_weight(w)
+        torch.library.opcheck(torch.ops.pyllm.linear_packed.default,
+                              (x.to(dtype), p, 24, torch.randn(24), "gelu"))
+        torch.library.opcheck(torch.ops.pyllm.swiglu_packed.default,
+                              (x.to(dtype), p, p, 24, None, None))
+
+
+# -- modules -------------------------------------------------------------------
+
+
+def _modules(dtype):
+    torch.manual_seed(0)
+    linear = Linear(70, 130, activation="gelu", dtype=dtype)
+    conv = Conv1D(130, 70, dtype=dtype)
+    mlp = SwiGLU(70, 150, bias=True, dtype=dtype)
+    return linear, conv, mlp
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modules_pack(dtype):
+    x = torch.randn(3, 11, 70, dtype=dtype)
+    for module in _modules(dtype):
+        keys = list(module.state_dict())
+        with torch.no_grad():
+            with pyllm.batch_invariant():
+                want = module(x)
+            want_one = module(x[:1, :1])
+            assert module.pack() is module and module.is_packed
+            assert module.packed_nbytes() > 0
+            assert list(module.state_dict()) == keys
+            assert _same(module(x), want)  # 33 rows: the blocked order either way
+            with pyllm.batch_invariant():
+                one = module(x[:1, :1])
+            assert _same(module(x[:1, :1]), one)
+            assert torch.allclose(one.float(), want_one.float(), rtol=1e-2, atol=1e-3)
+        module.unpack()
+        assert not module.is_packed and module.packed_nbytes() == 0
+
+
+def _calls_packed(module, x):
+    """Whether module(x) went through the packed op (counted by the profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        module(x)
+    names = {e.key for e in prof.key_averages()}
+    return any(n.endswith("_packed") for n in names)
+
+
+def test_modules_use_the_packed_copy_only_where_it_is_exact():
+    linear, conv, mlp = _modules(torch.float32)
+    x = torch.randn(20, 70)
+    for module in (linear, conv, mlp):
+        module.pack()
+        assert not _calls_packed(module, x)  # grad mode, parameters requiring grad
+        with torch.no_grad():
+            assert _calls_packed(module, x)
+            assert not _calls_packed(module, x.double()) if module is not mlp else True
+            with pyllm.use_backend("reference"):
+                assert not _calls_packed(module, x)
+        with torch.inference_mode():
+            assert _calls_packed(module, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            assert not _calls_packed(module, x)  # x cast to bf16, the weight float32
+        module.requires_grad_(False)
+        assert _calls_packed(module, x)
+        assert not _calls_packed(module, x.clone().requires_grad_())
+        module.requires_grad_(True)
+
+
+def test_modules_gradients_unchanged_by_packing():
+    for module in _modules(torch.float32):
+        x = torch.randn(20, 70, requires_grad=True)
+        want = torch.autograd.grad(module(x).square().sum(), [x, *module.parameters()])
+        module.pack()
+        got = torch.autograd.grad(module(x).square().sum(), [x, *module.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_modules_follow_changes_of_the_weight():
+    linear, conv, mlp = _modules(torch.float32)
+    x = torch.randn(20, 70)
+    for module in (linear, conv, mlp):
+        module.pack()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(1.5)  # in place
+            assert _same(module(x), module.unpack()(x))
+            module.pack()
+            module.load_state_dict({k: v * 0.5 for k, v in module.state_dict().items()})
+            packed_out = module(x)
+            assert _same(packed_out, module.unpack()(x))
+            module.pack()
+            module.to(torch.bfloat16)  # new tensors of another dtype
+            xb = x.bfloat16()
+            packed_out = module(xb)
+            assert _calls_packed(module, xb)
+            assert _same(packed_out, module.unpack()(xb))
+        module.to(torch.float32)
+
+
+# -- models ----------------------------------------------------------------------
+
+
+def _llama(dtype):
+    from pyllm.models.llama import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=150,
+                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                         head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
+                         tie_word_embeddings=False, rope_parameters=None,
+                         max_position_embeddings=128)
+    return LlamaForCausalLM(config, dtype=dtype)
+
+
+def _gpt2(dtype):
+    transformers = pytest.importorskip("transformers")
+    from pyllm.models import GPT2LMHeadModel
+
+    config = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=48, n_layer=2,
+                                     n_head=4)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel.from_hf(transformers.GPT2LMHeadModel(config).eval()).to(dtype)
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_pack_for_inference(build, dtype):
+    torch.manual_seed(1)
+    model = build(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    ids = torch.randint(0, 97, (3, 19))
+    with torch.no_grad():
+        want = _logits(model(ids))
+        want_tokens = model.generate(ids, 8)
+        with pyllm.batch_invariant():
+            want_invariant = model.generate(ids, 8)
+    report = model.pack_for_inference()
+    assert report.modules and report.nbytes > 0 and "packed" in str(report)
+    with torch.no_grad():
+        assert _calls_packed(model, ids)
+        assert _same(_logits(model(ids)), want)  # 57 rows
+        got = model.generate(ids, 8)
+        with pyllm.batch_invariant():
+            assert torch.equal(model.generate(ids, 8), want_invariant)
+    assert torch.equal(got, want_invariant)  # packed one-row calls sum in the blocked order
+    assert torch.equal(got, want_tokens)
+    model.unpack_weights()
+    assert not any(getattr(m, "is_packed", False) for m in model.modules())
+
+
+def test_pack_for_inference_on_a_bert_and_a_plain_module():
+    transformers = pytest.importorskip("transformers")
+    from pyllm.models import BertModel
+
+    config = transformers.BertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=100)
+    torch.manual_seed(0)
+    model = BertModel.from_hf(transformers.BertModel(config).eval())
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        want = model(ids)
+        report = model.pack_for_inference()
+        got = model(ids)
+    assert len(report.modules) == 2 * 6 + 1  # q, k, v, o, up, down a layer, the pooler
+    for a, b in zip(want if isinstance(want, tuple) else want.__dict__.values(),
+                    got if isinstance(got, tuple) else got.__dict__.values()):
+        if isinstance(a, torch.Tensor):
+            assert _same(a, b)
+    # a module that is not pyllm's own: its pyllm layers are packed
+    seq = torch.nn.Sequential(Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    assert pack_for_inference(seq).modules == ["0"]
