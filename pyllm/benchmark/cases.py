@@ -422,43 +422,67 @@ class LinearBench(OpBench):
 
     def __init__(self, op: str):
         self.op = op
+        self.swiglu = op.startswith("swiglu")
 
     def inputs(self, case, dtype, device, gen):
         m, k, n, _ = case.dims
         x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
         w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device=device, dtype=dtype)
-        if self.op == "swiglu":
+        if self.swiglu:
             w2 = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device=device, dtype=dtype)
             return x, w, w2
         b = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
         return x, w, b
 
     def pyllm(self, case, backend):
-        if self.op == "swiglu":
+        if self.swiglu:
             return lambda x, wg, wu: pyllm.swiglu(x, wg, wu, backend=backend)
         act = case.dims[3]
         return lambda x, w, b: pyllm.linear(x, w, b, act, backend=backend)
 
     def eager(self, case):
-        if self.op == "swiglu":
+        if self.swiglu:
             return lambda x, wg, wu: F.silu(F.linear(x, wg)) * F.linear(x, wu)
         act = reference.ACTIVATIONS[case.dims[3]]
         return lambda x, w, b: act(F.linear(x, w, b))
 
     def truth(self, case, inputs):
-        if self.op == "swiglu":
+        if self.swiglu:
             return reference.swiglu(*(t.double() for t in inputs))
         x, w, b = (t.double() for t in inputs)
         return reference.linear(x, w, b, case.dims[3])
 
     def bytes_moved(self, case, dtype):
         m, k, n, _ = case.dims
-        weights = (2 if self.op == "swiglu" else 1) * n * k
+        weights = (2 if self.swiglu else 1) * n * k
         return (m * k + weights + m * n) * _size(dtype)
 
     def flops(self, case):
         m, k, n, _ = case.dims
-        return (2 if self.op == "swiglu" else 1) * 2 * m * n * k
+        return (2 if self.swiglu else 1) * 2 * m * n * k
+
+
+class PackedLinearBench(LinearBench):
+    """pyllm.linear_packed / swiglu_packed (weights packed once by
+    pyllm.pack_weight, outside the timing: inference, as Linear.pack()
+    serves it) against F.linear followed by the activation. CPU only."""
+
+    routed = "linear"
+
+    def pyllm(self, case, backend):
+        if backend != "cpu":
+            raise ValueError(f"pyllm.{self.op}: packed weights are for the cpu backend only")
+        packs = {}
+
+        def packed(w):
+            key = (w.data_ptr(), w._version)
+            if key not in packs:
+                packs[key] = pyllm.pack_weight(w)
+            return packs[key]
+        if self.swiglu:
+            return lambda x, wg, wu: pyllm.swiglu_packed(x, packed(wg), packed(wu))
+        act = case.dims[3]
+        return lambda x, w, b: pyllm.linear_packed(x, packed(w), b, act)
 
 
 class RotaryBench(OpBench):
@@ -571,6 +595,8 @@ BENCHES["attention_window"] = WindowAttentionBench()
 BENCHES["attention_variant"] = VariantAttentionBench()
 BENCHES["linear"] = LinearBench("linear")
 BENCHES["swiglu"] = LinearBench("swiglu")
+BENCHES["linear_packed"] = PackedLinearBench("linear_packed")
+BENCHES["swiglu_packed"] = PackedLinearBench("swiglu_packed")
 
 _NORM_SHAPES = [
     ("bert-base", "8x128 tokens", (1024, 768), True),
@@ -623,6 +649,17 @@ CASES += [
     Case("linear", "large", "decode 16", (16, 4096, 4096, "silu")),
     Case("swiglu", "llama-1b", "mlp 256", (256, 2048, 8192, "silu")),
     Case("swiglu", "llama-1b", "decode 1", (1, 2048, 8192, "silu")),
+    # TinyLlama-1.1B's MLP at a 128-token prefill, and the same calls with
+    # weights packed once (pyllm.nn.Linear.pack()): decode and prefill shapes
+    Case("swiglu", "llama-1.1b", "prefill 128", (128, 2048, 5632, "silu")),
+    Case("linear", "llama-1.1b", "down 128", (128, 5632, 2048, "none")),
+    *(Case("linear_packed", model, label, dims) for model, label, dims in [
+        ("large", "decode 1", (1, 4096, 4096, "none")),
+        ("large", "decode 8", (8, 4096, 4096, "none")),
+        ("large", "decode 16", (16, 4096, 4096, "silu")),
+        ("llama-1.1b", "down 128", (128, 5632, 2048, "none"))]),
+    Case("swiglu_packed", "llama-1b", "decode 1", (1, 2048, 8192, "silu")),
+    Case("swiglu_packed", "llama-1.1b", "prefill 128", (128, 2048, 5632, "silu")),
     Case("rotary", "llama-1b", "prefill 2048", (1, 2048, 32, 4, 64), quick=True),
     Case("rotary", "llama-8b", "prefill 1024", (1, 1024, 32, 8, 128)),
     Case("rotary", "llama-8b", "decode 8", (8, 1, 32, 8, 128)),

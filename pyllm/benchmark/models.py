@@ -167,20 +167,37 @@ def _llama_rows(dtypes, batches, device, quick, repeats) -> list[dict]:
     """Prefill (tokens/s of a 128-token prompt's logits) and decode (tokens/s
     of the steps after it: (tokens of a 64-token generate - of a 1-token one)
     over the time difference) of the 1.1B LLaMA, pyllm against transformers
-    eager. Correctness: tests/test_models_llama.py (same logits and tokens as
-    transformers on small configurations)."""
+    eager; "pyllm:packed" is the same model after ``pack_for_inference()``
+    (the packed copies switched in and out per call, so both are timed
+    interleaved). Correctness: tests/test_models_llama.py (same logits and
+    tokens as transformers on small configurations), tests/test_packed_linear.py
+    (packed against unpacked)."""
     prompt, new = (32, 8) if quick else (128, 64)
     rows = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         hf, ours = _llama_pair(dtype, device)
         weights = sum(p.numel() * p.element_size() for p in ours.parameters())
+        packs = {}
+        if device == "cpu":
+            ours.pack_for_inference()
+            packs = {m: m._pack for m in ours.modules() if getattr(m, "_pack", None) is not None}
+
+        def use(packed: bool):
+            for m, p in packs.items():
+                m._pack = p if packed else None
+            return ours
+
+        impls = ("pyllm", "pyllm:packed", "transformers:eager") if packs else (
+            "pyllm", "transformers:eager")
         base = {"model": "llama-1.1b", "dtype": dtype_name, "device": device,
                 "threads": torch.get_num_threads(), "status": "ok"}
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, 32000, (1, prompt), generator=gen).to(device)
         with torch.no_grad():
-            fns = {"pyllm": lambda: ours(ids), "transformers:eager": lambda: hf(ids).logits}
+            fns = {"pyllm": lambda: use(False)(ids), "transformers:eager": lambda: hf(ids).logits}
+            if packs:
+                fns["pyllm:packed"] = lambda: use(True)(ids)
             _interleaved(fns, 1)
             seconds = _interleaved(fns, repeats)
         for impl, sec in seconds.items():
@@ -190,11 +207,13 @@ def _llama_rows(dtypes, batches, device, quick, repeats) -> list[dict]:
             prompts = torch.randint(0, 32000, (batch, prompt), generator=gen).to(device)
             calls = {}
             for steps in (1, new):
-                calls[("pyllm", steps)] = lambda s=steps: ours.generate(prompts, s)
+                calls[("pyllm", steps)] = lambda s=steps: use(False).generate(prompts, s)
+                if packs:
+                    calls[("pyllm:packed", steps)] = lambda s=steps: use(True).generate(prompts, s)
                 calls[("transformers:eager", steps)] = lambda s=steps: hf.generate(
                     prompts, max_new_tokens=s, min_new_tokens=s, do_sample=False, pad_token_id=0)
             seconds = _interleaved(calls, repeats)
-            for impl in ("pyllm", "transformers:eager"):
+            for impl in impls:
                 sec = seconds[(impl, new)] - seconds[(impl, 1)]
                 rows.append({**base, "case": f"decode B{batch} {prompt}+{new}", "impl": impl,
                              "seconds": sec, "tokens_per_s": batch * (new - 1) / sec,
@@ -262,10 +281,10 @@ def _add_speedups(rows):
         if r["status"] == "ok":
             by_case.setdefault((r["case"], r["dtype"]), {})[r["impl"]] = r["seconds"]
     for r in rows:
-        if r.get("impl") != "pyllm" or r["status"] != "ok":
+        if not r.get("impl", "").startswith("pyllm") or r["status"] != "ok":
             continue
         for impl, s in by_case[(r["case"], r["dtype"])].items():
-            if impl != "pyllm":
+            if not impl.startswith("pyllm"):
                 r[f"speedup_vs_{impl.split(':', 1)[1]}"] = s / r["seconds"]
 
 
