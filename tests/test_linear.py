@@ -174,7 +174,8 @@ def test_bf16_gemm_with_and_without_amx(amx):
     """The bf16 blocked GEMM on AMX tiles (where the CPU has them) and on
     vdpbf16ps (PYLLM_CPU_AMX=0), each in a fresh process: edge rows (M not a
     multiple of 16), K tails (odd, under 32, several blocks of 256), partial
-    panels, the backward's strided operands, SwiGLU, and batch invariance."""
+    panels, the backward's strided operands, SwiGLU, batch invariance, and
+    pre-packed weights."""
     from pyllm import _C
 
     if amx == "1" and not _C.cpu_amx():
@@ -193,6 +194,8 @@ def test_bf16_gemm_with_and_without_amx(amx):
         test_swiglu((127, 256, 344), torch.bfloat16, True, "cpu")
         inv.test_linear(torch.bfloat16, "silu")
         inv.test_swiglu(torch.bfloat16)
+        from test_packed_linear import check_ops_match_unpacked
+        assert check_ops_match_unpacked(dtypes=(torch.bfloat16,)) > 0  # packed panels on tiles
     """), env={"PYLLM_CPU_AMX": amx})
     assert result.returncode == 0, result.stderr[-3000:]
 
