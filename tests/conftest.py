@@ -32,6 +32,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    """The Triton interpreter's run (tests/test_triton_interpreter.py) starts
+    now, in the background, when any of its tests is selected."""
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_background_run"):
+            module.start_background_run()
+            return
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The number of hypothesis examples run (tests/properties.py), per op/backend."""
     import sys

@@ -194,6 +194,18 @@ def run_pytest_in_interpreter(path: str, report: str, *, collect_only: bool = Fa
     with the Triton interpreter on (TRITON_INTERPRET=1 must be set before
     triton is imported), where Triton kernels run on CPU tensors; each test's
     outcome goes to the JSON file ``report`` (tests/interpreter_report.py)."""
+    command, env = _interpreter_command(path, report, collect_only)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_pytest_in_interpreter(path: str, report: str, output) -> subprocess.Popen:
+    """:func:`run_pytest_in_interpreter` started in the background: the
+    process's stdout and stderr go to the open file ``output``."""
+    command, env = _interpreter_command(path, report, False)
+    return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+
+
+def _interpreter_command(path: str, report: str, collect_only: bool):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYLLM_INTERPRETER_REPORT": report,
            "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
     # PYLLM_INTERPRETER_DESELECT: a -k expression of tests to leave out (the
@@ -204,7 +216,6 @@ def run_pytest_in_interpreter(path: str, report: str, *, collect_only: bool = Fa
     # The caller's working folder, not the source tree's root: under an
     # installed wheel (PYLLM_EXPECT_PACKAGE_DIR) the source tree must not be
     # what `python -m` puts first on sys.path.
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-p", "interpreter_report", *(["--collect-only"] if collect_only else []),
-                           *select, os.path.join(REPO_ROOT, path)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+            "interpreter_report", *(["--collect-only"] if collect_only else []), *select,
+            os.path.join(REPO_ROOT, path)], env

@@ -2,17 +2,23 @@
 with TRITON_INTERPRET=1, which Triton reads when it is imported, and reports
 each of its tests as a test here: collected by that process, run there once
 (one interpreter start), each outcome (pass, skip with its reason, or the
-failure's text) shown under its own name."""
+failure's text) shown under its own name.
 
+The run starts in the background as soon as collection has selected these
+tests (conftest.py), so the interpreter (one core, pure Python) works while
+the rest of the suite runs; the first test here waits for it."""
+
+import atexit
 import functools
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
 
 import pytest
 
-from harness import run_pytest_in_interpreter
+from harness import run_pytest_in_interpreter, start_pytest_in_interpreter
 
 FOLDER = "tests/interpreter"
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -39,9 +45,49 @@ def _collected() -> list:
     return collected
 
 
+_BACKGROUND: dict = {}
+
+
+def start_background_run() -> None:
+    """Starts the interpreter run (once), its report and output in a
+    temporary folder."""
+    if _BACKGROUND or not HAVE_TRITON:
+        return
+    folder = tempfile.mkdtemp(prefix="pyllm-interpreter-")
+    output = open(os.path.join(folder, "output.txt"), "w")
+    report = os.path.join(folder, "report.json")
+    _BACKGROUND.update(folder=folder, output=output, report=report,
+                       process=start_pytest_in_interpreter(FOLDER, report, output))
+
+
 @functools.lru_cache(maxsize=None)
 def _run() -> dict:
-    return _interpreter(collect_only=False)
+    start_background_run()
+    process, folder = _BACKGROUND["process"], _BACKGROUND["folder"]
+    try:
+        returncode = process.wait(timeout=1800)
+    finally:
+        _stop_background_run()
+    try:
+        with open(os.path.join(folder, "output.txt")) as f:
+            output = f.read()
+        if not os.path.exists(_BACKGROUND["report"]):
+            raise RuntimeError("the interpreter process wrote no report:\n" + output[-9000:])
+        with open(_BACKGROUND["report"]) as f:
+            return {**json.load(f), "returncode": returncode, "output": output[-6000:]}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@atexit.register
+def _stop_background_run() -> None:
+    """Ends a run still going (a session stopped early) and closes its output."""
+    if not _BACKGROUND:
+        return
+    if _BACKGROUND["process"].poll() is None:
+        _BACKGROUND["process"].kill()
+        _BACKGROUND["process"].wait()
+    _BACKGROUND["output"].close()
 
 
 CASES = _collected()

@@ -31,6 +31,7 @@ TESTS = [
     "tests/test_cuda_host_properties.py", "tests/test_rotary.py", "tests/test_cross_entropy.py",
     "tests/test_attention_variants.py", "tests/test_attention_alibi.py",
     "tests/test_attention_paged.py", "tests/test_paged_kv_append.py",
+    "tests/test_packed_linear.py",
 ]
 # --quick (what `make test` runs): per file a -k selection that reaches every
 # kernel in few tests: each CPU ISA path forced in a subprocess (norms,
@@ -46,6 +47,7 @@ QUICK_TESTS = {
     "tests/test_cross_entropy.py": "isa or (float16 and all and mean)",
     "tests/test_attention_paged.py": "all and float16",
     "tests/test_paged_kv_append.py": "float16 and interleaved",
+    "tests/test_packed_linear.py": "isa or bad_input",
 }
 # -k: the reference backend and torch.compile run no library code of ours
 # that the other tests don't (and are slow under ASan); the RSS test measures
@@ -155,8 +157,13 @@ def main(argv: list[str]) -> int:
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", ROOT,
               "-c", os.path.join(ROOT, "pyproject.toml")]
     if quick:
-        runs = [[*pytest, "-k", f"({select}) and {DESELECT}" if select else DESELECT,
-                 os.path.join(ROOT, test), *argv] for test, select in QUICK_TESTS.items()]
+        # one process (each start under ASan costs seconds): per file its
+        # selection, the file named by its module's node name
+        expression = " or ".join(
+            f"({os.path.basename(test)} and ({select}))" if select else f"({os.path.basename(test)})"
+            for test, select in QUICK_TESTS.items())
+        runs = [[*pytest, "-k", f"({expression}) and {DESELECT}",
+                 *(os.path.join(ROOT, test) for test in QUICK_TESTS), *argv]]
     else:
         runs = [[*pytest, "-k", DESELECT, *(os.path.join(ROOT, t) for t in TESTS), *argv]]
     started = time.time()
