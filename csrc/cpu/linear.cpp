@@ -151,6 +151,17 @@ GemmArgs base_args(int64_t M, int64_t N, int64_t K, Operand a, Operand b) {
   return g;
 }
 
+// Runs g into a new output of x's shape with N columns (x's dtype) and
+// returns it; g's epilogue and its other outputs are set by the caller.
+Tensor run_into_output(GemmArgs& g, const Tensor& x, int64_t N) {
+  Tensor y = empty_output(with_last(x, N), x.options());
+  g.out = y.data_ptr();
+  g.ldo = N;
+  g.out_type = kernel_dtype(y, "y");
+  run(g);
+  return y;
+}
+
 void check_input(const char* op, const Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.device().is_cpu(), "pyllm::", op,
                     " (CPU kernel): x must be a CPU tensor with at least one dimension");
@@ -174,19 +185,14 @@ Tensor linear_into(const char* op, const Tensor& x, const Tensor& weight,
   const Tensor x2 = rows_of(x);
   const Tensor bias = contiguous_or_undefined(bias_in);
   const int64_t M = x2.size(0), N = weight.size(0), K = x2.size(1);
-  Tensor y = empty_output(with_last(x, N), x.options());
   GemmArgs g = base_args(M, N, K, operand(x2), operand(weight, /*transposed=*/true));
   set_bias(g, bias, Tensor());
   g.act = parse_activation(activation);
-  g.out = y.data_ptr();
-  g.ldo = N;
-  g.out_type = kernel_dtype(y, "y");
   if (preact.defined()) {
     g.epilogue = Epilogue::store_preact;
     g.out2 = preact.data_ptr();
   }
-  run(g);
-  return y;
+  return run_into_output(g, x, N);
 }
 
 Tensor linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias_in,
@@ -216,21 +222,16 @@ Tensor swiglu_into(const char* op, const Tensor& x, const Tensor& w_gate, const 
   TORCH_CHECK_TYPE(!b_gate.defined() || !b_up.defined() || b_gate.scalar_type() == b_up.scalar_type(),
                    "pyllm::", op, ": the biases must have one dtype");
   const int64_t M = x2.size(0), N = w_gate.size(0), K = x2.size(1);
-  Tensor y = empty_output(with_last(x, N), x.options());
   GemmArgs g = base_args(M, N, K, operand(x2), operand(w_gate, true));
   g.b2 = operand(w_up, true);
   set_bias(g, b_gate, b_up);
   g.epilogue = Epilogue::swiglu;
-  g.out = y.data_ptr();
-  g.ldo = N;
-  g.out_type = kernel_dtype(y, "y");
   if (gate.defined()) {
     g.epilogue = Epilogue::swiglu_preact;
     g.out2 = gate.data_ptr();
     g.out3 = up.data_ptr();
   }
-  run(g);
-  return y;
+  return run_into_output(g, x, N);
 }
 
 Tensor swiglu(const Tensor& x, const Tensor& w_gate, const Tensor& w_up,
@@ -529,7 +530,7 @@ bool packs_in_pairs(at::ScalarType dtype) {
 // The packed shape of an (N, K) weight of `dtype`: (panels, rows, width).
 std::vector<int64_t> packed_shape(int64_t N, int64_t K, at::ScalarType dtype) {
   const int64_t width = panel_width();
-  const int64_t rows = packs_in_pairs(dtype) ? (K + 1) / 2 + 15 - ((K + 1) / 2 + 15) % 16 : K;
+  const int64_t rows = packs_in_pairs(dtype) ? ((K + 1) / 2 + 15) / 16 * 16 : K;  // KPpad
   return {(N + width - 1) / width, rows, width};
 }
 
@@ -591,15 +592,10 @@ Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t out_features
   const Tensor x2 = rows_of(x);
   const Tensor bias = contiguous_or_undefined(bias_in);
   const int64_t N = out_features;
-  Tensor y = empty_output(with_last(x, N), x.options());
   GemmArgs g = packed_args(x2, N, packed, Tensor());
   set_bias(g, bias, Tensor());
   g.act = parse_activation(activation);
-  g.out = y.data_ptr();
-  g.ldo = N;
-  g.out_type = kernel_dtype(y, "y");
-  run(g);
-  return y;
+  return run_into_output(g, x, N);
 }
 
 Tensor swiglu_packed(const Tensor& x, const Tensor& packed_gate, const Tensor& packed_up,
@@ -616,15 +612,10 @@ Tensor swiglu_packed(const Tensor& x, const Tensor& packed_gate, const Tensor& p
   TORCH_CHECK_TYPE(!b_gate.defined() || !b_up.defined() || b_gate.scalar_type() == b_up.scalar_type(),
                    "pyllm::", op, ": the biases must have one dtype");
   const int64_t N = out_features;
-  Tensor y = empty_output(with_last(x, N), x.options());
   GemmArgs g = packed_args(x2, N, packed_gate, packed_up);
   set_bias(g, b_gate, b_up);
   g.epilogue = Epilogue::swiglu;
-  g.out = y.data_ptr();
-  g.ldo = N;
-  g.out_type = kernel_dtype(y, "y");
-  run(g);
-  return y;
+  return run_into_output(g, x, N);
 }
 
 }  // namespace

@@ -75,7 +75,7 @@ class WeightPack:
         if self.packed is None or state != self._state or self.packed.isa != _active_isa():
             with torch.no_grad():
                 self.packed = pack_weight(weight)
-            self._state = _state(weight)
+            self._state = state
         return self.packed
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from pyllm.checks import check_tensor
-from pyllm.ops.linear import ACTIVATIONS
+from pyllm.ops.linear import ACTIVATIONS, _check_bias
 
 __all__ = ["PackedWeight", "pack_weight", "linear_packed", "swiglu_packed"]
 
@@ -105,16 +105,6 @@ def _check_packed(op, name, x, packed, out_features=None):
     if packed.isa != isa:
         raise ValueError(f"{op}: {name} was packed for the {packed.isa} instruction set, the "
                          f"kernels run {isa}: pack the weight again")
-
-
-def _check_bias(op, name, bias, x, out_features):
-    if bias is None:
-        return
-    check_tensor(op, name, bias, dim=1, dtypes=(x.dtype, torch.float32))
-    if bias.shape[0] != out_features:
-        raise ValueError(f"{op}: {name} must have shape ({out_features},), got {tuple(bias.shape)}")
-    if bias.device != x.device:
-        raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {bias.device}")
 
 
 def _check_x(op, x):
