@@ -2,7 +2,9 @@
 13 build) and a CPU-only wheel built from that sdist against the CPU torch
 2.13.0, each installed into a fresh virtual environment outside the source
 tree and tested there with the source tree off sys.path (a missing .so, data
-file or Triton kernel not packaged under pyllm fails); the wheels' contents
+file or Triton kernel not packaged under pyllm fails; the CUDA wheel's
+environment reads the development torch through a path file rather than
+installing the same torch again); the wheels' contents
 (cubins for exactly the requested archs, no copy of torch's or CUDA's
 libraries, the torch pin, the local version) and the import-time mismatch
 error, faked by editing an installed build record.
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,10 +39,11 @@ LIBRARIES_NOT_SHIPPED = re.compile(r"(libtorch|libc10|libcudart|libcublas|libnvr
                                    r"libgomp|libshm|libnvToolsExt)[^/]*\.so")
 
 
-def run(cmd, env=None, cwd=None, timeout=1500):
+def run(cmd, env=None, cwd=None, timeout=1500, check=True):
     result = subprocess.run([str(c) for c in cmd], env={**os.environ, **(env or {})}, cwd=cwd,
                             capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{cmd}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    if check:
+        assert result.returncode == 0, f"{cmd}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 
 
@@ -66,6 +70,21 @@ def dist(tmp_path_factory):
     # torch is the one the wheel names): one CPU torch install, not two
     (folder / "cpu-build-python").write_text(str(build_python))
     return folder
+
+
+def venv_sharing_torch(path):
+    """A fresh virtual environment that sees this environment's torch (and
+    test tools) through a path file in place of a second 2.7 GB install of
+    the same CUDA torch: only the directory holding torch is added, whose
+    path files are not read, so this tree's editable pyllm stays out."""
+    run([sys.executable, "-m", "venv", path])
+    python = path / "bin" / "python"
+    site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    shared = os.path.dirname(os.path.dirname(torch.__file__))
+    (Path(site.stdout.strip()) / "shared_torch.pth").write_text(shared + "\n")
+    found = run([python, "-c", "import torch, pyllm"], cwd=path, check=False)
+    assert "No module named 'pyllm'" in found.stderr, found.stderr  # not the source tree's
+    return python
 
 
 def wheel(dist, tag):
@@ -136,8 +155,11 @@ def test_installed_wheel_passes_the_smoke_tests(dist, tmp_path, kind):
         python = (dist / "cpu-build-python").read_text()
         run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *TEST_TOOLS])
     else:
-        python = venv(tmp_path / "venv", f"torch=={torch.__version__.split('+')[0]}", *TEST_TOOLS)
-    run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", path])
+        python = venv_sharing_torch(tmp_path / "venv")
+    # (the CUDA wheel's torch is the shared one: no dependency resolution,
+    # and the editable pyllm that the shared folder records is not replaced)
+    no_deps = ["--no-deps", "--ignore-installed"] if kind == "cuda" else []
+    run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *no_deps, path])
     site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
     package = os.path.join(site.stdout.strip(), "pyllm")
     workdir = tmp_path / "work"  # neither the source tree nor tests/ is the working folder
