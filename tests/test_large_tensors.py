@@ -35,13 +35,12 @@ def filled(shape, seed, scale=1.0):
     """A bf16 tensor of ``shape``, uniform in [-scale, scale], periodic with
     ``PERIOD`` elements when larger than that."""
     t = torch.empty(shape, dtype=BF16)
-    flat = t.view(-1)
-    block = torch.empty(min(flat.numel(), PERIOD), dtype=BF16)
+    flat, size = t.view(-1), min(t.numel(), PERIOD)
+    block = torch.empty(size, dtype=BF16)
     block.uniform_(-scale, scale, generator=torch.Generator().manual_seed(seed))
-    whole = flat.numel() // block.numel()
-    flat[:whole * block.numel()].view(whole, -1).copy_(block.expand(whole, -1))
-    tail = flat.numel() - whole * block.numel()
-    flat[flat.numel() - tail:].copy_(block[:tail])
+    whole = t.numel() // size * size
+    flat[:whole].view(-1, size).copy_(block.expand(whole // size, -1))
+    flat[whole:].copy_(block[:t.numel() - whole])
     return t
 
 

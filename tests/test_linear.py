@@ -279,6 +279,15 @@ def test_direct_op_call_guards_memory():
         torch.ops.pyllm.linear(_t(3, 4), _t(2, 4), None, "tanh")
     with pytest.raises(ValueError, match="bias must have shape"):
         torch.ops.pyllm.linear(_t(3, 4), _t(2, 4), _t(3), "none")
+    # the SwiGLU kernels read both biases as one type: mixed ones raise (the
+    # backward read a bf16 bias as float32 before)
+    bf = torch.bfloat16
+    x, w, gy = _t(3, 4, dtype=bf), _t(2, 4, dtype=bf), _t(3, 2, dtype=bf)
+    for call in (lambda: torch.ops.pyllm.swiglu(x, w, w, _t(2), _t(2, dtype=bf)),
+                 lambda: torch.ops.pyllm.swiglu_backward(gy, x, w, w, _t(2), _t(2, dtype=bf),
+                                                         [True] * 5)):
+        with pytest.raises(TypeError, match="bias_gate and bias_up must have one dtype"):
+            call()
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS)

@@ -50,8 +50,15 @@ def run(cmd, env=None, cwd=None, timeout=1500, check=True):
 def venv(path, *packages):
     run([sys.executable, "-m", "venv", path])
     python = path / "bin" / "python"
-    run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages])
+    if packages:
+        run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages])
     return python
+
+
+def purelib(python):
+    """The site-packages folder of this interpreter."""
+    return run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+               ).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +84,9 @@ def venv_sharing_torch(path):
     test tools) through a path file in place of a second 2.7 GB install of
     the same CUDA torch: only the directory holding torch is added, whose
     path files are not read, so this tree's editable pyllm stays out."""
-    run([sys.executable, "-m", "venv", path])
-    python = path / "bin" / "python"
-    site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    python = venv(path)
     shared = os.path.dirname(os.path.dirname(torch.__file__))
-    (Path(site.stdout.strip()) / "shared_torch.pth").write_text(shared + "\n")
+    (Path(purelib(python)) / "shared_torch.pth").write_text(shared + "\n")
     found = run([python, "-c", "import torch, pyllm"], cwd=path, check=False)
     assert "No module named 'pyllm'" in found.stderr, found.stderr  # not the source tree's
     return python
@@ -160,8 +165,7 @@ def test_installed_wheel_passes_the_smoke_tests(dist, tmp_path, kind):
     # and the editable pyllm that the shared folder records is not replaced)
     no_deps = ["--no-deps", "--ignore-installed"] if kind == "cuda" else []
     run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *no_deps, path])
-    site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-    package = os.path.join(site.stdout.strip(), "pyllm")
+    package = os.path.join(purelib(python), "pyllm")
     workdir = tmp_path / "work"  # neither the source tree nor tests/ is the working folder
     workdir.mkdir()
     result = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider",

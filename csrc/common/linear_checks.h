@@ -53,6 +53,18 @@ inline void check_linear_bias(const char* op, const c10::optional<at::Tensor>& b
                    "pyllm::", op, ": bias must have x's dtype or float32");
 }
 
+// SwiGLU's two biases: each as check_linear_bias, and one dtype (the kernels
+// read both as one type).
+inline void check_swiglu_biases(const char* op, const c10::optional<at::Tensor>& b_gate,
+                                const c10::optional<at::Tensor>& b_up, int64_t n,
+                                const at::Tensor& x) {
+  check_linear_bias(op, b_gate, n, x);
+  check_linear_bias(op, b_up, n, x);
+  TORCH_CHECK_TYPE(!b_gate.has_value() || !b_up.has_value() ||
+                       b_gate->scalar_type() == b_up->scalar_type(),
+                   "pyllm::", op, ": bias_gate and bias_up must have one dtype");
+}
+
 inline void check_swiglu_params(const char* op, const at::Tensor& x, const at::Tensor& w_gate,
                                 const at::Tensor& w_up, const c10::optional<at::Tensor>& b_gate,
                                 const c10::optional<at::Tensor>& b_up) {
@@ -60,8 +72,7 @@ inline void check_swiglu_params(const char* op, const at::Tensor& x, const at::T
   check_linear_weight(op, "weight_up", x, w_up);
   TORCH_CHECK_VALUE(w_gate.sizes() == w_up.sizes(), "pyllm::", op,
                     ": the two weights must have one shape");
-  check_linear_bias(op, b_gate, w_gate.size(0), x);
-  check_linear_bias(op, b_up, w_gate.size(0), x);
+  check_swiglu_biases(op, b_gate, b_up, w_gate.size(0), x);
 }
 
 inline void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,

@@ -219,8 +219,6 @@ Tensor swiglu_into(const char* op, const Tensor& x, const Tensor& w_gate, const 
   check_swiglu_params(op, x, w_gate, w_up, b_gate_in, b_up_in);
   const Tensor x2 = rows_of(x);
   const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
-  TORCH_CHECK_TYPE(!b_gate.defined() || !b_up.defined() || b_gate.scalar_type() == b_up.scalar_type(),
-                   "pyllm::", op, ": the biases must have one dtype");
   const int64_t M = x2.size(0), N = w_gate.size(0), K = x2.size(1);
   GemmArgs g = base_args(M, N, K, operand(x2), operand(w_gate, true));
   g.b2 = operand(w_up, true);
@@ -605,12 +603,9 @@ Tensor swiglu_packed(const Tensor& x, const Tensor& packed_gate, const Tensor& p
   check_input(op, x);
   check_packed(op, "packed_gate", x, packed_gate, out_features);
   check_packed(op, "packed_up", x, packed_up, out_features);
-  check_linear_bias(op, b_gate_in, out_features, x);
-  check_linear_bias(op, b_up_in, out_features, x);
+  check_swiglu_biases(op, b_gate_in, b_up_in, out_features, x);
   const Tensor x2 = rows_of(x);
   const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
-  TORCH_CHECK_TYPE(!b_gate.defined() || !b_up.defined() || b_gate.scalar_type() == b_up.scalar_type(),
-                   "pyllm::", op, ": the biases must have one dtype");
   const int64_t N = out_features;
   GemmArgs g = packed_args(x2, N, packed_gate, packed_up);
   set_bias(g, b_gate, b_up);

@@ -45,6 +45,15 @@ def _check_bias(op, name, bias, x, out_features):
         raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {bias.device}")
 
 
+def _check_swiglu_biases(op, bias_gate, bias_up, x, out_features):
+    """SwiGLU's two biases: each as :func:`_check_bias`, and one dtype."""
+    _check_bias(op, "bias_gate", bias_gate, x, out_features)
+    _check_bias(op, "bias_up", bias_up, x, out_features)
+    if bias_gate is not None and bias_up is not None and bias_gate.dtype != bias_up.dtype:
+        raise TypeError(f"{op}: bias_gate and bias_up must have one dtype, got {bias_gate.dtype} "
+                        f"and {bias_up.dtype}")
+
+
 def _check_sizes(op, x, out_features):
     """The CPU kernels index in 64 bits (tests/test_large_tensors.py); the GPU
     GEMMs keep a 32-bit element count per operand, so on a CUDA device an
@@ -108,11 +117,7 @@ def swiglu(x: torch.Tensor, weight_gate: torch.Tensor, weight_up: torch.Tensor,
     check_tensor(op, "x", x, min_dim=1)
     _check_weight(op, "weight_gate", x, weight_gate)
     _check_weight(op, "weight_up", x, weight_up, out_features=weight_gate.shape[0])
-    _check_bias(op, "bias_gate", bias_gate, x, weight_gate.shape[0])
-    _check_bias(op, "bias_up", bias_up, x, weight_gate.shape[0])
-    if bias_gate is not None and bias_up is not None and bias_gate.dtype != bias_up.dtype:
-        raise TypeError(f"{op}: bias_gate and bias_up must have one dtype, got {bias_gate.dtype} "
-                        f"and {bias_up.dtype}")
+    _check_swiglu_biases(op, bias_gate, bias_up, x, weight_gate.shape[0])
     _check_sizes(op, x, weight_gate.shape[0])
     return _backend.route("swiglu", x, backend)(x, weight_gate, weight_up, bias_gate, bias_up)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from pyllm.checks import check_tensor
-from pyllm.ops.linear import ACTIVATIONS, _check_bias
+from pyllm.ops.linear import ACTIVATIONS, _check_bias, _check_swiglu_biases
 
 __all__ = ["PackedWeight", "pack_weight", "linear_packed", "swiglu_packed"]
 
@@ -159,11 +159,7 @@ def swiglu_packed(x: torch.Tensor, packed_gate: PackedWeight, packed_up: PackedW
     _check_packed(op, "packed_gate", x, packed_gate)
     hidden = packed_gate.out_features
     _check_packed(op, "packed_up", x, packed_up, out_features=hidden)
-    _check_bias(op, "bias_gate", bias_gate, x, hidden)
-    _check_bias(op, "bias_up", bias_up, x, hidden)
-    if bias_gate is not None and bias_up is not None and bias_gate.dtype != bias_up.dtype:
-        raise TypeError(f"{op}: bias_gate and bias_up must have one dtype, got {bias_gate.dtype} "
-                        f"and {bias_up.dtype}")
+    _check_swiglu_biases(op, bias_gate, bias_up, x, hidden)
     return torch.ops.pyllm.swiglu_packed(x, packed_gate.panels, packed_up.panels, hidden,
                                          bias_gate, bias_up)
 
