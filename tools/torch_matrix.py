@@ -14,6 +14,14 @@ sdist.
 
     python tools/torch_matrix.py                 # every release
     python tools/torch_matrix.py --ci 2.11       # what CI (`make test`) runs
+    python tools/torch_matrix.py --prepare 2.11  # only the environment, ahead
+
+--prepare makes a release's environment (venv, torch, test tools) ahead of
+the check, in WORKDIR/prepared/<release>/: `make test` starts it in the
+background before the suite, so the ~2.8 GB download overlaps the tests. A
+later check of that release takes the prepared environment if it is complete
+(and makes its own if not), uses it once and deletes it. A lock file per
+release keeps the two from working on one environment at once.
 
 --ci keeps CI under its time budget: no GPU acceptance dry run and no CUDA
 build in the matrix (the main suite builds CUDA and runs a dry run under the
@@ -39,6 +47,8 @@ each step took and how much was downloaded. The last line is
 from __future__ import annotations
 
 import argparse
+import fcntl
+import contextlib
 import glob
 import json
 import os
@@ -144,6 +154,77 @@ class Step:
         return result.stdout
 
 
+@contextlib.contextmanager
+def release_lock(workdir: str, release: str):
+    """Held while a release's prepared environment is made or taken."""
+    os.makedirs(os.path.join(workdir, "prepared"), exist_ok=True)
+    with open(os.path.join(workdir, "prepared", f"{release}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def make_environment(step: "Step", release: str, venv: str) -> str:
+    """A fresh venv at `venv` with the release's torch and the test tools;
+    returns its python."""
+    version, python_version, pins = RELEASES[release]
+    interpreter = find_python(python_version)
+    if interpreter is None:
+        raise RuntimeError(f"no Python {python_version} interpreter found "
+                           f"(python{python_version} on PATH or a pyenv version)")
+    python = os.path.join(venv, "bin", "python")
+    step.run("venv", [interpreter, "-m", "venv", venv])
+    step.run("install torch + tools", [python, "-m", "pip", "install", "-q",
+                                       f"torch=={version}", *TEST_TOOLS, *pins])
+    return python
+
+
+def prepare_release(release: str, workdir: str) -> bool:
+    """--prepare: the release's environment in WORKDIR/prepared/<release>/,
+    marked ready.json (its steps) once complete."""
+    folder = os.path.join(workdir, "prepared", release)
+    with release_lock(workdir, release):
+        if os.path.exists(os.path.join(folder, "ready.json")):
+            print(f"torch {release}: prepared environment already in {folder}", flush=True)
+            return True
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        step = Step(folder)
+        print(f"torch {release}: preparing the environment in {folder}", flush=True)
+        try:
+            make_environment(step, release, os.path.join(folder, "venv"))
+        except Exception as e:  # noqa: BLE001 - the check then makes its own
+            print(f"  FAILED: {e}", flush=True)
+            return False
+        finally:
+            step.log.close()
+        with open(os.path.join(folder, "ready.json"), "w") as f:
+            json.dump({"torch": RELEASES[release][0], "steps": step.steps}, f)
+    return True
+
+
+def take_prepared(workdir: str, release: str):
+    """The prepared environment's venv and steps, taken for one check (its
+    ready mark removed), or None where there is none complete."""
+    folder = os.path.join(workdir, "prepared", release)
+    with release_lock(workdir, release):
+        ready = os.path.join(folder, "ready.json")
+        if not os.path.exists(ready):
+            return None
+        with open(ready) as f:
+            record = json.load(f)
+        os.remove(ready)
+    if record.get("torch") != RELEASES[release][0]:  # made for another version
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    steps = record["steps"]
+    for s in steps:
+        s["step"] += " (prepared)"
+    return os.path.join(folder, "venv"), steps
+
+
 def make_sdist(workdir: str) -> str:
     out = os.path.join(workdir, "sdist")
     shutil.rmtree(out, ignore_errors=True)
@@ -168,16 +249,19 @@ def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool
     step = Step(folder)
     result["steps"] = step.steps
     print(f"torch {version} (Python {python_version}) in {folder}", flush=True)
+    prepared = take_prepared(workdir, release)
     try:
-        interpreter = find_python(python_version)
-        if interpreter is None:
-            raise RuntimeError(f"no Python {python_version} interpreter found "
-                               f"(python{python_version} on PATH or a pyenv version)")
-        venv = os.path.join(folder, "venv")
-        python = os.path.join(venv, "bin", "python")
-        step.run("venv", [interpreter, "-m", "venv", venv])
-        step.run("install torch + tools", [python, "-m", "pip", "install", "-q",
-                                           f"torch=={version}", *TEST_TOOLS, *pins])
+        if prepared is not None:
+            venv, steps = prepared
+            step.steps.extend(steps)
+            python = os.path.join(venv, "bin", "python")
+            print(f"  (the environment prepared in {os.path.dirname(venv)})", flush=True)
+            for s in steps:
+                print(f"  {s['step']:<28} {s['seconds']:7.1f} s  {s['downloaded_mb']:8.1f} MB  "
+                      f"{'ok' if s['ok'] else 'FAILED'}", flush=True)
+        else:
+            venv = os.path.join(folder, "venv")
+            python = make_environment(step, release, venv)
         installed_torch = torch_of(python)
         result["torch_installed"] = installed_torch
         gpu_machine = release == GPU_MACHINE_RELEASE and not ci
@@ -235,6 +319,8 @@ def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool
         print(f"  FAILED: {e}", flush=True)
     finally:
         step.log.close()
+    if prepared is not None and not keep:  # used once
+        shutil.rmtree(os.path.dirname(prepared[0]), ignore_errors=True)
     if result["ok"] and not keep:
         shutil.rmtree(os.path.join(folder, "venv"), ignore_errors=True)
     return result
@@ -249,6 +335,9 @@ def main(argv=None) -> int:
                         help="TORCH_CUDA_ARCH_LIST of the CUDA builds (default 9.0: one arch "
                              "proves the build at half the compile time)")
     parser.add_argument("--keep", action="store_true", help="keep the environments")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only make the releases' environments (venv, torch, test tools) "
+                             "for a later check to take")
     parser.add_argument("--ci", action="store_true",
                         help="CI's shorter run: no GPU dry run or CUDA build, no per-ISA "
                              "subprocess tests, Triton compiles for sm_90 only")
@@ -257,6 +346,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown torch release(s) {unknown}; supported: {list(RELEASES)}")
     os.makedirs(args.workdir, exist_ok=True)
+    if args.prepare:
+        return 0 if all([prepare_release(r, args.workdir) for r in args.releases]) else 1
     start = time.time()
     sdist = make_sdist(args.workdir)
     print(f"sdist: {sdist}", flush=True)
