@@ -47,8 +47,8 @@ each step took and how much was downloaded. The last line is
 from __future__ import annotations
 
 import argparse
-import fcntl
 import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -125,6 +125,11 @@ def received_bytes() -> int:
     return total
 
 
+def print_step(record: dict) -> None:
+    print(f"  {record['step']:<28} {record['seconds']:7.1f} s  {record['downloaded_mb']:8.1f} MB  "
+          f"{'ok' if record['ok'] else 'FAILED'}", flush=True)
+
+
 class Step:
     """Runs commands for one release, logging them and timing each step."""
 
@@ -146,8 +151,7 @@ class Step:
                   "downloaded_mb": round((received_bytes() - rx) / 1e6, 1),
                   "ok": result.returncode == 0}
         self.steps.append(record)
-        print(f"  {name:<28} {record['seconds']:7.1f} s  {record['downloaded_mb']:8.1f} MB  "
-              f"{'ok' if record['ok'] else 'FAILED'}", flush=True)
+        print_step(record)
         if result.returncode != 0:
             tail = "\n".join(result.stdout.strip().splitlines()[-40:])
             raise RuntimeError(f"{name} failed (exit {result.returncode}):\n{tail}")
@@ -181,12 +185,23 @@ def make_environment(step: "Step", release: str, venv: str) -> str:
     return python
 
 
+def ready_record(folder: str, release: str):
+    """A prepared environment's ready mark ({"torch", "steps"}), or None where
+    it is incomplete or was made for another torch version."""
+    try:
+        with open(os.path.join(folder, "ready.json")) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if record.get("torch") == RELEASES[release][0] else None
+
+
 def prepare_release(release: str, workdir: str) -> bool:
     """--prepare: the release's environment in WORKDIR/prepared/<release>/,
     marked ready.json (its steps) once complete."""
     folder = os.path.join(workdir, "prepared", release)
     with release_lock(workdir, release):
-        if os.path.exists(os.path.join(folder, "ready.json")):
+        if ready_record(folder, release) is not None:
             print(f"torch {release}: prepared environment already in {folder}", flush=True)
             return True
         shutil.rmtree(folder, ignore_errors=True)
@@ -210,15 +225,10 @@ def take_prepared(workdir: str, release: str):
     ready mark removed), or None where there is none complete."""
     folder = os.path.join(workdir, "prepared", release)
     with release_lock(workdir, release):
-        ready = os.path.join(folder, "ready.json")
-        if not os.path.exists(ready):
+        record = ready_record(folder, release)
+        if record is None:
             return None
-        with open(ready) as f:
-            record = json.load(f)
-        os.remove(ready)
-    if record.get("torch") != RELEASES[release][0]:  # made for another version
-        shutil.rmtree(folder, ignore_errors=True)
-        return None
+        os.remove(os.path.join(folder, "ready.json"))
     steps = record["steps"]
     for s in steps:
         s["step"] += " (prepared)"
@@ -241,7 +251,7 @@ def torch_of(python: str) -> str:
 
 def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool,
                   ci: bool = False) -> dict:
-    version, python_version, pins = RELEASES[release]
+    version, python_version, _ = RELEASES[release]
     folder = os.path.join(workdir, release)
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
@@ -256,9 +266,8 @@ def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool
             step.steps.extend(steps)
             python = os.path.join(venv, "bin", "python")
             print(f"  (the environment prepared in {os.path.dirname(venv)})", flush=True)
-            for s in steps:
-                print(f"  {s['step']:<28} {s['seconds']:7.1f} s  {s['downloaded_mb']:8.1f} MB  "
-                      f"{'ok' if s['ok'] else 'FAILED'}", flush=True)
+            for record in steps:
+                print_step(record)
         else:
             venv = os.path.join(folder, "venv")
             python = make_environment(step, release, venv)
