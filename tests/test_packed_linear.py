@@ -7,7 +7,9 @@ pyllm.swiglu_packed; Linear/Conv1D/SwiGLU.pack(), pack_for_inference):
   dtype, odd sizes, empty ones, non-contiguous x, NaN/Inf in x, biases of
   x's dtype and float32, every activation, and SwiGLU;
 - the modules read the packed copy only where that holds (no-grad CPU
-  calls of the weight's dtype), follow in-place changes, new tensors and
+  calls of the weight's dtype) and where it is the faster path (not for
+  1-16 rows on ISAs without a panel skinny kernel for the weight: there the
+  unpacked op's bits), on every ISA; they follow in-place changes, new tensors and
   dtype casts of the weight, keep state_dict and gradients as before;
 - pack_for_inference on pyllm's LLaMA, GPT-2 and BERT: the same logits
   (bit for bit under batch-invariant mode) and generated tokens;
@@ -207,10 +209,59 @@ def test_modules_pack(dtype):
             assert _same(module(x), want)  # 33 rows: the blocked order either way
             with pyllm.batch_invariant():
                 one = module(x[:1, :1])
-            assert _same(module(x[:1, :1]), one)
+            # one row: the packed op (blocked order, as batch-invariant mode)
+            # where it serves few rows, else the unpacked op itself
+            expect_one = one if _packed_serves_few_rows(dtype) else want_one
+            assert _same(module(x[:1, :1]), expect_one)
             assert torch.allclose(one.float(), want_one.float(), rtol=1e-2, atol=1e-3)
         module.unpack()
         assert not module.is_packed and module.packed_nbytes() == 0
+
+
+def _packed_serves_few_rows(dtype) -> bool:
+    """Whether pyllm.nn's modules read their packed copy for 1-16 rows under
+    the active ISA: where the packed ops have a skinny kernel on panels no
+    wider than the weight (AVX-512 for float32, AVX512-BF16 for bf16)."""
+    from pyllm import _C
+
+    isa = _C.cpu_isa()
+    return isa == "avx512_bf16" and dtype != torch.float16 or (
+        isa == "avx512" and dtype == torch.float32)
+
+
+def check_modules_choose_the_faster_path():
+    """Per dtype and row count: the module calls the packed op exactly where
+    it is the faster path, and otherwise gives the unpacked module's bits
+    (in batch-invariant mode, always the packed op). Returns the count."""
+    cases = 0
+    for dtype in DTYPES:
+        for module in _modules(dtype):
+            module.requires_grad_(False)
+            for rows in (1, 5, 16, 17):
+                x = torch.randn(rows, 70, dtype=dtype)
+                want = module(x)
+                module.pack()
+                packed = rows > 16 or _packed_serves_few_rows(dtype)
+                assert _calls_packed(module, x) == packed, (type(module), dtype, rows)
+                if not packed:
+                    assert _same(module(x), want)
+                with pyllm.batch_invariant():
+                    assert _calls_packed(module, x)
+                module.unpack()
+                cases += 1
+    return cases
+
+
+def test_modules_choose_the_faster_path():
+    assert check_modules_choose_the_faster_path() == 3 * 3 * 4
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_modules_choose_the_faster_path_on_every_isa(isa):
+    run_under_isa(isa, """
+        from test_packed_linear import check_modules_choose_the_faster_path
+        assert check_modules_choose_the_faster_path() > 0
+    """)
 
 
 def _calls_packed(module, x):

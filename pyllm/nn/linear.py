@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import pyllm
-from pyllm.nn.packing import WeightPack, packed_call_allowed
+from pyllm.nn.packing import WeightPack, packed_call_allowed, packed_serves_rows
 from pyllm.ops.linear import ACTIVATIONS
 from pyllm.ops.packed_linear import linear_packed, swiglu_packed
 
@@ -59,7 +59,8 @@ class _Packable:
         """The packed weight for this call, or None (see pyllm.nn.packing)."""
         if self._pack is None or x.dtype != weight.dtype or not packed_call_allowed(x, weight, bias):
             return None
-        return self._pack.get(weight)
+        packed = self._pack.get(weight)
+        return packed if packed is not None and packed_serves_rows(x, packed) else None
 
 
 class Linear(_Packable, nn.Linear):

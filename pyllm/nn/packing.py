@@ -12,6 +12,15 @@ reads the packed copy when the call is one the packed ops serve exactly:
   requiring grad): the packed ops are not differentiable, so a training call
   takes the weight as before.
 
+A call of at most 16 rows (a decode step) on an instruction set whose
+packed ops have no panel-reading skinny kernel for the weight (AVX2 and the
+portable build, and a 16-bit weight packed as float32 panels on AVX-512
+without BF16) also runs the unpacked op: there the unpacked skinny kernels
+stream the weight itself, half the bytes of float32 panels of a 16-bit
+weight, where the packed op would run the blocked kernel. (Not in
+batch-invariant mode: there the unpacked op runs the blocked kernel too, and
+the packed one skips its per-call packing.)
+
 Anything else runs the unpacked op on the weight, as before packing. The
 packed copy follows the weight: an in-place change (its version counter), a
 new tensor (``.to()``, ``load_state_dict`` into a new one) or another
@@ -29,10 +38,14 @@ import torch
 from torch import nn
 
 from pyllm import backend as _backend
+from pyllm.invariance import is_batch_invariant
 from pyllm.ops.packed_linear import PackedWeight, _active_isa, pack_weight
 
 __all__ = ["WeightPack", "PackReport", "PacksForInference", "pack_for_inference",
-           "packed_call_allowed"]
+           "packed_call_allowed", "packed_serves_rows"]
+
+SKINNY_ROWS = 16  # kGemmSkinnyRows (csrc/cpu/kernels/gemm.h): the skinny kernels' row limit
+_PANEL_SKINNY_ISAS = ("avx512", "avx512_bf16")  # where packed panels have a skinny kernel
 
 _has_torch_function = torch._C._has_torch_function
 _is_compiling = torch.compiler.is_compiling
@@ -91,6 +104,21 @@ def packed_call_allowed(x: torch.Tensor, *tensors) -> bool:
             t is not None and t.requires_grad for t in tensors)):
         return False
     return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def packed_serves_rows(x: torch.Tensor, packed: PackedWeight) -> bool:
+    """Whether the packed op is the faster way to compute ``x @ weight.T`` for
+    ``x`` ``(..., in_features)``: False for at most ``SKINNY_ROWS`` rows where
+    the packed panels have no skinny kernel or are wider than the weight's
+    dtype (see the module docstring), True otherwise. The unpacked op then
+    serves the call, with its own outputs."""
+    if is_batch_invariant():
+        return True
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows > SKINNY_ROWS:
+        return True
+    widened = packed.panels.dtype == torch.float32 and packed.dtype != torch.float32
+    return packed.isa in _PANEL_SKINNY_ISAS and not widened
 
 
 @dataclass
