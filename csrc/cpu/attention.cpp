@@ -184,9 +184,11 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
 }
 
 // delta = rowsum(grad_out * out) summed as the kernels sum dP = grad_out . v
-// (from zero, one fused multiply-add per element, in order), so that dP -
-// delta is exactly zero where out is the value row a query sees alone (a
-// single visible key): the gradient is then exactly zero, as PyTorch's.
+// (in chunks of kAttentionBackwardChunk terms, each from zero with one fused
+// multiply-add per element in order, each added to the total at its end), so
+// that dP - delta is exactly zero where out is the value row a query sees
+// alone (a single visible key): the gradient is then exactly zero, as
+// PyTorch's.
 Tensor kernel_ordered_delta(const Prepared& p, const PreparedBackward& b) {
   const Tensor go = b.grad_out.to(at::kFloat).contiguous();
   const Tensor o = b.out.to(at::kFloat).contiguous();
@@ -197,9 +199,14 @@ Tensor kernel_ordered_delta(const Prepared& p, const PreparedBackward& b) {
   float* out = delta.data_ptr<float>();
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      float acc = 0.f;
-      for (int64_t i = 0; i < D; ++i) acc = std::fma(x[r * D + i], y[r * D + i], acc);
-      out[r] = acc;
+      float total = 0.f;
+      for (int64_t i0 = 0; i0 < D; i0 += kAttentionBackwardChunk) {
+        float acc = 0.f;
+        const int64_t i_end = std::min(D, i0 + kAttentionBackwardChunk);
+        for (int64_t i = i0; i < i_end; ++i) acc = std::fma(x[r * D + i], y[r * D + i], acc);
+        total = i0 == 0 ? acc : total + acc;
+      }
+      out[r] = total;
     }
   });
   return delta_like_lse(p, delta);

@@ -46,6 +46,14 @@ using AttentionBackwardQFn = void (*)(const AttentionBackward&, int64_t s, int64
 constexpr int64_t kAttentionBlockQ = 64;
 constexpr int64_t kAttentionBlockK = 64;
 
+// The backward's dot products over the head dimension (S and dP) are summed
+// in chunks of this many terms, each from zero, each chunk's sum then added
+// to the running total: with one running sum of 64 terms the rounding error of
+// dP alone put an fp32 dQ past 3x PyTorch's error. delta = rowsum(dO * O)
+// (attention.cpp) is summed in the same chunks, so that dP - delta is exactly
+// zero where a query sees one key.
+constexpr int64_t kAttentionBackwardChunk = 8;
+
 #define PYLLM_DECLARE_ATTENTION(isa)                                                       \
   namespace isa {                                                                          \
   void attention_forward(const AttentionForward&, int64_t, int64_t, int64_t, int64_t);     \

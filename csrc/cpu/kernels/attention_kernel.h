@@ -53,45 +53,54 @@ Workspace& workspace() {
 // -- fp32 matrix products --------------------------------------------------------
 
 // C[R][kTileCols] (+)= A[R][K] . B[K][kTileCols]: A's element (r, k) at
-// a[r * ars + k * aks], B's rows ldb apart, C's rows ldc apart. When
-// accumulating, the product is summed from zero and added to C at the end: a
-// block's sum plus the running total rounds less than adding every term to
-// the running total (gradients sum hundreds of blocks).
+// a[r * ars + k * aks], B's rows ldb apart, C's rows ldc apart. The sum runs
+// in chunks of `chunk` terms (K: one), each summed from zero and added to C at
+// its end (the first one stored unless accumulating): a block's sum plus the
+// running total rounds less than adding every term to the running total
+// (gradients sum hundreds of blocks; kAttentionBackwardChunk).
 template <int R, bool kAccumulate>
 inline void tile(const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int64_t K,
-                 float* c, int64_t ldc) {
-  V acc[R][kTileVecs];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kTileVecs; ++j) acc[r][j] = zero();
-  for (int64_t k = 0; k < K; ++k) {
-    V bv[kTileVecs];
-    for (int j = 0; j < kTileVecs; ++j) bv[j] = load(b + k * ldb + j * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const V ar = set1(a[r * ars + k * aks]);
-      for (int j = 0; j < kTileVecs; ++j) acc[r][j] = fma(ar, bv[j], acc[r][j]);
+                 float* c, int64_t ldc, int64_t chunk) {
+  for (int64_t k0 = 0; k0 < K || (k0 == 0 && !kAccumulate); k0 += chunk) {
+    const int64_t k_end = imin(K, k0 + chunk);
+    V acc[R][kTileVecs];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kTileVecs; ++j) acc[r][j] = zero();
+    for (int64_t k = k0; k < k_end; ++k) {
+      V bv[kTileVecs];
+      for (int j = 0; j < kTileVecs; ++j) bv[j] = load(b + k * ldb + j * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const V ar = set1(a[r * ars + k * aks]);
+        for (int j = 0; j < kTileVecs; ++j) acc[r][j] = fma(ar, bv[j], acc[r][j]);
+      }
     }
+    const bool add_to_c = kAccumulate || k0 > 0;
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kTileVecs; ++j) {
+        float* out = c + r * ldc + j * kLanes;
+        store(out, add_to_c ? add(load(out), acc[r][j]) : acc[r][j]);
+      }
+    if (K == 0) break;
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kTileVecs; ++j) {
-      float* out = c + r * ldc + j * kLanes;
-      store(out, kAccumulate ? add(load(out), acc[r][j]) : acc[r][j]);
-    }
 }
 
-// C[M][N] (+)= A[M][K] . B[K][N] (strides as tile); N is a multiple of kTileCols.
+// C[M][N] (+)= A[M][K] . B[K][N] (strides and chunks as tile; chunk 0: K);
+// N is a multiple of kTileCols.
 template <bool kAccumulate>
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ars, int64_t aks,
-          const float* b, int64_t ldb, float* c, int64_t ldc) {
+          const float* b, int64_t ldb, float* c, int64_t ldc, int64_t chunk = 0) {
+  if (chunk <= 0 || chunk > K) chunk = K > 0 ? K : 1;
   for (int64_t n0 = 0; n0 < N; n0 += kTileCols) {
     int64_t m0 = 0;
     for (; m0 + kTileRows <= M; m0 += kTileRows)
-      tile<kTileRows, kAccumulate>(a + m0 * ars, ars, aks, b + n0, ldb, K, c + m0 * ldc + n0, ldc);
+      tile<kTileRows, kAccumulate>(a + m0 * ars, ars, aks, b + n0, ldb, K, c + m0 * ldc + n0, ldc,
+                                   chunk);
     const float* ar = a + m0 * ars;
     float* cr = c + m0 * ldc + n0;
     switch (M - m0) {
-      case 3: tile<3, kAccumulate>(ar, ars, aks, b + n0, ldb, K, cr, ldc); break;
-      case 2: tile<2, kAccumulate>(ar, ars, aks, b + n0, ldb, K, cr, ldc); break;
-      case 1: tile<1, kAccumulate>(ar, ars, aks, b + n0, ldb, K, cr, ldc); break;
+      case 3: tile<3, kAccumulate>(ar, ars, aks, b + n0, ldb, K, cr, ldc, chunk); break;
+      case 2: tile<2, kAccumulate>(ar, ars, aks, b + n0, ldb, K, cr, ldc, chunk); break;
+      case 1: tile<1, kAccumulate>(ar, ars, aks, b + n0, ldb, K, cr, ldc, chunk); break;
       default: break;
     }
   }
@@ -754,8 +763,8 @@ inline const float* stat_row(const LseLayout& t, const AttentionGeometry& g, int
 // Whether a block's scores need nothing but the scale: no bias, ALiBi or
 // softcap (the vector path of the key pass below; the others go element by
 // element, as does the query pass: there the vector e^x's last-bit
-// differences from std::exp2 moved an fp32 dQ of the tests, whose error sits
-// at the accuracy rule's bound with either, past it).
+// differences from std::exp moved an fp32 dQ of the tests past the accuracy
+// rule's bound).
 inline bool plain_scores(const AttentionBackward& a, float alibi) {
   return a.bias.data == nullptr && alibi == 0.f && !(a.g.softcap > 0.f);
 }
@@ -834,8 +843,8 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
       pack_transposed<T>(a.grad_out, fq + t0, s, h, bq, D, dot, BQ);
       pack_rows<T>(a.q, fq + t0, s, h, bq, D, qr, Dp, bq);
       pack_rows<T>(a.grad_out, fq + t0, s, h, bq, D, dor, Dp, bq);
-      gemm<false>(bk, BQ, D, kb, D, 1, qt, BQ, pt, BQ);    // S^T
-      gemm<false>(bk, BQ, D, vb, D, 1, dot, BQ, dpt, BQ);  // dP^T
+      gemm<false>(bk, BQ, D, kb, D, 1, qt, BQ, pt, BQ, kAttentionBackwardChunk);   // S^T
+      gemm<false>(bk, BQ, D, vb, D, 1, dot, BQ, dpt, BQ, kAttentionBackwardChunk); // dP^T
       if (plain_scores(a, alibi)) {
         transposed_block_grads(g, lse + t0, delta + t0, bq, k_begin, bk, t0, offset, lq, pt, dpt);
       } else {
@@ -857,7 +866,7 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
             float sv = natural_score(g, prow[i], slope);
             if (a.bias.data != nullptr) add_bias(a.bias, s, h, t, key, 1, &sv, 1.f);
             sv -= alibi * std::fabs(static_cast<float>(t + offset - key));
-            const float p = std::isinf(lse[t]) ? 0.f : std::exp2((sv - lse[t]) * kLog2e);
+            const float p = std::isinf(lse[t]) ? 0.f : std::exp(sv - lse[t]);
             prow[i] = p;
             dprow[i] = p * (dprow[i] - delta[t]) * g.scale * slope;  // dS, natural units
           }
@@ -906,8 +915,8 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
     pack_transposed<T>(a.k, fk + j0, s, hk, bk, D, kt, BK);
     pack_transposed<T>(a.v, fk + j0, s, hk, bk, D, vt, BK);
     pack_rows<T>(a.k, fk + j0, s, hk, bk, D, kr, Dp, BK);
-    gemm<false>(bq, BK, D, q, D, 1, kt, BK, sc, BK);      // S
-    gemm<false>(bq, BK, D, dout, D, 1, vt, BK, dp, BK);   // dP
+    gemm<false>(bq, BK, D, q, D, 1, kt, BK, sc, BK, kAttentionBackwardChunk);     // S
+    gemm<false>(bq, BK, D, dout, D, 1, vt, BK, dp, BK, kAttentionBackwardChunk);  // dP
     for (int64_t i = 0; i < bq; ++i) {
       const int64_t t = q_begin + i;
       // the keys of this block that query t sees: [first, valid)
@@ -926,7 +935,7 @@ void backward_q_task(const AttentionBackward& a, int64_t s, int64_t h, int64_t q
                              static_cast<float>(t + offset - j0 - first), alibi, 1.f);
       for (int64_t j = 0; j < BK; ++j) {
         const bool seen = j >= first && j < valid && !std::isinf(lse[t]);
-        const float p = seen ? std::exp2((srow[j] - lse[t]) * kLog2e) : 0.f;
+        const float p = seen ? std::exp(srow[j] - lse[t]) : 0.f;
         // dS, natural units (0 * a NaN dP stays NaN, as in PyTorch's composition)
         dprow[j] = p * (dprow[j] - delta[t]) * g.scale * slope[j];
       }
