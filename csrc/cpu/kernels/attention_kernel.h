@@ -61,7 +61,8 @@ Workspace& workspace() {
 template <int R, bool kAccumulate>
 inline void tile(const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb, int64_t K,
                  float* c, int64_t ldc, int64_t chunk) {
-  for (int64_t k0 = 0; k0 < K || (k0 == 0 && !kAccumulate); k0 += chunk) {
+  int64_t k0 = 0;
+  do {  // once at least: K = 0 stores zeros
     const int64_t k_end = imin(K, k0 + chunk);
     V acc[R][kTileVecs];
     for (int r = 0; r < R; ++r)
@@ -80,8 +81,8 @@ inline void tile(const float* a, int64_t ars, int64_t aks, const float* b, int64
         float* out = c + r * ldc + j * kLanes;
         store(out, add_to_c ? add(load(out), acc[r][j]) : acc[r][j]);
       }
-    if (K == 0) break;
-  }
+    k0 += chunk;
+  } while (k0 < K);
 }
 
 // C[M][N] (+)= A[M][K] . B[K][N] (strides and chunks as tile; chunk 0: K);
