@@ -50,8 +50,12 @@ build: setup
 
 # The matrix's environment (a ~2.8 GB torch download) is made in the
 # background while the suite runs; the matrix step takes it when it comes.
+# The sanitized library is built in the background too, at the lowest
+# priority (on the cores the suite leaves idle); the sanitizer step waits
+# for that build and brings it up to date.
 test: build
 	$(if $(strip $(CI_TORCH)),mkdir -p build/matrix && ($(PY) tools/torch_matrix.py --prepare $(CI_TORCH) > build/matrix/prepare.log 2>&1 &))
+	$(if $(strip $(SANITIZE)),mkdir -p build && (nice -n 19 $(PY) tools/sanitize.py --build-only > build/sanitize-build.log 2>&1 &))
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(if $(strip $(SANITIZE)),$(PY) tools/sanitize.py $(SANITIZE))
 	$(if $(strip $(CI_TORCH)),$(PY) tools/torch_matrix.py --ci $(CI_TORCH))

@@ -11,11 +11,19 @@ host model of CUDA (tests/cuda_host/) is compiled with the same sanitizers
 off: CPython and torch keep their allocations to the end by design.
 
 Usage: python tools/sanitize.py [--quick] [pytest options...]
+       python tools/sanitize.py --build-only
+
+--build-only stages and builds the library, nothing else: ``make test``
+starts it in the background (at the lowest priority) while the main suite
+runs, so that the later run finds its objects built. A lock file keeps two
+builds from working on the stage at once; the later run rebuilds only what
+changed.
 """
 
 from __future__ import annotations
 
 import os
+import fcntl
 import shutil
 import subprocess
 import sys
@@ -125,13 +133,28 @@ def canary(env: dict) -> None:
         print(f"sanitize: the canary's {report} was reported (the set-up works)", flush=True)
 
 
+def stage_and_build(env: dict) -> None:
+    """The staged package with its sanitized library, under a lock: a build
+    started in the background (--build-only) is waited for, then brought up
+    to date."""
+    os.makedirs(STAGE, exist_ok=True)
+    with open(os.path.join(os.path.dirname(STAGE), "sanitize.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            stage_package()
+            build(env)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
-    argv = [a for a in argv if a != "--quick"]
-    os.makedirs(STAGE, exist_ok=True)
-    stage_package()
+    build_only = "--build-only" in argv
+    argv = [a for a in argv if a not in ("--quick", "--build-only")]
     env = dict(os.environ)
-    build(env)
+    stage_and_build(env)
+    if build_only:
+        return 0
     asan = runtime("libasan.so")
     env.update({
         "PYLLM_SANITIZE": "1",
