@@ -28,6 +28,11 @@ PIP_INSTALL := $(PIP) install --disable-pip-version-check -c constraints.txt
 # torch, the GPU machines' (`make test CI_TORCH=` skips it; `make matrix`
 # runs all five in full).
 CI_TORCH ?= 2.11
+# The Triton ahead-of-time compile tests (one single-threaded compile each:
+# ~10 minutes on 2 cores from an empty Triton cache) run after the rest, one
+# process per core (pytest-xdist); exit status 5 (a -k that selects none of
+# them) is not a failure.
+PARALLEL_TESTS ?= tests/test_triton_compile.py tests/test_triton_ptx.py
 SANITIZE ?= --quick
 MATRIX_TORCH ?= 2.11 2.12 2.13 2.14 2.15
 OUT ?= gpu-check
@@ -56,7 +61,8 @@ build: setup
 test: build
 	$(if $(strip $(CI_TORCH)),mkdir -p build/matrix && ($(PY) tools/torch_matrix.py --prepare $(CI_TORCH) > build/matrix/prepare.log 2>&1 &))
 	$(if $(strip $(SANITIZE)),mkdir -p build && (nice -n 19 $(PY) tools/sanitize.py --build-only > build/sanitize-build.log 2>&1 &))
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(addprefix --ignore=,$(PARALLEL_TESTS)) $(PYTEST_ARGS)
+	$(if $(strip $(PARALLEL_TESTS)),$(PY) -m pytest -n auto $(PARALLEL_TESTS) $(PYTEST_ARGS) || [ $$? -eq 5 ])
 	$(if $(strip $(SANITIZE)),$(PY) tools/sanitize.py $(SANITIZE))
 	$(if $(strip $(CI_TORCH)),$(PY) tools/torch_matrix.py --ci $(CI_TORCH))
 

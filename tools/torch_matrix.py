@@ -76,7 +76,7 @@ RELEASES = {
 GPU_MACHINE_RELEASE = "2.11"
 #: What a test environment needs besides torch (ranges: constraints.txt's
 #: hypothesis needs Python 3.11).
-TEST_TOOLS = ["pytest>=8,<10", "hypothesis>=6.100,<7"]
+TEST_TOOLS = ["pytest>=8,<10", "pytest-xdist>=3,<4", "hypothesis>=6.100,<7"]
 #: Run against the installed package, from a folder outside the source tree.
 OP_TESTS = ["test_installed.py", "test_norms.py", "test_linear.py", "test_attention.py",
             "test_triton_compile.py", "test_triton_ptx.py", "test_triton_interpreter.py"]
@@ -299,8 +299,9 @@ def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool
                     "PYLLM_INTERPRETER_DESELECT": "properties or nonfinite"}
         select = ["-k", "not every_cpu_isa_path and not -80]"] if ci else []
         tests = [t for t in OP_TESTS if not (ci and t in CI_LEAVES_OUT)]
+        # one process per core (pytest-xdist): the Triton compiles are single-threaded
         out = step.run("op tests (installed)", [python, "-m", "pytest", "-q", "-p",
-                                                "no:cacheprovider", *select,
+                                                "no:cacheprovider", "-n", "auto", *select,
                                                 *(os.path.join(TESTS, t) for t in tests)],
                        env=test_env, cwd=work)
         result["op_tests"] = out.strip().splitlines()[-1]
