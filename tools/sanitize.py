@@ -22,8 +22,8 @@ changed.
 
 from __future__ import annotations
 
-import os
 import fcntl
+import os
 import shutil
 import subprocess
 import sys

@@ -299,9 +299,12 @@ def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool
                     "PYLLM_INTERPRETER_DESELECT": "properties or nonfinite"}
         select = ["-k", "not every_cpu_isa_path and not -80]"] if ci else []
         tests = [t for t in OP_TESTS if not (ci and t in CI_LEAVES_OUT)]
-        # one process per core (pytest-xdist): the Triton compiles are single-threaded
+        # One process per core (pytest-xdist): the Triton compiles are
+        # single-threaded. Not with the interpreter's tests: each process
+        # would start its own background interpreter run.
+        parallel = [] if "test_triton_interpreter.py" in tests else ["-n", "auto"]
         out = step.run("op tests (installed)", [python, "-m", "pytest", "-q", "-p",
-                                                "no:cacheprovider", "-n", "auto", *select,
+                                                "no:cacheprovider", *parallel, *select,
                                                 *(os.path.join(TESTS, t) for t in tests)],
                        env=test_env, cwd=work)
         result["op_tests"] = out.strip().splitlines()[-1]
