@@ -63,6 +63,27 @@ def test_norm_residual_form_and_gradients(module):
     assert norm.weight.grad is not None and torch.isfinite(norm.weight.grad).all()
 
 
+@pytest.mark.parametrize("module", ["LayerNorm", "RMSNorm"])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=str)
+def test_norm_residual_keeps_the_wider_dtype(module, low):
+    """A low-precision sublayer output (autocast) added to a float32 residual
+    stream: the sum and the norm are float32, as torch's ``x + residual``
+    promotes, and the sum is exact (not the residual rounded to bf16)."""
+    gen = generator("nn residual wide", module, low)
+    norm = getattr(pyllm.nn, module)(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(randn((96,), gen=gen, offset=1.0))
+    x, r = randn((5, 96), low, gen=gen), randn((5, 96), gen=gen)
+    y, s = norm(x, r)
+    assert s.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(s, x.float() + r, atol=0, rtol=0)
+    torch.testing.assert_close(y, norm(x.float() + r))
+    # the same order the other way round: a float32 x and a low residual
+    y2, s2 = norm(r, x)
+    assert s2.dtype == y2.dtype == torch.float32
+    torch.testing.assert_close(s2, s, atol=0, rtol=1e-7)
+
+
 def test_norm_rejects_wrong_trailing_shape():
     with pytest.raises(ValueError, match=r"trailing dimensions \[64\]"):
         pyllm.nn.LayerNorm(64)(torch.randn(3, 63))

@@ -263,13 +263,12 @@ void times_weight(const Tensor& a, const Tensor& weight, Tensor& out, bool accum
 
 // Whether the backward's products of a bf16 weight take bf16 operands: the
 // active ISA is avx512_bf16 (vdpbf16ps, or AMX tiles where amx_usable()),
-// whose bf16 products run ~2.5x the fp32 ones. They take pairs along K
-// contiguous, so an fp32 dZ (after an activation's derivative) is split into
-// hi = bf16(dZ) and lo = bf16(dZ - hi). dX takes both, two products summed
-// in fp32 (16 bits of mantissa: dX flows on through the network, and one
-// bf16 rounding of dZ there put a BERT step's gradients under autocast past
-// the accuracy rule); dW takes hi alone, as PyTorch's bf16 backward takes its
-// bf16 dZ.
+// whose bf16 products run ~2.5x the fp32 ones. An fp32 dZ (after an
+// activation's derivative) is then rounded to bf16 once, as PyTorch's bf16
+// backward rounds its dZ, and dX and dW both take that. (Splitting dZ into
+// bf16 hi + lo for a second dX product cost a third more GEMM work and
+// bought nothing measurable: the extra error of an autocast BERT step was
+// the residual stream rounded to bf16 in pyllm.nn's fused residual norm.)
 bool bf16_backward(const Tensor& weight) {
   return weight.scalar_type() == at::kBFloat16 && active_isa() == Isa::avx512_bf16;
 }
@@ -304,49 +303,27 @@ Tensor transposed(const Tensor& t) {
   return out;
 }
 
-// dZ as the backward's products take it: {dZ} or {hi, lo} (see
-// bf16_backward); the product is the sum over the parts.
-std::vector<Tensor> product_grads(const Tensor& dz, const Tensor& weight) {
-  if (!bf16_backward(weight) || dz.scalar_type() == at::kBFloat16) return {dz};
-  const Tensor src = dz.contiguous();
-  const auto options = dz.options().dtype(at::kBFloat16);
-  Tensor hi = empty_output(dz.sizes(), options), lo = empty_output(dz.sizes(), options);
-  const SplitBf16Fn split = pick_isa<SplitBf16Fn>(generic::split_bf16, avx2::split_bf16,
-                                                  avx512::split_bf16, avx512_bf16::split_bf16);
-  const float* s = src.data_ptr<float>();
-  auto* h = static_cast<uint16_t*>(hi.data_ptr());
-  auto* l = static_cast<uint16_t*>(lo.data_ptr());
-  at::parallel_for(0, src.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
-    split(s + i0, i1 - i0, h + i0, l + i0);
-  });
-  return {hi, lo};
+// dZ as the backward's products take it: bf16 where they run on bf16
+// operands (see bf16_backward), else as it is.
+Tensor product_grad(const Tensor& dz, const Tensor& weight) {
+  if (!bf16_backward(weight) || dz.scalar_type() == at::kBFloat16) return dz;
+  return dz.to(at::kBFloat16);
 }
 
-// out (M x K) = sum over parts of part (M x N) @ weight (N x K), into an
-// existing fp32 out when `accumulate`; with two parts an fp32 out.
-void times_weight_parts(const std::vector<Tensor>& parts, const Tensor& weight, Tensor& out,
-                        bool accumulate) {
-  for (size_t i = 0; i < parts.size(); ++i) times_weight(parts[i], weight, out, accumulate || i > 0);
-}
-
-// dW (N x K) = sum over parts of dz^T (N x M) @ x (M x K), in the weight's dtype.
-Tensor weight_grad(const std::vector<Tensor>& parts, const Tensor& x2, const Tensor& weight) {
-  const bool split = parts.size() > 1;
-  Tensor dw = split ? empty_output(weight.sizes(), weight.options().dtype(at::kFloat))
-                    : empty_output(weight.sizes(), weight.options());
-  for (size_t i = 0; i < parts.size(); ++i) {
-    // dZ^T row-major (one pass over dZ): read in place, its K runs down
-    // dZ's columns, a cache line per element (80 ms against 28 for a
-    // 2048 x 3072 x 768 fp32 dW).
-    const Tensor dzt = transposed(parts[i]);
-    GemmArgs g = base_args(dzt.size(0), x2.size(1), dzt.size(1), operand(dzt), operand(x2));
-    g.epilogue = i > 0 ? Epilogue::accumulate : Epilogue::store;
-    g.out = dw.data_ptr();
-    g.ldo = dw.size(1);
-    g.out_type = kernel_dtype(dw, "grad_weight");
-    run(g);
-  }
-  return split ? dw.to(weight.scalar_type()) : dw;
+// dW (N x K) = dz^T (N x M) @ x (M x K), in the weight's dtype.
+Tensor weight_grad(const Tensor& dz, const Tensor& x2, const Tensor& weight) {
+  Tensor dw = empty_output(weight.sizes(), weight.options());
+  // dZ^T row-major (one pass over dZ): read in place, its K runs down dZ's
+  // columns, a cache line per element (80 ms against 28 for a 2048 x 3072 x
+  // 768 fp32 dW).
+  const Tensor dzt = transposed(dz);
+  GemmArgs g = base_args(dzt.size(0), x2.size(1), dzt.size(1), operand(dzt), operand(x2));
+  g.epilogue = Epilogue::store;
+  g.out = dw.data_ptr();
+  g.ldo = dw.size(1);
+  g.out_type = kernel_dtype(dw, "grad_weight");
+  run(g);
+  return dw;
 }
 
 // The arguments of the backward's first step, dz from grad_y (gy, x's rows
@@ -372,19 +349,13 @@ std::tuple<Tensor, Tensor, Tensor> linear_grads(const Tensor& dz, const Tensor& 
                                                 const optional<Tensor>& bias_in,
                                                 std::array<bool, 3> mask) {
   Tensor dx, dw, db;
-  const std::vector<Tensor> parts = product_grads(dz, weight);
+  const Tensor dzp = product_grad(dz, weight);
   if (mask[0]) {
-    if (parts.size() > 1) {
-      Tensor dx32 = empty_output(x2.sizes(), x.options().dtype(at::kFloat));
-      times_weight_parts(parts, weight, dx32, false);
-      dx = dx32.to(x.scalar_type()).view(x.sizes());
-    } else {
-      dx = empty_output(x2.sizes(), x.options());
-      times_weight(parts[0], weight, dx, false);
-      dx = dx.view(x.sizes());
-    }
+    dx = empty_output(x2.sizes(), x.options());
+    times_weight(dzp, weight, dx, false);
+    dx = dx.view(x.sizes());
   }
-  if (mask[1]) dw = weight_grad({parts[0]}, x2, weight);
+  if (mask[1]) dw = weight_grad(dzp, x2, weight);
   if (mask[2] && bias_in.has_value()) db = linear_bias_grad(dz, *bias_in);
   return {dx, dw, db};
 }
@@ -449,16 +420,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_grads(
     std::array<bool, 5> mask) {
   const int64_t M = x2.size(0), K = x2.size(1);
   Tensor dx, dwg, dwu, dbg, dbu;
-  const std::vector<Tensor> gate_parts = product_grads(dgate, w_gate),
-                            up_parts = product_grads(dup, w_up);
-  if (mask[0]) {
+  const Tensor gate_p = product_grad(dgate, w_gate), up_p = product_grad(dup, w_up);
+  if (mask[0]) {  // two products summed in fp32, rounded once
     Tensor dx32 = empty_output({M, K}, x.options().dtype(at::kFloat));
-    times_weight_parts(gate_parts, w_gate, dx32, false);
-    times_weight_parts(up_parts, w_up, dx32, true);
+    times_weight(gate_p, w_gate, dx32, false);
+    times_weight(up_p, w_up, dx32, true);
     dx = dx32.to(x.scalar_type()).view(x.sizes());
   }
-  if (mask[1]) dwg = weight_grad({gate_parts[0]}, x2, w_gate);
-  if (mask[2]) dwu = weight_grad({up_parts[0]}, x2, w_up);
+  if (mask[1]) dwg = weight_grad(gate_p, x2, w_gate);
+  if (mask[2]) dwu = weight_grad(up_p, x2, w_up);
   if (mask[3] && b_gate_in.has_value()) dbg = linear_bias_grad(dgate, *b_gate_in);
   if (mask[4] && b_up_in.has_value()) dbu = linear_bias_grad(dup, *b_up_in);
   return {dx, dwg, dwu, dbg, dbu};

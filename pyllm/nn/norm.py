@@ -59,7 +59,16 @@ class _Norm:
         if residual.shape != x.shape:
             raise ValueError(f"pyllm.nn.{name}: residual must have x's shape {list(x.shape)}, got "
                              f"{list(residual.shape)}")
-        y, s = fused_fn(flat, _flatten(residual.to(x.dtype), shape, f"pyllm.nn.{name}"), *params,
+        # The sum in the wider of the two dtypes, as torch's ``x + residual``:
+        # under autocast a bf16 sublayer output meets a float32 residual
+        # stream, which must stay float32 (rounding it to bf16 put every
+        # LayerNorm weight's gradient of an autocast BERT step at ~1.5x
+        # PyTorch's error).
+        wide = torch.promote_types(x.dtype, residual.dtype)
+        if wide != x.dtype:
+            flat = flat.to(wide)
+            params = [_param(p, flat) for p in params]
+        y, s = fused_fn(flat, _flatten(residual.to(wide), shape, f"pyllm.nn.{name}"), *params,
                         self._eps_for(flat))
         return y.reshape(x.shape), s.reshape(x.shape)
 

@@ -104,16 +104,11 @@ using GemmEpilogueFn = void (*)(const GemmArgs&, const float* c, const float* c2
 using GemmPackPanelFn = void (*)(const Operand& b, int64_t K, int64_t n, int64_t nr, bool pairs,
                                  void* panel);
 
-// hi = bf16(src) and lo = bf16(src - hi) (round to nearest even), n
-// elements: an fp32 operand as two bf16 ones for the bf16 products.
-using SplitBf16Fn = void (*)(const float* src, int64_t n, void* hi, void* lo);
-
 #define PYLLM_DECLARE_GEMM(isa)                                                          \
   namespace isa {                                                                        \
   void gemm_block(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);                  \
   void gemm_skinny(const GemmArgs&, int64_t, int64_t);                                   \
   void gemm_epilogue(const GemmArgs&, const float*, const float*, int64_t, int64_t);     \
-  void split_bf16(const float*, int64_t, void*, void*);                                  \
   void gemm_pack_panel(const Operand&, int64_t, int64_t, int64_t, bool, void*);          \
   int64_t gemm_panel_width();                                                            \
   }

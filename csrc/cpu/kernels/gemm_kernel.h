@@ -841,23 +841,6 @@ void gemm_epilogue(const GemmArgs& g, const float* c, const float* c2, int64_t m
   finish(g, c + m0 * g.N, c2 != nullptr ? c2 + m0 * g.N : nullptr, g.N, m0, m1 - m0, 0, g.N);
 }
 
-void split_bf16(const float* src, int64_t n, void* hi_out, void* lo_out) {
-  bf16* hi = static_cast<bf16*>(hi_out);
-  bf16* lo = static_cast<bf16*>(lo_out);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const V x = load(src + i);
-    store(hi + i, x);
-    store(lo + i, sub(x, load(hi + i)));
-  }
-  if (i < n) {
-    const int c = static_cast<int>(n - i);
-    const V x = load(src + i, c);
-    store(hi + i, x, c);
-    store(lo + i, sub(x, load(hi + i, c)), c);
-  }
-}
-
 int64_t gemm_panel_width() { return kNR; }
 
 void gemm_pack_panel(const Operand& b, int64_t K, int64_t n, int64_t nr, bool pairs, void* panel) {
