@@ -150,6 +150,29 @@ def flash_backward_noise(q, k, v, grad, scale=None) -> list:
     return [ds * norm(k), ds * norm(q), 0.0]
 
 
+def lse_rounding_noise(lse, grad, exact_dq, dv_of) -> list:
+    """(dq, dk, dv) noise of a backward that recomputes P = exp(s - lse) from
+    the forward's float32 lse (every CPU and FlashAttention-style backward),
+    which PyTorch's composition does not have: it keeps P, normalised by a
+    division. Storing lse rounds it by up to half an ulp of |lse| (2.4e-7 for
+    |lse| in [4, 8)), the same relative error e_q in every P of query q's row.
+    dS = P (dP - D) scales with P (D comes from the output, not P), so dQ_q
+    moves by at most e_q |dQ_q|; dV_k = sum_q P_qk dO_q by at most sum_q e_q
+    P_qk |dO_q|, which is the exact dV for the incoming gradient e_q |dO_q|
+    (dV is linear in it): ``dv_of(g)`` computes that in float64. dK's share
+    is not bounded here (0).
+
+    lse: the true (float64) lse, (batch, heads, seq_q); grad: (batch, seq_q,
+    heads, d); exact_dq: the true dQ, grad's shape."""
+    l32 = lse.float().abs()
+    half_ulp = (torch.nextafter(l32, torch.tensor(float("inf"))) - l32).double() / 2
+    half_ulp = torch.where(torch.isfinite(lse), half_ulp, torch.zeros_like(half_ulp))
+    e = half_ulp.transpose(1, 2)[..., None]  # grad's layout
+    dq = float((e * exact_dq.abs()).max()) if exact_dq.numel() else 0.0
+    dv = dv_of(e * grad.double().abs())
+    return [dq, 0.0, float(dv.abs().max()) if dv.numel() else 0.0]
+
+
 #: Set when the tests run against an installed pyllm (tests/test_wheels.py):
 #: the package folder it must come from; subprocesses then start outside the
 #: source tree, so that they import the same installed package.
