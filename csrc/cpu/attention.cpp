@@ -197,17 +197,11 @@ Tensor kernel_ordered_delta(const Prepared& p, const PreparedBackward& b) {
   const float* x = go.data_ptr<float>();
   const float* y = o.data_ptr<float>();
   float* out = delta.data_ptr<float>();
+  const auto delta_kernel =
+      pick_isa<AttentionDeltaFn>(generic::attention_delta, avx2::attention_delta,
+                                 avx512::attention_delta, avx512_bf16::attention_delta);
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float total = 0.f;
-      for (int64_t i0 = 0; i0 < D; i0 += kAttentionBackwardChunk) {
-        float acc = 0.f;
-        const int64_t i_end = std::min(D, i0 + kAttentionBackwardChunk);
-        for (int64_t i = i0; i < i_end; ++i) acc = std::fma(x[r * D + i], y[r * D + i], acc);
-        total = i0 == 0 ? acc : total + acc;
-      }
-      out[r] = total;
-    }
+    delta_kernel(x, y, begin, end, D, out);
   });
   return delta_like_lse(p, delta);
 }

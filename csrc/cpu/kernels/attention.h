@@ -42,6 +42,11 @@ using AttentionBackwardKvFn = void (*)(const AttentionBackward&, int64_t s, int6
 using AttentionBackwardQFn = void (*)(const AttentionBackward&, int64_t s, int64_t h,
                                       int64_t q_begin, int64_t q_end);
 
+// delta[r] = rowsum(x[r] * y[r]) for rows [begin, end) of D floats, summed
+// in kAttentionBackwardChunk chunks as the kernels sum dP (see below).
+using AttentionDeltaFn = void (*)(const float* x, const float* y, int64_t begin, int64_t end,
+                                  int64_t D, float* out);
+
 // Block sizes the tasks are cut to.
 constexpr int64_t kAttentionBlockQ = 64;
 constexpr int64_t kAttentionBlockK = 64;
@@ -60,6 +65,7 @@ constexpr int64_t kAttentionBackwardChunk = 8;
   void attention_decode(const AttentionForward&, int64_t, int64_t, int64_t, float*);       \
   void attention_backward_kv(const AttentionBackward&, int64_t, int64_t, int64_t, int64_t); \
   void attention_backward_q(const AttentionBackward&, int64_t, int64_t, int64_t, int64_t);  \
+  void attention_delta(const float*, const float*, int64_t, int64_t, int64_t, float*);      \
   }
 PYLLM_DECLARE_ATTENTION(generic)
 PYLLM_DECLARE_ATTENTION(avx2)

@@ -1010,6 +1010,23 @@ void attention_decode(const AttentionForward& a, int64_t s, int64_t k_begin, int
   }
 }
 
+// One fused multiply-add per element in order (std::fma: an instruction in
+// the FMA builds; in attention.cpp's portable build it was a libm call, ~5%
+// of a BERT-sized attention backward).
+void attention_delta(const float* x, const float* y, int64_t begin, int64_t end, int64_t D,
+                     float* out) {
+  for (int64_t r = begin; r < end; ++r) {
+    float total = 0.f;
+    for (int64_t i0 = 0; i0 < D; i0 += kAttentionBackwardChunk) {
+      float acc = 0.f;
+      const int64_t i_end = imin(D, i0 + kAttentionBackwardChunk);
+      for (int64_t i = i0; i < i_end; ++i) acc = std::fma(x[r * D + i], y[r * D + i], acc);
+      total = i0 == 0 ? acc : total + acc;
+    }
+    out[r] = total;
+  }
+}
+
 void attention_backward_kv(const AttentionBackward& a, int64_t s, int64_t hk, int64_t k_begin,
                            int64_t k_end) {
   switch (a.type) {
