@@ -310,13 +310,35 @@ Tensor product_grad(const Tensor& dz, const Tensor& weight) {
   return dz.to(at::kBFloat16);
 }
 
-// dW (N x K) = dz^T (N x M) @ x (M x K), in the weight's dtype.
-Tensor weight_grad(const Tensor& dz, const Tensor& x2, const Tensor& weight) {
+// dZ^T (N x M) row-major, as the dW product takes it (read in place, dZ^T's
+// K would run down dZ's columns, a cache line per element: 80 ms against 28
+// for a 2048 x 3072 x 768 fp32 dW): bf16 where the products are (see
+// bf16_backward), rounded from an fp32 dZ in the same pass.
+Tensor transposed_grad(const Tensor& dz, const Tensor& weight) {
+  if (dz.scalar_type() != at::kFloat || dz.stride(1) != 1 || dz.numel() == 0)
+    return transposed(product_grad(dz, weight));
+  const bool to_bf16 = bf16_backward(weight);
+  const int64_t M = dz.size(0), N = dz.size(1);
+  Tensor out = empty_output({N, M}, dz.options().dtype(to_bf16 ? at::kBFloat16 : at::kFloat));
+  const TransposeF32Fn kernel = pick_isa<TransposeF32Fn>(
+      generic::transpose_f32, avx2::transpose_f32, avx512::transpose_f32, avx512_bf16::transpose_f32);
+  const float* src = dz.data_ptr<float>();
+  const int64_t ld = dz.stride(0);
+  void* dst = out.data_ptr();
+  constexpr int64_t kB = 64;
+  const int64_t row_blocks = (M + kB - 1) / kB, col_blocks = (N + kB - 1) / kB;
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = (b / col_blocks) * kB, c0 = (b % col_blocks) * kB;
+      kernel(src, M, ld, r0, std::min(M, r0 + kB), c0, std::min(N, c0 + kB), to_bf16, dst);
+    }
+  });
+  return out;
+}
+
+// dW (N x K) = dzt (N x M, dZ^T) @ x (M x K), in the weight's dtype.
+Tensor weight_grad(const Tensor& dzt, const Tensor& x2, const Tensor& weight) {
   Tensor dw = empty_output(weight.sizes(), weight.options());
-  // dZ^T row-major (one pass over dZ): read in place, its K runs down dZ's
-  // columns, a cache line per element (80 ms against 28 for a 2048 x 3072 x
-  // 768 fp32 dW).
-  const Tensor dzt = transposed(dz);
   GemmArgs g = base_args(dzt.size(0), x2.size(1), dzt.size(1), operand(dzt), operand(x2));
   g.epilogue = Epilogue::store;
   g.out = dw.data_ptr();
@@ -349,13 +371,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_grads(const Tensor& dz, const Tensor& 
                                                 const optional<Tensor>& bias_in,
                                                 std::array<bool, 3> mask) {
   Tensor dx, dw, db;
-  const Tensor dzp = product_grad(dz, weight);
   if (mask[0]) {
     dx = empty_output(x2.sizes(), x.options());
-    times_weight(dzp, weight, dx, false);
+    times_weight(product_grad(dz, weight), weight, dx, false);
     dx = dx.view(x.sizes());
   }
-  if (mask[1]) dw = weight_grad(dzp, x2, weight);
+  if (mask[1]) dw = weight_grad(transposed_grad(dz, weight), x2, weight);
   if (mask[2] && bias_in.has_value()) db = linear_bias_grad(dz, *bias_in);
   return {dx, dw, db};
 }
@@ -420,15 +441,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_grads(
     std::array<bool, 5> mask) {
   const int64_t M = x2.size(0), K = x2.size(1);
   Tensor dx, dwg, dwu, dbg, dbu;
-  const Tensor gate_p = product_grad(dgate, w_gate), up_p = product_grad(dup, w_up);
   if (mask[0]) {  // two products summed in fp32, rounded once
     Tensor dx32 = empty_output({M, K}, x.options().dtype(at::kFloat));
-    times_weight(gate_p, w_gate, dx32, false);
-    times_weight(up_p, w_up, dx32, true);
+    times_weight(product_grad(dgate, w_gate), w_gate, dx32, false);
+    times_weight(product_grad(dup, w_up), w_up, dx32, true);
     dx = dx32.to(x.scalar_type()).view(x.sizes());
   }
-  if (mask[1]) dwg = weight_grad(gate_p, x2, w_gate);
-  if (mask[2]) dwu = weight_grad(up_p, x2, w_up);
+  if (mask[1]) dwg = weight_grad(transposed_grad(dgate, w_gate), x2, w_gate);
+  if (mask[2]) dwu = weight_grad(transposed_grad(dup, w_up), x2, w_up);
   if (mask[3] && b_gate_in.has_value()) dbg = linear_bias_grad(dgate, *b_gate_in);
   if (mask[4] && b_up_in.has_value()) dbu = linear_bias_grad(dup, *b_up_in);
   return {dx, dwg, dwu, dbg, dbu};

@@ -841,6 +841,45 @@ void gemm_epilogue(const GemmArgs& g, const float* c, const float* c2, int64_t m
   finish(g, c + m0 * g.N, c2 != nullptr ? c2 + m0 * g.N : nullptr, g.N, m0, m1 - m0, 0, g.N);
 }
 
+void transpose_f32(const float* src, int64_t rows, int64_t ld, int64_t r0, int64_t r1, int64_t c0,
+                   int64_t c1, bool to_bf16, void* dst) {
+  float* df = static_cast<float*>(dst);
+  bf16* db = static_cast<bf16*>(dst);
+  int64_t rb = r0;
+#if defined(__AVX512F__)
+  // 16 x 16 blocks through the registers (element by element, every store
+  // went to another row of dst).
+  for (; rb + kLanes <= r1; rb += kLanes) {
+    int64_t c = c0;
+    for (; c + kLanes <= c1; c += kLanes) {
+      V block[kLanes];
+      for (int i = 0; i < kLanes; ++i) block[i] = load(src + (rb + i) * ld + c);
+      transpose16(block);
+      for (int i = 0; i < kLanes; ++i) {
+        if (to_bf16)
+          store(db + (c + i) * rows + rb, block[i]);
+        else
+          store(df + (c + i) * rows + rb, block[i]);
+      }
+    }
+    for (; c < c1; ++c)
+      for (int64_t r = rb; r < rb + kLanes; ++r) {
+        if (to_bf16)
+          db[c * rows + r] = from_f32<bf16>(src[r * ld + c]);
+        else
+          df[c * rows + r] = src[r * ld + c];
+      }
+  }
+#endif
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t r = rb; r < r1; ++r) {
+      if (to_bf16)
+        db[c * rows + r] = from_f32<bf16>(src[r * ld + c]);
+      else
+        df[c * rows + r] = src[r * ld + c];
+    }
+}
+
 int64_t gemm_panel_width() { return kNR; }
 
 void gemm_pack_panel(const Operand& b, int64_t K, int64_t n, int64_t nr, bool pairs, void* panel) {
