@@ -273,36 +273,6 @@ bool bf16_backward(const Tensor& weight) {
   return weight.scalar_type() == at::kBFloat16 && active_isa() == Isa::avx512_bf16;
 }
 
-// t^T (2-D, 2- or 4-byte elements) row-major, copied in 64 x 64 blocks that
-// stay in L1 (ATen's strided copy of a 2048 x 3072 fp32 dZ^T ran at ~2.6
-// GB/s, page after page).
-template <typename E>
-void transpose_blocks(const E* src, int64_t rows, int64_t cols, int64_t ld, E* dst) {
-  constexpr int64_t kB = 64;
-  const int64_t row_blocks = (rows + kB - 1) / kB, col_blocks = (cols + kB - 1) / kB;
-  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = (b / col_blocks) * kB, c0 = (b % col_blocks) * kB;
-      const int64_t r1 = std::min(rows, r0 + kB), c1 = std::min(cols, c0 + kB);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * ld + c];
-    }
-  });
-}
-
-Tensor transposed(const Tensor& t) {
-  Tensor out = empty_output({t.size(1), t.size(0)}, t.options());
-  if (t.numel() == 0) return out;
-  if (t.stride(1) != 1) return t.t().contiguous();
-  if (t.element_size() == 4)
-    transpose_blocks(static_cast<const uint32_t*>(t.data_ptr()), t.size(0), t.size(1),
-                     t.stride(0), static_cast<uint32_t*>(out.data_ptr()));
-  else
-    transpose_blocks(static_cast<const uint16_t*>(t.data_ptr()), t.size(0), t.size(1),
-                     t.stride(0), static_cast<uint16_t*>(out.data_ptr()));
-  return out;
-}
-
 // dZ as the backward's products take it: bf16 where they run on bf16
 // operands (see bf16_backward), else as it is.
 Tensor product_grad(const Tensor& dz, const Tensor& weight) {
@@ -313,16 +283,19 @@ Tensor product_grad(const Tensor& dz, const Tensor& weight) {
 // dZ^T (N x M) row-major, as the dW product takes it (read in place, dZ^T's
 // K would run down dZ's columns, a cache line per element: 80 ms against 28
 // for a 2048 x 3072 x 768 fp32 dW): bf16 where the products are (see
-// bf16_backward), rounded from an fp32 dZ in the same pass.
-Tensor transposed_grad(const Tensor& dz, const Tensor& weight) {
-  if (dz.scalar_type() != at::kFloat || dz.stride(1) != 1 || dz.numel() == 0)
-    return transposed(product_grad(dz, weight));
-  const bool to_bf16 = bf16_backward(weight);
+// bf16_backward), rounded from an fp32 dZ in the same pass; in 64 x 64
+// blocks that stay in L1 (ATen's strided copy of a 2048 x 3072 fp32 dZ^T
+// ran at ~2.6 GB/s, page after page).
+Tensor transposed_grad(const Tensor& dz_in, const Tensor& weight) {
+  const Tensor dz = dz_in.stride(1) == 1 ? dz_in : dz_in.contiguous();
+  const bool to_bf16 = bf16_backward(weight) && dz.scalar_type() == at::kFloat;
   const int64_t M = dz.size(0), N = dz.size(1);
-  Tensor out = empty_output({N, M}, dz.options().dtype(to_bf16 ? at::kBFloat16 : at::kFloat));
-  const TransposeF32Fn kernel = pick_isa<TransposeF32Fn>(
-      generic::transpose_f32, avx2::transpose_f32, avx512::transpose_f32, avx512_bf16::transpose_f32);
-  const float* src = dz.data_ptr<float>();
+  Tensor out = empty_output({N, M}, to_bf16 ? dz.options().dtype(at::kBFloat16) : dz.options());
+  if (dz.numel() == 0) return out;
+  const TransposeFn kernel = pick_isa<TransposeFn>(generic::transpose, avx2::transpose,
+                                                   avx512::transpose, avx512_bf16::transpose);
+  const void* src = dz.data_ptr();
+  const DType src_type = kernel_dtype(dz, "grad"), dst_type = kernel_dtype(out, "grad");
   const int64_t ld = dz.stride(0);
   void* dst = out.data_ptr();
   constexpr int64_t kB = 64;
@@ -330,7 +303,8 @@ Tensor transposed_grad(const Tensor& dz, const Tensor& weight) {
   at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = (b / col_blocks) * kB, c0 = (b % col_blocks) * kB;
-      kernel(src, M, ld, r0, std::min(M, r0 + kB), c0, std::min(N, c0 + kB), to_bf16, dst);
+      kernel(src, src_type, M, ld, r0, std::min(M, r0 + kB), c0, std::min(N, c0 + kB), dst_type,
+             dst);
     }
   });
   return out;

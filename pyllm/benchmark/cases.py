@@ -674,6 +674,7 @@ CASES += [
          quick=True),
     Case("attention", "bert-base", "8x128", (8, 128, 128, 12, 12, 64, False), mode="fwd+bwd"),
     Case("linear", "gpt2", "mlp up 512", (512, 768, 3072, "gelu_tanh"), mode="fwd+bwd"),
+    Case("linear", "gpt2", "mlp down 512", (512, 3072, 768, "none"), mode="fwd+bwd"),
     Case("swiglu", "llama-1b", "mlp 256", (256, 2048, 2048, "silu"), mode="fwd+bwd"),
     Case("cross_entropy", "llama-3", "256 tokens", (256, 0, 128256), mode="fwd+bwd",
          quick=True, check_dims=(32, 0, 128256)),

@@ -104,11 +104,12 @@ using GemmEpilogueFn = void (*)(const GemmArgs&, const float* c, const float* c2
 using GemmPackPanelFn = void (*)(const Operand& b, int64_t K, int64_t n, int64_t nr, bool pairs,
                                  void* panel);
 
-// dst[c][r] = src[r][c] for rows [r0, r1) x columns [c0, c1) of an fp32
-// src (rows ld apart) into dst (rows `rows` apart), as fp32 or rounded to
-// bf16 (to_bf16): the backward's dZ^T.
-using TransposeF32Fn = void (*)(const float* src, int64_t rows, int64_t ld, int64_t r0, int64_t r1,
-                                int64_t c0, int64_t c1, bool to_bf16, void* dst);
+// dst[c][r] = src[r][c] for rows [r0, r1) x columns [c0, c1) of src (rows
+// ld apart) into dst (rows `rows` apart), converted from src_type to
+// dst_type (f32 to f32 or bf16, or a 16-bit type to itself): the backward's
+// dZ^T.
+using TransposeFn = void (*)(const void* src, DType src_type, int64_t rows, int64_t ld, int64_t r0,
+                             int64_t r1, int64_t c0, int64_t c1, DType dst_type, void* dst);
 
 #define PYLLM_DECLARE_GEMM(isa)                                                          \
   namespace isa {                                                                        \
@@ -117,8 +118,8 @@ using TransposeF32Fn = void (*)(const float* src, int64_t rows, int64_t ld, int6
   void gemm_epilogue(const GemmArgs&, const float*, const float*, int64_t, int64_t);     \
   void gemm_pack_panel(const Operand&, int64_t, int64_t, int64_t, bool, void*);          \
   int64_t gemm_panel_width();                                                            \
-  void transpose_f32(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, \
-                     void*);                                                             \
+  void transpose(const void*, DType, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,   \
+                 DType, void*);                                                          \
   }
 PYLLM_DECLARE_GEMM(generic)
 PYLLM_DECLARE_GEMM(avx2)

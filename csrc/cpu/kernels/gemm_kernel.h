@@ -841,10 +841,9 @@ void gemm_epilogue(const GemmArgs& g, const float* c, const float* c2, int64_t m
   finish(g, c + m0 * g.N, c2 != nullptr ? c2 + m0 * g.N : nullptr, g.N, m0, m1 - m0, 0, g.N);
 }
 
-void transpose_f32(const float* src, int64_t rows, int64_t ld, int64_t r0, int64_t r1, int64_t c0,
-                   int64_t c1, bool to_bf16, void* dst) {
-  float* df = static_cast<float*>(dst);
-  bf16* db = static_cast<bf16*>(dst);
+template <typename S, typename D>
+void transpose_as(const S* src, int64_t rows, int64_t ld, int64_t r0, int64_t r1, int64_t c0,
+                  int64_t c1, D* dst) {
   int64_t rb = r0;
 #if defined(__AVX512F__)
   // 16 x 16 blocks through the registers (element by element, every store
@@ -855,29 +854,28 @@ void transpose_f32(const float* src, int64_t rows, int64_t ld, int64_t r0, int64
       V block[kLanes];
       for (int i = 0; i < kLanes; ++i) block[i] = load(src + (rb + i) * ld + c);
       transpose16(block);
-      for (int i = 0; i < kLanes; ++i) {
-        if (to_bf16)
-          store(db + (c + i) * rows + rb, block[i]);
-        else
-          store(df + (c + i) * rows + rb, block[i]);
-      }
+      for (int i = 0; i < kLanes; ++i) store(dst + (c + i) * rows + rb, block[i]);
     }
     for (; c < c1; ++c)
-      for (int64_t r = rb; r < rb + kLanes; ++r) {
-        if (to_bf16)
-          db[c * rows + r] = from_f32<bf16>(src[r * ld + c]);
-        else
-          df[c * rows + r] = src[r * ld + c];
-      }
+      for (int64_t r = rb; r < rb + kLanes; ++r) dst[c * rows + r] = from_f32<D>(to_f32(src[r * ld + c]));
   }
 #endif
   for (int64_t c = c0; c < c1; ++c)
-    for (int64_t r = rb; r < r1; ++r) {
-      if (to_bf16)
-        db[c * rows + r] = from_f32<bf16>(src[r * ld + c]);
-      else
-        df[c * rows + r] = src[r * ld + c];
-    }
+    for (int64_t r = rb; r < r1; ++r) dst[c * rows + r] = from_f32<D>(to_f32(src[r * ld + c]));
+}
+
+void transpose(const void* src, DType src_type, int64_t rows, int64_t ld, int64_t r0, int64_t r1,
+               int64_t c0, int64_t c1, DType dst_type, void* dst) {
+  if (src_type == DType::f32 && dst_type == DType::bf16)
+    return transpose_as(static_cast<const float*>(src), rows, ld, r0, r1, c0, c1, static_cast<bf16*>(dst));
+  switch (src_type) {  // else the same type (the caller's contract)
+    case DType::f32:
+      return transpose_as(static_cast<const float*>(src), rows, ld, r0, r1, c0, c1, static_cast<float*>(dst));
+    case DType::bf16:
+      return transpose_as(static_cast<const bf16*>(src), rows, ld, r0, r1, c0, c1, static_cast<bf16*>(dst));
+    case DType::f16:
+      return transpose_as(static_cast<const f16*>(src), rows, ld, r0, r1, c0, c1, static_cast<f16*>(dst));
+  }
 }
 
 int64_t gemm_panel_width() { return kNR; }
