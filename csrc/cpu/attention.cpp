@@ -228,9 +228,23 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
   const auto q_kernel = pick_isa<AttentionBackwardQFn>(
       generic::attention_backward_q, avx2::attention_backward_q, avx512::attention_backward_q,
       avx512_bf16::attention_backward_q);
-  for_each_block(g, g.heads_kv, kAttentionBlockK, [&](int64_t s) { return g.len_k(s); },
-                 [&](int64_t s, int64_t hk, int64_t b, int64_t e) { kv_kernel(a, s, hk, b, e); });
-  for_each_block(g, g.heads, kAttentionBlockQ, [&](int64_t s) { return g.len_q(s); },
+  // A fused sequence (attention_backward_fused): one key task of all its
+  // keys per kv head, which writes dQ too; no query tasks.
+  std::vector<char> fused(static_cast<size_t>(g.batch));
+  for (int64_t s = 0; s < g.batch; ++s) fused[s] = attention_backward_fused(a, s);
+  for_each_block(g, g.heads_kv, kAttentionBlockK,
+                 [&](int64_t s) {
+                   return fused[s] ? std::min<int64_t>(g.len_k(s), 1) : g.len_k(s);
+                 },
+                 [&](int64_t s, int64_t hk, int64_t b, int64_t e) {
+                   if (fused[s]) {
+                     kv_kernel(a, s, hk, 0, g.len_k(s));
+                   } else {
+                     kv_kernel(a, s, hk, b, e);
+                   }
+                 });
+  for_each_block(g, g.heads, kAttentionBlockQ,
+                 [&](int64_t s) { return fused[s] ? int64_t{0} : g.len_q(s); },
                  [&](int64_t s, int64_t h, int64_t b, int64_t e) { q_kernel(a, s, h, b, e); });
   return {grad_q, grad_k, grad_v};
 }

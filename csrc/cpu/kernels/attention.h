@@ -47,6 +47,23 @@ using AttentionBackwardQFn = void (*)(const AttentionBackward&, int64_t s, int64
 using AttentionDeltaFn = void (*)(const float* x, const float* y, int64_t begin, int64_t end,
                                   int64_t D, float* out);
 
+// A sequence of at most kAttentionFusedKeys keys whose every query sees every
+// key through plain scores (no mask, window, bias, ALiBi or softcap) takes
+// the backward in one pass: one key-pass task covers all its keys of a kv
+// head, and, owning every dQ row of the heads of its group, adds dQ += dS K
+// from the dS it has made; the query pass skips the sequence. That saves the
+// query pass's recomputed S and dP (2 of 7 products) and its packing. Where a
+// key may go unseen, the passes keep their own handling of a NaN behind a
+// mask, so the two passes stay.
+constexpr int64_t kAttentionFusedKeys = 256;
+
+inline bool attention_backward_fused(const AttentionBackward& a, int64_t s) {
+  const AttentionGeometry& g = a.g;
+  return a.bias.data == nullptr && g.alibi == nullptr && !(g.softcap > 0.f) && !g.causal &&
+         g.window_left < 0 && g.window_right < 0 && !g.paged && g.len_k(s) > 0 &&
+         g.len_k(s) <= kAttentionFusedKeys;
+}
+
 // Block sizes the tasks are cut to.
 constexpr int64_t kAttentionBlockQ = 64;
 constexpr int64_t kAttentionBlockK = 64;

@@ -40,7 +40,7 @@ inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 struct Workspace {
-  Scratch a, b, c, d, e, f, g, h;
+  Scratch a, b, c, d, e, f, g, h, i, j;
 };
 
 Workspace& workspace() {
@@ -852,6 +852,16 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
     load_f32(token<T>(a.k, fk, s, k_begin + j, hk), D, kb + j * D, D);
     load_f32(token<T>(a.v, fk, s, k_begin + j, hk), D, vb + j * D, D);
   }
+  // The fused backward (attention_backward_fused): this task has every key,
+  // and adds each query block's dQ = dS K here (K rows Dp wide).
+  const bool fused = attention_backward_fused(a, s);
+  float* kp = nullptr;
+  float* dqb = nullptr;
+  if (fused) {
+    kp = w.i.get(bk * Dp);
+    dqb = w.j.get(BQ * Dp);
+    pack_rows<T>(a.k, fk + k_begin, s, hk, bk, D, kp, Dp, bk);
+  }
   // The queries that see any of these keys (causal or a window: not all).
   const int64_t t_first = g.query_lo(k_begin, offset);
   const int64_t t_stop = g.query_hi(k_end, offset, lq);
@@ -896,6 +906,11 @@ void backward_kv_task(const AttentionBackward& a, int64_t s, int64_t hk, int64_t
       }
       gemm<true>(bk, Dp, bq, pt, BQ, 1, dor, Dp, dv, Dp);   // dV += P^T dO
       gemm<true>(bk, Dp, bq, dpt, BQ, 1, qr, Dp, dk, Dp);   // dK += dS^T Q
+      if (fused) {
+        gemm<false>(bq, Dp, bk, dpt, 1, BQ, kp, Dp, dqb, Dp);  // dQ = dS K, all keys
+        for (int64_t i = 0; i < bq; ++i)
+          store_scaled(dqb + i * Dp, D, 1.f, token_out<T>(a.grad_q, fq, s, t0 + i, h));
+      }
     }
   }
   for (int64_t j = 0; j < bk; ++j) {
