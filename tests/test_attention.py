@@ -113,6 +113,16 @@ def test_backward(case, dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(2, 200, 256, 4, 2, 72, False), (1, 90, 257, 2, 1, 72, False),
+                                  (3, 256, 256, 2, 2, 64, False)], ids=str)
+def test_backward_at_the_one_pass_limit(case, dtype):
+    """Unmasked sequences of up to 256 keys take the CPU backward in one pass
+    (the key pass adds dQ), 257 keys the two passes: both sides of the limit,
+    with GQA, seq_q != seq_k and a head_dim of partial tiles."""
+    test_backward(case, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["heads x keys", "key padding", "bool", "full float32"])
 def test_bias(kind, dtype, backend="cpu"):
     case = (2, 33, 47, 4, 2, 64, False)
