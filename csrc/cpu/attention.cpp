@@ -233,15 +233,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(
   std::vector<char> fused(static_cast<size_t>(g.batch));
   for (int64_t s = 0; s < g.batch; ++s) fused[s] = attention_backward_fused(a, s);
   for_each_block(g, g.heads_kv, kAttentionBlockK,
-                 [&](int64_t s) {
-                   return fused[s] ? std::min<int64_t>(g.len_k(s), 1) : g.len_k(s);
-                 },
+                 [&](int64_t s) { return fused[s] ? int64_t{1} : g.len_k(s); },
                  [&](int64_t s, int64_t hk, int64_t b, int64_t e) {
-                   if (fused[s]) {
-                     kv_kernel(a, s, hk, 0, g.len_k(s));
-                   } else {
-                     kv_kernel(a, s, hk, b, e);
-                   }
+                   kv_kernel(a, s, hk, fused[s] ? 0 : b, fused[s] ? g.len_k(s) : e);
                  });
   for_each_block(g, g.heads, kAttentionBlockQ,
                  [&](int64_t s) { return fused[s] ? int64_t{0} : g.len_q(s); },

@@ -53,8 +53,8 @@ class _Norm:
         shape = self.normalized_shape
         name = type(self).__name__
         flat = _flatten(x, shape, f"pyllm.nn.{name}")
-        params = [_param(p, flat) for p in params]
         if residual is None:
+            params = [_param(p, flat) for p in params]
             return fn(flat, *params, self._eps_for(flat)).reshape(x.shape)
         if residual.shape != x.shape:
             raise ValueError(f"pyllm.nn.{name}: residual must have x's shape {list(x.shape)}, got "
@@ -64,12 +64,10 @@ class _Norm:
         # stream, which must stay float32 (rounding it to bf16 put every
         # LayerNorm weight's gradient of an autocast BERT step at ~1.5x
         # PyTorch's error).
-        wide = torch.promote_types(x.dtype, residual.dtype)
-        if wide != x.dtype:
-            flat = flat.to(wide)
-            params = [_param(p, flat) for p in params]
-        y, s = fused_fn(flat, _flatten(residual.to(wide), shape, f"pyllm.nn.{name}"), *params,
-                        self._eps_for(flat))
+        flat = flat.to(torch.promote_types(x.dtype, residual.dtype))
+        params = [_param(p, flat) for p in params]
+        y, s = fused_fn(flat, _flatten(residual.to(flat.dtype), shape, f"pyllm.nn.{name}"),
+                        *params, self._eps_for(flat))
         return y.reshape(x.shape), s.reshape(x.shape)
 
 
