@@ -3,6 +3,7 @@ against the float64 reference under the harness rule (PyTorch's own answer:
 F.linear and the activation in the dtype under test), forward and backward,
 the blocked and the skinny (M <= 16) paths; op registration; bad input."""
 
+import itertools
 import textwrap
 
 import pytest
@@ -151,6 +152,42 @@ def test_thread_count_does_not_change_results():
         torch.set_num_threads(previous)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+def check_skinny_sums_like_blocked(dtypes=KERNEL_DTYPES):
+    """On AVX-512 the skinny kernels (2-16 rows: the weight transposed into
+    panels, or read in place against x^T for more rows) sum each output in
+    the blocked kernel's order: rows 0..M-1 of a 40-row call, bit for bit, at
+    every M, for weights whose K ends inside a pair, a 128-byte chunk and a
+    256-wide slice, N not a multiple of 16 or 64, a NaN and an Inf weight row,
+    every dtype, linear with a bias and activation, and SwiGLU. Returns the
+    number of comparisons."""
+    gen = generator("skinny order")
+    count = 0
+    for dtype, (n, k) in itertools.product(dtypes, [(130, 515), (17, 33), (64, 256), (93, 1000)]):
+        x = randn((40, k), dtype, gen=gen)
+        w, w_up = randn((n, k), dtype, gen=gen), randn((n, k), dtype, gen=gen)
+        w[n // 3, k // 2] = float("nan")
+        w_up[n - 1, 0] = float("inf")
+        b = randn((n,), dtype, gen=gen)
+        full = pyllm.linear(x, w, b, "silu", backend="cpu")
+        full_swiglu = pyllm.swiglu(x, w, w_up, backend="cpu")
+        for m in range(2, 17):
+            got = pyllm.linear(x[:m], w, b, "silu", backend="cpu")
+            assert torch.equal(got.nan_to_num(7.0), full[:m].nan_to_num(7.0)), (dtype, n, k, m)
+            assert torch.equal(got.isnan(), full[:m].isnan()), (dtype, n, k, m)
+            got = pyllm.swiglu(x[:m], w, w_up, backend="cpu")
+            assert torch.equal(got.nan_to_num(7.0), full_swiglu[:m].nan_to_num(7.0)), (dtype, n, k, m)
+            count += 2
+    return count
+
+
+@pytest.mark.parametrize("isa", ("avx512", "avx512_bf16"))
+def test_skinny_rows_sum_in_the_blocked_order(isa):
+    run_under_isa(isa, """
+        from test_linear import check_skinny_sums_like_blocked
+        assert check_skinny_sums_like_blocked() == 3 * 4 * 15 * 2
+    """)
 
 
 @pytest.mark.parametrize("isa", ISAS)

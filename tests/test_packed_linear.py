@@ -115,7 +115,7 @@ def test_every_cpu_isa_path(isa):
     forced in a fresh process."""
     run_under_isa(isa, """
         from test_packed_linear import check_ops_match_unpacked
-        assert check_ops_match_unpacked(rows=(1, 5, 17, 100)) > 0
+        assert check_ops_match_unpacked(rows=(1, 5, 8, 12, 17, 100)) > 0
     """)
 
 
