@@ -108,6 +108,34 @@ def test_backward(shape, dtype, act, backend):
         check_rule(g, t, p, factor=3, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(16, 300, 130), (127, 1000, 65)], ids=str)
+def test_backward_with_and_without_a_bias_gradient(shape, dtype):
+    """Without a bias gradient, dZ = grad_y * act'(z) goes straight to the
+    products' dtype (bf16 rounded in the epilogue on AVX512-BF16); with one,
+    it stays fp32 for the bias sum and is rounded before the products: the
+    same x and weight gradients, bit for bit. Without a bias at all: the rule."""
+    x, w, b = make(shape, dtype, "bias grad")
+    grad = randn((shape[0], shape[2]), dtype, gen=generator("bias grad g", shape, dtype))
+    for act in ("gelu", "silu"):
+        with_bias_grad = grads_of(lambda *t: pyllm.linear(*t, act), (x, w, b), grad)
+        frozen = b.detach()
+        without = grads_of(lambda x_, w_: pyllm.linear(x_, w_, frozen, act), (x, w), grad)
+        assert torch.equal(with_bias_grad[0], without[0]) and torch.equal(with_bias_grad[1], without[1])
+        with poisoned_outputs():
+            ours = grads_of(lambda *t: pyllm.linear(*t, None, act), (x, w), grad)
+        exact = grads_of(lambda *t: reference.linear(*t, None, act), as64(x, w), grad)
+        theirs = grads_of(lambda *t: pytorch_linear(*t, None, act), (x, w), grad)
+        for name, g, t, p in zip(("x", "weight"), ours, exact, theirs):
+            check_rule(g, t, p, factor=3, what=f"grad {name} ({act}, no bias)")
+    xs, wg, wu, bg, bu = make_swiglu(shape, dtype, "bias grad")
+    with_bias_grad = grads_of(lambda *t: pyllm.swiglu(*t), (xs, wg, wu, bg, bu), grad)
+    without = grads_of(lambda x_, g_, u_: pyllm.swiglu(x_, g_, u_, bg.detach(), bu.detach()),
+                       (xs, wg, wu), grad)
+    for a, c in zip(with_bias_grad[:3], without):
+        assert torch.equal(a, c)
+
+
 def make_swiglu(shape, dtype, *key, bias=True):
     m, k, n = shape
     gen = generator("swiglu", shape, dtype, *key)
@@ -195,8 +223,10 @@ def test_every_cpu_isa_path(isa):
     """Each ISA variant (forced in a fresh process) meets the rule."""
     run_under_isa(isa, """
         import torch
-        from test_linear import test_backward, test_forward, test_swiglu
+        from test_linear import (test_backward, test_backward_with_and_without_a_bias_gradient,
+                                 test_forward, test_swiglu)
         for dtype in (torch.float32, torch.bfloat16):
+            test_backward_with_and_without_a_bias_gradient((16, 300, 130), dtype)
             for shape in ((16, 300, 130), (127, 1000, 65)):
                 for act in ("none", "gelu", "silu"):
                     test_forward(shape, dtype, act, "cpu")

@@ -273,6 +273,15 @@ bool bf16_backward(const Tensor& weight) {
   return weight.scalar_type() == at::kBFloat16 && active_isa() == Isa::avx512_bf16;
 }
 
+// The dtype the backward's first step writes dZ in (after an activation's
+// derivative): bf16 where the products take bf16 (bf16_backward), rounded in
+// the epilogue as product_grad would round it (the same bits, without an
+// fp32 dZ written, read and converted), unless a bias gradient is wanted
+// (summed from the fp32 dZ); else fp32.
+at::ScalarType grad_dtype(const Tensor& weight, bool bias_grad) {
+  return bf16_backward(weight) && !bias_grad ? at::kBFloat16 : at::kFloat;
+}
+
 // dZ as the backward's products take it: bf16 where they run on bf16
 // operands (see bf16_backward), else as it is.
 Tensor product_grad(const Tensor& dz, const Tensor& weight) {
@@ -336,6 +345,7 @@ GemmArgs grad_args(const Tensor& x2, const Tensor& weight, const Tensor& gy, Epi
   g.grad = gy.data_ptr();
   g.ldg = N;
   g.grad_type = kernel_dtype(gy, "grad_y");
+  g.out_type = kernel_dtype(out, "grad");
   return g;
 }
 
@@ -368,8 +378,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const T
   const int64_t M = x2.size(0), N = weight.size(0);
   const Activation act = parse_activation(activation);
   Tensor dz = gy;
-  if (act != Activation::none) {  // dz = grad_y * act'(x W^T + b), fp32
-    dz = empty_output({M, N}, x.options().dtype(at::kFloat));
+  if (act != Activation::none) {  // dz = grad_y * act'(x W^T + b), fp32 or bf16
+    dz = empty_output({M, N}, x.options().dtype(grad_dtype(weight, mask[2] && bias_in.has_value())));
     GemmArgs g = grad_args(x2, weight, gy, Epilogue::grad_act, dz);
     set_bias(g, bias, Tensor());
     g.act = act;
@@ -399,8 +409,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_from_preact(
   const int64_t M = x2.size(0), N = weight.size(0);
   const Activation act = parse_activation(activation);
   Tensor dz = gy;
-  if (act != Activation::none) {  // dz = grad_y * act'(z), fp32
-    dz = empty_output({M, N}, x.options().dtype(at::kFloat));
+  if (act != Activation::none) {  // dz = grad_y * act'(z), fp32 or bf16
+    dz = empty_output({M, N}, x.options().dtype(grad_dtype(weight, mask[2] && bias_in.has_value())));
     GemmArgs g = grad_args(x2, weight, gy, Epilogue::grad_act, dz);
     g.act = act;
     run_epilogue(g, z, Tensor());
@@ -408,7 +418,17 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward_from_preact(
   return linear_grads(dz, x2, x, weight, bias_in, mask);
 }
 
-// swiglu's gradients from d gate and d up (fp32 [M, N]; x2 is x's rows).
+// d gate and d up's dtype (grad_dtype): fp32 where a bias gradient is wanted.
+at::ScalarType swiglu_grad_dtype(const Tensor& w_gate, const Tensor& w_up,
+                                 const optional<Tensor>& b_gate, const optional<Tensor>& b_up,
+                                 std::array<bool, 5> mask) {
+  const bool bias_grad = (mask[3] && b_gate.has_value()) || (mask[4] && b_up.has_value());
+  return grad_dtype(w_gate, bias_grad) == at::kBFloat16 && grad_dtype(w_up, bias_grad) == at::kBFloat16
+             ? at::kBFloat16
+             : at::kFloat;
+}
+
+// swiglu's gradients from d gate and d up (fp32 or bf16 [M, N]; x2 is x's rows).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_grads(
     const Tensor& dgate, const Tensor& dup, const Tensor& x2, const Tensor& x, const Tensor& w_gate,
     const Tensor& w_up, const optional<Tensor>& b_gate_in, const optional<Tensor>& b_up_in,
@@ -438,9 +458,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward(
   const Tensor gy = rows_of(grad_y);
   const Tensor b_gate = contiguous_or_undefined(b_gate_in), b_up = contiguous_or_undefined(b_up_in);
   const int64_t M = x2.size(0), N = w_gate.size(0);
-  // d gate and d up (fp32), from the recomputed products.
-  Tensor dgate = empty_output({M, N}, x.options().dtype(at::kFloat));
-  Tensor dup = empty_output({M, N}, x.options().dtype(at::kFloat));
+  // d gate and d up (fp32 or bf16), from the recomputed products.
+  const auto dtype = swiglu_grad_dtype(w_gate, w_up, b_gate_in, b_up_in, mask);
+  Tensor dgate = empty_output({M, N}, x.options().dtype(dtype));
+  Tensor dup = empty_output({M, N}, x.options().dtype(dtype));
   GemmArgs g = grad_args(x2, w_gate, gy, Epilogue::grad_swiglu, dgate, dup);
   g.b2 = operand(w_up, true);
   set_bias(g, b_gate, b_up);
@@ -461,8 +482,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> swiglu_backward_from_preact(
   const Tensor x2 = rows_of(x);
   const Tensor gy = rows_of(grad_y);
   const int64_t M = x2.size(0), N = w_gate.size(0);
-  Tensor dgate = empty_output({M, N}, x.options().dtype(at::kFloat));
-  Tensor dup = empty_output({M, N}, x.options().dtype(at::kFloat));
+  const auto dtype = swiglu_grad_dtype(w_gate, w_up, b_gate_in, b_up_in, mask);
+  Tensor dgate = empty_output({M, N}, x.options().dtype(dtype));
+  Tensor dup = empty_output({M, N}, x.options().dtype(dtype));
   GemmArgs g = grad_args(x2, w_gate, gy, Epilogue::grad_swiglu, dgate, dup);
   g.b2 = operand(w_up, true);
   run_epilogue(g, zg, zu);

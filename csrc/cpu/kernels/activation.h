@@ -74,7 +74,7 @@ inline V gelu_tanh_gate(V z) {  // sigmoid(2u)
   return sigmoid(add(u, u));
 }
 
-inline V activate(Activation act, V z) {
+[[gnu::always_inline]] inline V activate(Activation act, V z) {
   switch (act) {
     case Activation::none: return z;
     case Activation::silu: return mul(z, sigmoid(z));
@@ -82,6 +82,15 @@ inline V activate(Activation act, V z) {
     case Activation::gelu: return mul(z, normal_cdf(z));
   }
   return z;
+}
+
+// silu(z) and d silu(z) / dz from one sigmoid: activate(silu, z) and
+// activate_derivative(silu, z), the same values.
+inline void silu_and_derivative(V z, V& silu, V& derivative) {
+  V s, t;
+  sigmoid_pair(z, s, t);
+  silu = mul(z, s);
+  derivative = mul(s, fma(z, t, set1(1.f)));
 }
 
 // d activate(z) / dz.

@@ -27,9 +27,9 @@ struct Operand {
 enum class Epilogue : int {
   store,        // out[m][n] = act(C + bias[n]), in out_type
   swiglu,       // out = silu(C + bias) * (C2 + bias2), C2 = A . B2
-  grad_act,     // out (fp32) = grad * act'(C + bias)
-  grad_swiglu,  // out (fp32) = grad * (C2 + bias2) * silu'(C + bias),
-                // out2 (fp32) = grad * silu(C + bias)
+  grad_act,     // out (out_type: fp32 or bf16) = grad * act'(C + bias)
+  grad_swiglu,  // out (out_type) = grad * (C2 + bias2) * silu'(C + bias),
+                // out2 (out_type) = grad * silu(C + bias)
   accumulate,   // out (fp32) += C
   // The training forward, which keeps the pre-activation for the backward:
   store_preact,   // store's out, and out2 (fp32) = C + bias
@@ -54,7 +54,7 @@ struct GemmArgs {
   void* out;
   int64_t ldo;
   DType out_type;
-  void* out2;  // grad_swiglu, store_preact, swiglu_preact: fp32, ldo apart
+  void* out2;  // grad_swiglu (out_type), store_preact, swiglu_preact (fp32): ldo apart
   void* out3;  // swiglu_preact: fp32, ldo apart
   const void* grad;  // grad_act, grad_swiglu: [M][N], ldg apart
   int64_t ldg;

@@ -58,7 +58,7 @@ inline float element(const Operand& o, int64_t i, int64_t j) {
   return to_f32(static_cast<const T*>(o.data)[i * o.rs + j * o.cs]);
 }
 
-inline V load_typed(DType type, const void* base, int64_t offset, int c) {
+[[gnu::always_inline]] inline V load_typed(DType type, const void* base, int64_t offset, int c) {
   switch (type) {
     case DType::f32: {
       const float* p = static_cast<const float*>(base) + offset;
@@ -76,7 +76,7 @@ inline V load_typed(DType type, const void* base, int64_t offset, int c) {
   return zero();
 }
 
-inline void store_typed(DType type, void* base, int64_t offset, int c, V v) {
+[[gnu::always_inline]] inline void store_typed(DType type, void* base, int64_t offset, int c, V v) {
   switch (type) {
     case DType::f32: {
       float* p = static_cast<float*>(base) + offset;
@@ -226,14 +226,15 @@ inline void finish(const GemmArgs& g, const float* tile, const float* tile2, int
           break;
         case Epilogue::grad_act: {
           const V gy = load_typed(g.grad_type, g.grad, (m + r) * g.ldg + n + j, c);
-          store_typed(DType::f32, g.out, at, c, mul(gy, activate_derivative(g.act, z)));
+          store_typed(g.out_type, g.out, at, c, mul(gy, activate_derivative(g.act, z)));
           break;
         }
         case Epilogue::grad_swiglu: {
           const V gy = load_typed(g.grad_type, g.grad, (m + r) * g.ldg + n + j, c);
-          store_typed(DType::f32, g.out, at, c,
-                      mul(mul(gy, u), activate_derivative(Activation::silu, z)));
-          store_typed(DType::f32, g.out2, at, c, mul(gy, activate(Activation::silu, z)));
+          V silu, derivative;
+          silu_and_derivative(z, silu, derivative);
+          store_typed(g.out_type, g.out, at, c, mul(mul(gy, u), derivative));
+          store_typed(g.out_type, g.out2, at, c, mul(gy, silu));
           break;
         }
         case Epilogue::store_preact:
