@@ -97,6 +97,34 @@ def test_ops_match_unpacked():
     assert check_ops_match_unpacked() == 3 * 7 * 5 * 5
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_weight_read_in_place_sums_like_the_packed_weight(threads):
+    """More than 16 rows and at most N / threads of them: on AVX-512 the
+    unpacked op reads the weight in place (x's rows packed instead, C^T =
+    W x^T); the packed op runs the blocked kernel on the weight's panels.
+    Both give the same bits: linear with a bias and activation, SwiGLU, every
+    dtype, x's rows at and around the 64-wide panel, K with an odd pair and
+    several slices, N not a multiple of the 96-row chunk or the micro-tile."""
+    gen = torch.Generator().manual_seed(5)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in DTYPES:
+            for n, k in [(333, 515), (200, 1030)]:
+                w, w_up = (torch.randn(n, k, generator=gen).to(dtype) for _ in range(2))
+                w[7, 3] = float("nan")
+                b = torch.randn(n, generator=gen).to(dtype)
+                packed, packed_up = pyllm.pack_weight(w), pyllm.pack_weight(w_up)
+                for m in (17, 63, 64, 65, 100):
+                    x = torch.randn(m, k, generator=gen).to(dtype)
+                    assert _same(pyllm.linear(x, w, b, "gelu"),
+                                 pyllm.linear_packed(x, packed, b, "gelu")), (dtype, n, k, m)
+                    assert _same(pyllm.swiglu(x, w, w_up), pyllm.swiglu_packed(x, packed, packed_up)), (
+                        dtype, n, k, m)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_one_row_close_to_the_row_streaming_gemv():
     """One row in the default mode: the unpacked op streams the weight's rows
     (another summation order); the packed one sums in the blocked order. Both
@@ -116,6 +144,8 @@ def test_every_cpu_isa_path(isa):
     run_under_isa(isa, """
         from test_packed_linear import check_ops_match_unpacked
         assert check_ops_match_unpacked(rows=(1, 5, 8, 12, 17, 100)) > 0
+        from test_packed_linear import test_weight_read_in_place_sums_like_the_packed_weight
+        test_weight_read_in_place_sums_like_the_packed_weight(2)
     """)
 
 

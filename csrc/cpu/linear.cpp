@@ -49,6 +49,12 @@ GemmBlockFn block_kernel() {
                                avx512_bf16::gemm_block);
 }
 
+GemmWeightRowsFn weight_rows_kernel() {
+  return pick_isa<GemmWeightRowsFn>(generic::gemm_block_weight_rows, avx2::gemm_block_weight_rows,
+                                    avx512::gemm_block_weight_rows,
+                                    avx512_bf16::gemm_block_weight_rows);
+}
+
 GemmSkinnyFn skinny_kernel() {
   return pick_isa<GemmSkinnyFn>(generic::gemm_skinny, avx2::gemm_skinny, avx512::gemm_skinny,
                                 avx512_bf16::gemm_skinny);
@@ -120,6 +126,20 @@ void run(const GemmArgs& args) {
     const GemmSkinnyFn kernel = skinny_kernel();
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       kernel(g, b0 * kGemmColumnBlock, std::min(g.N, b1 * kGemmColumnBlock));
+    });
+    return;
+  }
+  // x @ W^T with the weight read in place (block_weight_rows) where packing
+  // x's rows once per thread costs less than packing the weight once: M per
+  // thread below N. AVX-512 only (measured there; not AMX, whose tiles
+  // take the packed weight). The same sums as the blocked kernel.
+  const bool weight_in_place = weight_rows && g.packed == nullptr && !g.use_amx &&
+                               active_isa() >= Isa::avx512 && g.M * threads <= g.N;
+  if (weight_in_place) {
+    const GemmWeightRowsFn kernel = weight_rows_kernel();
+    const int64_t chunks = (g.N + kGemmWeightRowChunk - 1) / kGemmWeightRowChunk;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      kernel(g, c0 * kGemmWeightRowChunk, std::min(g.N, c1 * kGemmWeightRowChunk));
     });
     return;
   }

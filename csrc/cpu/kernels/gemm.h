@@ -84,6 +84,13 @@ constexpr int64_t kGemmSkinnyRows = 16;
 // kGemmColumnBlock. Packs B's panels for those columns itself.
 using GemmBlockFn = void (*)(const GemmArgs&, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
+// Columns [n0, n1) of all M rows of x @ W^T with the weight read in place
+// (A's rows and B's columns contiguous along K, one dtype; not pre-packed):
+// x's rows are packed instead of the weight's, the same sums as
+// GemmBlockFn. Columns go in chunks of kGemmWeightRowChunk.
+using GemmWeightRowsFn = void (*)(const GemmArgs&, int64_t n0, int64_t n1);
+constexpr int64_t kGemmWeightRowChunk = 96;
+
 // The same for M <= kGemmSkinnyRows with A's rows and B's columns contiguous
 // along K (a.cs == 1, b.rs == 1: x @ W^T): streams B once, no packing.
 using GemmSkinnyFn = void (*)(const GemmArgs&, int64_t n0, int64_t n1);
@@ -115,6 +122,7 @@ using TransposeFn = void (*)(const void* src, DType src_type, int64_t rows, int6
   namespace isa {                                                                        \
   void gemm_block(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);                  \
   void gemm_skinny(const GemmArgs&, int64_t, int64_t);                                   \
+  void gemm_block_weight_rows(const GemmArgs&, int64_t, int64_t);                        \
   void gemm_epilogue(const GemmArgs&, const float*, const float*, int64_t, int64_t);     \
   void gemm_pack_panel(const Operand&, int64_t, int64_t, int64_t, bool, void*);          \
   int64_t gemm_panel_width();                                                            \

@@ -43,7 +43,7 @@ inline int64_t gmin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t ground_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 struct GemmWorkspace {
-  Scratch panel, panel2, tile, tile2, rows, partial;
+  Scratch panel, panel2, tile, tile2, rows, partial, x_panels;
 };
 
 GemmWorkspace& gemm_workspace() {
@@ -135,6 +135,7 @@ constexpr int64_t kSumBlock = 256;
 // The blocked path's loop (block()): rows in chunks of kRowChunk, K in
 // slices of kKSlice (whole blocks of kSumBlock, an even count: pairs).
 constexpr int64_t kRowChunk = 96;
+static_assert(kRowChunk == kGemmWeightRowChunk, "the weight-rows path's tasks are whole chunks");
 constexpr int64_t kKSlice = 2 * kSumBlock;
 static_assert(kRowChunk % 6 == 0 && kRowChunk % 4 == 0, "whole micro tiles a chunk");
 
@@ -587,6 +588,89 @@ void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   }
 }
 
+// -- the blocked path with the weight in place ----------------------------------------------
+//
+// x @ W^T computed as C^T = W . x^T: the weight's rows are the micro-kernel's
+// A operand (read in place, an element or pair broadcast at a time) and x's
+// rows are packed as the panels (x^T), once per call and thread, instead of
+// every weight panel. Each output is block()'s sum, bit for bit: the same
+// products in the same order (K in slices of kKSlice, blocks of kSumBlock
+// from zero), the micro-kernel's rows being weight rows and its columns rows
+// of x. The C^T tile is transposed back for finish(), so every epilogue
+// (bias, activations, SwiGLU's second weight as a second A operand, the
+// training outputs) runs unchanged. Output columns [n0, n1) of all M rows.
+void block_weight_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
+  GemmWorkspace& w = gemm_workspace();
+  const bool two = two_products(g);
+  const int64_t M = g.M, K = g.K;
+#if defined(__AVX512BF16__)
+  const bool pairs = g.a.type == DType::bf16 && g.b.type == DType::bf16 &&
+                     (!two || g.b2.type == DType::bf16);
+#else
+  constexpr bool pairs = false;
+#endif
+  // x^T as the panels' operand (k, m), the weights as A operands (n, k).
+  const Operand xt{g.a.data, g.a.cs, g.a.rs, g.a.type};
+  const Operand wa{g.b.data, g.b.cs, g.b.rs, g.b.type};
+  const Operand wa2{g.b2.data, g.b2.cs, g.b2.rs, g.b2.type};
+  const int64_t KPpad = ground_up((K + 1) / 2, 16);
+  const int64_t panel_floats = pairs ? KPpad * kNR : K * kNR;
+  const int64_t panels = (M + kNR - 1) / kNR;
+  float* xp = w.x_panels.get(panels * panel_floats);
+  for (int64_t i = 0; i < panels; ++i) {
+    float* panel = xp + i * panel_floats;
+    const int64_t mr = gmin(kNR, M - i * kNR);
+#if defined(__AVX512BF16__)
+    if (pairs) {
+      pack_pairs(xt, K, i * kNR, mr, reinterpret_cast<uint32_t*>(panel), KPpad);
+      continue;
+    }
+#endif
+    pack(xt, K, i * kNR, mr, panel);
+  }
+  float* acc = w.tile.get(kRowChunk * kNR);
+  float* acc2 = w.tile2.get(kRowChunk * kNR);
+  float* out = w.panel.get(kNR * kRowChunk);  // the tiles as C: [m][n], kRowChunk apart
+  float* out2 = w.panel2.get(kNR * kRowChunk);
+  for (int64_t nc = n0; nc < n1; nc += kRowChunk) {
+    const int64_t nn = gmin(kRowChunk, n1 - nc);
+    for (int64_t i = 0; i < panels; ++i) {
+      const float* panel = xp + i * panel_floats;
+      const int64_t mi = i * kNR, mr = gmin(kNR, M - mi);
+      for (int64_t kb = 0; kb < K || kb == 0; kb += kKSlice) {
+        const int64_t kc = gmin(kKSlice, K - kb);
+        const Operand a = skip_k(wa, kb), a2 = skip_k(wa2, kb);
+        for (int64_t n = nc; n < nc + nn; n += kMR) {
+          const int64_t rows = gmin(kMR, nc + nn - n);
+          float* t = acc + (n - nc) * kNR;
+          float* t2 = acc2 + (n - nc) * kNR;
+#if defined(__AVX512BF16__)
+          if (pairs) {
+            const uint32_t* p = reinterpret_cast<const uint32_t*>(panel) + kb / 2 * kNR;
+            compute_tile_bf16(a, n, rows, kc, p, t, kb > 0);
+            if (two) compute_tile_bf16(a2, n, rows, kc, p, t2, kb > 0);
+            continue;
+          }
+#endif
+          if (kb == 0) {
+            compute_tile(a, n, rows, kc, panel, t);
+            if (two) compute_tile(a2, n, rows, kc, panel, t2);
+          } else {
+            compute_tile<true>(a, n, rows, kc, panel + kb * kNR, t);
+            if (two) compute_tile<true>(a2, n, rows, kc, panel + kb * kNR, t2);
+          }
+        }
+      }
+      for (int64_t r = 0; r < nn; ++r)
+        for (int64_t j = 0; j < mr; ++j) {
+          out[j * kRowChunk + r] = acc[r * kNR + j];
+          if (two) out2[j * kRowChunk + r] = acc2[r * kNR + j];
+        }
+      finish(g, out, out2, kRowChunk, mi, mr, nc, nn);
+    }
+  }
+}
+
 // -- the skinny path -----------------------------------------------------------------------
 
 // kLanes output columns at a time: each W row streams once through L1 in
@@ -1023,6 +1107,10 @@ void skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
 
 void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   block(g, m0, m1, n0, n1);
+}
+
+void gemm_block_weight_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
+  block_weight_rows(g, n0, n1);
 }
 
 void gemm_epilogue(const GemmArgs& g, const float* c, const float* c2, int64_t m0, int64_t m1) {
