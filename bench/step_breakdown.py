@@ -1,12 +1,13 @@
 """Where the time of one step goes, per op (torch.profiler, CPU).
 
-    python bench/step_breakdown.py decode  [--dtype bfloat16] [--batch 1]
+    python bench/step_breakdown.py decode  [--dtype bfloat16] [--batch 1] [--packed]
     python bench/step_breakdown.py train   [--dtype float32]
 
 decode: a LLaMA with TinyLlama-1.1B's shapes (22 layers, width 2048, 32
 heads, 4 KV heads, MLP 5632, vocabulary 32000; random weights) after a
 128-token prompt: the ops of one decode step of ``generate``'s loop (median
-of 8 profiled steps), with the GB/s of the weights the step streams.
+of 8 profiled steps), with the GB/s of the weights the step streams;
+``--packed``: after ``model.pack_for_inference()``.
 train: GPT-2 small (B=4, S=512): one forward + backward + AdamW step.
 
 Prints a table: op, calls, total ms, share of the step.
@@ -33,11 +34,13 @@ def _table(prof, steps: int, total_ms: float, top: int = 14) -> str:
     return "\n".join(lines)
 
 
-def decode(dtype, batch: int):
+def decode(dtype, batch: int, packed: bool = False):
     from pyllm.benchmark.models import _llama_pair
 
     hf, model = _llama_pair(dtype, "cpu")
     del hf
+    if packed:
+        model.pack_for_inference()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, 32000, (batch, 128), generator=torch.Generator().manual_seed(1))
     caches = model.new_caches(batch, 128 + 64)
@@ -53,7 +56,8 @@ def decode(dtype, batch: int):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(8):
                 token = model(token, None, caches, last_only=True)[:, -1].argmax(-1, keepdim=True)
-    print(f"decode step, LLaMA 1.1B shapes, {dtype}, batch {batch}: {step_ms:.1f} ms "
+    print(f"decode step, LLaMA 1.1B shapes, {dtype}{', packed' if packed else ''}, batch {batch}: "
+          f"{step_ms:.1f} ms "
           f"({batch * 1e3 / step_ms:.1f} tokens/s; weights {weights / 1e9:.2f} GB streamed at "
           f"{weights / step_ms / 1e6:.1f} GB/s)")
     print(_table(prof, 8, step_ms))
@@ -96,9 +100,11 @@ def main():
     parser.add_argument("what", choices=["decode", "train"])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--packed", action="store_true",
+                        help="decode: pack the weights for inference first")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    decode(dtype, args.batch) if args.what == "decode" else train(dtype)
+    decode(dtype, args.batch, args.packed) if args.what == "decode" else train(dtype)
 
 
 if __name__ == "__main__":

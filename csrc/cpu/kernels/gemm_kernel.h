@@ -719,7 +719,8 @@ void skinny_panel(const GemmArgs& g, int64_t n0, int64_t n1) {
               for (int r = 0; r < 16; ++r) {
                 if (j0 + r < nr) {
                   const T* row = weights + (n + j0 + r) * b.cs + k0 + k;
-                  if (k0 + k + kSkinnyBlock < K) __builtin_prefetch(row + kSkinnyBlock, 0, 3);
+                  // Into L2, as below.
+                  if (k0 + k + kSkinnyBlock < K) __builtin_prefetch(row + kSkinnyBlock, 0, 2);
                   block[r] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, row));
                 } else {
                   block[r] = zero();
@@ -768,8 +769,11 @@ void skinny_panel(const GemmArgs& g, int64_t n0, int64_t n1) {
               if (j0 + r < nr) {
                 const T* row = weights + (n + j0 + r) * b.cs + k0 + k;
                 // Sixteen rows stream at once, more than the hardware
-                // prefetchers follow: request the next K-slice's line now.
-                if (k0 + k + kSkinnyBlock < K) __builtin_prefetch(row + kSkinnyBlock, 0, 3);
+                // prefetchers follow: request the next K-slice's line now,
+                // into L2 (prefetcht1): rows 4 KiB apart share an L1 set,
+                // and sixteen lines prefetched into it evicted each other
+                // (bf16 4096^2 at 2 rows: 1.7 -> 0.9 ms).
+                if (k0 + k + kSkinnyBlock < K) __builtin_prefetch(row + kSkinnyBlock, 0, 2);
                 block[r] = c == 16 ? load(row) : load(row, c);
               } else {
                 block[r] = zero();
@@ -944,10 +948,11 @@ void skinny_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
         for (int64_t k0 = 0; k0 < K; k0 += kSkinnyBlock) {
           const int64_t k1 = gmin(K, k0 + kSkinnyBlock);
           // Sixteen rows stream at once, more than the hardware prefetchers
-          // follow: request the next slice's lines now.
+          // follow: request the next slice's lines now, into L2 (see
+          // skinny_panel).
           for (int r = 0; r < 16; ++r)
             for (int64_t k = k1; k < gmin(K, k1 + kSkinnyBlock); k += kLine)
-              __builtin_prefetch(rows[r] + k, 0, 3);
+              __builtin_prefetch(rows[r] + k, 0, 2);
           R acc[16];
           for (int r = 0; r < 16; ++r) acc[r] = Lanes::zero();
           for (int64_t c0 = k0; c0 < k1; c0 += kChunk) {
@@ -1177,15 +1182,16 @@ void gemm_skinny(const GemmArgs& g, int64_t n0, int64_t n1) {
     // An unpacked weight read in place (skinny_rows) where x's rows fill
     // most of its lanes: its vdpbf16ps or FMA count does not shrink with M
     // as skinny_panel's does, whose transposing costs the same at any M.
-    // Measured on Zen 4 (4096 x 4096, 2 threads): bf16 7-16 rows and fp32
-    // 9-16 rows run faster read in place (16 rows: 2.06 against 2.69 ms
-    // bf16, 4.7 against 5.9 ms fp32); fewer rows faster transposed.
+    // Measured on Zen 4 (4096 x 4096, 2 threads, interleaved): bf16 7-16
+    // rows run faster read in place (16 rows: 1.77 against 2.28 ms; 8 rows:
+    // 1.21 against 1.38), fp32 from 14 rows (16: 4.45 against 4.73 ms; 9-12
+    // rows faster transposed).
     const bool unpacked = g.packed == nullptr;
 #if defined(__AVX512BF16__)
     if (unpacked && g.b.type == DType::bf16 && g.M >= 7)
       return g.M <= 8 ? skinny_rows<bf16, 8>(g, n0, n1) : skinny_rows<bf16, 16>(g, n0, n1);
 #endif
-    if (unpacked && g.b.type == DType::f32 && g.M >= 9) return skinny_rows<float, 16>(g, n0, n1);
+    if (unpacked && g.b.type == DType::f32 && g.M >= 14) return skinny_rows<float, 16>(g, n0, n1);
     switch (g.b.type) {
       case DType::f32: return skinny_panel<float>(g, n0, n1);
       case DType::bf16: return skinny_panel<bf16>(g, n0, n1);
