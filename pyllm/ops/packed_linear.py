@@ -56,10 +56,17 @@ class PackedWeight:
         return self.panels.numel() * self.panels.element_size()
 
 
-def _active_isa() -> str:
-    from pyllm import _C
+_ISA: list = []
 
-    return _C.cpu_isa()
+
+def _active_isa() -> str:
+    """The instruction set the CPU kernels run: chosen once per process (the
+    CPU and ``PYLLM_CPU_ISA`` at load), so asked once."""
+    if not _ISA:
+        from pyllm import _C
+
+        _ISA.append(_C.cpu_isa())
+    return _ISA[0]
 
 
 def pack_weight(weight: torch.Tensor) -> PackedWeight:
