@@ -99,7 +99,7 @@ def test_ops_match_unpacked():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_weight_read_in_place_sums_like_the_packed_weight(threads):
-    """More than 16 rows and at most N / threads of them: on AVX-512 the
+    """17-256 rows and at most N / threads of them: on AVX-512 the
     unpacked op reads the weight in place (x's rows packed instead, C^T =
     W x^T); the packed op runs the blocked kernel on the weight's panels.
     Both give the same bits: linear with a bias and activation, SwiGLU, every
