@@ -508,6 +508,46 @@ void block_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1
 }
 #endif
 
+// The tiles of one row chunk: acc = A rows [r0, r1) . panel (and acc2 =
+// A2 rows . panel2 with two products), micro tiles of kMR rows kNR apart
+// from acc, over all of K in slices of kKSlice: a slice of the panels
+// (64-128 KB) stays in L2 while every micro tile of the chunk uses it, where
+// the whole panel (K x kNR, 1.4 MB at K = 5632 in fp32) would be read from
+// further out once per micro tile. The sums are those of one pass over K
+// (slices are whole blocks of kSumBlock, each summed from zero and added to
+// the tile in order). Pairs: the panels hold bf16 pairs (vdpbf16ps).
+[[gnu::always_inline]] inline void chunk_tiles(const Operand& a, const Operand& a2, int64_t r0, int64_t r1, int64_t K,
+                        const float* panel, const float* panel2, [[maybe_unused]] bool pairs,
+                        bool two, float* acc, float* acc2) {
+  for (int64_t kb = 0; kb < K || kb == 0; kb += kKSlice) {
+    const int64_t kc = gmin(kKSlice, K - kb);
+    const Operand as = skip_k(a, kb), as2 = skip_k(a2, kb);
+    for (int64_t r = r0; r < r1; r += kMR) {
+      const int64_t rows = gmin(kMR, r1 - r);
+      float* t = acc + (r - r0) * kNR;
+      float* t2 = acc2 + (r - r0) * kNR;
+#if defined(__AVX512BF16__)
+      if (pairs) {
+        const uint32_t* p = reinterpret_cast<const uint32_t*>(panel) + kb / 2 * kNR;
+        compute_tile_bf16(as, r, rows, kc, p, t, kb > 0);
+        if (two) {
+          const uint32_t* p2 = reinterpret_cast<const uint32_t*>(panel2) + kb / 2 * kNR;
+          compute_tile_bf16(as2, r, rows, kc, p2, t2, kb > 0);
+        }
+        continue;
+      }
+#endif
+      if (kb == 0) {
+        compute_tile(as, r, rows, kc, panel, t);
+        if (two) compute_tile(as2, r, rows, kc, panel2, t2);
+      } else {
+        compute_tile<true>(as, r, rows, kc, panel + kb * kNR, t);
+        if (two) compute_tile<true>(as2, r, rows, kc, panel2 + kb * kNR, t2);
+      }
+    }
+  }
+}
+
 void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   GemmWorkspace& w = gemm_workspace();
   const bool two = two_products(g);
@@ -546,41 +586,10 @@ void block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
       pack(g.b, g.K, n, nr, own);
       if (two) pack(g.b2, g.K, n, nr, own2);
     }
-    // Rows in chunks of kRowChunk, K in slices of kKSlice: a slice of the
-    // panel (64-128 KB) stays in L2 while every micro tile of the chunk uses
-    // it, where the whole panel (K x kNR, 1.4 MB at K = 5632 in fp32) would
-    // be read from further out once per micro tile. The sums are those of
-    // one pass over K (slices are whole blocks of kSumBlock, each summed
-    // from zero and added to the tile in order).
+    // Rows in chunks of kRowChunk, K in slices of kKSlice (chunk_tiles).
     for (int64_t mc = m0; mc < m1; mc += kRowChunk) {
       const int64_t mc_end = gmin(m1, mc + kRowChunk);
-      for (int64_t kb = 0; kb < g.K || kb == 0; kb += kKSlice) {
-        const int64_t kc = gmin(kKSlice, g.K - kb);
-        const Operand a = skip_k(g.a, kb);
-        for (int64_t m = mc; m < mc_end; m += kMR) {
-          const int64_t rows = gmin(kMR, mc_end - m);
-          float* t = acc + (m - mc) * kNR;
-          float* t2 = acc2 + (m - mc) * kNR;
-#if defined(__AVX512BF16__)
-          if (pairs) {
-            const uint32_t* p = reinterpret_cast<const uint32_t*>(panel) + kb / 2 * kNR;
-            compute_tile_bf16(a, m, rows, kc, p, t, kb > 0);
-            if (two) {
-              const uint32_t* p2 = reinterpret_cast<const uint32_t*>(panel2) + kb / 2 * kNR;
-              compute_tile_bf16(a, m, rows, kc, p2, t2, kb > 0);
-            }
-            continue;
-          }
-#endif
-          if (kb == 0) {
-            compute_tile(a, m, rows, kc, panel, t);
-            if (two) compute_tile(a, m, rows, kc, panel2, t2);
-          } else {
-            compute_tile<true>(a, m, rows, kc, panel + kb * kNR, t);
-            if (two) compute_tile<true>(a, m, rows, kc, panel2 + kb * kNR, t2);
-          }
-        }
-      }
+      chunk_tiles(g.a, g.a, mc, mc_end, g.K, panel, panel2, pairs, two, acc, acc2);
       for (int64_t m = mc; m < mc_end; m += kMR)
         finish(g, acc + (m - mc) * kNR, acc2 + (m - mc) * kNR, kNR, m, gmin(kMR, mc_end - m), n,
                nr);
@@ -637,30 +646,7 @@ void block_weight_rows(const GemmArgs& g, int64_t n0, int64_t n1) {
     for (int64_t i = 0; i < panels; ++i) {
       const float* panel = xp + i * panel_floats;
       const int64_t mi = i * kNR, mr = gmin(kNR, M - mi);
-      for (int64_t kb = 0; kb < K || kb == 0; kb += kKSlice) {
-        const int64_t kc = gmin(kKSlice, K - kb);
-        const Operand a = skip_k(wa, kb), a2 = skip_k(wa2, kb);
-        for (int64_t n = nc; n < nc + nn; n += kMR) {
-          const int64_t rows = gmin(kMR, nc + nn - n);
-          float* t = acc + (n - nc) * kNR;
-          float* t2 = acc2 + (n - nc) * kNR;
-#if defined(__AVX512BF16__)
-          if (pairs) {
-            const uint32_t* p = reinterpret_cast<const uint32_t*>(panel) + kb / 2 * kNR;
-            compute_tile_bf16(a, n, rows, kc, p, t, kb > 0);
-            if (two) compute_tile_bf16(a2, n, rows, kc, p, t2, kb > 0);
-            continue;
-          }
-#endif
-          if (kb == 0) {
-            compute_tile(a, n, rows, kc, panel, t);
-            if (two) compute_tile(a2, n, rows, kc, panel, t2);
-          } else {
-            compute_tile<true>(a, n, rows, kc, panel + kb * kNR, t);
-            if (two) compute_tile<true>(a2, n, rows, kc, panel + kb * kNR, t2);
-          }
-        }
-      }
+      chunk_tiles(wa, wa2, nc, nc + nn, K, panel, panel, pairs, two, acc, acc2);
       for (int64_t r = 0; r < nn; ++r)
         for (int64_t j = 0; j < mr; ++j) {
           out[j * kRowChunk + r] = acc[r * kNR + j];
