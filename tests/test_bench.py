@@ -109,3 +109,39 @@ def test_a_case_checked_at_smaller_sizes_without_compile(monkeypatch):
     assert all(r["status"] == "ok" and r["shape"] == case.shape_text() for r in rows)
     ours = next(r for r in rows if r["implementation"] == "pyllm:cpu")
     assert "speedup_vs_eager" in ours and "speedup_vs_compile" not in ours
+
+
+def test_a_failing_case_is_a_row_and_finished_cases_are_kept(monkeypatch, tmp_path):
+    """One case raising (a device fault, say) gives an error row naming the
+    exception, the next case still runs, and each finished case's rows are in
+    rows-so-far.jsonl while the run goes on (what a time limit leaves)."""
+    import io
+
+    from pyllm.benchmark import cases, runner
+
+    good = cases.Case("rms_norm", "test", "33x65", (33, 65))
+    bad = cases.Case("rms_norm", "test", "bad", (3, 5))
+    monkeypatch.setitem(cases.SUITES, "gpu", [bad, good])
+    real = runner._run_case
+    seen_so_far = []
+
+    def run_case(case, *args, **kwargs):
+        path = tmp_path / runner.PARTIAL_ROWS
+        seen_so_far.append([json.loads(line) for line in path.read_text().splitlines()])
+        if case is bad:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_run_case", run_case)
+    rows = runner.run(ops=["rms_norm"], dtypes=["float32"], suite="gpu", output_dir=str(tmp_path),
+                      min_time=0.01, stream=io.StringIO())
+    error = [r for r in rows if r["case"] == "bad"]
+    assert len(error) == 1 and error[0]["status"] == "error"
+    assert "RuntimeError: CUDA error: an illegal memory access" in error[0]["note"]
+    assert {r["implementation"] for r in rows if r["case"] == "33x65"} >= {"pyllm:cpu",
+                                                                            "torch:eager"}
+    assert all(r["status"] == "ok" for r in rows if r["case"] == "33x65")
+    # Before the second case ran, the first's row was on disk already.
+    assert seen_so_far[0] == [] and [r["case"] for r in seen_so_far[1]] == ["bad"]
+    assert not (tmp_path / runner.PARTIAL_ROWS).exists()  # the full results replace it
+    assert len(list(tmp_path.glob("bench-*.json"))) == 1

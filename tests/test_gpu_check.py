@@ -83,3 +83,20 @@ def test_a_real_run_without_a_gpu_fails_clearly(tmp_path):
     assert result.returncode == 1
     assert "no CUDA device is visible" in result.stdout
     assert "FAIL" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_bench_stopped_part_way_reports_what_it_finished(tmp_path):
+    """The bench's full results when written, else the finished cases' rows."""
+    sys.path.insert(0, os.path.dirname(GPU_CHECK))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    from pyllm.benchmark.runner import PARTIAL_ROWS
+
+    assert gpu_check.bench_rows(str(tmp_path / "none")) == ([], False)
+    rows = [{"op": "rms_norm", "status": "ok"}, {"op": "attention", "status": "error"}]
+    (tmp_path / PARTIAL_ROWS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert gpu_check.bench_rows(str(tmp_path)) == (rows, True)
+    (tmp_path / "bench-x.json").write_text(json.dumps(rows[:1]))
+    assert gpu_check.bench_rows(str(tmp_path)) == (rows[:1], False)

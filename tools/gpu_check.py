@@ -15,7 +15,9 @@ Stages, each timed and logged:
    (``TORCH_CUDA_ARCH_LIST`` from ``torch.cuda.get_device_capability()``),
    with every core (``MAX_JOBS``); then the build record is checked.
 3. tests: every ``cuda``-marked test (the Triton and CUDA C++ backends on CUDA
-   tensors, forward and backward, against the float64 reference), JUnit XML.
+   tensors, forward and backward, against the float64 reference), JUnit XML;
+   in several pytest-xdist processes where xdist is installed and there are
+   4 cores or more (Triton compiles each kernel on first use).
 4. sanitizer: ``compute-sanitizer --tool memcheck`` over tools/kernel_calls.py
    (a small call of every kernel of both GPU backends), when it is on PATH.
 5. bench: ``pyllm bench --suite gpu --device cuda`` in bfloat16:
@@ -27,7 +29,8 @@ Stages, each timed and logged:
 Everything goes to DIR: report.json, summary.md, junit.xml, build.log,
 tests.log, sanitizer.log, bench.log and bench/ (the bench's JSON and CSV);
 the last lines printed are a one-screen summary ending in PASS or FAIL (exit
-status 0 or 1). ``--budget`` (default 480 s) bounds the whole run: each
+status 0 or 1). A bench stopped by its time limit still reports the cases it
+finished (the bench appends each case's rows to bench/rows-so-far.jsonl). ``--budget`` (default 480 s) bounds the whole run: each
 stage's time limit is what the budget leaves for it.
 
 ``--dry-run`` (on a machine without a GPU) does everything that needs no
@@ -250,7 +253,10 @@ def stage_tests(args, report):
         report.stage("tests", "planned" if ok else "fail", time.time() - start,
                      detail=f"{len(selected)} cuda tests selected ({last_line(output)})")
         return ok
-    code, output = run_logged(base + ["-q", "-rfEs", f"--junitxml={junit}"], log,
+    workers = test_workers()
+    parallel = ["-n", str(workers)] if workers else []
+    report.data["test_workers"] = workers
+    code, output = run_logged(base + parallel + ["-q", "-rfEs", f"--junitxml={junit}"], log,
                               report.left() * STAGE_CAPS["tests"])
     summary = last_line(output)
     passed = re.search(r"(\d+) passed", summary)
@@ -307,17 +313,51 @@ def stage_bench(args, report):
     code, output = run_logged(base + ["--device", "cuda", "--output", folder, "--min-time",
                                       str(BENCH_MIN_TIME)], log, report.left() - 10,
                               cwd=args.out)
-    rows = []
-    for path in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if path.endswith(".json"):
-            with open(os.path.join(folder, path)) as f:
-                rows = json.load(f)
+    rows, partial = bench_rows(folder)
     report.data["bench_rows"] = rows
     failed = [r for r in rows if r.get("status") != "ok"]
     status = "pass" if code == 0 and rows else ("timeout" if code is None else "fail")
-    report.stage("bench", status, time.time() - start,
-                 detail=f"{len(rows)} rows, {len(failed)} not ok" if rows else last_line(output))
+    detail = f"{len(rows)} rows, {len(failed)} not ok" if rows else last_line(output)
+    if rows and partial:
+        detail += f" (the cases finished before it stopped, of {planned_cases()} planned)"
+    report.stage("bench", status, time.time() - start, detail=detail)
     return status == "pass"
+
+
+def bench_rows(folder: str) -> tuple[list[dict], bool]:
+    """The bench's rows from its output folder: the full results, or, when the
+    bench stopped before writing them, the rows of the cases it finished
+    (partial = True)."""
+    if not os.path.isdir(folder):
+        return [], False
+    for path in sorted(os.listdir(folder)):
+        if path.endswith(".json"):
+            with open(os.path.join(folder, path)) as f:
+                return json.load(f), False
+    for path in sorted(os.listdir(folder)):
+        if path.endswith(".jsonl"):  # pyllm.benchmark.runner.PARTIAL_ROWS
+            with open(os.path.join(folder, path)) as f:
+                return [json.loads(line) for line in f if line.strip()], True
+    return [], False
+
+
+def planned_cases() -> str:
+    try:
+        from pyllm.benchmark.cases import select
+        return str(len(select(None, False, "gpu")))
+    except Exception:  # noqa: BLE001 - only a count for the report
+        return "?"
+
+
+def test_workers() -> int:
+    """pytest-xdist workers for the GPU tests (0: none): Triton compiles each
+    kernel specialisation on first use, single-threaded, so several processes
+    sharing the one GPU finish the suite sooner. Half the cores, at most 8."""
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // 2)) if (os.cpu_count() or 1) >= 4 else 0
 
 
 def main(argv=None) -> int:

@@ -215,6 +215,10 @@ def _run_case(case: Case, dtype_name: str, device: str, device_type: str, backen
     return rows
 
 
+#: The file in the output folder that holds the rows of the cases finished so
+#: far, one JSON object per line (removed once the full results are written).
+PARTIAL_ROWS = "rows-so-far.jsonl"
+
 #: The suffix of a pyllm implementation timed in batch-invariant mode.
 INVARIANT = " invariant"
 
@@ -270,10 +274,21 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
     plan = [(c, d) for c in cases for d in dtypes]
     progress = _Progress(len(plan), sys.stderr)
     rows = []
+    # Each case's rows are appended here as it finishes, so that a run stopped
+    # part-way (a time limit, a crash) still leaves what it measured.
+    so_far = None
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        so_far = os.path.join(output_dir, PARTIAL_ROWS)
+        open(so_far, "w").close()
     for case, dtype_name in plan:
         progress.step(f"{case.name} {dtype_name}")
-        case_rows = _run_case(case, dtype_name, device, device_type, backends, common, ceilings,
-                              min_time)
+        try:
+            case_rows = _run_case(case, dtype_name, device, device_type, backends, common,
+                                  ceilings, min_time)
+        except Exception as e:  # noqa: BLE001 - one case's failure is a row, not the end
+            case_rows = [_row(case, dtype_name, "-", common, status="error",
+                              note=f"{type(e).__name__}: {e}"[:500])]
         baseline = {r["implementation"]: r["median_ms"] for r in case_rows if r["status"] == "ok"}
         for r in case_rows:
             if r["status"] == "ok" and r["implementation"].startswith("pyllm:"):
@@ -281,10 +296,15 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
                 if "torch:compile" in baseline:
                     r["speedup_vs_compile"] = baseline["torch:compile"] / r["median_ms"]
         rows.extend(case_rows)
+        if so_far:
+            with open(so_far, "a") as f:
+                for r in case_rows:
+                    f.write(json.dumps(r, default=str) + "\n")
     progress.close()
     print(format_table(rows), file=stream)
     if output_dir:
         paths = write_results(rows, output_dir, stamp) + plot(rows, output_dir)
+        os.remove(so_far)
         print("results: " + ", ".join(paths), file=stream)
     return rows
 
