@@ -100,3 +100,35 @@ def test_a_bench_stopped_part_way_reports_what_it_finished(tmp_path):
     assert gpu_check.bench_rows(str(tmp_path)) == (rows, True)
     (tmp_path / "bench-x.json").write_text(json.dumps(rows[:1]))
     assert gpu_check.bench_rows(str(tmp_path)) == (rows[:1], False)
+
+
+def test_a_stage_past_its_time_limit_is_stopped_with_its_children(tmp_path):
+    """run_logged's time limit ends the whole process group: a child the
+    command started (as pytest-xdist starts workers) does not outlive it."""
+    sys.path.insert(0, os.path.dirname(GPU_CHECK))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); "
+              "time.sleep(60)")
+    import time
+    start = time.time()
+    code, output = gpu_check.run_logged([sys.executable, "-c", script], tmp_path / "log", 3)
+    assert time.time() - start < 30  # not held until the child's own end (60 s)
+    assert code is None and "started" in output and "[timed out after 3 s]" in output
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kill is sent; give the kernel a moment to reap it
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().split()[2] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the child outlived the time limit")

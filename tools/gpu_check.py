@@ -43,11 +43,13 @@ the report skeleton with each device stage marked "planned".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -141,15 +143,20 @@ def run_logged(cmd, log_path, timeout, env=None, cwd=ROOT):
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(map(str, cmd))}\n")
         log.flush()
+        # Its own process group, so that a time limit stops its children too
+        # (pytest-xdist's workers, compile jobs), which would hold the GPU.
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
         try:
-            result = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                                    env={**os.environ, **(env or {})}, timeout=max(timeout, 1))
-            code, output = result.returncode, result.stdout
-        except subprocess.TimeoutExpired as e:
+            output, _ = proc.communicate(timeout=max(timeout, 1))
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
             code = None
-            output = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            output += f"\n[timed out after {timeout:.0f} s]\n"
+            output = (output or "") + f"\n[timed out after {timeout:.0f} s]\n"
         log.write(output)
     return code, output
 
