@@ -50,7 +50,7 @@ def _bench(args) -> int:
         return 0
     rows = runner.run(ops=args.ops, dtypes=args.dtype, device=device, backends=args.backend,
                       quick=args.quick, output_dir=args.output, suite=args.suite,
-                      min_time=args.min_time)
+                      min_time=args.min_time, plots=not args.no_plots)
     failed = [r for r in rows if r["status"] != "ok"]
     regressed = False
     if old is not None:
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default="bench-results", metavar="DIR",
                        help="where the JSON/CSV results and PNG plots go (default bench-results/; "
                             "'' for none)")
+    bench.add_argument("--no-plots", action="store_true",
+                       help="write the JSON and CSV results without the PNG plots")
     bench.add_argument("--compare", metavar="OLD.json",
                        help="compare with an earlier run's JSON; exit 1 if a pyllm row got slower")
     bench.add_argument("--threshold", type=float, default=0.15,

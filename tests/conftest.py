@@ -32,6 +32,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _release_gpu_memory(request):
+    """After a cuda test, the memory its tensors held goes back to the device
+    (torch's caching allocator would keep it), so that other test processes
+    sharing the GPU can have it."""
+    yield
+    if request.node.get_closest_marker("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def pytest_collection_finish(session):
     """The Triton interpreter's run (tests/test_triton_interpreter.py) starts
     now, in the background, when any of its tests is selected."""

@@ -359,6 +359,10 @@ def test_rotary(shape, interleaved, dtype, backend):
                    what=f"rotary {name} {backend}")
 
 
+# Each of these holds ~25 GB on the GPU (float64 logits and gradients over a
+# 128k vocabulary): in parallel runs (tools/gpu_check.py, --dist loadgroup)
+# they share one worker instead of landing on several at once.
+@pytest.mark.xdist_group("gpu_memory")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("options", ["plain", "all"])

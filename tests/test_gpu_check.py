@@ -132,3 +132,32 @@ def test_a_stage_past_its_time_limit_is_stopped_with_its_children(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError("the child outlived the time limit")
+
+
+def test_stages_runs_only_the_named_stages(tmp_path):
+    """--stages reruns some stages (here the bench plan alone); the others are
+    reported as skipped, and an unknown stage name is a clear error."""
+    result = subprocess.run([sys.executable, GPU_CHECK, "--dry-run", "--stages", "bench",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    stages = json.loads((tmp_path / "report.json").read_text())["stages"]
+    assert {k: v["status"] for k, v in stages.items()} == {
+        "environment": "pass", "build": "skipped", "tests": "skipped", "sanitizer": "skipped",
+        "bench": "planned"}
+    bad = subprocess.run([sys.executable, GPU_CHECK, "--dry-run", "--stages", "tests,lint",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--stages: expected names from build, tests" in bad.stderr
+
+
+def test_each_stage_gets_its_weighted_share_of_what_is_left(tmp_path):
+    sys.path.insert(0, os.path.dirname(GPU_CHECK))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    w = gpu_check.STAGE_WEIGHTS
+    full = gpu_check.Report(str(tmp_path), False, 540.0)
+    assert abs(full.share("build") - 540 * w["build"] / sum(w.values())) < 1
+    assert abs(full.share("bench") - 540) < 1  # the last stage: everything left
+    rerun = gpu_check.Report(str(tmp_path), False, 270.0, ["tests", "sanitizer"])
+    assert abs(rerun.share("tests") - 270 * w["tests"] / (w["tests"] + w["sanitizer"])) < 1

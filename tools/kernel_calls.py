@@ -7,12 +7,14 @@ memcheck`` (and, in its dry run, on the CPU backend, to prove the list).
 
 Odd sizes (tails of every tile), GQA, causal and not, varlen, decode, bias,
 both low-precision dtypes. Each call's outputs and gradients must be finite;
-the last line is "N passed, N failed".
+it prints "N passed, N failed", then the seconds the calls took.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import torch
 
@@ -164,6 +166,7 @@ def backends_for(device: str) -> list[str]:
 def main(argv=None) -> int:
     device = (argv or sys.argv[1:] or ["cuda"])[0]
     passed = failed = 0
+    start = time.time()
     backends = backends_for(device)
     if not backends:
         print(f"no kernel backend for device {device} in this install")
@@ -188,8 +191,18 @@ def main(argv=None) -> int:
                     failed += 1
                     print(f"FAILED  {label}: {type(e).__name__}: {e}", flush=True)
     print(f"{passed} passed, {failed} failed")
+    print(f"calls done in {time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if torch.cuda.is_initialized():
+        # Every kernel has run and been synchronised above, so compute-sanitizer
+        # has seen each access; the interpreter's teardown (module and context
+        # unloading under the sanitizer) adds nothing to check and outlasted
+        # the stage's time limit on an H200, so it is skipped.
+        torch.cuda.synchronize()
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)

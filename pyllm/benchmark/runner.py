@@ -246,11 +246,12 @@ def plan(ops=None, dtypes=("float32", "bfloat16"), quick=False, suite="default")
 
 def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, quick=False,
         output_dir="bench-results", stream=sys.stdout, suite="default",
-        min_time=None) -> list[dict]:
+        min_time=None, plots=True) -> list[dict]:
     """Runs the benchmark and returns one row per (case, dtype, implementation);
     prints the table and writes JSON, CSV and PNG plots into output_dir.
     ``suite``: "default" (the model shapes) or "gpu" (the GPU acceptance
-    shapes); ``min_time``: seconds each implementation is timed per case."""
+    shapes); ``min_time``: seconds each implementation is timed per case;
+    ``plots``: False writes the JSON and CSV only."""
     # torch.compile imports torch.utils.cpp_extension, which warns on machines
     # without a GPU; the warning is not about pyllm and would clutter the table.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -303,7 +304,7 @@ def run(ops=None, dtypes=("float32", "bfloat16"), device="cpu", backends=None, q
     progress.close()
     print(format_table(rows), file=stream)
     if output_dir:
-        paths = write_results(rows, output_dir, stamp) + plot(rows, output_dir)
+        paths = write_results(rows, output_dir, stamp) + (plot(rows, output_dir) if plots else [])
         os.remove(so_far)
         print("results: " + ", ".join(paths), file=stream)
     return rows
