@@ -177,6 +177,12 @@ def run_logged(cmd, log_path, timeout, env=None, cwd=ROOT):
     return code, output
 
 
+def calls_line(text: str) -> str:
+    """kernel_calls.py's "N passed, N failed" line (or its last line)."""
+    return next((line for line in text.splitlines()
+                 if re.match(r"\d+ passed, \d+ failed", line)), last_line(text))
+
+
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip("= ") if lines else ""
@@ -299,7 +305,7 @@ def stage_sanitizer(args, report, env):
         # The call list itself, proven on the CPU backend.
         code, output = run_logged(calls + ["cpu"], log, 300, cwd=args.out)
         report.stage("sanitizer", "planned" if code == 0 else "fail", time.time() - start,
-                     detail=f"calls on cpu: {last_line(output)}; on the GPU under "
+                     detail=f"calls on cpu: {calls_line(output)}; on the GPU under "
                             f"{'compute-sanitizer' if sanitizer else 'compute-sanitizer (not on PATH here)'}")
         return code == 0
     if not sanitizer:
@@ -309,9 +315,8 @@ def stage_sanitizer(args, report, env):
            "all", *calls, "cuda"]
     code, output = run_logged(cmd, log, report.share("sanitizer"), cwd=args.out)
     errors = re.search(r"ERROR SUMMARY: (\d+) error", output)
-    detail = f"{last_line(output)}" if not errors else \
-        f"{errors.group(0)}; calls: " + next((line for line in output.splitlines()
-                                               if re.match(r"\d+ passed, \d+ failed", line)), "")
+    detail = f"{errors.group(0)}; calls: {calls_line(output)}" if errors else \
+        f"calls: {calls_line(output)}; {last_line(output)}"
     ok = code == 0 and (errors is None or errors.group(1) == "0")
     report.stage("sanitizer", "pass" if ok else ("timeout" if code is None else "fail"),
                  time.time() - start, detail=detail[:160])
