@@ -17,6 +17,7 @@ pyllm.swiglu_packed; Linear/Conv1D/SwiGLU.pack(), pack_for_inference):
 """
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -161,6 +162,57 @@ def test_packed_weight_records_its_layout():
     before = pyllm.linear_packed(torch.ones(3, 70, dtype=torch.bfloat16), p)
     w.mul_(2)
     assert torch.equal(before, pyllm.linear_packed(torch.ones(3, 70, dtype=torch.bfloat16), p))
+
+
+def _mapping_of(address: int) -> dict:
+    """The /proc/self/smaps fields of the mapping that holds ``address``."""
+    import re
+
+    fields, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+            if m:
+                if inside:
+                    break
+                inside = int(m.group(1), 16) <= address < int(m.group(2), 16)
+            elif inside and ":" in line:
+                key, value = line.split(":", 1)
+                fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_packed_weights_ask_for_huge_pages(dtype):
+    """A packed weight of 2 MiB or more lies on a 2 MiB boundary in a mapping
+    advised for transparent huge pages (THPeligible), so that a decode step
+    streams it with few TLB misses; its outputs are those of the weight, and
+    freeing it returns the memory (packing it 40 times does not grow the
+    process by 40 copies)."""
+    w = torch.randn(1500, 1001, dtype=dtype)  # 3-6 MB packed, odd K
+    p = pyllm.pack_weight(w)
+    assert p.nbytes >= 2 << 20 and p.panels.data_ptr() % (2 << 20) == 0
+    mapping = _mapping_of(p.panels.data_ptr())
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        thp = f.read()
+    if "[never]" not in thp:
+        assert mapping.get("THPeligible") == "1", mapping
+    for rows in (1, 3, 40):  # the same bits as the unpacked weight's blocked order
+        x = torch.randn(rows, 1001, dtype=dtype)
+        with pyllm.batch_invariant():
+            assert _same(pyllm.linear_packed(x, p), pyllm.linear(x, w)), rows
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    del p
+    before = resident()
+    for _ in range(40):
+        q = pyllm.pack_weight(w)
+        del q
+    assert resident() - before < 10 * pyllm.pack_weight(w).nbytes
 
 
 def test_bad_input():

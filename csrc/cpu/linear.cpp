@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "huge_pages.h"
 #include "isa.h"
 #include "kernels/gemm.h"
 #include "output.h"
@@ -551,7 +552,9 @@ Tensor pack_linear_weight(const Tensor& weight) {
   const int64_t N = weight.size(0), K = weight.size(1);
   const bool pairs = packs_in_pairs(weight.scalar_type());
   const auto shape = packed_shape(N, K, weight.scalar_type());
-  Tensor packed = at::empty(shape, weight.options().dtype(pairs ? at::kInt : at::kFloat));
+  // Each decode step streams the packed weight whole: on huge pages (huge_pages.h).
+  Tensor packed =
+      empty_on_huge_pages(shape, weight.options().dtype(pairs ? at::kInt : at::kFloat));
   if (packed.numel() == 0) return packed;
   const Operand b = operand(weight, /*transposed=*/true);  // (K, N)
   const GemmPackPanelFn fn =
