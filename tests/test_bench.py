@@ -5,6 +5,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from pyllm.benchmark.compare import compare
 from pyllm.benchmark.plots import plot
 
@@ -145,3 +148,33 @@ def test_a_failing_case_is_a_row_and_finished_cases_are_kept(monkeypatch, tmp_pa
     assert seen_so_far[0] == [] and [r["case"] for r in seen_so_far[1]] == ["bad"]
     assert not (tmp_path / runner.PARTIAL_ROWS).exists()  # the full results replace it
     assert len(list(tmp_path.glob("bench-*.json"))) == 1
+
+
+def test_vs_llama_cpp_reads_tg64_and_times_a_decode(tmp_path):
+    """bench/vs_llama_cpp.py: the tg64 rate from llama-bench's table (a stand-in
+    binary here), an error naming the output when the row is missing, and
+    pyllm's decode rate on a small LLaMA."""
+    import importlib.util
+    import os
+
+    from harness import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "vs_llama_cpp", os.path.join(REPO_ROOT, "bench", "vs_llama_cpp.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\necho '| model | size | params | backend | threads | test | t/s |'\n"
+                    "echo '| llama 1B BF16 | 2.05 GiB | 1.10 B | CPU | 2 | tg64 | 18.57 ± 0.00 |'\n")
+    fake.chmod(0o755)
+    assert script.llama_cpp_decode_rate(str(fake), "m.gguf", 2) == 18.57
+    fake.write_text("#!/bin/sh\necho 'error: failed to load model'\n")
+    with pytest.raises(RuntimeError, match="(?s)no tg64 row.*failed to load model"):
+        script.llama_cpp_decode_rate(str(fake), "m.gguf", 2)
+
+    from pyllm.models.llama import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(300, 64, 96, 2, 4, 2)).eval()
+    model.pack_for_inference()
+    assert script.pyllm_decode_rate(model, steps=4, prompt=5) > 0
