@@ -81,7 +81,10 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight:
         later changes to it are not seen), float32 panels
         ``ceil(out / width) x in x width`` (``4 * out * in`` bytes), or for
         bfloat16 on AVX512-BF16 bf16 pairs ``2 * out * in`` bytes (in rounded
-        up to 32).
+        up to 32). On Linux, panels of 2 MiB or more lie in their own
+        2 MiB-aligned mapping advised for transparent huge pages (a decode
+        step streams them whole; fewer TLB misses), rounded up to whole
+        2 MiB pages.
     """
     op = "pyllm.pack_weight"
     check_tensor(op, "weight", weight, dim=2,
