@@ -363,11 +363,11 @@ def bench_rows(folder: str) -> tuple[list[dict], bool]:
         if path.endswith(".json"):
             with open(os.path.join(folder, path)) as f:
                 return json.load(f), False
-    for path in sorted(os.listdir(folder)):
-        if path.endswith(".jsonl"):  # pyllm.benchmark.runner.PARTIAL_ROWS
-            with open(os.path.join(folder, path)) as f:
-                return [json.loads(line) for line in f if line.strip()], True
-    return [], False
+    so_far = os.path.join(folder, "rows-so-far.jsonl")  # pyllm.benchmark.runner.PARTIAL_ROWS
+    if not os.path.exists(so_far):
+        return [], False
+    with open(so_far) as f:
+        return [json.loads(line) for line in f if line.strip()], True
 
 
 def planned_cases() -> str:
@@ -386,7 +386,8 @@ def test_workers() -> int:
         import xdist  # noqa: F401
     except ImportError:
         return 0
-    return max(0, min(8, (os.cpu_count() or 1) // 2)) if (os.cpu_count() or 1) >= 4 else 0
+    cores = os.cpu_count() or 1
+    return min(8, cores // 2) if cores >= 4 else 0
 
 
 def main(argv=None) -> int:

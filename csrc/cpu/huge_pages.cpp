@@ -14,10 +14,6 @@ namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
 
-#if defined(__linux__)
-void unmap(void* base, size_t length) { munmap(base, length); }
-#endif
-
 }  // namespace
 
 at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -26,24 +22,20 @@ at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& o
   const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
 #if defined(__linux__)
   if (bytes >= kHugePage) {
-    // A fresh anonymous mapping one huge page longer than needed, trimmed to
-    // a 2 MiB boundary at both ends, so that every page of the tensor can be
+    // A fresh anonymous mapping one huge page longer than needed, its ends
+    // trimmed to 2 MiB boundaries, so that every page of the tensor can be
     // a huge page; untouched until the packing writes it.
     const size_t length = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* raw = mmap(nullptr, length + kHugePage, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char* raw = static_cast<char*>(mmap(nullptr, length + kHugePage, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
     if (raw != MAP_FAILED) {
-      const auto start = reinterpret_cast<uintptr_t>(raw);
-      const uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
-      if (aligned > start) munmap(raw, aligned - start);
-      const uintptr_t end = start + length + kHugePage;
-      if (end > aligned + length) munmap(reinterpret_cast<void*>(aligned + length),
-                                         end - (aligned + length));
-      void* base = reinterpret_cast<void*>(aligned);
+      const size_t head = (kHugePage - reinterpret_cast<uintptr_t>(raw) % kHugePage) % kHugePage;
+      char* base = raw + head;
+      if (head > 0) munmap(raw, head);
+      munmap(base + length, kHugePage - head);  // the rest past the tensor's pages
       madvise(base, length, MADV_HUGEPAGE);  // a hint: refused or not, the memory is good
       return at::from_blob(
-          base, sizes, [length](void* p) { unmap(p, length); },
-          options.device(at::kCPU));
+          base, sizes, [length](void* p) { munmap(p, length); }, options.device(at::kCPU));
     }
   }
 #endif
