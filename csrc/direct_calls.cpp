@@ -15,7 +15,9 @@
 //   - arguments the kernels take (dtype, shapes, eps), so a bad call always
 //     goes the checked way and gets the face's error message.
 // The result is the one the operator computes (the same kernel, run the same
-// way).
+// way). The packed products (linear_packed_direct, swiglu_packed_direct) also
+// take the weights the panels were packed from, for the gradient check; a
+// call their own checks refuse returns None (the face then raises its error).
 
 #include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
@@ -28,8 +30,11 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "cpu/norms.h"
+#include "cpu/packed_linear.h"
 #include "direct_calls.h"
 
 namespace py = pybind11;
@@ -137,6 +142,77 @@ py::object norm_direct(py::handle x_h, py::handle residual_h, py::handle weight_
   return py::make_tuple(out[0], out[1]);
 }
 
+// Weight elements from which a packed product releases the GIL.
+constexpr int64_t kReleaseGilWeightElements = 1 << 18;
+
+// x, the weights and biases: plain CPU tensors, none requiring grad in grad
+// mode, in a bare context; x of a kernel dtype.
+bool packed_call_ok(py::handle x_h, std::initializer_list<py::handle> others,
+                    std::optional<at::Tensor>& x, std::vector<std::optional<at::Tensor>>& rest) {
+  if (!bare_context()) return false;
+  bool ok = true;
+  x = tensor_arg(x_h, ok);
+  for (py::handle h : others) rest.push_back(tensor_arg(h, ok));
+  if (!ok || !x.has_value() || !float_kernel_dtype(x->scalar_type())) return false;
+  if (at::GradMode::is_enabled()) {
+    if (x->requires_grad()) return false;
+    for (const auto& t : rest) {
+      if (requires_grad(t)) return false;
+    }
+  }
+  return true;
+}
+
+template <typename Fn>
+py::object run_packed(int64_t weight_elements, Fn fn) {
+  try {
+    at::Tensor out;
+    if (weight_elements >= kReleaseGilWeightElements) {
+      py::gil_scoped_release no_gil;
+      out = fn();
+    } else {
+      out = fn();
+    }
+    return py::cast(out);  // (with the GIL held)
+  } catch (const c10::Error&) {
+    return py::none();  // the face's checks name what is wrong
+  }
+}
+
+py::object linear_packed_direct(py::handle x_h, py::handle weight_h, py::handle bias_h,
+                                py::handle packed_h, int64_t out_features,
+                                const std::string& activation) {
+  std::optional<at::Tensor> x;
+  std::vector<std::optional<at::Tensor>> t;
+  if (!packed_call_ok(x_h, {weight_h, bias_h, packed_h}, x, t) || !t[0] || !t[2]) {
+    return py::none();
+  }
+  const at::Tensor packed = *t[2];
+  const std::optional<at::Tensor> bias = t[1];
+  return run_packed(packed.numel(), [&] {
+    return cpu::linear_packed(*x, packed, out_features, bias, activation);
+  });
+}
+
+py::object swiglu_packed_direct(py::handle x_h, py::handle weight_gate_h, py::handle weight_up_h,
+                                py::handle bias_gate_h, py::handle bias_up_h,
+                                py::handle packed_gate_h, py::handle packed_up_h,
+                                int64_t out_features) {
+  std::optional<at::Tensor> x;
+  std::vector<std::optional<at::Tensor>> t;
+  if (!packed_call_ok(x_h, {weight_gate_h, weight_up_h, bias_gate_h, bias_up_h, packed_gate_h,
+                            packed_up_h},
+                      x, t) ||
+      !t[0] || !t[1] || !t[4] || !t[5]) {
+    return py::none();
+  }
+  const at::Tensor packed_gate = *t[4], packed_up = *t[5];
+  const std::optional<at::Tensor> b_gate = t[2], b_up = t[3];
+  return run_packed(packed_gate.numel() + packed_up.numel(), [&] {
+    return cpu::swiglu_packed(*x, packed_gate, packed_up, out_features, b_gate, b_up);
+  });
+}
+
 }  // namespace
 
 void bind_direct_calls(py::module& m) {
@@ -145,6 +221,16 @@ void bind_direct_calls(py::module& m) {
         "rms_norm / layer_norm (add_* with a residual) of a plain eager CPU inference call "
         "without the dispatcher: y, or (y, x + residual); None when the call must go through "
         "torch.ops (see csrc/direct_calls.cpp).");
+  m.def("linear_packed_direct", &linear_packed_direct, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("packed"), py::arg("out_features"), py::arg("activation"),
+        "linear_packed of a plain eager CPU inference call without the dispatcher (weight: "
+        "the tensor the panels were packed from, for the gradient check); None when the call "
+        "must go through torch.ops (see csrc/direct_calls.cpp).");
+  m.def("swiglu_packed_direct", &swiglu_packed_direct, py::arg("x"), py::arg("weight_gate"),
+        py::arg("weight_up"), py::arg("bias_gate"), py::arg("bias_up"), py::arg("packed_gate"),
+        py::arg("packed_up"), py::arg("out_features"),
+        "swiglu_packed of a plain eager CPU inference call without the dispatcher; None when "
+        "the call must go through torch.ops (see csrc/direct_calls.cpp).");
 }
 
 }  // namespace pyllm

@@ -32,6 +32,7 @@ DECODE_CASES = [  # seq_q <= 8: the split-KV path
     (2, 1, 700, 4, 4, 80, False),
     (1, 4, 1000, 8, 1, 64, True),
     (3, 8, 8, 2, 2, 40, True),
+    (1, 3, 200, 16, 4, 64, True),  # one short slice: the kv heads shared out among threads
 ]
 
 
@@ -269,10 +270,12 @@ def test_varlen_bias_uses_each_sequences_corner():
 # -- threads, ISA paths, decode splits ---------------------------------------------
 
 def test_thread_count():
-    """Prefill tasks don't depend on the thread count (bitwise); the decode path
-    splits keys by thread count, so it agrees within rounding."""
+    """Prefill tasks don't depend on the thread count (bitwise), nor do a
+    short decode's (its kv heads shared out); the decode path splits long
+    keys by thread count, so it agrees within rounding."""
     prefill = make((1, 130, 130, 4, 2, 64, True), torch.float32)
     decode = make((1, 1, 3000, 4, 2, 64, True), torch.float32)
+    short = make((1, 1, 200, 16, 4, 64, True), torch.bfloat16)  # kv heads shared out
     results = []
     previous = torch.get_num_threads()
     try:
@@ -281,13 +284,14 @@ def test_thread_count():
             grads = grads_of(lambda *t: pyllm.attention(*t, causal=True), prefill,
                              torch.ones(prefill[0].shape))
             results.append((pyllm.attention(*prefill, causal=True), *grads,
+                            pyllm.attention(*short, causal=True),
                             pyllm.attention(*decode, causal=True)))
     finally:
         torch.set_num_threads(previous)
     one, two = results
-    for a, b in zip(one[:4], two[:4]):
+    for a, b in zip(one[:5], two[:5]):
         assert torch.equal(a, b)
-    torch.testing.assert_close(one[4], two[4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one[5], two[5], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("isa", ISAS)

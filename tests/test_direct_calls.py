@@ -1,7 +1,9 @@
 """The dispatcher-free path of small eager CPU inference calls (pyllm/ops/direct.py,
 csrc/direct_calls.cpp): it gives the operators' results, and it is taken only
 where nothing stands between the call and the CPU kernel (grad, modes,
-autocast, the profiler, torch.compile, subclasses, a named backend)."""
+autocast, the profiler, torch.compile, subclasses, a named backend). The same
+for the packed products of pyllm.nn's packed modules (linear_packed_direct,
+swiglu_packed_direct) and the norm modules."""
 
 import pytest
 import torch
@@ -235,3 +237,95 @@ def test_direct_entry_returns_none_for_what_it_does_not_serve():
         assert direct.norm(x, None, None, 1e-5, False, "reference") is None
         assert isinstance(direct.norm(x, None, None, 1e-5, False, None), torch.Tensor)
         assert direct.add_norm(x, None, None, None, 1e-5, True, None) is None
+
+
+# -- the packed products of pyllm.nn's modules ------------------------------------
+
+
+def _packed_modules(dtype):
+    from pyllm.nn import Attention, Linear, SwiGLU
+
+    torch.manual_seed(5)
+    return (Linear(70, 130, activation="silu", dtype=dtype).pack(),
+            SwiGLU(70, 150, bias=True, dtype=dtype).pack(),
+            Attention(70, 5, 1, head_dim=14, bias=True, dtype=dtype).pack())
+
+
+@pytest.fixture
+def faces(monkeypatch):
+    """Counts the packed calls that went through the faces (checks, torch.ops)."""
+    import pyllm.nn.attention
+    import pyllm.nn.linear
+
+    calls = []
+    for module in (pyllm.nn.linear, pyllm.nn.attention):
+        for name in ("linear_packed", "swiglu_packed"):
+            if hasattr(module, name):
+                real = getattr(module, name)
+                monkeypatch.setattr(module, name, lambda *a, _real=real, _n=name, **k:
+                                    calls.append(_n) or _real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_packed_modules_call_the_kernels_directly(dtype, faces):
+    x = randn((3, 7, 70), dtype, gen=generator("direct packed", dtype))
+    for module in _packed_modules(dtype):
+        with torch.no_grad():
+            got = module(x)
+        faces.clear()
+        with torch.no_grad(), _Recording() as mode:  # the dispatcher's way: the operators
+            want = module(x)
+        assert faces and any("_packed" in op for op in mode.ops)
+        assert torch.equal(got, want), type(module).__name__
+        with torch.no_grad():
+            faces.clear()
+            module(x)
+            assert faces == [], type(module).__name__
+
+
+def test_packed_direct_entries_return_none_for_what_they_do_not_serve():
+    from pyllm import _C
+
+    linear = _packed_modules(torch.float32)[0]
+    packed = linear._pack.packed
+    x = torch.randn(2, 70)
+    w = linear.weight
+    with torch.no_grad():
+        assert _C.linear_packed_direct(x, w, None, packed.panels, 130, "silu") is not None
+        for args in [(x.bfloat16(), w, None, packed.panels, 130, "none"),  # panels of another dtype
+                     (x[:, :69], w, None, packed.panels, 130, "none"),  # another in_features
+                     (x, w, None, packed.panels, 200, "none"),  # more out_features than panels
+                     (x, w, None, packed.panels, 130, "tanh"),  # no such activation
+                     (x, w, torch.ones(3), packed.panels, 130, "none"),  # a bias of 3
+                     (x.int(), w, None, packed.panels, 130, "none"),
+                     (x, w, None, [1.0], 130, "none")]:
+            assert _C.linear_packed_direct(*args) is None, args
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _C.linear_packed_direct(x, w, None, packed.panels, 130, "none") is None
+        with _Recording():
+            assert _C.linear_packed_direct(x, w, None, packed.panels, 130, "none") is None
+    # grad mode: the weight requires grad (the packed op has no backward)
+    assert _C.linear_packed_direct(x, w, None, packed.panels, 130, "none") is None
+    assert _C.linear_packed_direct(x, w.detach(), None, packed.panels, 130, "none") is not None
+    assert _C.linear_packed_direct(x.requires_grad_(), w.detach(), None, packed.panels, 130,
+                                   "none") is None
+
+
+@pytest.mark.parametrize("module", ["RMSNorm", "LayerNorm"])
+def test_norm_modules_call_the_kernels_directly(module, routed):
+    from pyllm import nn
+
+    norm = getattr(nn, module)(64, 1e-5)
+    x, r = torch.randn(2, 3, 64), torch.randn(2, 3, 64)
+    with torch.no_grad():
+        y, total = norm(x, r)
+        alone = norm(x)
+    assert routed == []
+    want = getattr(pyllm, f"add_{module[:-4].lower()}_norm".replace("rmsnorm", "rms").replace(
+        "layernorm", "layer"))
+    args = (x, r, norm.weight) if module == "RMSNorm" else (x, r, norm.weight, norm.bias)
+    with torch.no_grad(), _Recording():
+        expect = want(*args, 1e-5)
+    assert torch.equal(y, expect[0]) and torch.equal(total, expect[1])
+    assert alone.shape == x.shape

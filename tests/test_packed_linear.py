@@ -1,5 +1,5 @@
 """Pre-packed weights (pyllm.pack_weight, pyllm.linear_packed,
-pyllm.swiglu_packed; Linear/Conv1D/SwiGLU.pack(), pack_for_inference):
+pyllm.swiglu_packed; Linear/Conv1D/SwiGLU/Attention.pack(), pack_for_inference):
 
 - the packed ops give the unpacked ops' bits in batch-invariant mode at every
   size, and in the default mode wherever the unpacked GEMM sums in the blocked
@@ -11,6 +11,9 @@ pyllm.swiglu_packed; Linear/Conv1D/SwiGLU.pack(), pack_for_inference):
   1-16 rows on ISAs without a panel skinny kernel for the weight: there the
   unpacked op's bits), on every ISA; they follow in-place changes, new tensors and
   dtype casts of the weight, keep state_dict and gradients as before;
+- Attention packs q, k and v as one stacked weight: one GEMM a
+  self-attention call, the unpacked module's outputs, cross-attention on
+  the unpacked weights;
 - pack_for_inference on pyllm's LLaMA, GPT-2 and BERT: the same logits
   (bit for bit under batch-invariant mode) and generated tokens;
 - bad input gets errors naming the argument; opcheck (fakes, schemas).
@@ -404,6 +407,68 @@ def test_modules_follow_changes_of_the_weight():
             assert _calls_packed(module, xb)
             assert _same(packed_out, module.unpack()(xb))
         module.to(torch.float32)
+
+
+def _packed_calls(module, *args, **kwargs):
+    """How many packed-op calls module(*args) made (the profiler's count)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        module(*args, **kwargs)
+    return sum(e.count for e in prof.key_averages() if e.key.endswith("_packed"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_attention_packs_q_k_v_as_one_weight(dtype, bias):
+    from pyllm.nn import Attention
+
+    torch.manual_seed(3)
+    attn = Attention(72, 6, 2, bias=bias, rope_base=10000.0, dtype=dtype).requires_grad_(False)
+    for p in attn.parameters():
+        p.normal_(0, 0.2)
+    x = torch.randn(2, 19, 72, dtype=dtype)[:, ::2]  # non-contiguous, 10 tokens a sequence
+    step = torch.randn(2, 1, 72, dtype=dtype)
+
+    def run():
+        cache = attn.new_cache(2, 16)
+        return attn(x, cache=cache), attn(step, cache=cache)
+
+    with pyllm.batch_invariant():
+        want = run()
+    want_default = run()
+    attn.pack()
+    assert attn.is_packed and attn.packed_nbytes() > 0 and attn.o_proj.is_packed
+    assert not attn.q_proj.is_packed  # q, k and v live in the one stacked copy
+    with pyllm.batch_invariant():
+        got = run()
+        # one GEMM for q, k and v, one for o_proj
+        assert _packed_calls(attn, x, cache=attn.new_cache(2, 16)) == 2
+    assert all(_same(a, b) for a, b in zip(got, want))
+    # the default mode: 20 rows sum in the blocked order either way; the
+    # decode rows within rounding of the three unpacked GEMVs
+    got_default = run()
+    assert _same(got_default[0], want_default[0])
+    tol = (2e-2 if dtype != torch.float32 else 1e-5) * want_default[1].float().abs().max()
+    assert (got_default[1].float() - want_default[1].float()).abs().max() <= tol
+    # cross-attention reads the unpacked q, k, v weights
+    context = torch.randn(2, 5, 72, dtype=dtype)
+    cross = Attention(72, 6, 2, bias=bias, causal=False, dtype=dtype).requires_grad_(False)
+    plain = cross(x, context)
+    cross.pack()
+    assert _same(cross(x, context), plain) and _packed_calls(cross, x, context) == 1
+    # an in-place change of one of the three weights is followed
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(-1.0)
+        with pyllm.batch_invariant():
+            changed = run()
+            assert _same(changed[0], attn.unpack()(x, cache=attn.new_cache(2, 16)))
+    assert not attn.is_packed and not attn.o_proj.is_packed
+
+
+def test_attention_with_another_context_width_packs_only_o_proj():
+    from pyllm.nn import Attention
+
+    attn = Attention(32, 4, kv_size=24, causal=False).pack()
+    assert not attn.is_packed and attn.o_proj.is_packed
 
 
 # -- models ----------------------------------------------------------------------

@@ -35,6 +35,9 @@ using c10::optional;
 constexpr int64_t kDecodeMaxQueries = 8;
 // Keys per decode slice, at least.
 constexpr int64_t kDecodeMinSlice = 256;
+// Multiply-adds of Q K^T in a sequence from which the decode path shares the
+// kv heads out among idle threads (below it, waking a thread costs more).
+constexpr int64_t kDecodeMinHeadWork = 1 << 17;
 
 // Tasks: for each sequence, `per_seq` units (heads) times the blocks of
 // `block` that its length (from `length`) needs. Runs fn(s, unit, begin, end)
@@ -85,7 +88,10 @@ void store_row(DType type, const float* src, int64_t n, void* dst) {
 // The decode path: each sequence's keys are cut into slices run in parallel
 // (each slice covering every head), whose unnormalised (o, m, l) per row are
 // combined afterwards: m = max m_i, l = sum l_i 2^(m_i - m),
-// o = sum o_i 2^(m_i - m) / l.
+// o = sum o_i 2^(m_i - m) / l. Where sequences x slices leave threads idle
+// (one sequence of fewer than 2 x kDecodeMinSlice keys: a decode step of a
+// short context), the kv heads are shared out too; a row's result is the
+// same either way (its keys' slices do not change).
 void decode(const AttentionForward& a) {
   const AttentionGeometry& g = a.g;
   const int64_t D = g.head_dim;
@@ -93,17 +99,24 @@ void decode(const AttentionForward& a) {
   const int64_t threads = at::get_num_threads();
   const int64_t wanted = std::max<int64_t>(1, (2 * threads + g.batch - 1) / g.batch);
   const int64_t splits = std::max<int64_t>(1, std::min(wanted, g.seq_k / kDecodeMinSlice));
+  const int64_t work = rows * g.seq_k * D;  // multiply-adds of Q K^T, of a sequence at most
+  const int64_t parts =
+      g.batch * splits >= threads || work < kDecodeMinHeadWork
+          ? 1
+          : std::min(g.heads_kv, (threads + g.batch * splits - 1) / (g.batch * splits));
   std::vector<float> partial(static_cast<size_t>(g.batch * splits * rows * (D + 2)));
   const AttentionDecodeFn kernel = decode_kernel();
-  at::parallel_for(0, g.batch * splits, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, g.batch * splits * parts, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = t / splits, split = t % splits;
+      const int64_t slice = t / parts, part = t % parts;
+      const int64_t s = slice / splits, split = slice % splits;
       const int64_t lk = g.len_k(s);
       // Paged keys: slices of whole kLanes chunks (see decode_task).
       const int64_t per = g.paged ? (lk + splits * 16 - 1) / (splits * 16) * 16
                                   : (lk + splits - 1) / splits;
       const int64_t k_begin = std::min(lk, split * per), k_end = std::min(lk, k_begin + per);
-      kernel(a, s, k_begin, k_end, partial.data() + t * rows * (D + 2));
+      const int64_t hk_begin = g.heads_kv * part / parts, hk_end = g.heads_kv * (part + 1) / parts;
+      kernel(a, s, hk_begin, hk_end, k_begin, k_end, partial.data() + slice * rows * (D + 2));
     }
   });
   constexpr float kInf = std::numeric_limits<float>::infinity();

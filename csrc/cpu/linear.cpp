@@ -22,6 +22,7 @@
 #include "huge_pages.h"
 #include "isa.h"
 #include "kernels/gemm.h"
+#include "packed_linear.h"
 #include "output.h"
 #include "../common/batch_invariant.h"
 #include "../common/linear_checks.h"
@@ -594,6 +595,8 @@ GemmArgs packed_args(const Tensor& x2, int64_t N, const Tensor& packed, const Te
   return g;
 }
 
+}  // namespace
+
 Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t out_features,
                      const optional<Tensor>& bias_in, c10::string_view activation) {
   const char* op = "linear_packed";
@@ -625,8 +628,6 @@ Tensor swiglu_packed(const Tensor& x, const Tensor& packed_gate, const Tensor& p
   g.epilogue = Epilogue::swiglu;
   return run_into_output(g, x, N);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);

@@ -12,8 +12,8 @@ into an existing model.
   :class:`RotaryEmbedding`; :class:`MultiheadAttention` with
   ``torch.nn.MultiheadAttention``'s interface (need_weights=False).
 - :func:`patch` / :func:`unpatch`: swap supported modules in place and back.
-- :func:`pack_for_inference`: pack every ``Linear``/``Conv1D``/``SwiGLU``
-  weight for CPU inference (each module's ``pack()``).
+- :func:`pack_for_inference`: pack every ``Linear``/``Conv1D``/``SwiGLU``/
+  ``Attention`` weight for CPU inference (each module's ``pack()``).
 """
 
 from pyllm.nn.attention import Attention, KVCache, MultiheadAttention, RotaryEmbedding

@@ -14,6 +14,9 @@ from torch import nn
 
 import pyllm
 from pyllm.nn.linear import Linear
+from pyllm.ops import direct
+from pyllm.nn.packing import WeightPack, packed_call_allowed, packed_serves_rows
+from pyllm.ops.packed_linear import linear_packed
 
 __all__ = ["Attention", "KVCache", "MultiheadAttention", "RotaryEmbedding"]
 
@@ -203,6 +206,70 @@ class Attention(nn.Module):
                                  f"= ({num_heads},), got {tuple(alibi_slopes.shape)}")
         self.register_buffer("alibi_slopes", alibi_slopes)
         self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
+        self._qkv_pack: WeightPack | None = None
+
+    # -- packed weights (CPU inference) ------------------------------------------
+
+    def pack(self) -> "Attention":
+        """Packs the projections for CPU inference (:mod:`pyllm.nn.packing`):
+        q, k and v as one weight stacked along the output features (one GEMM
+        of x per self-attention call: at a decode row, one stream of the
+        three weights), ``o_proj`` as :meth:`Linear.pack`. Self-attention
+        calls that take packed weights then give the unpacked module's
+        outputs; cross-attention calls (``context``) read the unpacked q/k/v
+        weights. Returns self."""
+        weights = self._qkv_weights()
+        if self.q_proj.in_features == self.k_proj.in_features:
+            if self._qkv_pack is None:
+                self._qkv_pack = WeightPack(*weights)
+            else:
+                self._qkv_pack.get(*weights)
+        self.o_proj.pack()
+        return self
+
+    def unpack(self) -> "Attention":
+        """Drops the packed copies. Returns self."""
+        self._qkv_pack = None
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            proj.unpack()
+        return self
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether q, k and v are packed as one weight."""
+        return self._qkv_pack is not None
+
+    def packed_nbytes(self) -> int:
+        """Memory of the q/k/v packed copy (bytes; ``o_proj``'s is
+        ``o_proj.packed_nbytes()``)."""
+        pack = self._qkv_pack
+        return pack.packed.panels.nbytes if pack is not None and pack.packed else 0
+
+    def _qkv_weights(self):
+        return self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
+
+    def _qkv_packed(self, x: torch.Tensor):
+        """``(q, k, v)`` projections of x from the stacked packed weight (views
+        of one output), or None when the call must take the three modules."""
+        pack = self._qkv_pack
+        if pack is None:
+            return None
+        weights = self._qkv_weights()
+        biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
+        if (x.dtype != weights[0].dtype or torch.is_autocast_enabled(x.device.type)
+                or not packed_call_allowed(x, *weights, *biases)):
+            return None
+        packed = pack.get(*weights)
+        if packed is None or not packed_serves_rows(x, packed):
+            return None
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
+                              for b, w in zip(biases, weights)]).to(x.dtype)
+        qkv = direct.linear_packed(x, weights[0], bias, packed)
+        if qkv is None:
+            qkv = linear_packed(x, packed, bias)
+        return qkv.split([w.shape[0] for w in weights], dim=-1)
 
     def new_cache(self, batch: int, max_tokens: int, *, dtype=None, device=None) -> KVCache:
         """A :class:`KVCache` for this module (parameters' dtype/device by default)."""
@@ -231,9 +298,12 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         counts = cache.step_counts(x.shape, cu_seqlens, "pyllm.nn.Attention")
         tokens = b * s
-        q = self.q_proj(x).view(tokens, -1, self.head_dim)
-        k = self.k_proj(x).view(tokens, -1, self.head_dim)
-        v = self.v_proj(x).view(tokens, -1, self.head_dim)
+        qkv = self._qkv_packed(x)
+        if qkv is None:
+            qkv = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = qkv[0].view(tokens, -1, self.head_dim)
+        k = qkv[1].view(tokens, -1, self.head_dim)
+        v = qkv[2].view(tokens, -1, self.head_dim)
         rotary = {}
         if self.rotary is not None:
             if positions is not None:
@@ -267,9 +337,12 @@ class Attention(nn.Module):
         source = x if context is None else context
         # heads from the projections' width: under tensor parallelism
         # (ColwiseParallel) each rank holds its share of the heads
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)
-        k = self.k_proj(source).view(b, source.shape[1], -1, self.head_dim)
-        v = self.v_proj(source).view(b, source.shape[1], -1, self.head_dim)
+        qkv = self._qkv_packed(x) if context is None else None
+        if qkv is None:
+            qkv = self.q_proj(x), self.k_proj(source), self.v_proj(source)
+        q = qkv[0].view(b, s, -1, self.head_dim)
+        k = qkv[1].view(b, source.shape[1], -1, self.head_dim)
+        v = qkv[2].view(b, source.shape[1], -1, self.head_dim)
         if self.rotary is not None and context is None:
             length = None
             if positions is None:

@@ -18,6 +18,7 @@ from torch import nn
 
 import pyllm
 from pyllm.nn.packing import WeightPack, packed_call_allowed, packed_serves_rows
+from pyllm.ops import direct
 from pyllm.ops.linear import ACTIVATIONS
 from pyllm.ops.packed_linear import linear_packed, swiglu_packed
 
@@ -95,7 +96,8 @@ class Linear(_Packable, nn.Linear):
         if self._pack is not None:
             packed = self._packed_for(x, self.weight, self.bias)
             if packed is not None:
-                return linear_packed(x, packed, bias, self.activation)
+                out = direct.linear_packed(x, self.weight, bias, packed, self.activation)
+                return out if out is not None else linear_packed(x, packed, bias, self.activation)
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return pyllm.linear(x, weight, bias, self.activation)
 
@@ -204,8 +206,12 @@ class SwiGLU(nn.Module):
             packed_gate = gate._packed_for(x, gate.weight, gate.bias)
             packed_up = up._packed_for(x, up.weight, up.bias) if packed_gate is not None else None
             if packed_up is not None:
-                return self.down_proj(swiglu_packed(x, packed_gate, packed_up, cast(gate.bias),
-                                                    cast(up.bias)))
+                bias_gate, bias_up = cast(gate.bias), cast(up.bias)
+                h = direct.swiglu_packed(x, gate.weight, up.weight, bias_gate, bias_up,
+                                         packed_gate, packed_up)
+                if h is None:
+                    h = swiglu_packed(x, packed_gate, packed_up, bias_gate, bias_up)
+                return self.down_proj(h)
         weight_gate = cast(self.gate_proj.weight)
         local = type(weight_gate).__name__ == "DTensor" and type(x).__name__ != "DTensor"
         if local:  # gate/up under ColwiseParallel: x replicated, the gate's local columns out

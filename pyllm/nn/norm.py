@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import pyllm
+from pyllm.ops import direct
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -51,6 +52,16 @@ class _Norm:
 
     def _run(self, fn, fused_fn, x, residual, *params):
         shape = self.normalized_shape
+        if len(shape) == 1 and x.shape[-1:] == shape:
+            # a plain eager CPU inference call: the kernel without the
+            # dispatcher (pyllm.ops.direct), or None
+            rms = len(params) == 1
+            bias = None if rms else params[1]
+            eps = self._eps_for(x)
+            out = direct.norm(x, params[0], bias, eps, rms, None) if residual is None else \
+                direct.add_norm(x, residual, params[0], bias, eps, rms, None)
+            if out is not None:
+                return out
         name = type(self).__name__
         flat = _flatten(x, shape, f"pyllm.nn.{name}")
         if residual is None:

@@ -1,8 +1,8 @@
 """Packed weights for CPU inference in pyllm's modules: :class:`WeightPack`
 (a packed copy kept in step with its parameter) and :func:`pack_for_inference`.
 
-``pyllm.nn.Linear.pack()``, ``Conv1D.pack()`` and ``SwiGLU.pack()`` pack their
-weights once (:func:`pyllm.ops.packed_linear.pack_weight`); their forward then
+``pyllm.nn.Linear.pack()``, ``Conv1D.pack()``, ``SwiGLU.pack()`` and
+``Attention.pack()`` (q, k and v stacked into one weight) pack their weights once (:func:`pyllm.ops.packed_linear.pack_weight`); their forward then
 reads the packed copy when the call is one the packed ops serve exactly:
 
 - a CPU call, x of the weight's dtype (so not under autocast's casts), plain
@@ -65,29 +65,35 @@ class WeightPack:
     """A :class:`PackedWeight` of a weight, packed again when the weight changes.
 
     Args:
-        weight: ``(out_features, in_features)`` CPU tensor (any strides), the
-            weight as the op takes it.
+        weights: one ``(out_features, in_features)`` CPU tensor (any strides),
+            the weight as the op takes it; or several with one
+            ``in_features``, packed as one weight stacked along
+            ``out_features`` (``torch.cat(weights)``: a q/k/v projection's
+            three weights read by one GEMM).
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, *weights: torch.Tensor):
+        if not weights:
+            raise TypeError("pyllm.nn.packing.WeightPack: give at least one weight")
         self.packed: PackedWeight | None = None
         self._state = None
-        self.get(weight)
+        self.get(*weights)
 
-    def get(self, weight: torch.Tensor) -> PackedWeight | None:
-        """The packed copy of ``weight``'s current values (packing again if
-        they changed), or None where it cannot be kept in step (an inference
-        tensor) or the weight is not on the CPU."""
-        if weight.device.type != "cpu":
-            self.packed = self._state = None
-            return None
-        state = _state(weight)
-        if state is None:
-            self.packed = self._state = None
-            return None
+    def get(self, *weights: torch.Tensor) -> PackedWeight | None:
+        """The packed copy of the weights' current values (packing again if
+        any changed), or None where it cannot be kept in step (an inference
+        tensor) or a weight is not on the CPU."""
+        # (on every packed call: attribute reads only, no generators)
+        state = []
+        for w in weights:
+            s = _state(w) if w.is_cpu else None
+            if s is None:
+                self.packed = self._state = None
+                return None
+            state.append(s)
         if self.packed is None or state != self._state or self.packed.isa != _active_isa():
             with torch.no_grad():
-                self.packed = pack_weight(weight)
+                self.packed = pack_weight(weights[0] if len(weights) == 1 else torch.cat(weights))
             self._state = state
         return self.packed
 
@@ -95,15 +101,19 @@ class WeightPack:
 def packed_call_allowed(x: torch.Tensor, *tensors) -> bool:
     """Whether a module call on ``x`` with these parameters (None allowed)
     may take packed weights: see the module docstring."""
-    if x.device.type != "cpu" or _is_compiling() or _has_torch_function((x, *tensors)):
+    # (on every packed call: the cheapest tests first, no generators)
+    if not x.is_cpu or _has_torch_function((x, *tensors)):
         return False
     name = _backend._STACK[-1] if _backend._STACK else _backend._ENV_BACKEND
-    if name is not None and name != "cpu":
+    if (name is not None and name != "cpu") or _is_compiling():
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            t is not None and t.requires_grad for t in tensors)):
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
         return False
-    return all(t is None or t.device.type == "cpu" for t in tensors)
+    for t in tensors:
+        if t is not None and (not t.is_cpu or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def packed_serves_rows(x: torch.Tensor, packed: PackedWeight) -> bool:
@@ -138,8 +148,9 @@ class PackReport:
 
 
 def pack_for_inference(model: nn.Module) -> PackReport:
-    """Packs every pyllm ``Linear``, ``Conv1D`` and ``SwiGLU`` in ``model``
-    (one whose ``pack()`` exists) for CPU inference, in place.
+    """Packs every pyllm ``Linear``, ``Conv1D``, ``SwiGLU`` and ``Attention``
+    in ``model`` for CPU inference, in place (an ``Attention``'s q, k and v
+    as one stacked weight, a ``SwiGLU``'s gate and up as a pair).
 
     Args:
         model: any module (pyllm's models, or a model :func:`pyllm.nn.patch`
@@ -151,18 +162,26 @@ def pack_for_inference(model: nn.Module) -> PackReport:
         :mod:`pyllm.ops.packed_linear`). Calls that want gradients keep using
         the weights.
     """
+    from pyllm.nn.attention import Attention
     from pyllm.nn.linear import Conv1D, Linear, SwiGLU
 
     names, nbytes = [], 0
-    inside_swiglu = set()
+    packed_jointly = set()  # projections packed with others, by their block
     for name, module in model.named_modules():
         if isinstance(module, SwiGLU):
             module.pack()
-            inside_swiglu.update({id(module.gate_proj), id(module.up_proj)})
-            names.append(name)
-            nbytes += module.packed_nbytes()
+            packed_jointly.update({id(module.gate_proj), id(module.up_proj)})
+        elif isinstance(module, Attention):
+            module.pack()
+            if not module.is_packed:
+                continue
+            packed_jointly.update({id(module.q_proj), id(module.k_proj), id(module.v_proj)})
+        else:
+            continue
+        names.append(name)
+        nbytes += module.packed_nbytes()
     for name, module in model.named_modules():
-        if isinstance(module, (Linear, Conv1D)) and id(module) not in inside_swiglu:
+        if isinstance(module, (Linear, Conv1D)) and id(module) not in packed_jointly:
             module.pack()
             if module.packed_nbytes():
                 names.append(name)
@@ -175,8 +194,8 @@ class PacksForInference:
     ``nn.Module`` subclasses)."""
 
     def pack_for_inference(self) -> PackReport:
-        """Packs every ``Linear``/``Conv1D``/``SwiGLU`` weight of this model for
-        CPU inference (:func:`pyllm.nn.pack_for_inference`): no-grad CPU calls
+        """Packs every ``Linear``/``Conv1D``/``SwiGLU``/``Attention`` weight of
+        this model for CPU inference (:func:`pyllm.nn.pack_for_inference`): no-grad CPU calls
         (``generate``, calls under ``torch.no_grad()``) then read the packed
         copies, with the unpacked model's outputs. Returns the
         :class:`PackReport`; ``unpack_weights()`` drops the copies."""

@@ -3,7 +3,8 @@
 A call through ``torch.ops`` costs a few microseconds of Python and dispatcher
 work (boxing, the autograd kernel, the statistics a backward would keep); at
 a decode row that is more than the kernel. The faces of the norms try
-:func:`norm` first: it calls the CPU kernel from ``pyllm._C`` directly when
+:func:`norm` first (the packed modules of :mod:`pyllm.nn` try
+:func:`linear_packed` and :func:`swiglu_packed`): it calls the CPU kernel from ``pyllm._C`` directly when
 nothing stands between the call and that kernel, and returns None otherwise,
 and the face then goes the usual way (checks, routing, ``torch.ops``).
 
@@ -23,11 +24,13 @@ import torch
 from pyllm import _C
 from pyllm import backend as _backend
 
-__all__ = ["norm", "add_norm"]
+__all__ = ["norm", "add_norm", "linear_packed", "swiglu_packed"]
 
 _is_compiling = torch.compiler.is_compiling
 _has_torch_function = torch._C._has_torch_function
 _norm_direct = _C.norm_direct
+_linear_packed_direct = _C.linear_packed_direct
+_swiglu_packed_direct = _C.swiglu_packed_direct
 
 
 def norm(x, weight, bias, eps, rms: bool, backend: str | None):
@@ -64,3 +67,27 @@ def _call(x, residual, weight, bias, eps, rms, backend):
             (x, residual, weight, bias)):
         return None
     return _norm_direct(x, residual, weight, bias, eps, rms)
+
+
+def linear_packed(x, weight, bias, packed, activation: str = "none"):
+    """linear_packed without the dispatcher, or None.
+
+    For :mod:`pyllm.nn`'s modules, after
+    :func:`pyllm.nn.packing.packed_call_allowed` said yes for ``x``,
+    ``weight`` and ``bias`` (which checks what only Python knows).
+
+    Args: as :func:`pyllm.ops.packed_linear.linear_packed`, plus ``weight``
+    ``(out_features, in_features)``, the tensor ``packed`` was packed from.
+
+    Returns:
+        ``(..., out_features)`` in x's dtype, or None when the call must go
+        through the face (whose checks then name what is wrong).
+    """
+    return _linear_packed_direct(x, weight, bias, packed.panels, packed.out_features, activation)
+
+
+def swiglu_packed(x, weight_gate, weight_up, bias_gate, bias_up, packed_gate, packed_up):
+    """swiglu_packed without the dispatcher, or None (as :func:`linear_packed`;
+    the weights are the two the panels were packed from)."""
+    return _swiglu_packed_direct(x, weight_gate, weight_up, bias_gate, bias_up,
+                                 packed_gate.panels, packed_up.panels, packed_gate.out_features)

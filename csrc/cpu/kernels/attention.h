@@ -24,14 +24,16 @@ using pyllm::TokenLayout;
 using AttentionForwardFn = void (*)(const AttentionForward&, int64_t s, int64_t h, int64_t q_begin,
                                     int64_t q_end);
 
-// One task of the decode path (few queries, long keys): every query row of
-// sequence s (each kv head's group of query heads x the queries) against keys
-// [k_begin, k_end) of every kv head, so that the task reads its keys' K and V
-// rows in memory order. Writes the unnormalised partial result of each row,
-// its accumulator o[head_dim], running max m and sum l, at
-// partial + ((hk * group + head_in_group) * len_q + query) * (head_dim + 2).
-using AttentionDecodeFn = void (*)(const AttentionForward&, int64_t s, int64_t k_begin,
-                                   int64_t k_end, float* partial);
+// One task of the decode path (few queries, long keys): the query rows of
+// sequence s of kv heads [hk_begin, hk_end) (each kv head's group of query
+// heads x the queries) against keys [k_begin, k_end), so that the task reads
+// its keys' K and V rows in memory order. Writes the unnormalised partial
+// result of each of those rows, its accumulator o[head_dim], running max m
+// and sum l, at partial + ((hk * group + head_in_group) * len_q + query) *
+// (head_dim + 2). A row's result does not depend on the kv heads range.
+using AttentionDecodeFn = void (*)(const AttentionForward&, int64_t s, int64_t hk_begin,
+                                   int64_t hk_end, int64_t k_begin, int64_t k_end,
+                                   float* partial);
 
 // The backward in two passes so that no two tasks write one gradient:
 // dk/dv for keys [k_begin, k_end) of sequence s and kv head hk (summing over
@@ -79,7 +81,8 @@ constexpr int64_t kAttentionBackwardChunk = 8;
 #define PYLLM_DECLARE_ATTENTION(isa)                                                       \
   namespace isa {                                                                          \
   void attention_forward(const AttentionForward&, int64_t, int64_t, int64_t, int64_t);     \
-  void attention_decode(const AttentionForward&, int64_t, int64_t, int64_t, float*);       \
+  void attention_decode(const AttentionForward&, int64_t, int64_t, int64_t, int64_t,        \
+                        int64_t, float*);                                                  \
   void attention_backward_kv(const AttentionBackward&, int64_t, int64_t, int64_t, int64_t); \
   void attention_backward_q(const AttentionBackward&, int64_t, int64_t, int64_t, int64_t);  \
   void attention_delta(const float*, const float*, int64_t, int64_t, int64_t, float*);      \

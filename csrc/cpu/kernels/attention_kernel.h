@@ -620,11 +620,13 @@ inline void prefetch_l2(const void* p, int64_t bytes) {
 }
 
 template <typename T>
-void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t k_end,
-                 float* partial) {
+void decode_task(const AttentionForward& a, int64_t s, int64_t hk_begin, int64_t hk_end,
+                 int64_t k_begin, int64_t k_end, float* partial) {
   const AttentionGeometry& g = a.g;
   const int64_t group = g.heads / g.heads_kv, lq = g.len_q(s), lk = g.len_k(s);
   const int64_t rows = g.heads * lq;  // row r: head r / lq, query r % lq
+  // this task's rows: those of kv heads [hk_begin, hk_end)
+  const int64_t r_begin = hk_begin * group * lq, r_end = hk_end * group * lq;
   const int64_t D = g.head_dim, Dv = round_up(D, kLanes);
   const int64_t offset = lk - lq, fq = g.first_q(s), fk = g.first_k(s);
   Workspace& w = workspace();
@@ -639,7 +641,7 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
   float* buf = reinterpret_cast<float*>(start + rows);  // kLanes scores, then probabilities
   const ScoreTransform transform(g);
   int64_t k_stop = k_begin, k_first = k_end;
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
     const int64_t h = r / lq, i = r % lq;
     load_f32(token<T>(a.q, fq, s, i, h), D, q + r * Dv, Dv);
     start[r] = imax(k_begin, g.key_lo(i, offset));
@@ -700,7 +702,7 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
   std::memset(zeros, 0, sizeof(float) * Dv);
   for (int64_t j0 = k_first; j0 < imin(k_stop, k_first + kPrefetchKeys); j0 += kLanes) {
     look_ahead(j0);
-    for (int64_t hk = 0; hk < g.heads_kv; ++hk) prefetch(hk);
+    for (int64_t hk = hk_begin; hk < hk_end; ++hk) prefetch(hk);
   }
   const float* kh[kLanes];
   const float* vh[kLanes];
@@ -711,7 +713,7 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
     chunk_rows(a.k, j0, n, krows);
     chunk_rows(a.v, j0, n, vrows);
     look_ahead(j0 + kPrefetchKeys);
-    for (int64_t hk = 0; hk < g.heads_kv; ++hk) {
+    for (int64_t hk = hk_begin; hk < hk_end; ++hk) {
       prefetch(hk);
       const int64_t k_head = hk * a.k.head_stride, v_head = hk * a.v.head_stride;
       for (int64_t j = 0; j < kLanes; ++j) {
@@ -768,7 +770,7 @@ void decode_task(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t 
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
     float* out = partial + r * (D + 2);
     std::memcpy(out, o + r * Dv, sizeof(float) * D);
     out[D] = m[r];
@@ -1016,12 +1018,12 @@ void attention_forward(const AttentionForward& a, int64_t s, int64_t h, int64_t 
   }
 }
 
-void attention_decode(const AttentionForward& a, int64_t s, int64_t k_begin, int64_t k_end,
-                      float* partial) {
+void attention_decode(const AttentionForward& a, int64_t s, int64_t hk_begin, int64_t hk_end,
+                      int64_t k_begin, int64_t k_end, float* partial) {
   switch (a.type) {
-    case DType::f32: return decode_task<float>(a, s, k_begin, k_end, partial);
-    case DType::bf16: return decode_task<bf16>(a, s, k_begin, k_end, partial);
-    case DType::f16: return decode_task<f16>(a, s, k_begin, k_end, partial);
+    case DType::f32: return decode_task<float>(a, s, hk_begin, hk_end, k_begin, k_end, partial);
+    case DType::bf16: return decode_task<bf16>(a, s, hk_begin, hk_end, k_begin, k_end, partial);
+    case DType::f16: return decode_task<f16>(a, s, hk_begin, hk_end, k_begin, k_end, partial);
   }
 }
 
