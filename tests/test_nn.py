@@ -326,6 +326,36 @@ def test_attention_matches_hugging_face_llama_attention():
         check_rule(ours(x), truth, theirs)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_rotary_embedding_rotate_equals_the_face(dtype, monkeypatch):
+    """rotate()'s plain CPU calls (the operator without the face) give the
+    face's bits, for every way of giving positions; the others take the face."""
+    rope = pyllm.nn.RotaryEmbedding(16, 500.0, rotary_dim=12)
+    face, faces = pyllm.rotary, []
+    monkeypatch.setattr(pyllm, "rotary", lambda *a, **k: faces.append(1) or face(*a, **k))
+    q = randn((1, 3, 4, 16), dtype, gen=generator("rotate direct", dtype))
+    with torch.no_grad():
+        rope.rotate(q, q[:, :, :2], torch.arange(3), 3)
+    assert faces == []  # a decode step's call: the operator itself
+    gen = generator("rotate", dtype)
+    for batch, positions in [(1, torch.arange(3, 8)), (2, torch.arange(5)),
+                             (2, torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])),
+                             (1, torch.arange(5, dtype=torch.int32)), (1, torch.arange(10)[::2])]:
+        q, k = randn((batch, 5, 4, 16), dtype, gen=gen), randn((batch, 5, 2, 16), dtype, gen=gen)
+        cos, sin = rope.tables(12, q.device)
+        want = face(q.clone(), k.clone(), cos, sin, positions)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                got = rope.rotate(q.clone(), k.clone(), positions, 12)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (batch, positions)
+    q = randn((1, 5, 4, 16), torch.float32, gen=gen).requires_grad_()
+    rotated, _ = rope.rotate(q * 1, q.new_zeros(1, 5, 0, 16), torch.arange(5), inplace=True)
+    assert rotated.grad_fn is not None  # autograd: the face's differentiable path
+    with pytest.raises(ValueError, match="positions must lie in"):
+        with torch.no_grad():
+            rope.rotate(q.detach().clone(), q.detach().clone(), torch.tensor([300]).expand(5), 256)
+
+
 def test_attention_kv_cache_decode_equals_full_forward():
     torch.manual_seed(0)
     attn = pyllm.nn.Attention(64, 8, 2, rope_base=10000.0).eval()
