@@ -53,13 +53,15 @@ setup: $(VENV)/.installed
 build: setup
 	$(PY) setup.py -q build_ext --inplace
 
-# The matrix's environment (a ~2.8 GB torch download) is made in the
-# background while the suite runs; the matrix step takes it when it comes.
+# The matrix's environment (a ~2.8 GB torch download, then pyllm's sdist
+# installed into it: the extension's compile) is made in the background
+# while the suite runs, at the lowest priority; the matrix step takes it
+# when it comes.
 # The sanitized library is built in the background too, at the lowest
 # priority (on the cores the suite leaves idle); the sanitizer step waits
 # for that build and brings it up to date.
 test: build
-	$(if $(strip $(CI_TORCH)),mkdir -p build/matrix && ($(PY) tools/torch_matrix.py --prepare $(CI_TORCH) > build/matrix/prepare.log 2>&1 &))
+	$(if $(strip $(CI_TORCH)),mkdir -p build/matrix && (nice -n 19 $(PY) tools/torch_matrix.py --prepare --ci $(CI_TORCH) > build/matrix/prepare.log 2>&1 &))
 	$(if $(strip $(SANITIZE)),mkdir -p build && (nice -n 19 $(PY) tools/sanitize.py --build-only > build/sanitize-build.log 2>&1 &))
 	$(PY) -m pytest $(addprefix --ignore=,$(PARALLEL_TESTS)) $(PYTEST_ARGS)
 	$(if $(strip $(PARALLEL_TESTS)),$(PY) -m pytest -n auto $(PARALLEL_TESTS) $(PYTEST_ARGS) || [ $$? -eq 5 ])

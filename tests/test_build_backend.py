@@ -61,3 +61,33 @@ def test_a_supported_torch_is_used_in_place(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "path", list(sys.path))
     assert build_backend._use_target_torch() is True
     assert sys.path[-1] == str(tmp_path)  # after the build environment's own folders
+
+
+def _tarball(path, files, mtime):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime
+            t.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_matrix_keeps_a_prepared_install_only_of_the_same_sources(tmp_path):
+    """tools/torch_matrix.py: two sdists of one tree (other archive times)
+    share a fingerprint; a changed, added or renamed file does not."""
+    sys.path.insert(0, str(REPO_ROOT) + "/tools")
+    from torch_matrix import install_options, source_fingerprint
+
+    files = {"pyllm-0.1.0/a.py": b"x = 1\n", "pyllm-0.1.0/csrc/b.cpp": b"int b;\n"}
+    same = [source_fingerprint(_tarball(tmp_path / f"{i}.tar.gz", files, mtime))
+            for i, mtime in enumerate((1, 2))]
+    assert same[0] == same[1]
+    for i, other in enumerate([{**files, "pyllm-0.1.0/a.py": b"x = 2\n"},
+                               {**files, "pyllm-0.1.0/c.py": b""},
+                               {"pyllm-0.1.0/a2.py" if "a.py" in k else k: v
+                                for k, v in files.items()}]):
+        assert source_fingerprint(_tarball(tmp_path / f"o{i}.tar.gz", other, 1)) != same[0]
+    assert install_options("2.11", "9.0", True) != install_options("2.12", "9.0", False)

@@ -17,11 +17,16 @@ sdist.
     python tools/torch_matrix.py --prepare 2.11  # only the environment, ahead
 
 --prepare makes a release's environment (venv, torch, test tools) ahead of
-the check, in WORKDIR/prepared/<release>/: `make test` starts it in the
-background before the suite, so the ~2.8 GB download overlaps the tests. A
-later check of that release takes the prepared environment if it is complete
-(and makes its own if not), uses it once and deletes it. A lock file per
-release keeps the two from working on one environment at once.
+the check, in WORKDIR/prepared/<release>/, and installs an sdist of the tree
+into it as the check would (with --ci, the check's options): `make test`
+starts it in the background before the suite, at the lowest priority, so
+the ~2.8 GB download and the extension's compile take the cores the suite
+leaves idle. A later check of that release takes the prepared environment
+if it is complete (and makes its own if not), uses it once and deletes it;
+it keeps the prepared install only when the sdist it installed holds the
+same files as the check's own sdist (source_fingerprint) and was built with
+the same options, and installs its sdist otherwise. A lock file per release
+keeps the two from working on one environment at once.
 
 --ci keeps CI under its time budget: no GPU acceptance dry run and no CUDA
 build in the matrix (the main suite builds CUDA and runs a dry run under the
@@ -196,9 +201,42 @@ def ready_record(folder: str, release: str):
     return record if record.get("torch") == RELEASES[release][0] else None
 
 
-def prepare_release(release: str, workdir: str) -> bool:
-    """--prepare: the release's environment in WORKDIR/prepared/<release>/,
-    marked ready.json (its steps) once complete."""
+def source_fingerprint(sdist: str) -> str:
+    """A hash of the sdist's files (names and contents; not the archive's
+    times), so that two sdists of one tree compare equal."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with tarfile.open(sdist) as t:
+        for member in sorted((m for m in t.getmembers() if m.isfile()), key=lambda m: m.name):
+            digest.update(member.name.encode() + b"\0")
+            digest.update(t.extractfile(member).read())
+    return digest.hexdigest()
+
+
+def install_options(release: str, archs: str, ci: bool) -> dict:
+    """The build options of the check's sdist install (recorded with a prepared one)."""
+    return {"archs": archs,
+            "skip_cuda": release == GPU_MACHINE_RELEASE or ci}  # (see check_release)
+
+
+def install_env(options: dict) -> dict:
+    env = {**pip_env(), "TORCH_CUDA_ARCH_LIST": options["archs"]}
+    if options["skip_cuda"]:  # the CUDA build is the GPU check's, or the main suite's
+        env["PYLLM_SKIP_CUDA"] = "1"
+    return env
+
+
+def install_sdist(step: "Step", python: str, sdist: str, options: dict) -> None:
+    """The documented install: plain pip, isolated build, no flags."""
+    step.run("pip install sdist", [python, "-m", "pip", "install", "--no-cache-dir", sdist],
+             env=install_env(options))
+
+
+def prepare_release(release: str, workdir: str, archs: str = "9.0", ci: bool = False) -> bool:
+    """--prepare: the release's environment in WORKDIR/prepared/<release>/
+    with an sdist of the tree installed, marked ready.json (its steps, the
+    sdist's fingerprint and the install's options) once complete."""
     folder = os.path.join(workdir, "prepared", release)
     with release_lock(workdir, release):
         if ready_record(folder, release) is not None:
@@ -208,21 +246,26 @@ def prepare_release(release: str, workdir: str) -> bool:
         os.makedirs(folder)
         step = Step(folder)
         print(f"torch {release}: preparing the environment in {folder}", flush=True)
+        options = install_options(release, archs, ci)
         try:
-            make_environment(step, release, os.path.join(folder, "venv"))
+            python = make_environment(step, release, os.path.join(folder, "venv"))
+            sdist = make_sdist(folder)
+            install_sdist(step, python, sdist, options)
         except Exception as e:  # noqa: BLE001 - the check then makes its own
             print(f"  FAILED: {e}", flush=True)
             return False
         finally:
             step.log.close()
         with open(os.path.join(folder, "ready.json"), "w") as f:
-            json.dump({"torch": RELEASES[release][0], "steps": step.steps}, f)
+            json.dump({"torch": RELEASES[release][0], "steps": step.steps,
+                       "installed": {"fingerprint": source_fingerprint(sdist), **options}}, f)
     return True
 
 
 def take_prepared(workdir: str, release: str):
-    """The prepared environment's venv and steps, taken for one check (its
-    ready mark removed), or None where there is none complete."""
+    """The prepared environment's venv, steps and install record (the sdist's
+    fingerprint and options), taken for one check (its ready mark removed),
+    or None where there is none complete."""
     folder = os.path.join(workdir, "prepared", release)
     with release_lock(workdir, release):
         record = ready_record(folder, release)
@@ -232,7 +275,7 @@ def take_prepared(workdir: str, release: str):
     steps = record["steps"]
     for s in steps:
         s["step"] += " (prepared)"
-    return os.path.join(folder, "venv"), steps
+    return os.path.join(folder, "venv"), steps, record.get("installed")
 
 
 def make_sdist(workdir: str) -> str:
@@ -260,9 +303,11 @@ def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool
     result["steps"] = step.steps
     print(f"torch {version} (Python {python_version}) in {folder}", flush=True)
     prepared = take_prepared(workdir, release)
+    options = install_options(release, archs, ci)
     try:
+        installed = None
         if prepared is not None:
-            venv, steps = prepared
+            venv, steps, installed = prepared
             step.steps.extend(steps)
             python = os.path.join(venv, "bin", "python")
             print(f"  (the environment prepared in {os.path.dirname(venv)})", flush=True)
@@ -271,17 +316,18 @@ def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool
         else:
             venv = os.path.join(folder, "venv")
             python = make_environment(step, release, venv)
-        installed_torch = torch_of(python)
+        # (the prepared environment's pip install of its own sdist counts
+        # when that sdist holds this one's files, built the same way)
+        same = installed == {"fingerprint": source_fingerprint(sdist), **options}
+        if prepared is not None and installed is not None and not same:
+            print("  (the prepared install is of other sources or options: installing again)",
+                  flush=True)
+        installed_torch = RELEASES[release][0] if same else torch_of(python)
         result["torch_installed"] = installed_torch
         gpu_machine = release == GPU_MACHINE_RELEASE and not ci
-        skip_cuda = release == GPU_MACHINE_RELEASE or ci
-        env = {**pip_env(), "TORCH_CUDA_ARCH_LIST": archs}
-        if skip_cuda:  # the CUDA build is the GPU check's (below), or the main suite's
-            env["PYLLM_SKIP_CUDA"] = "1"
-        # The documented install: plain pip, isolated build, no flags.
-        step.run("pip install sdist", [python, "-m", "pip", "install", "--no-cache-dir", sdist],
-                 env=env)
-        if torch_of(python) != installed_torch:
+        if not same:  # the CUDA build: the GPU check's (below) or the main suite's
+            install_sdist(step, python, sdist, options)
+        if torch_of(python).split("+")[0] != installed_torch.split("+")[0]:
             raise RuntimeError(f"installing pyllm replaced torch {installed_torch} with "
                                f"{torch_of(python)}")
         pyllm_version = subprocess.run(
@@ -360,7 +406,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown torch release(s) {unknown}; supported: {list(RELEASES)}")
     os.makedirs(args.workdir, exist_ok=True)
     if args.prepare:
-        return 0 if all([prepare_release(r, args.workdir) for r in args.releases]) else 1
+        return 0 if all([prepare_release(r, args.workdir, args.archs, args.ci)
+                         for r in args.releases]) else 1
     start = time.time()
     sdist = make_sdist(args.workdir)
     print(f"sdist: {sdist}", flush=True)

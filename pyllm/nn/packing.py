@@ -2,7 +2,8 @@
 (a packed copy kept in step with its parameter) and :func:`pack_for_inference`.
 
 ``pyllm.nn.Linear.pack()``, ``Conv1D.pack()``, ``SwiGLU.pack()`` and
-``Attention.pack()`` (q, k and v stacked into one weight) pack their weights once (:func:`pyllm.ops.packed_linear.pack_weight`); their forward then
+``Attention.pack()`` (q, k and v stacked into one weight) pack their weights
+once (:func:`pyllm.ops.packed_linear.pack_weight`); their forward then
 reads the packed copy when the call is one the packed ops serve exactly:
 
 - a CPU call, x of the weight's dtype (so not under autocast's casts), plain

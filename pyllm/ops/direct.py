@@ -2,16 +2,17 @@
 
 A call through ``torch.ops`` costs a few microseconds of Python and dispatcher
 work (boxing, the autograd kernel, the statistics a backward would keep); at
-a decode row that is more than the kernel. The faces of the norms try
-:func:`norm` first (the packed modules of :mod:`pyllm.nn` try
-:func:`linear_packed` and :func:`swiglu_packed`): it calls the CPU kernel from ``pyllm._C`` directly when
-nothing stands between the call and that kernel, and returns None otherwise,
-and the face then goes the usual way (checks, routing, ``torch.ops``).
+a decode row that is more than the kernel. The faces of the norms (and
+pyllm.nn's norm modules) try :func:`norm` first, pyllm.nn's packed modules
+:func:`linear_packed` and :func:`swiglu_packed`: each calls the CPU kernel
+from ``pyllm._C`` directly when nothing stands between the call and that
+kernel, and returns None otherwise, and the caller then goes the usual way
+(checks, routing, ``torch.ops``).
 
 Python decides what only Python knows: the backend is the default or
 ``cpu`` (``backend=``, :func:`pyllm.use_backend`, ``PYLLM_BACKEND``), not being
 traced by ``torch.compile``, no ``__torch_function__`` (tensor subclasses such
-as DTensor, torch function modes). ``pyllm._C.norm_direct`` decides the rest:
+as DTensor, torch function modes). ``pyllm._C``'s entry points decide the rest:
 plain CPU tensors, nothing requiring grad in grad mode, no dispatch mode, no
 autocast, no profiler, and arguments the kernel takes (see
 csrc/direct_calls.cpp). The result is the operator's: the same kernel.
