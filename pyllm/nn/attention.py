@@ -15,8 +15,8 @@ from torch import nn
 import pyllm
 from pyllm import backend as _backend
 from pyllm.nn.linear import Linear
-from pyllm.ops import direct
 from pyllm.nn.packing import WeightPack, packed_call_allowed, packed_serves_rows
+from pyllm.ops import direct
 from pyllm.ops.packed_linear import linear_packed
 
 __all__ = ["Attention", "KVCache", "MultiheadAttention", "RotaryEmbedding"]
@@ -100,8 +100,9 @@ class RotaryEmbedding(nn.Module):
             # a plain eager CPU call of tensors this module made (the
             # operator checks them; no autograd, no routing): the operator
             # without the face's Python checks
-            if positions.dim() == 1 and q.shape[0] == 1:
-                positions = positions.view(1, -1)
+            if positions.dim() == 1 and positions.shape[0] == q.shape[1]:
+                positions = positions.view(1, -1) if q.shape[0] == 1 else \
+                    positions.expand(q.shape[0], -1).contiguous()
             if positions.shape == q.shape[:2]:
                 torch.ops.pyllm.rotary(q, k, cos, sin, positions, self.interleaved, False)
                 return q, k
@@ -291,7 +292,9 @@ class Attention(nn.Module):
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
-                              for b, w in zip(biases, weights)]).to(x.dtype)
+                              for b, w in zip(biases, weights)])
+            if bias.dtype not in (x.dtype, torch.float32):  # as Linear: float32 kept
+                bias = bias.to(x.dtype)
         qkv = direct.linear_packed(x, weights[0], bias, packed)
         if qkv is None:
             qkv = linear_packed(x, packed, bias)
