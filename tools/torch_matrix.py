@@ -279,10 +279,21 @@ def take_prepared(workdir: str, release: str):
 
 
 def make_sdist(workdir: str) -> str:
+    """An sdist of the tree in WORKDIR/sdist/, built from a copy of the
+    sources: the build rewrites ``pyllm.egg-info`` in the folder it builds,
+    and in the tree that one is the editable install's metadata (its version
+    without the local part would shadow the installed one, while the suite
+    runs beside --prepare and after a check). A file the copy missed would
+    change the sdist's fingerprint, and a check then installs its own."""
     out = os.path.join(workdir, "sdist")
     shutil.rmtree(out, ignore_errors=True)
+    source = os.path.join(workdir, "source")
+    shutil.rmtree(source, ignore_errors=True)
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "bench-results", "*.egg-info", "__pycache__", "*.so"))
     subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", out,
-                    ROOT], check=True, capture_output=True, text=True)
+                    source], check=True, capture_output=True, text=True)
+    shutil.rmtree(source, ignore_errors=True)
     (sdist,) = glob.glob(os.path.join(out, "pyllm-*.tar.gz"))
     return sdist
 
