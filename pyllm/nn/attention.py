@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import pyllm
-from pyllm import backend as _backend
 from pyllm.nn.linear import Linear
 from pyllm.nn.packing import WeightPack, packed_call_allowed, packed_serves_rows
 from pyllm.ops import direct
@@ -95,7 +94,7 @@ class RotaryEmbedding(nn.Module):
         """q and k rotated (in place unless ``inplace`` is False); ``length`` (>
         every position), when known, spares reading the positions' maximum."""
         cos, sin = self.tables(length or self._length(positions), q.device)
-        if inplace and _plain_cpu_call(q, k, positions) and q.dim() == 4 and \
+        if inplace and packed_call_allowed(q, k, positions) and q.dim() == 4 and \
                 positions.dtype == torch.int64 and positions.is_contiguous():
             # a plain eager CPU call of tensors this module made (the
             # operator checks them; no autograd, no routing): the operator
@@ -114,21 +113,6 @@ class RotaryEmbedding(nn.Module):
         none = x[..., :0, :]
         return pyllm.rotary(x, none, cos, sin, positions, interleaved=self.interleaved,
                             inplace=False)[0]
-
-
-def _plain_cpu_call(*tensors) -> bool:
-    """Whether an op on these tensors goes to the CPU kernel with nothing in
-    between that needs the face: CPU tensors, no ``__torch_function__``, the
-    default or ``cpu`` backend, not traced, no gradient to record."""
-    for t in tensors:
-        if not t.is_cpu:
-            return False
-    if torch._C._has_torch_function(tensors):
-        return False
-    name = _backend._STACK[-1] if _backend._STACK else _backend._ENV_BACKEND
-    if (name is not None and name != "cpu") or torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 class KVCache:

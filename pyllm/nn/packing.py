@@ -101,7 +101,10 @@ class WeightPack:
 
 def packed_call_allowed(x: torch.Tensor, *tensors) -> bool:
     """Whether a module call on ``x`` with these parameters (None allowed)
-    may take packed weights: see the module docstring."""
+    may take packed weights (see the module docstring): plain CPU tensors,
+    the default or ``cpu`` backend, not traced, no gradient to record. The
+    same test lets a module call a CPU operator on tensors it made without
+    the face's checks (``RotaryEmbedding.rotate``)."""
     # (on every packed call: the cheapest tests first, no generators)
     if not x.is_cpu or _has_torch_function((x, *tensors)):
         return False
