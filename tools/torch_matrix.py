@@ -216,8 +216,8 @@ def source_fingerprint(sdist: str) -> str:
 
 def install_options(release: str, archs: str, ci: bool) -> dict:
     """The build options of the check's sdist install (recorded with a prepared one)."""
-    return {"archs": archs,
-            "skip_cuda": release == GPU_MACHINE_RELEASE or ci}  # (see check_release)
+    # no CUDA build: 2.11's is the GPU check's (check_release), --ci's the main suite's
+    return {"archs": archs, "skip_cuda": release == GPU_MACHINE_RELEASE or ci}
 
 
 def install_env(options: dict) -> dict:
@@ -336,7 +336,7 @@ def check_release(release: str, sdist: str, workdir: str, archs: str, keep: bool
         installed_torch = RELEASES[release][0] if same else torch_of(python)
         result["torch_installed"] = installed_torch
         gpu_machine = release == GPU_MACHINE_RELEASE and not ci
-        if not same:  # the CUDA build: the GPU check's (below) or the main suite's
+        if not same:
             install_sdist(step, python, sdist, options)
         if torch_of(python).split("+")[0] != installed_torch.split("+")[0]:
             raise RuntimeError(f"installing pyllm replaced torch {installed_torch} with "
