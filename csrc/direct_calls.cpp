@@ -19,15 +19,9 @@
 // take the weights the panels were packed from, for the gradient check; a
 // call their own checks refuse returns None (the face then raises its error).
 
-#include <ATen/autocast_mode.h>
-#include <ATen/core/grad_mode.h>
-#include <ATen/record_function.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <pybind11/pybind11.h>
-#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -35,6 +29,7 @@
 
 #include "cpu/norms.h"
 #include "cpu/packed_linear.h"
+#include "direct_call_checks.h"
 #include "direct_calls.h"
 
 namespace py = pybind11;
@@ -42,60 +37,10 @@ namespace py = pybind11;
 namespace pyllm {
 namespace {
 
+using namespace direct;
+
 // Elements from which a call releases the GIL while the kernel runs.
 constexpr int64_t kReleaseGilElements = 1 << 16;
-
-// Every CPU tensor carries the autograd, ADInplaceOrView and autocast keys
-// (bare_context() checks that autograd and autocast have nothing to do).
-bool plain_cpu(const at::Tensor& t) {
-  return (t.key_set() - c10::autograd_dispatch_keyset_with_ADInplaceOrView -
-          c10::autocast_dispatch_keyset) == c10::DispatchKeySet(c10::DispatchKey::CPU);
-}
-
-bool float_kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
-
-// Nothing around the kernel on this thread: no mode, no autocast, no observer.
-// (BackendSelect and ADInplaceOrView are always on the included set.)
-bool bare_context() {
-  const c10::DispatchKeySet always{c10::DispatchKey::BackendSelect,
-                                   c10::DispatchKey::ADInplaceOrView};
-  return (c10::impl::tls_local_dispatch_key_set().included_ - always).empty() &&
-         !at::autocast::is_autocast_enabled(at::kCPU) && !at::hasCallbacks();
-}
-
-// A tensor argument: nullopt for None; sets `ok` false for anything else that
-// is not a plain CPU tensor.
-std::optional<at::Tensor> tensor_arg(py::handle h, bool& ok) {
-  if (h.is_none()) return std::nullopt;
-  if (!THPVariable_Check(h.ptr())) {
-    ok = false;
-    return std::nullopt;
-  }
-  const at::Tensor& t = THPVariable_Unpack(h.ptr());
-  if (!plain_cpu(t)) ok = false;
-  return t;
-}
-
-// weight or bias: [n] of x's dtype or float32.
-bool param_ok(const std::optional<at::Tensor>& p, const at::Tensor& x, int64_t n) {
-  return !p.has_value() || (p->dim() == 1 && p->size(0) == n &&
-                            (p->scalar_type() == x.scalar_type() || p->scalar_type() == at::kFloat));
-}
-
-bool requires_grad(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->requires_grad();
-}
-
-// torch.finfo(dtype).eps, the RMSNorm default.
-double dtype_eps(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return 0.0078125;
-    case at::kHalf: return 0.0009765625;
-    default: return 1.1920928955078125e-07;
-  }
-}
 
 py::object norm_direct(py::handle x_h, py::handle residual_h, py::handle weight_h,
                        py::handle bias_h, py::handle eps_h, bool rms) {
@@ -123,14 +68,7 @@ py::object norm_direct(py::handle x_h, py::handle residual_h, py::handle weight_
     return py::none();
   }
   double eps;
-  if (eps_h.is_none() && rms) {
-    eps = dtype_eps(x->scalar_type());
-  } else if (PyFloat_Check(eps_h.ptr())) {
-    eps = PyFloat_AS_DOUBLE(eps_h.ptr());
-    if (!(eps >= 0.0 && std::isfinite(eps))) return py::none();
-  } else {
-    return py::none();
-  }
+  if (!eps_arg(eps_h, rms, x->scalar_type(), eps)) return py::none();
   std::array<at::Tensor, 2> out;
   if (x->numel() >= kReleaseGilElements) {
     py::gil_scoped_release no_gil;

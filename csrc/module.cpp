@@ -16,6 +16,7 @@
 #include "common/batch_invariant.h"
 #include "cpu/isa.h"
 #include "cpu/output.h"
+#include "decoder_direct.h"
 #include "direct_calls.h"
 
 namespace py = pybind11;
@@ -52,4 +53,5 @@ PYBIND11_MODULE(_C, m) {
       },
       "An uninitialised CPU tensor from the output cache (outputs of 1 MiB or more).");
   pyllm::bind_direct_calls(m);
+  pyllm::bind_decoder_direct(m);
 }

@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_op.h"
 #include "isa.h"
 #include "kernels/attention.h"
 #include "output.h"
@@ -168,6 +169,8 @@ void decode(const AttentionForward& a) {
   });
 }
 
+}  // namespace
+
 std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                      const optional<Tensor>& cu_q, const optional<Tensor>& cu_k,
                                      int64_t max_q, int64_t max_k, const optional<Tensor>& bias,
@@ -195,6 +198,8 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, con
                  [&](int64_t s, int64_t h, int64_t b, int64_t e) { kernel(a, s, h, b, e); });
   return {out, lse};
 }
+
+namespace {
 
 // delta = rowsum(grad_out * out) summed as the kernels sum dP = grad_out . v
 // (in chunks of kAttentionBackwardChunk terms, each from zero with one fused

@@ -597,6 +597,15 @@ GemmArgs packed_args(const Tensor& x2, int64_t N, const Tensor& packed, const Te
 
 }  // namespace
 
+bool packed_fits(const Tensor& packed, int64_t out_features, int64_t in_features,
+                 at::ScalarType dtype) {
+  if (out_features < 0 || in_features < 0 || !packed.defined()) return false;
+  const auto shape = packed_shape(out_features, in_features, dtype);
+  return packed.device().is_cpu() &&
+         packed.scalar_type() == (packs_in_pairs(dtype) ? at::kInt : at::kFloat) &&
+         packed.sizes() == c10::IntArrayRef(shape) && packed.is_contiguous();
+}
+
 Tensor linear_packed(const Tensor& x, const Tensor& packed, int64_t out_features,
                      const optional<Tensor>& bias_in, c10::string_view activation) {
   const char* op = "linear_packed";

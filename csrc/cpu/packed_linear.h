@@ -22,4 +22,10 @@ at::Tensor swiglu_packed(const at::Tensor& x, const at::Tensor& packed_gate,
                          const c10::optional<at::Tensor>& b_gate,
                          const c10::optional<at::Tensor>& b_up);
 
+// Whether `packed` is pyllm::pack_linear_weight's panels of an
+// (out_features, in_features) weight of `dtype` under this instruction set
+// (what linear_packed and swiglu_packed check of it).
+bool packed_fits(const at::Tensor& packed, int64_t out_features, int64_t in_features,
+                 at::ScalarType dtype);
+
 }  // namespace pyllm::cpu

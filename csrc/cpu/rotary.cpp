@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "isa.h"
+#include "rotary_op.h"
 #include "../common/rotary_args.h"
 #include "../common/tensor_args.h"
 
@@ -14,8 +15,6 @@ namespace pyllm::cpu {
 
 using RotaryFn = void (*)(const Rotary&, int64_t begin, int64_t end);
 PYLLM_DECLARE_ISA_VARIANTS(void rotary(const Rotary&, int64_t, int64_t))
-
-namespace {
 
 void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
             const at::Tensor& positions, bool interleaved, bool conjugate) {
@@ -33,8 +32,6 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, con
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(per_token, 1));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) { kernel(r, begin, end); });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(pyllm, CPU, m) { m.impl("rotary", &rotary); }
 

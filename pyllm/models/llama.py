@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pyllm.models.checkpoint import model_from_hf
+from pyllm.models.direct_decode import llama_layers
 from pyllm.models.generation import GenerationMixin, forward_paged, positions_from_mask
 from pyllm.nn import Attention, KVCache, Linear, PagedKVCache, RMSNorm, SwiGLU
 from pyllm.nn.packing import PacksForInference
@@ -152,8 +153,14 @@ class LlamaForCausalLM(GenerationMixin, PacksForInference, nn.Module):
             mask = keep[:, None, None, :past + s]                     # key padding
             positions = positions_from_mask(attention_mask, past, s)
         x, residual = self.model.embed_tokens(input_ids), None
-        for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, caches[i] if caches else None, positions, mask)
+        # packed CPU inference (generate after pack_for_inference): the
+        # layers in one C++ call, or None (see pyllm.models.direct_decode)
+        stack = llama_layers(self.model.layers, x, caches) if caches and mask is None else None
+        if stack is not None:
+            x, residual = stack
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x, residual = layer(x, residual, caches[i] if caches else None, positions, mask)
         if last_only:
             x, residual = x[:, -1:], residual[:, -1:]
         x, _ = self.model.norm(x, residual)

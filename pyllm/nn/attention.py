@@ -273,16 +273,23 @@ class Attention(nn.Module):
         packed = pack.get(*weights)
         if packed is None or not packed_serves_rows(x, packed):
             return None
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
-                              for b, w in zip(biases, weights)])
-            if bias.dtype not in (x.dtype, torch.float32):  # as Linear: float32 kept
-                bias = bias.to(x.dtype)
+        bias = self._qkv_bias(x, weights, biases)
         qkv = direct.linear_packed(x, weights[0], bias, packed)
         if qkv is None:
             qkv = linear_packed(x, packed, bias)
         return qkv.split([w.shape[0] for w in weights], dim=-1)
+
+    @staticmethod
+    def _qkv_bias(x, weights, biases):
+        """The stacked weight's bias for x: the three biases (zeros for a
+        missing one) in one, or None when none has a bias."""
+        if all(b is None for b in biases):
+            return None
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0])
+                          for b, w in zip(biases, weights)])
+        if bias.dtype not in (x.dtype, torch.float32):  # as Linear: float32 kept
+            bias = bias.to(x.dtype)
+        return bias
 
     def new_cache(self, batch: int, max_tokens: int, *, dtype=None, device=None) -> KVCache:
         """A :class:`KVCache` for this module (parameters' dtype/device by default)."""
