@@ -383,3 +383,18 @@ def test_every_cpu_isa(isa):
         expected = [True, skinny, skinny, True, bf16_skinny, bf16_skinny]
         assert taken == expected, (taken, expected)
     """)
+
+
+def test_torch_compile_traces_the_modules(taken):
+    """Under torch.compile (fullgraph) the stack is not called: the traced
+    graph holds the modules' ops, with their results."""
+    model = _model(torch.float32, layers=2)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids, None, model.new_caches(1, 8))
+        taken.clear()
+        caches = model.new_caches(1, 8)
+        got = torch.compile(lambda i, c: model(i, None, c), fullgraph=True)(ids, caches)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert caches[0].length == 6
+    assert True not in taken

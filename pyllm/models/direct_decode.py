@@ -46,6 +46,7 @@ __all__ = ["llama_layers"]
 _decoder_layers_direct = _C.decoder_layers_direct
 _has_torch_function = torch._C._has_torch_function
 _tracing = torch._C._get_tracing_state
+_is_compiling = torch.compiler.is_compiling
 
 
 def _global_hooks() -> bool:
@@ -120,6 +121,16 @@ def _layer_args(layer, cache, x: torch.Tensor, weights: list, shape: list):
         return None
     packed = [_packed(proj, x, weights) for proj in (o_proj, gate, up, down)]
     if any(p is None for p in packed):
+        return None
+    # the widths the modules' views and products take (the C++ side checks
+    # the panels' shapes, which round some widths up)
+    hidden, q_out, kv_out = x.shape[-1], heads[0] * heads[2], heads[1] * heads[2]
+    inner = packed[1].out_features
+    widths = ((qkv, q_out + 2 * kv_out, hidden), (packed[0], hidden, q_out),
+              (packed[1], inner, hidden), (packed[2], inner, hidden), (packed[3], hidden, inner))
+    if (attn.q_proj.out_features != q_out or attn.k_proj.out_features != kv_out
+            or attn.v_proj.out_features != kv_out
+            or any((p.out_features, p.in_features) != (n, k) for p, n, k in widths)):
         return None
     cast = (lambda p: p if p is None or p.dtype == x.dtype else p.to(x.dtype))  # as SwiGLU
     cos, sin = rotary.tables(cache.length + x.shape[1], x.device)
@@ -233,8 +244,8 @@ def llama_layers(layers, x: torch.Tensor, caches: list):
         changed, when the call must run the layers as modules (see the
         module docstring).
     """
-    if (torch.is_grad_enabled() or not caches or len(caches) != len(layers) or _global_hooks()
-            or _tracing() is not None or not packed_call_allowed(x)):
+    if (_is_compiling() or torch.is_grad_enabled() or not caches or len(caches) != len(layers)
+            or _global_hooks() or _tracing() is not None or not packed_call_allowed(x)):
         return None
     length = caches[0].length
     shape, args = [], []
