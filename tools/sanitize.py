@@ -39,7 +39,7 @@ TESTS = [
     "tests/test_cuda_host_properties.py", "tests/test_rotary.py", "tests/test_cross_entropy.py",
     "tests/test_attention_variants.py", "tests/test_attention_alibi.py",
     "tests/test_attention_paged.py", "tests/test_paged_kv_append.py",
-    "tests/test_packed_linear.py",
+    "tests/test_packed_linear.py", "tests/test_direct_calls.py", "tests/test_direct_decode.py",
 ]
 # --quick (what `make test` runs): per file a -k selection that reaches every
 # kernel in few tests: each CPU ISA path forced in a subprocess (norms,
@@ -56,6 +56,7 @@ QUICK_TESTS = {
     "tests/test_attention_paged.py": "all and float16",
     "tests/test_paged_kv_append.py": "float16 and interleaved",
     "tests/test_packed_linear.py": "isa or bad_input",
+    "tests/test_direct_decode.py": "refused or isa or (equals_the_modules and bfloat16)",
 }
 # -k: the reference backend and torch.compile run no library code of ours
 # that the other tests don't (and are slow under ASan); the RSS test measures
