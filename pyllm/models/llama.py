@@ -107,7 +107,11 @@ class LlamaForCausalLM(GenerationMixin, PacksForInference, nn.Module):
     different lengths). Returns logits ``(batch, seq, vocab_size)`` in the
     parameters' dtype (``(batch, 1, vocab_size)`` for the last token only
     with ``last_only``). :meth:`generate` decodes (see
-    :class:`pyllm.models.generation.GenerationMixin`).
+    :class:`pyllm.models.generation.GenerationMixin`). After
+    :meth:`pack_for_inference`, a call over ``KVCache`` caches without
+    gradients runs the decoder layers in one C++ call
+    (:func:`pyllm.models.direct_decode.llama_layers`), with the modules'
+    outputs bit for bit.
     """
 
     def __init__(self, config: LlamaConfig, device=None, dtype=None):
