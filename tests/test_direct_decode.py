@@ -403,3 +403,20 @@ def test_torch_compile_traces_the_modules(taken):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert caches[0].length == 6
     assert True not in taken
+
+
+def test_batch_invariant_mode(taken):
+    """In batch-invariant mode (attention through the prefill kernel, packed
+    products at every row count) the stack still gives the modules' bits,
+    and a sequence's logits do not depend on the batch around it."""
+    import pyllm
+
+    model = _model(torch.bfloat16)
+    with pyllm.batch_invariant():
+        got = _steps(model, batch=3)
+        _assert_same(got, _steps(model, batch=3, modules_only=True))
+        alone = _steps(model, batch=1)
+    assert taken == [True] * 10
+    first = [o[:1] for o in got[0]]
+    for x, y in zip(first, alone[0]):
+        assert torch.equal(x, y)
