@@ -289,13 +289,17 @@ def test_full_cache_raises_as_the_modules(taken):
     assert [c.length for c in caches] == [0, 0, 0]
 
 
-def test_generate_gives_the_modules_tokens(taken, monkeypatch):
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_generate_gives_the_modules_tokens(taken, monkeypatch, mode):
     model = _model(torch.bfloat16)
     prompt = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
-    got = model.generate(prompt, 12)
+    context = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    with context():
+        got = model.generate(prompt, 12)
     assert taken[0] and taken[1:] == [_served(torch.bfloat16, 2)] * 11
     monkeypatch.setattr(llama_module, "llama_layers", lambda *args: None)
-    assert torch.equal(got, model.generate(prompt, 12))
+    with context():
+        assert torch.equal(got, model.generate(prompt, 12))
 
 
 def _direct_args(model, x, caches):
