@@ -356,6 +356,19 @@ def test_rotary_embedding_rotate_equals_the_face(dtype, monkeypatch):
             rope.rotate(q.detach().clone(), q.detach().clone(), torch.tensor([300]).expand(5), 256)
 
 
+def test_float64_attention_with_a_cache_takes_the_reference_backend():
+    """float64 (no CPU kernel: the reference backend) through a cached decode:
+    rotate() leaves it to the face, which routes it (the operator itself
+    would refuse float64)."""
+    attn = pyllm.nn.Attention(32, 4, 2, rope_base=10000.0, dtype=torch.float64).eval()
+    x = randn((1, 6, 32), torch.float64, gen=generator("nn attention float64"))
+    with torch.no_grad():
+        full = attn(x)
+        cache = attn.new_cache(1, 8)
+        steps = [attn(x[:, :5], cache=cache), attn(x[:, 5:], cache=cache)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-12, atol=1e-12)
+
+
 def test_attention_kv_cache_decode_equals_full_forward():
     torch.manual_seed(0)
     attn = pyllm.nn.Attention(64, 8, 2, rope_base=10000.0).eval()

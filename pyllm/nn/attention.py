@@ -20,6 +20,9 @@ from pyllm.ops.packed_linear import linear_packed
 
 __all__ = ["Attention", "KVCache", "MultiheadAttention", "RotaryEmbedding"]
 
+# the CPU kernels' dtypes (others, e.g. float64, route to the reference backend)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding on :func:`pyllm.rotary` (the fused kernel).
@@ -94,8 +97,8 @@ class RotaryEmbedding(nn.Module):
         """q and k rotated (in place unless ``inplace`` is False); ``length`` (>
         every position), when known, spares reading the positions' maximum."""
         cos, sin = self.tables(length or self._length(positions), q.device)
-        if inplace and packed_call_allowed(q, k, positions) and q.dim() == 4 and \
-                positions.dtype == torch.int64 and positions.is_contiguous():
+        if inplace and q.dtype in _KERNEL_DTYPES and packed_call_allowed(q, k, positions) and \
+                q.dim() == 4 and positions.dtype == torch.int64 and positions.is_contiguous():
             # a plain eager CPU call of tensors this module made (the
             # operator checks them; no autograd, no routing): the operator
             # without the face's Python checks
