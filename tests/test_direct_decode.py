@@ -46,19 +46,23 @@ def _served(dtype, rows) -> bool:
     return rows > 16 or (isa in ("avx512", "avx512_bf16") and not widened)
 
 
-@pytest.fixture
-def taken(monkeypatch):
-    """One entry per model call (but those of _steps(modules_only=True)):
-    True where the stack ran in one call, False where the modules ran."""
-    results = []
+def _counting(results: list):
+    """llama_layers, recording in ``results`` whether each call ran the stack."""
     real = llama_module.llama_layers
 
     def counting(*args):
         out = real(*args)
         results.append(out is not None)
         return out
+    return counting
 
-    monkeypatch.setattr(llama_module, "llama_layers", counting)
+
+@pytest.fixture
+def taken(monkeypatch):
+    """One entry per model call (but those of _steps(modules_only=True)):
+    True where the stack ran in one call, False where the modules ran."""
+    results = []
+    monkeypatch.setattr(llama_module, "llama_layers", _counting(results))
     return results
 
 
@@ -376,12 +380,7 @@ def test_every_cpu_isa(isa):
         from pyllm import _C
         import pyllm.models.llama as llama_module
         taken = []
-        real = llama_module.llama_layers
-        def counting(*a):
-            out = real(*a)
-            taken.append(out is not None)
-            return out
-        llama_module.llama_layers = counting
+        llama_module.llama_layers = t._counting(taken)
         for dtype in (torch.float32, torch.bfloat16):
             model = t._model(dtype)
             t._assert_same(t._steps(model, prompt=20, steps=2),

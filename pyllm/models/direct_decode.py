@@ -55,12 +55,16 @@ def _global_hooks() -> bool:
                 _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
+def _hooked(module) -> bool:
+    """Whether calling ``module`` does more than its forward: a hook of its
+    own, or a ``forward`` set on the instance."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or
+                module._backward_pre_hooks or "forward" in module.__dict__)
+
+
 def _plain(module, kind) -> bool:
-    """Whether ``module`` is exactly ``kind`` and its call is its forward:
-    no hook of its own, no ``forward`` set on the instance."""
-    return (type(module) is kind and not (module._forward_hooks or module._forward_pre_hooks or
-                                          module._backward_hooks or module._backward_pre_hooks)
-            and "forward" not in module.__dict__)
+    """Whether ``module`` is exactly ``kind`` and its call is its forward."""
+    return type(module) is kind and not _hooked(module)
 
 
 def _packed(proj: Linear, x: torch.Tensor, weights: list):
@@ -82,12 +86,14 @@ def _linear_bias(proj: Linear, x: torch.Tensor):
     return bias if bias is None or bias.dtype in (x.dtype, torch.float32) else bias.to(x.dtype)
 
 
-def _layer_args(layer, cache, x: torch.Tensor, weights: list, shape: list):
-    """The tuple ``pyllm._C.decoder_layers_direct`` takes for one layer (see
-    csrc/decoder_direct.cpp), or None when the layer must run as modules."""
+def _layer_args(layer, x: torch.Tensor, weights: list, shape: list):
+    """The part of the tuple ``pyllm._C.decoder_layers_direct`` takes for one
+    layer (see csrc/decoder_direct.cpp) that does not change from call to
+    call (its first 15 fields), and the rotary embedding's ``interleaved``;
+    or None when the layer must run as modules."""
     from pyllm.models.llama import LlamaDecoderLayer
 
-    if not _plain(layer, LlamaDecoderLayer) or type(cache) is not KVCache:
+    if not _plain(layer, LlamaDecoderLayer):
         return None
     norm1, attn = layer.input_layernorm, layer.self_attn
     norm2, mlp = layer.post_attention_layernorm, layer.mlp
@@ -133,18 +139,11 @@ def _layer_args(layer, cache, x: torch.Tensor, weights: list, shape: list):
             or any((p.out_features, p.in_features) != (n, k) for p, n, k in widths)):
         return None
     cast = (lambda p: p if p is None or p.dtype == x.dtype else p.to(x.dtype))  # as SwiGLU
-    cos, sin = rotary.tables(cache.length + x.shape[1], x.device)
     weights.extend((norm1.weight, norm2.weight))
     return (norm1.weight, norm1.eps, qkv.panels, qkv_bias, packed[0].panels,
             _linear_bias(o_proj, x), norm2.weight, norm2.eps, packed[1].panels,
             packed[2].panels, cast(gate.bias), cast(up.bias), packed[1].out_features,
-            packed[3].panels, _linear_bias(down, x), cos, sin, rotary.interleaved, cache.keys,
-            cache.values)
-
-
-def _hooked(module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or
-                module._backward_pre_hooks or "forward" in module.__dict__)
+            packed[3].panels, _linear_bias(down, x)), rotary.interleaved
 
 
 def _fingerprint(layer, context):
@@ -211,7 +210,7 @@ def _cached_layer_args(layer, cache, x, context, shape):
     plan = _PLANS.get(layer)
     if plan is None or plan[0] != key:
         weights = []
-        args = _layer_args(layer, cache, x, weights, shape)
+        args = _layer_args(layer, x, weights, shape)
         if args is None or _has_torch_function(weights):
             _PLANS.pop(layer, None)
             return None
@@ -219,7 +218,7 @@ def _cached_layer_args(layer, cache, x, context, shape):
         if fingerprint is None:
             return None
         key, objects = fingerprint
-        plan = _PLANS[layer] = (key, objects, args[:15], args[17], tuple(shape))
+        plan = _PLANS[layer] = (key, objects, *args, tuple(shape))
     elif shape and tuple(shape) != plan[4]:
         return None
     shape[:] = plan[4]
